@@ -1,0 +1,39 @@
+"""sheepdog-executor: a concurrent.futures Executor that runs calls as Grid Engine array jobs."""
+
+from sheepdog_executor.errors import (
+    BrokenGridEngineExecutor,
+    ConfigurationError,
+    ConnectionFailed,
+    ExecutorShutDown,
+    PythonVersionMismatch,
+    RemoteCallError,
+    RemoteTraceback,
+    SchedulerError,
+    SheepdogError,
+    UnknownHostKey,
+    WorkerError,
+    WorkerLost,
+    WorkerStartFailed,
+)
+from sheepdog_executor.executor import ClusterExecutor, GridEngineExecutor, LocalExecutor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BrokenGridEngineExecutor",
+    "ClusterExecutor",
+    "ConfigurationError",
+    "ConnectionFailed",
+    "ExecutorShutDown",
+    "GridEngineExecutor",
+    "LocalExecutor",
+    "PythonVersionMismatch",
+    "RemoteCallError",
+    "RemoteTraceback",
+    "SchedulerError",
+    "SheepdogError",
+    "UnknownHostKey",
+    "WorkerError",
+    "WorkerLost",
+    "WorkerStartFailed",
+]

@@ -1,0 +1,28 @@
+"""The worker bundle: a zip the nodes run as ``python bundle.zip``; all they need but Python."""
+
+from __future__ import annotations
+
+import functools
+import io
+import zipfile
+from pathlib import Path
+
+import cloudpickle
+
+_REMOTE = Path(__file__).with_name("remote")
+_STUB = '"""Stub package on the nodes: only sheepdog_executor.remote is shipped."""\n'
+
+
+@functools.cache
+def worker_bundle() -> bytes:
+    """Zip of the worker, its protocol and cloudpickle, with a ``__main__.py`` entry point."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("__main__.py", (_REMOTE / "bundle_main.py").read_text())
+        archive.writestr("sheepdog_executor/__init__.py", _STUB)
+        for name in ("__init__.py", "protocol.py", "worker.py"):
+            archive.writestr(f"sheepdog_executor/remote/{name}", (_REMOTE / name).read_text())
+        package = Path(cloudpickle.__file__).parent
+        for source in sorted(package.glob("*.py")):
+            archive.writestr(f"cloudpickle/{source.name}", source.read_text())
+    return buffer.getvalue()

@@ -1,0 +1,355 @@
+"""The calls in flight: the queue of pending calls, which worker holds which, results to Futures.
+
+Shared by three threads: the user's (``add``), the endpoint's (``hello``/``exchange``/``heartbeat``)
+and the job manager's (``take_lost``, ``fail_items``). One lock guards the state; Futures are
+resolved outside it. A result counts only when it comes from the worker and attempt that hold the
+call, so a late or replayed result never resolves a Future twice.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import pickle
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from sheepdog_executor.errors import (
+    BrokenGridEngineExecutor,
+    PythonVersionMismatch,
+    RemoteCallError,
+    RemoteTraceback,
+)
+
+log = logging.getLogger("sheepdog_executor")
+
+#: Upper bound on the calls and bytes handed to a worker in one reply.
+MAX_ITEMS_PER_REPLY = 2000
+MAX_BYTES_PER_REPLY = 16 * 1024 * 1024
+
+
+@dataclass(eq=False)
+class WorkItem:
+    """One call (or one chunk of a map) waiting for, or held by, a worker."""
+
+    id: int
+    future: Future[Any]
+    fn_key: str
+    kind: str  # "call" or "chunk"
+    payload: bytes
+    attempt: int = 0
+    worker: str | None = None
+    losses: list[str] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class Worker:
+    """A worker that said hello: where it runs and what it holds."""
+
+    id: str
+    job: str
+    task: int
+    host: str
+    last_seen: float
+    items: set[int] = field(default_factory=set)
+    functions_sent: set[str] = field(default_factory=set)
+    idle_since: float | None = None
+    calls_done: int = 0
+
+
+class Dispatcher:
+    """Hands pending calls to workers and turns their results into resolved Futures."""
+
+    def __init__(
+        self,
+        *,
+        retries: int = 0,
+        idle_timeout: float = 5.0,
+        heartbeat: float = 5.0,
+        initializer: bytes | None = None,
+        python: tuple[int, int] | None = None,
+        echo_output: bool = False,
+    ) -> None:
+        self.retries = retries
+        self.idle_timeout = idle_timeout
+        self.heartbeat = heartbeat
+        self._initializer = initializer
+        self._python = python
+        self._echo_output = echo_output
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._pending: deque[WorkItem] = deque()
+        self._items: dict[int, WorkItem] = {}  # every call not yet resolved
+        self._functions: dict[str, bytes] = {}
+        self._function_users: dict[str, int] = {}
+        self.workers: dict[str, Worker] = {}
+        self.tasks_seen: set[tuple[str, int]] = set()  # (job, task) that ever said hello
+        self.broken: BaseException | None = None
+        self.stopping = False
+        #: Called (from any thread) when there is new work or the state changed; set by the owner.
+        self.on_change: Callable[[], None] = lambda: None
+        self.on_work: Callable[[], None] = lambda: None
+
+    # -- the user's side --------------------------------------------------------------------
+    def add(self, fn_key: str, fn_blob: bytes, calls: Iterable[tuple[str, bytes, Future[Any]]]) -> None:
+        """Queue calls of one function: (kind, pickled arguments, future) each."""
+        with self._lock:
+            if self.broken is not None:
+                raise BrokenGridEngineExecutor(str(self.broken)) from self.broken
+            self._functions.setdefault(fn_key, fn_blob)
+            for kind, payload, future in calls:
+                item = WorkItem(next(self._ids), future, fn_key, kind, payload)
+                self._items[item.id] = item
+                self._pending.append(item)
+                self._function_users[fn_key] = self._function_users.get(fn_key, 0) + 1
+        self.on_work()
+        self.on_change()
+
+    def counts(self) -> tuple[int, int]:
+        """(calls waiting for a worker, calls held by workers)."""
+        with self._lock:
+            return len(self._pending), len(self._items) - len(self._pending)
+
+    def outstanding(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+    # -- the endpoint's side ----------------------------------------------------------------
+    def hello(self, message: dict[str, Any]) -> dict[str, Any]:
+        python = tuple(message.get("python", ()))[:2]
+        job, task = str(message.get("job")), int(message.get("task", 0))
+        with self._lock:
+            self.tasks_seen.add((job, task))
+        if self._python is not None and python != self._python:
+            error = PythonVersionMismatch(
+                f"the workers run Python {'.'.join(map(str, message.get('python', ())))} on "
+                f"{message.get('host')} but this client runs Python {'.'.join(map(str, self._python))}; "
+                "pickled functions only travel between the same minor version: set python= (or "
+                "setup=) so the nodes use a matching interpreter",
+                job_id=job,
+                task_id=task,
+            )
+            self.fail_pending(error)
+            return {"error": str(error)}
+        worker = Worker(str(message["worker"]), job, task, str(message.get("host", "?")), time.monotonic())
+        with self._lock:
+            if self.stopping:
+                return {"error": "the executor is shutting down"}
+            self.workers[worker.id] = worker
+        log.debug("worker %s on %s said hello", worker.id, worker.host)
+        self.on_change()
+        return {"initializer": self._initializer, "heartbeat": self.heartbeat}
+
+    def heartbeat_from(self, worker_id: str) -> bool:
+        with self._lock:
+            worker = self.workers.get(worker_id)
+            if worker is not None:
+                worker.last_seen = time.monotonic()
+            return worker is not None
+
+    def exchange(
+        self, worker_id: str, results: list[tuple[Any, ...]], fatal: bytes | None = None
+    ) -> dict[str, Any] | None:
+        """Take a worker's results; return its next calls, ``{"stop": True}``, or None to wait."""
+        delivered = []
+        with self._lock:
+            worker = self.workers.get(worker_id)
+            if worker is None:
+                return {"stop": True}
+            worker.last_seen = time.monotonic()
+            for result in results:
+                item_id, attempt = result[0], result[1]
+                item = self._items.get(item_id)
+                if item is None or item.worker != worker_id or item.attempt != attempt:
+                    continue  # late, duplicate or replayed
+                del self._items[item_id]
+                worker.items.discard(item_id)
+                worker.calls_done += 1
+                self._release_function(item.fn_key)
+                delivered.append((item, result))
+        for item, (_, _, ok, data, output) in delivered:
+            _resolve(item.future, ok, data, output, self._echo_output)
+        if fatal is not None:
+            self._initializer_failed(fatal)
+            return {"stop": True}
+        if delivered:
+            self.on_change()
+        with self._lock:
+            if self.stopping or self.broken is not None:
+                return self._stop(worker)
+            batch = self._take(worker)
+            if batch:
+                worker.idle_since = None
+                functions = {
+                    k: self._functions[k] for k in {i.fn_key for i in batch} if k not in worker.functions_sent
+                }
+                worker.functions_sent.update(functions)
+                return {
+                    "items": [(i.id, i.attempt, i.fn_key, i.kind, i.payload) for i in batch],
+                    "functions": functions,
+                }
+            now = time.monotonic()
+            if worker.idle_since is None:
+                worker.idle_since = now
+            if now - worker.idle_since >= self.idle_timeout:
+                return self._stop(worker)
+            return None
+
+    def _stop(self, worker: Worker) -> dict[str, Any] | None:
+        if worker.items:
+            return None  # it still owes results; let it deliver them first
+        self.workers.pop(worker.id, None)
+        self.on_change()
+        return {"stop": True}
+
+    def _take(self, worker: Worker) -> list[WorkItem]:
+        """Guided self-scheduling: a share of what is pending, shrinking as the queue drains."""
+        busy = max(1, len(self.workers))
+        want = min(MAX_ITEMS_PER_REPLY, max(1, math.ceil(len(self._pending) / (3 * busy))))
+        batch: list[WorkItem] = []
+        size = 0
+        while self._pending and len(batch) < want and (not batch or size < MAX_BYTES_PER_REPLY):
+            item = self._pending.popleft()
+            if not item.future.set_running_or_notify_cancel():
+                del self._items[item.id]
+                self._release_function(item.fn_key)
+                continue
+            item.attempt += 1
+            item.worker = worker.id
+            worker.items.add(item.id)
+            batch.append(item)
+            size += len(item.payload)
+        return batch
+
+    def _release_function(self, key: str) -> None:
+        self._function_users[key] -= 1
+        if not self._function_users[key]:
+            del self._function_users[key]
+            self._functions.pop(key, None)
+
+    def _initializer_failed(self, fatal: bytes) -> None:
+        _, tb = pickle.loads(fatal)
+        self.break_(
+            BrokenGridEngineExecutor(f"the initializer failed on a worker, so no call can run:\n{tb}")
+        )
+
+    # -- the job manager's side ------------------------------------------------------------
+    def take_lost(self, worker_id: str) -> list[WorkItem]:
+        """Forget a dead worker; return the calls it held (unresolved, held by nobody)."""
+        with self._lock:
+            worker = self.workers.pop(worker_id, None)
+            if worker is None:
+                return []
+            items = [self._items[i] for i in sorted(worker.items) if i in self._items]
+            for item in items:
+                item.worker = None
+                item.losses.append(f"{worker.job}.{worker.task}")
+        self.on_change()
+        return items
+
+    def take_pending(self) -> list[WorkItem]:
+        """Take every call still waiting for a worker out of the queue."""
+        with self._lock:
+            items = list(self._pending)
+            self._pending.clear()
+        return items
+
+    def retry_or_split(self, items: list[WorkItem]) -> tuple[list[WorkItem], list[WorkItem]]:
+        """Queue again the lost calls that have retries left; return (retried, out of retries)."""
+        retried, failed = [], []
+        with self._lock:
+            for item in items:
+                if item.attempt <= self.retries and not self.stopping and self.broken is None:
+                    retried.append(item)
+                else:
+                    failed.append(item)
+            for item in reversed(retried):
+                log.warning("call %d lost (%s); running it again", item.id, ", ".join(item.losses))
+                self._pending.appendleft(item)
+        if retried:
+            self.on_work()
+            self.on_change()
+        return retried, failed
+
+    def fail_items(self, items: list[WorkItem], error: BaseException) -> None:
+        """Resolve these calls (taken out with ``take_*``) with ``error``."""
+        with self._lock:
+            items = [item for item in items if self._items.pop(item.id, None) is not None]
+            for item in items:
+                self._release_function(item.fn_key)
+        for item in items:
+            if item.future.running() or item.future.set_running_or_notify_cancel():
+                _set_exception(item.future, error)
+        self.on_change()
+
+    def fail_pending(self, error: BaseException) -> None:
+        """Fail every call still waiting for a worker (one clear error, never a hang)."""
+        self.fail_items(self.take_pending(), error)
+
+    def fail_all(self, error: BaseException) -> None:
+        """Fail every unresolved call, held by a worker or not."""
+        with self._lock:
+            items = list(self._items.values())
+            self._pending.clear()
+            for worker in self.workers.values():
+                worker.items.clear()
+        self.fail_items(items, error)
+
+    def cancel_pending(self) -> None:
+        """Cancel every call no worker has taken yet."""
+        items = self.take_pending()
+        with self._lock:
+            for item in items:
+                del self._items[item.id]
+                self._release_function(item.fn_key)
+        for item in items:
+            item.future.cancel()
+        self.on_change()
+
+    def break_(self, error: BaseException) -> None:
+        with self._lock:
+            if self.broken is None:
+                self.broken = error
+        self.fail_all(error)
+
+    def stop(self) -> None:
+        """From now on idle workers are told to stop at once."""
+        with self._lock:
+            self.stopping = True
+        self.on_work()
+
+
+def _set_exception(future: Future[Any], error: BaseException) -> None:
+    if not future.done():
+        try:
+            future.set_exception(error)
+        except Exception:  # resolved meanwhile by another thread
+            pass
+
+
+def _resolve(future: Future[Any], ok: bool, data: bytes, output: str, echo: bool) -> None:
+    future.remote_output = output  # type: ignore[attr-defined]
+    if echo and output:
+        print(output, end="" if output.endswith("\n") else "\n")
+    try:
+        loaded = pickle.loads(data)
+    except Exception as load_error:  # noqa: BLE001 - e.g. a module missing on the client
+        _set_exception(future, RemoteCallError(f"the result could not be unpickled here: {load_error!r}"))
+        return
+    if ok:
+        if not future.done():
+            future.set_result(loaded)
+        return
+    error, tb = loaded
+    if error is None:
+        error = RemoteCallError(tb.strip().splitlines()[-1] if tb.strip() else "remote error")
+    error.__cause__ = RemoteTraceback(tb)
+    if output:
+        error.add_note(f"output of the call on the node:\n{output.rstrip()}")
+    _set_exception(future, error)

@@ -1,0 +1,90 @@
+"""Every exception a user of sheepdog-executor can catch, in one place."""
+
+from __future__ import annotations
+
+from concurrent.futures import BrokenExecutor
+
+
+class SheepdogError(Exception):
+    """Base class of the errors raised by sheepdog-executor itself."""
+
+
+class ConfigurationError(SheepdogError, ValueError):
+    """An option given to the executor is wrong; the message says which and how to fix it."""
+
+
+class ConnectionFailed(SheepdogError, ConnectionError):
+    """The head node could not be reached or refused us (DNS, TCP, host key, authentication)."""
+
+
+class UnknownHostKey(ConnectionFailed):
+    """The head node's host key is not in known_hosts; we never accept an unknown key silently."""
+
+
+class SchedulerError(SheepdogError):
+    """A scheduler command (qsub, qstat, qdel, ...) failed or is missing on the head node."""
+
+
+class BrokenGridEngineExecutor(BrokenExecutor, SheepdogError):
+    """The executor can no longer run anything (SSH refused for good, scheduler gone, initializer
+    failed); pending futures fail with it and further submit() raises it."""
+
+
+class WorkerError(SheepdogError):
+    """A call could not be completed because of its worker, not because of its own code."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        job_id: str | None = None,
+        task_id: int | None = None,
+        accounting: dict[str, str] | None = None,
+        stderr_tail: str = "",
+    ) -> None:
+        details = [message]
+        if job_id is not None:
+            details.append(f"Grid Engine job {job_id}" + (f", task {task_id}" if task_id else ""))
+        if accounting:
+            keys = ("failed", "exit_status", "maxvmem", "ru_wallclock", "hostname")
+            shown = ", ".join(f"{k}={accounting[k]}" for k in keys if k in accounting)
+            if shown:
+                details.append(f"accounting: {shown}")
+        if stderr_tail:
+            details.append("stderr of the task (tail):\n" + stderr_tail.rstrip())
+        super().__init__("\n".join(details))
+        self.job_id = job_id
+        self.task_id = task_id
+        self.accounting = dict(accounting or {})
+        self.stderr_tail = stderr_tail
+
+
+class WorkerLost(WorkerError):
+    """The task running a call died (killed, over a limit, node gone) before reporting its result."""
+
+
+class WorkerStartFailed(WorkerError):
+    """The job's tasks never reached the client: no interpreter, no route back, bad set-up lines."""
+
+
+class PythonVersionMismatch(WorkerStartFailed):
+    """The Python on the nodes is not the client's minor version, so pickles would not be portable."""
+
+
+class RemoteTraceback(Exception):
+    """The formatted traceback of an exception raised on a node; set as the ``__cause__``."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+class RemoteCallError(SheepdogError):
+    """Stands in for an exception raised remotely that could not be pickled back to the client."""
+
+
+class ExecutorShutDown(SheepdogError):
+    """The executor was stopped (exception in the ``with`` body, Ctrl-C, exit) before the call ended."""

@@ -1,0 +1,413 @@
+"""The public executors: ``GridEngineExecutor`` and ``LocalExecutor``.
+
+An executor owns a ``Session``: the shell to the head node, the scheduler, the endpoint, the dispatcher
+and the job manager. The session, not the executor, is what threads and finalizers hold, so an
+executor that is garbage-collected or still open at interpreter exit still removes its jobs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import os
+import secrets
+import shlex
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor, Future
+from concurrent.futures import TimeoutError as FuturesTimeout
+from typing import Any, TypeVar
+
+import cloudpickle
+
+from sheepdog_executor.bundle import worker_bundle
+from sheepdog_executor.dispatch import Dispatcher
+from sheepdog_executor.errors import BrokenGridEngineExecutor, ConfigurationError, ExecutorShutDown
+from sheepdog_executor.jobs import JobManager
+from sheepdog_executor.jobscript import JobOptions, WorkerLaunch
+from sheepdog_executor.remote.protocol import PICKLE_PROTOCOL
+from sheepdog_executor.scheduler import GridEngineScheduler, LocalScheduler, Scheduler
+from sheepdog_executor.server import Endpoint
+from sheepdog_executor.shell import LocalShell, Shell, SSHShell, SSHTarget
+
+log = logging.getLogger("sheepdog_executor")
+T = TypeVar("T")
+
+DEFAULT_MAX_WORKERS = 32
+
+
+class Session:
+    """Everything an executor runs: set up in ``open``, torn down exactly once in ``close``."""
+
+    def __init__(
+        self,
+        shell: Shell,
+        scheduler: Scheduler,
+        *,
+        max_workers: int,
+        retries: int,
+        initializer: bytes | None,
+        batch_window: float,
+        poll_interval: float,
+        idle_timeout: float,
+        heartbeat: float,
+        heartbeat_timeout: float,
+        callback_address: str | None,
+        callback_port: int,
+        session_root: str,
+        echo_output: bool,
+    ) -> None:
+        self.shell = shell
+        self.scheduler = scheduler
+        self.dispatcher = Dispatcher(
+            retries=retries,
+            idle_timeout=idle_timeout,
+            heartbeat=heartbeat,
+            initializer=initializer,
+            python=sys.version_info[:2],
+            echo_output=echo_output,
+        )
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._empty = threading.Condition()
+        self.dispatcher.on_change = self._changed
+        secret = secrets.token_hex(32).encode()
+        scheduler.prepare()
+        home = shell.run('printf %s "$HOME"').stdout.strip() or "."
+        root = session_root.replace("~", home, 1) if session_root.startswith("~") else session_root
+        self.session_dir = f"{root}/{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
+        shell.put(f"{self.session_dir}/secret", secret, 0o600)
+        shell.put(f"{self.session_dir}/bundle.zip", worker_bundle(), 0o600)
+        address = callback_address or shell.callback_address()
+        self.endpoint = Endpoint(self.dispatcher, secret, address=address, port=callback_port)
+        self.endpoint.start()
+        self.launch = WorkerLaunch(self.session_dir, f"http://{address}:{self.endpoint.port}")
+        self.jobs = JobManager(
+            scheduler,
+            self.dispatcher,
+            self.launch,
+            max_workers=max_workers,
+            batch_window=batch_window,
+            poll_interval=poll_interval,
+            heartbeat_timeout=heartbeat_timeout,
+        )
+        self.jobs.start()
+        log.info("session %s on %s, endpoint %s", self.session_dir, shell.description, self.launch.url)
+
+    def _changed(self) -> None:
+        self.jobs.wake()
+        with self._empty:
+            self._empty.notify_all()
+
+    def wait_until_done(self) -> None:
+        """Block until no call is unresolved."""
+        with self._empty:
+            self._empty.wait_for(lambda: self.dispatcher.outstanding() == 0)
+
+    def close(self, abort: bool = False) -> None:
+        """Stop everything; with ``abort``, first stop unfinished calls. Safe to call twice."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        if abort:
+            self.dispatcher.cancel_pending()
+            self.dispatcher.fail_all(
+                ExecutorShutDown("the executor was shut down before this call finished; its task was removed")
+            )
+        self.dispatcher.stop()
+        try:
+            self.jobs.stop()
+        except Exception as exc:  # noqa: BLE001 - teardown goes on; say what may be left
+            log.warning("could not remove jobs %s: %s", list(self.jobs.jobs), exc)
+        self.endpoint.stop()
+        try:
+            self.shell.run(f"rm -rf {shlex.quote(self.session_dir)}", timeout=30)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not remove %s: %s", self.session_dir, exc)
+        self.shell.close()
+
+
+class ClusterExecutor(Executor):
+    """A ``concurrent.futures.Executor`` whose calls run as workers of a batch scheduler."""
+
+    def __init__(
+        self,
+        shell: Shell,
+        scheduler: Scheduler,
+        *,
+        max_workers: int | None = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple[Any, ...] = (),
+        retries: int = 0,
+        batch_window: float = 0.05,
+        poll_interval: float = 2.0,
+        idle_timeout: float = 5.0,
+        heartbeat: float = 5.0,
+        heartbeat_timeout: float = 60.0,
+        callback_address: str | None = None,
+        callback_port: int = 0,
+        session_root: str = "~/.sheepdog-executor",
+        echo_output: bool = False,
+    ) -> None:
+        if max_workers is not None and max_workers <= 0:
+            raise ConfigurationError("max_workers must be greater than 0")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        if retries < 0:
+            raise ConfigurationError("retries must be 0 or more")
+        self._max_workers = max_workers or DEFAULT_MAX_WORKERS
+        self._shutdown_lock = threading.Lock()
+        self._shutdown = False
+        init_blob = (
+            cloudpickle.dumps((initializer, tuple(initargs)), protocol=PICKLE_PROTOCOL)
+            if initializer is not None
+            else None
+        )
+        try:
+            self._session = Session(
+                shell,
+                scheduler,
+                max_workers=self._max_workers,
+                retries=retries,
+                initializer=init_blob,
+                batch_window=batch_window,
+                poll_interval=poll_interval,
+                idle_timeout=idle_timeout,
+                heartbeat=heartbeat,
+                heartbeat_timeout=heartbeat_timeout,
+                callback_address=callback_address,
+                callback_port=callback_port,
+                session_root=session_root,
+                echo_output=echo_output,
+            )
+        except BaseException:
+            shell.close()
+            raise
+        # GC of an executor never shut down, and interpreter exit, both remove its jobs.
+        self._finalizer = weakref.finalize(self, self._session.close, True)
+
+    # -- submitting ---------------------------------------------------------------------------
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        future: Future[T] = Future()
+        key, blob = _pickle_function(fn)
+        payload = cloudpickle.dumps((args, kwargs), protocol=PICKLE_PROTOCOL)
+        with self._shutdown_lock:
+            self._check_open()
+            self._session.dispatcher.add(key, blob, [("call", payload, future)])
+        return future
+
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[T]:
+        """Like ``Executor.map``; all calls of one map go out together, as one array job."""
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        end_time = None if timeout is None else timeout + time.monotonic()
+        key, blob = _pickle_function(fn)
+        argument_sets = zip(*iterables)  # noqa: B905 - as Executor.map
+        calls: list[tuple[str, bytes, Future[Any]]] = []
+        if chunksize == 1:
+            for args in argument_sets:
+                calls.append(("call", cloudpickle.dumps((args, {}), protocol=PICKLE_PROTOCOL), Future()))
+        else:
+            while chunk := list(itertools.islice(argument_sets, chunksize)):
+                calls.append(
+                    (
+                        "chunk",
+                        cloudpickle.dumps([(args, {}) for args in chunk], protocol=PICKLE_PROTOCOL),
+                        Future(),
+                    )
+                )
+        with self._shutdown_lock:
+            self._check_open()
+            self._session.dispatcher.add(key, blob, calls)
+        self._session.jobs.wake(flush=True)
+        futures = [future for _, _, future in calls]
+        results = _ordered_results(futures, end_time)
+        return itertools.chain.from_iterable(results) if chunksize > 1 else results
+
+    def _check_open(self) -> None:
+        broken = self._session.dispatcher.broken
+        if broken is not None:
+            raise BrokenGridEngineExecutor(str(broken)) from broken
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._shutdown_lock:
+            self._shutdown = True
+        if cancel_futures:
+            self._session.dispatcher.cancel_pending()
+        if wait:
+            self._session.wait_until_done()
+            self._finalizer.detach()
+            self._session.close()
+        else:
+            threading.Thread(
+                target=self._shutdown_in_background, name="sheepdog-shutdown", daemon=True
+            ).start()
+
+    def _shutdown_in_background(self) -> None:
+        self._session.wait_until_done()
+        self._finalizer()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.shutdown(wait=True)
+        else:  # Ctrl-C or an error in the with body: stop now, leave nothing on the cluster
+            with self._shutdown_lock:
+                self._shutdown = True
+            self._finalizer()
+
+    # -- introspection ------------------------------------------------------------------------
+    @property
+    def job_ids(self) -> list[str]:
+        """Ids of every job this executor submitted, in order."""
+        return list(self._session.jobs.submitted_jobs)
+
+    @property
+    def session_dir(self) -> str:
+        """The executor's private directory on the cluster (secret, worker bundle, task logs)."""
+        return self._session.session_dir
+
+
+class GridEngineExecutor(ClusterExecutor):
+    """Run calls as Grid Engine array jobs, submitted over SSH (or locally with ``host=None``).
+
+    Takes ProcessPoolExecutor's ``max_workers``, ``initializer`` and ``initargs``; ``host`` is a host
+    name or an alias of ``~/.ssh/config``; the other arguments shape the jobs (see the README).
+    """
+
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple[Any, ...] = (),
+        *,
+        host: str | None = None,
+        user: str | None = None,
+        port: int | None = None,
+        key_filename: str | None = None,
+        ssh_config: str = "~/.ssh/config",
+        connect_timeout: float = 15.0,
+        queue: str | None = None,
+        resources: Mapping[str, str] | Sequence[str] | None = None,
+        parallel_environment: str | None = None,
+        slots: int = 1,
+        job_name: str = "sheepdog",
+        working_directory: str | None = None,
+        qsub_args: Sequence[str] = (),
+        setup: Sequence[str] | str = (),
+        python: str = "python3",
+        **options: Any,
+    ) -> None:
+        job_options = _job_options(
+            queue=queue,
+            resources=resources,
+            parallel_environment=parallel_environment,
+            slots=slots,
+            job_name=job_name,
+            working_directory=working_directory,
+            qsub_args=qsub_args,
+            setup=setup,
+            python=python,
+        )
+        shell: Shell
+        if host is None:
+            shell = LocalShell()
+        else:
+            shell = SSHShell(
+                SSHTarget.resolve(
+                    host,
+                    user=user,
+                    port=port,
+                    key_filename=key_filename,
+                    config_path=ssh_config,
+                    connect_timeout=connect_timeout,
+                )
+            )
+        super().__init__(
+            shell,
+            GridEngineScheduler(shell, job_options),
+            max_workers=max_workers,
+            initializer=initializer,
+            initargs=initargs,
+            **options,
+        )
+
+
+class LocalExecutor(ClusterExecutor):
+    """The same executor with workers as local processes: no cluster and no SSH needed."""
+
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple[Any, ...] = (),
+        *,
+        python: str = sys.executable,
+        setup: Sequence[str] | str = (),
+        working_directory: str | None = None,
+        **options: Any,
+    ) -> None:
+        shell = LocalShell()
+        job_options = _job_options(python=python, setup=setup, working_directory=working_directory)
+        options.setdefault("callback_address", "127.0.0.1")
+        options.setdefault("poll_interval", 0.5)
+        super().__init__(
+            shell,
+            LocalScheduler(shell, job_options),
+            max_workers=max_workers or (os.cpu_count() or 1),
+            initializer=initializer,
+            initargs=initargs,
+            **options,
+        )
+
+
+def _job_options(*, setup: Sequence[str] | str = (), slots: int = 1, **fields: Any) -> JobOptions:
+    if isinstance(setup, str):
+        setup = [setup]
+    if slots < 1:
+        raise ConfigurationError("slots must be 1 or more")
+    if fields.get("parallel_environment") is None and slots != 1:
+        raise ConfigurationError("slots= needs parallel_environment= (e.g. 'smp') to request them")
+    if fields.get("resources") is None:
+        fields["resources"] = {}
+    return JobOptions(setup=tuple(setup), slots=slots, **fields)
+
+
+def _pickle_function(fn: Callable[..., Any]) -> tuple[str, bytes]:
+    if not callable(fn):
+        raise TypeError(f"{fn!r} is not callable")
+    blob = cloudpickle.dumps(fn, protocol=PICKLE_PROTOCOL)
+    return hashlib.sha256(blob).hexdigest()[:32], blob
+
+
+def _ordered_results(futures: list[Future[T]], end_time: float | None) -> Iterator[T]:
+    """Yield results in order; on timeout, error or abandonment cancel the rest (as CPython does)."""
+    try:
+        futures.reverse()
+        while futures:
+            future = futures.pop()
+            if end_time is None:
+                yield future.result()
+            else:
+                remaining = end_time - time.monotonic()
+                try:
+                    yield future.result(max(remaining, 0))
+                except FuturesTimeout:
+                    future.cancel()
+                    raise
+    finally:
+        for future in futures:
+            future.cancel()

@@ -1,0 +1,255 @@
+"""The job manager: the one thread that owns the cluster side of an executor.
+
+It submits array jobs when calls wait and workers are short (after a short batching window), polls
+the scheduler for all of the executor's jobs in one call, notices workers that died or never
+started, and removes tasks that are no longer needed.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sheepdog_executor.dispatch import Dispatcher, WorkItem
+from sheepdog_executor.errors import (
+    BrokenGridEngineExecutor,
+    ConnectionFailed,
+    SchedulerError,
+    WorkerError,
+    WorkerLost,
+    WorkerStartFailed,
+)
+from sheepdog_executor.jobscript import WorkerLaunch
+from sheepdog_executor.scheduler.base import JobStates, Scheduler, TaskState
+
+log = logging.getLogger("sheepdog_executor")
+
+#: How long a failed task's accounting record may take to appear (Grid Engine flushes it lazily).
+ACCOUNTING_WAIT_SECONDS = 20.0
+
+
+@dataclass(eq=False)
+class Job:
+    """An array job this executor submitted."""
+
+    id: str
+    tasks: int
+    submitted: float
+    cancelled: bool = False
+    alive: dict[int, TaskState] = field(default_factory=dict)
+
+
+class JobManager:
+    """Submits, polls and cancels the executor's jobs; reports lost and never-started workers."""
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        dispatcher: Dispatcher,
+        launch: WorkerLaunch,
+        *,
+        max_workers: int,
+        batch_window: float,
+        poll_interval: float,
+        heartbeat_timeout: float,
+    ) -> None:
+        self.scheduler = scheduler
+        self.dispatcher = dispatcher
+        self.launch = launch
+        self.max_workers = max_workers
+        self.batch_window = batch_window
+        self.poll_interval = poll_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self.jobs: dict[str, Job] = {}
+        self.submitted_jobs: list[str] = []
+        self._jobs_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._flush = False
+        self._stopping = False
+        self._failures = 0
+        self._thread = threading.Thread(target=self._run, name="sheepdog-jobs", daemon=True)
+
+    # -- control from other threads --------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self, flush: bool = False) -> None:
+        """Something changed; with ``flush``, submit without waiting for the batching window."""
+        if flush:
+            self._flush = True
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Stop the thread (after its current step) and remove every job still on the cluster."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=60)
+        self.cancel_all()
+
+    def cancel_all(self) -> None:
+        with self._jobs_lock:
+            live = [job.id for job in self.jobs.values()]
+            for job in self.jobs.values():
+                job.cancelled = True
+        if live:
+            log.debug("removing jobs %s", live)
+            self.scheduler.cancel(live)
+
+    # -- the thread ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stopping:
+            self._wake.wait(self.poll_interval)
+            self._wake.clear()
+            if self._stopping:
+                return
+            try:
+                self._step()
+                self._failures = 0
+            except (ConnectionFailed, SchedulerError) as exc:
+                self._failures += 1
+                log.warning("job manager: %s", exc)
+                if self._failures >= 3 or isinstance(exc, ConnectionFailed):
+                    self.dispatcher.break_(
+                        BrokenGridEngineExecutor(f"the cluster can no longer be used: {exc}")
+                    )
+                    return
+            except Exception as exc:  # noqa: BLE001 - never die silently: fail loudly instead
+                log.exception("job manager failed")
+                self.dispatcher.break_(
+                    BrokenGridEngineExecutor(f"internal error in the job manager: {exc!r}")
+                )
+                return
+
+    def _step(self) -> None:
+        pending, _ = self.dispatcher.counts()
+        if pending and not self._flush and self.batch_window > 0:
+            time.sleep(self.batch_window)  # let submissions that arrive close together share a job
+        self._flush = False
+        with self._jobs_lock:
+            job_ids = list(self.jobs)
+        states = self.scheduler.poll(job_ids) if job_ids else {}
+        self._reconcile(states)
+        self._scale()
+
+    def _reconcile(self, states: JobStates) -> None:
+        """Find workers that died and jobs that ended; forget finished jobs."""
+        now = time.monotonic()
+        ended: list[Job] = []
+        with self._jobs_lock:
+            for job in list(self.jobs.values()):
+                job.alive = states.get(job.id, {})
+                if not job.alive:
+                    del self.jobs[job.id]
+                    ended.append(job)
+        for worker in list(self.dispatcher.workers.values()):
+            gone = worker.job in {j.id for j in ended} or (
+                worker.job in self.jobs and worker.task not in self.jobs[worker.job].alive
+            )
+            silent = now - worker.last_seen > self.heartbeat_timeout
+            if gone or silent:
+                why = (
+                    "its task ended without reporting"
+                    if gone
+                    else f"no heartbeat for {now - worker.last_seen:.0f} s"
+                )
+                items = self.dispatcher.take_lost(worker.id)
+                if items:
+                    self._diagnose_later(
+                        items,
+                        worker.job,
+                        worker.task,
+                        retry=True,
+                        make=functools.partial(WorkerLost, f"the worker running this call was lost: {why}"),
+                    )
+        pending, _ = self.dispatcher.counts()
+        seen = self.dispatcher.tasks_seen
+        for job in ended:
+            started = any((job.id, t) in seen for t in range(1, job.tasks + 1))
+            if not started and not job.cancelled and pending:
+                items = self.dispatcher.take_pending()
+                self._diagnose_later(
+                    items,
+                    job.id,
+                    1,
+                    retry=False,
+                    make=functools.partial(
+                        WorkerStartFailed,
+                        "the job's workers ended without ever reaching this client: check the interpreter "
+                        "(python=), the set-up lines, and that the nodes can reach "
+                        f"{self.launch.url} (callback_address=)",
+                    ),
+                )
+
+    def _scale(self) -> None:
+        """Submit a job when calls wait for workers; remove queued tasks nobody needs."""
+        pending, held = self.dispatcher.counts()
+        workers = self.dispatcher.workers
+        seen = self.dispatcher.tasks_seen
+        with self._jobs_lock:
+            capacity = 0
+            queued: dict[str, list[int]] = {}
+            for job in self.jobs.values():
+                for task, state in job.alive.items():
+                    if state is TaskState.QUEUED:
+                        queued.setdefault(job.id, []).append(task)
+                        capacity += 1
+                    elif (job.id, task) not in seen or any(
+                        w.job == job.id and w.task == task for w in workers.values()
+                    ):
+                        capacity += 1
+        if self.dispatcher.broken is not None or self._stopping:
+            return
+        wanted = min(self.max_workers, pending + held)
+        if wanted > capacity and pending:
+            tasks = wanted - capacity
+            job_id = self.scheduler.submit(self.launch, tasks)
+            log.info("submitted job %s with %d task(s) for %d pending call(s)", job_id, tasks, pending)
+            with self._jobs_lock:
+                self.jobs[job_id] = Job(
+                    job_id, tasks, time.monotonic(), alive={t: TaskState.QUEUED for t in range(1, tasks + 1)}
+                )
+                self.submitted_jobs.append(job_id)
+        elif not pending and not held and queued:
+            fully_queued = [j for j, tasks in queued.items() if len(tasks) == self.jobs[j].tasks]
+            if fully_queued:
+                log.debug("removing unneeded queued jobs %s", fully_queued)
+                for job_id in fully_queued:
+                    self.jobs[job_id].cancelled = True
+                self.scheduler.cancel(fully_queued)
+
+    def _diagnose_later(
+        self,
+        items: list[WorkItem],
+        job_id: str,
+        task_id: int,
+        *,
+        retry: bool,
+        make: Callable[..., WorkerError],
+    ) -> None:
+        """Retry lost calls that may be, fail the others with an error that carries the task's
+        accounting and stderr (gathered off this thread: accounting can take seconds to appear)."""
+        failed = self.dispatcher.retry_or_split(items)[1] if retry else items
+        if not failed:
+            return
+
+        def diagnose() -> None:
+            tail, record = "", dict[str, str]()
+            deadline = time.monotonic() + ACCOUNTING_WAIT_SECONDS
+            try:
+                tail = self.scheduler.output_tail(self.launch, job_id, task_id)
+                while not record and time.monotonic() < deadline and not self._stopping:
+                    record = self.scheduler.accounting(job_id, task_id)
+                    if not record:
+                        time.sleep(2)
+            except Exception as exc:  # noqa: BLE001 - the call fails anyway, with what we know
+                tail = tail or f"(could not read the task's stderr: {exc})"
+            self.dispatcher.fail_items(
+                failed, make(job_id=job_id, task_id=task_id, accounting=record, stderr_tail=tail)
+            )
+
+        threading.Thread(target=diagnose, name="sheepdog-diagnose", daemon=True).start()

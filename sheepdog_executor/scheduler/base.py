@@ -1,0 +1,55 @@
+"""The interface every scheduler implements: submit, poll, cancel, account."""
+
+from __future__ import annotations
+
+import enum
+import shlex
+from abc import ABC, abstractmethod
+from collections.abc import Collection
+
+from sheepdog_executor.jobscript import JobOptions, WorkerLaunch
+from sheepdog_executor.shell import Shell
+
+
+class TaskState(enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+
+
+#: job id -> {task id -> state} for every task still known to the scheduler; absent = finished.
+JobStates = dict[str, dict[int, TaskState]]
+
+
+class Scheduler(ABC):
+    """Turns a request for N workers into one array job, and reports on and removes its tasks."""
+
+    name = "scheduler"
+
+    def __init__(self, shell: Shell, options: JobOptions) -> None:
+        self.shell = shell
+        self.options = options
+
+    def prepare(self) -> None:  # noqa: B027 - most schedulers need no check
+        """Check that the scheduler is usable from here; raise SchedulerError naming the fix."""
+
+    @abstractmethod
+    def submit(self, launch: WorkerLaunch, tasks: int) -> str:
+        """Start ``tasks`` workers as one array job; return its job id."""
+
+    @abstractmethod
+    def poll(self, job_ids: Collection[str]) -> JobStates:
+        """The state of every task of these jobs the scheduler still holds, in one call."""
+
+    @abstractmethod
+    def cancel(self, job_ids: Collection[str]) -> None:
+        """Remove these jobs, queued and running tasks alike."""
+
+    def accounting(self, job_id: str, task_id: int) -> dict[str, str]:
+        """What the scheduler recorded about a finished task (exit status, failure, memory)."""
+        return {}
+
+    def output_tail(self, launch: WorkerLaunch, job_id: str, task_id: int, limit: int = 3000) -> str:
+        """The end of a task's stderr file."""
+        path = launch.output_path(job_id, task_id, "err")
+        done = self.shell.run(f"tail -c {int(limit)} {shlex.quote(path)} 2>/dev/null", timeout=30)
+        return done.stdout

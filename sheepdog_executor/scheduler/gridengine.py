@@ -1,0 +1,102 @@
+"""Grid Engine (SGE, Son of Grid Engine, UGE/AGE): qsub, qstat -xml, qdel, qacct."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import xml.etree.ElementTree as ET
+from collections.abc import Collection
+
+from sheepdog_executor.errors import SchedulerError
+from sheepdog_executor.jobscript import WorkerLaunch, render_gridengine
+from sheepdog_executor.scheduler.base import JobStates, Scheduler, TaskState
+
+_TERSE_JOB_ID = re.compile(r"^(\d+)(?:\.\d+-\d+:\d+)?$")
+
+
+class GridEngineScheduler(Scheduler):
+    name = "Grid Engine"
+    commands = ("qsub", "qstat", "qdel")
+
+    def prepare(self) -> None:
+        probe = "; ".join(f"command -v {c} >/dev/null || echo {c}" for c in self.commands)
+        missing = self.shell.run(probe, timeout=60).stdout.split()
+        if missing:
+            raise SchedulerError(
+                f"{', '.join(missing)} not found on {self.shell.description} in a non-interactive "
+                "shell; add Grid Engine's bin directory to PATH in the remote ~/.bashrc (before any "
+                "'return if not interactive' line), or use the cluster's head node as host"
+            )
+
+    def submit(self, launch: WorkerLaunch, tasks: int) -> str:
+        script = render_gridengine(self.options, launch, tasks)
+        done = self.shell.run("qsub -terse", stdin=script.encode())
+        match = _TERSE_JOB_ID.match(done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "")
+        if done.returncode != 0 or not match:
+            raise SchedulerError(
+                f"qsub on {self.shell.description} failed (exit {done.returncode}): "
+                f"{(done.stderr or done.stdout).strip()}"
+            )
+        return match.group(1)
+
+    def poll(self, job_ids: Collection[str]) -> JobStates:
+        if not job_ids:
+            return {}
+        done = self.shell.run('qstat -xml -u "$(id -un)"', timeout=60)
+        if done.returncode != 0:
+            raise SchedulerError(f"qstat failed on {self.shell.description}: {done.stderr.strip()}")
+        return parse_qstat_xml(done.stdout, set(job_ids))
+
+    def cancel(self, job_ids: Collection[str]) -> None:
+        if job_ids:
+            self.shell.run(
+                "qdel " + " ".join(shlex.quote(j) for j in job_ids) + " >/dev/null 2>&1", timeout=60
+            )
+
+    def accounting(self, job_id: str, task_id: int) -> dict[str, str]:
+        done = self.shell.run(f"qacct -j {shlex.quote(job_id)} -t {int(task_id)} 2>/dev/null", timeout=60)
+        return parse_qacct(done.stdout)
+
+
+def _task_ids(text: str) -> list[int]:
+    """'3' -> [3]; '2-8:2' -> [2, 4, 6, 8]; '1,4-5:1' -> [1, 4, 5]."""
+    ids: list[int] = []
+    for part in text.split(","):
+        match = re.fullmatch(r"(\d+)(?:-(\d+)(?::(\d+))?)?", part.strip())
+        if match:
+            first = int(match.group(1))
+            last = int(match.group(2) or first)
+            ids.extend(range(first, last + 1, int(match.group(3) or 1)))
+    return ids
+
+
+def parse_qstat_xml(text: str, job_ids: set[str]) -> JobStates:
+    """Task states of the given jobs from ``qstat -xml`` output."""
+    states: JobStates = {}
+    for entry in ET.fromstring(text).iter("job_list"):
+        job = (entry.findtext("JB_job_number") or "").strip()
+        if job not in job_ids:
+            continue
+        code = entry.findtext("state") or ""
+        state = (
+            TaskState.RUNNING
+            if entry.get("state") == "running" or "r" in code or "t" in code
+            else TaskState.QUEUED
+        )
+        tasks = _task_ids(entry.findtext("tasks") or "1")
+        for task in tasks:
+            states.setdefault(job, {})[task] = state
+    return states
+
+
+def parse_qacct(text: str) -> dict[str, str]:
+    """The key/value lines of ``qacct -j`` output (the last record when several)."""
+    record: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("====="):
+            record = {}
+            continue
+        key, _, value = line.partition(" ")
+        if key:
+            record[key] = value.strip()
+    return record

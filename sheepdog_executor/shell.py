@@ -1,0 +1,293 @@
+"""Run commands on the head node and put files there: over SSH (paramiko) or on this machine.
+
+``SSHShell`` honours ``~/.ssh/config`` (HostName, User, Port, IdentityFile, ProxyJump), checks host
+keys against known_hosts and reconnects with backoff when the connection drops.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sheepdog_executor.errors import ConnectionFailed, UnknownHostKey
+
+log = logging.getLogger("sheepdog_executor")
+
+
+@dataclass(frozen=True)
+class Completed:
+    """What a command did: its exit status and output."""
+
+    command: str
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+class Shell:
+    """A place to run scheduler commands: the head node over SSH, or this machine."""
+
+    description = "this machine"
+
+    def run(self, command: str, *, stdin: bytes = b"", timeout: float = 120.0) -> Completed:
+        raise NotImplementedError
+
+    def put(self, path: str, data: bytes, mode: int = 0o600) -> None:
+        """Write a file that only its owner can read (mode is applied before any byte is written)."""
+        raise NotImplementedError
+
+    def callback_address(self) -> str:
+        """The address of this client as seen from the cluster side of the connection."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class LocalShell(Shell):
+    """Commands run here, with /bin/sh: the client is on the head node (``host=None``)."""
+
+    def run(self, command: str, *, stdin: bytes = b"", timeout: float = 120.0) -> Completed:
+        log.debug("local$ %s", command)
+        proc = subprocess.run(
+            ["/bin/sh", "-c", command], input=stdin, capture_output=True, timeout=timeout, check=False
+        )
+        return Completed(
+            command,
+            proc.returncode,
+            proc.stdout.decode(errors="replace"),
+            proc.stderr.decode(errors="replace"),
+        )
+
+    def put(self, path: str, data: bytes, mode: int = 0o600) -> None:
+        target = Path(os.path.expanduser(path))
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), mode)
+            handle.write(data)
+
+    def callback_address(self) -> str:
+        return _address_towards("8.8.8.8") or socket.gethostbyname(socket.gethostname())
+
+
+def _address_towards(peer: str) -> str | None:
+    """The local address the kernel would use to reach ``peer`` (no packet is sent)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((peer, 9))
+            return str(probe.getsockname()[0])
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True)
+class SSHTarget:
+    """Where and how to log in, after ~/.ssh/config and explicit arguments are combined."""
+
+    alias: str
+    hostname: str
+    port: int
+    user: str | None
+    key_filenames: tuple[str, ...]
+    proxy_jump: str | None
+    connect_timeout: float
+
+    @classmethod
+    def resolve(
+        cls,
+        host: str,
+        *,
+        user: str | None = None,
+        port: int | None = None,
+        key_filename: str | None = None,
+        config_path: str = "~/.ssh/config",
+        connect_timeout: float = 15.0,
+    ) -> SSHTarget:
+        import paramiko
+
+        entry: dict[str, Any] = {"hostname": host}
+        config_file = os.path.expanduser(config_path)
+        if os.path.exists(config_file):
+            entry = dict(paramiko.SSHConfig.from_path(config_file).lookup(host))
+        keys = [key_filename] if key_filename else list(entry.get("identityfile", []))
+        return cls(
+            alias=host,
+            hostname=entry.get("hostname", host),
+            port=int(port or entry.get("port", 22)),
+            user=user or entry.get("user"),
+            key_filenames=tuple(os.path.expanduser(k) for k in keys),
+            proxy_jump=entry.get("proxyjump"),
+            connect_timeout=connect_timeout,
+        )
+
+
+class SSHShell(Shell):
+    """Commands run on the head node over one paramiko connection, re-opened when it drops."""
+
+    def __init__(self, target: SSHTarget, *, reconnect_timeout: float = 60.0) -> None:
+        self.target = target
+        self.description = f"{target.alias} ({target.user or ''}@{target.hostname}:{target.port})"
+        self._reconnect_timeout = reconnect_timeout
+        self._lock = threading.Lock()
+        self._client: Any = None
+        self._jump: SSHShell | None = None
+        self._closed = False
+        self._connect()
+
+    # -- connection -------------------------------------------------------------------------
+    def _connect(self) -> None:
+        import paramiko
+
+        t = self.target
+        client = paramiko.SSHClient()
+        client.load_system_host_keys()
+        known = os.path.expanduser("~/.ssh/known_hosts")
+        if os.path.exists(known):
+            client.load_host_keys(known)
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        sock = None
+        if t.proxy_jump and t.proxy_jump.lower() != "none":
+            jump_alias = t.proxy_jump.split(",")[0]
+            if self._jump is None:
+                self._jump = SSHShell(SSHTarget.resolve(jump_alias), reconnect_timeout=0)
+            transport = self._jump._client.get_transport()
+            sock = transport.open_channel("direct-tcpip", (t.hostname, t.port), ("127.0.0.1", 0))
+        try:
+            client.connect(
+                t.hostname,
+                port=t.port,
+                username=t.user,
+                key_filename=list(t.key_filenames) or None,  # type: ignore[arg-type]
+                sock=sock,
+                timeout=t.connect_timeout,
+                banner_timeout=t.connect_timeout,
+                auth_timeout=t.connect_timeout,
+                allow_agent=True,
+                look_for_keys=not t.key_filenames,
+            )
+        except paramiko.SSHException as exc:
+            if "not found in known_hosts" in str(exc):
+                raise UnknownHostKey(
+                    f"the host key of {self.description} is not in ~/.ssh/known_hosts; log in once "
+                    f"with `ssh {t.alias}` (or `ssh-keyscan -p {t.port} {t.hostname} >> "
+                    f"~/.ssh/known_hosts`) after checking its fingerprint"
+                ) from exc
+            if isinstance(exc, paramiko.AuthenticationException):
+                raise ConnectionFailed(
+                    f"SSH authentication to {self.description} failed ({exc}); check the user and "
+                    f"IdentityFile for {t.alias} in ~/.ssh/config, or pass user= / key_filename="
+                ) from exc
+            raise ConnectionFailed(f"SSH to {self.description} failed: {exc}") from exc
+        except (OSError, EOFError) as exc:
+            raise ConnectionFailed(
+                f"cannot reach {self.description}: {exc}; check the host name and port "
+                f"(`ssh {t.alias}` should work from this machine)"
+            ) from exc
+        transport = client.get_transport()
+        assert transport is not None
+        transport.set_keepalive(15)
+        self._client = client
+        log.debug("connected to %s", self.description)
+
+    def _reconnect(self, error: BaseException) -> None:
+        deadline = time.monotonic() + self._reconnect_timeout
+        delay = 0.5
+        while True:
+            if self._closed or time.monotonic() > deadline:
+                raise ConnectionFailed(
+                    f"lost the SSH connection to {self.description} ({error}) and could not "
+                    f"re-open it within {self._reconnect_timeout:.0f} s"
+                ) from error
+            log.warning("SSH connection to %s lost (%s); reconnecting", self.description, error)
+            try:
+                self._connect()
+                return
+            except ConnectionFailed as exc:
+                if isinstance(exc, UnknownHostKey):
+                    raise
+                error = exc
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    def _usable_transport(self) -> Any:
+        with self._lock:
+            transport = self._client.get_transport() if self._client else None
+            if transport is None or not transport.is_active():
+                self._reconnect(ConnectionError("transport closed"))
+                transport = self._client.get_transport()
+            return transport
+
+    # -- commands ---------------------------------------------------------------------------
+    def run(self, command: str, *, stdin: bytes = b"", timeout: float = 120.0) -> Completed:
+        import paramiko
+
+        log.debug("%s$ %s", self.target.alias, command)
+        for attempt in range(2):
+            try:
+                transport = self._usable_transport()
+                channel = transport.open_session(timeout=timeout)
+                channel.settimeout(timeout)
+                channel.exec_command(command)
+                if stdin:
+                    channel.sendall(stdin)
+                channel.shutdown_write()
+                out, err = _drain(channel)
+                code = channel.recv_exit_status()
+                channel.close()
+                return Completed(command, code, out.decode(errors="replace"), err.decode(errors="replace"))
+            except (paramiko.SSHException, EOFError, OSError) as exc:
+                if attempt == 1 or self._closed:
+                    raise ConnectionFailed(f"command on {self.description} failed: {exc}") from exc
+                with self._lock:
+                    self._reconnect(exc)
+        raise AssertionError("unreachable")
+
+    def put(self, path: str, data: bytes, mode: int = 0o600) -> None:
+        transport = self._usable_transport()
+        import paramiko
+
+        sftp = paramiko.SFTPClient.from_transport(transport)
+        assert sftp is not None
+        try:
+            directory = os.path.dirname(path)
+            self.run(f"mkdir -p -m 700 {shlex.quote(directory)}")
+            # create empty, restrict, then write: the content never sits in a readable file
+            with sftp.open(path, "wb") as handle:
+                handle.chmod(mode)
+                handle.set_pipelined(True)
+                handle.write(data)
+        finally:
+            sftp.close()
+
+    def callback_address(self) -> str:
+        transport = self._usable_transport()
+        return (
+            str(transport.sock.getsockname()[0])
+            if isinstance(transport.sock, socket.socket)
+            else (_address_towards(self.target.hostname) or "127.0.0.1")
+        )
+
+    def close(self) -> None:
+        self._closed = True
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+        if self._jump is not None:
+            self._jump.close()
+
+
+def _drain(channel: Any) -> tuple[bytes, bytes]:
+    """Read a finished command's output; stderr is small enough to sit in paramiko's buffer."""
+    out = channel.makefile("rb").read()
+    err = channel.makefile_stderr("rb").read()
+    return out, err
