@@ -309,6 +309,7 @@ class GridEngineExecutor(ClusterExecutor):
         qsub_args: Sequence[str] = (),
         setup: Sequence[str] | str = (),
         python: str = "python3",
+        command_setup: Sequence[str] | str = (),
         **options: Any,
     ) -> None:
         job_options = _job_options(
@@ -338,7 +339,9 @@ class GridEngineExecutor(ClusterExecutor):
             )
         super().__init__(
             shell,
-            GridEngineScheduler(shell, job_options),
+            GridEngineScheduler(
+                shell, job_options, [command_setup] if isinstance(command_setup, str) else command_setup
+            ),
             max_workers=max_workers,
             initializer=initializer,
             initargs=initargs,

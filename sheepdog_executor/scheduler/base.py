@@ -5,10 +5,10 @@ from __future__ import annotations
 import enum
 import shlex
 from abc import ABC, abstractmethod
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 
 from sheepdog_executor.jobscript import JobOptions, WorkerLaunch
-from sheepdog_executor.shell import Shell
+from sheepdog_executor.shell import Completed, Shell
 
 
 class TaskState(enum.Enum):
@@ -25,9 +25,14 @@ class Scheduler(ABC):
 
     name = "scheduler"
 
-    def __init__(self, shell: Shell, options: JobOptions) -> None:
+    def __init__(self, shell: Shell, options: JobOptions, command_setup: Sequence[str] = ()) -> None:
         self.shell = shell
         self.options = options
+        self.command_setup = list(command_setup)
+
+    def run(self, command: str, *, stdin: bytes = b"", timeout: float = 120.0) -> Completed:
+        """Run a scheduler command on the head node, after the ``command_setup`` lines."""
+        return self.shell.run("\n".join([*self.command_setup, command]), stdin=stdin, timeout=timeout)
 
     def prepare(self) -> None:  # noqa: B027 - most schedulers need no check
         """Check that the scheduler is usable from here; raise SchedulerError naming the fix."""
@@ -51,5 +56,5 @@ class Scheduler(ABC):
     def output_tail(self, launch: WorkerLaunch, job_id: str, task_id: int, limit: int = 3000) -> str:
         """The end of a task's stderr file."""
         path = launch.output_path(job_id, task_id, "err")
-        done = self.shell.run(f"tail -c {int(limit)} {shlex.quote(path)} 2>/dev/null", timeout=30)
+        done = self.run(f"tail -c {int(limit)} {shlex.quote(path)} 2>/dev/null", timeout=30)
         return done.stdout

@@ -20,17 +20,17 @@ class GridEngineScheduler(Scheduler):
 
     def prepare(self) -> None:
         probe = "; ".join(f"command -v {c} >/dev/null || echo {c}" for c in self.commands)
-        missing = self.shell.run(probe, timeout=60).stdout.split()
+        missing = self.run(probe, timeout=60).stdout.split()
         if missing:
             raise SchedulerError(
                 f"{', '.join(missing)} not found on {self.shell.description} in a non-interactive "
                 "shell; add Grid Engine's bin directory to PATH in the remote ~/.bashrc (before any "
-                "'return if not interactive' line), or use the cluster's head node as host"
+                "'return if not interactive' line), or pass command_setup=['. /path/to/settings.sh']"
             )
 
     def submit(self, launch: WorkerLaunch, tasks: int) -> str:
         script = render_gridengine(self.options, launch, tasks)
-        done = self.shell.run("qsub -terse", stdin=script.encode())
+        done = self.run("qsub -terse", stdin=script.encode())
         match = _TERSE_JOB_ID.match(done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "")
         if done.returncode != 0 or not match:
             raise SchedulerError(
@@ -42,19 +42,17 @@ class GridEngineScheduler(Scheduler):
     def poll(self, job_ids: Collection[str]) -> JobStates:
         if not job_ids:
             return {}
-        done = self.shell.run('qstat -xml -u "$(id -un)"', timeout=60)
+        done = self.run('qstat -xml -u "$(id -un)"', timeout=60)
         if done.returncode != 0:
             raise SchedulerError(f"qstat failed on {self.shell.description}: {done.stderr.strip()}")
         return parse_qstat_xml(done.stdout, set(job_ids))
 
     def cancel(self, job_ids: Collection[str]) -> None:
         if job_ids:
-            self.shell.run(
-                "qdel " + " ".join(shlex.quote(j) for j in job_ids) + " >/dev/null 2>&1", timeout=60
-            )
+            self.run("qdel " + " ".join(shlex.quote(j) for j in job_ids) + " >/dev/null 2>&1", timeout=60)
 
     def accounting(self, job_id: str, task_id: int) -> dict[str, str]:
-        done = self.shell.run(f"qacct -j {shlex.quote(job_id)} -t {int(task_id)} 2>/dev/null", timeout=60)
+        done = self.run(f"qacct -j {shlex.quote(job_id)} -t {int(task_id)} 2>/dev/null", timeout=60)
         return parse_qacct(done.stdout)
 
 

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Everything on a fresh Debian 12 machine, as root: the test cell, the package, lint, types, tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/test-cell.sh
+python3 -m pip install -q -e '.[test]' 2>&1 | grep -v -e '^WARNING' -e 'pip as the .root. user' || true
+ruff check sheepdog_executor tests examples benchmarks
+ruff format --check sheepdog_executor tests examples benchmarks
+mypy sheepdog_executor
+python3 -m pytest "$@"
