@@ -26,6 +26,7 @@ from sheepdog_executor.errors import (
     RemoteCallError,
     RemoteTraceback,
 )
+from sheepdog_executor.tracebacks import restore_source
 
 log = logging.getLogger("sheepdog_executor")
 
@@ -349,7 +350,7 @@ def _resolve(future: Future[Any], ok: bool, data: bytes, output: str, echo: bool
     error, tb = loaded
     if error is None:
         error = RemoteCallError(tb.strip().splitlines()[-1] if tb.strip() else "remote error")
-    error.__cause__ = RemoteTraceback(tb)
+    error.__cause__ = RemoteTraceback(restore_source(tb))
     if output:
         error.add_note(f"output of the call on the node:\n{output.rstrip()}")
     _set_exception(future, error)

@@ -73,6 +73,7 @@ class Session:
         )
         self._closed = False
         self._close_lock = threading.Lock()
+        self._close_done = threading.Event()
         self._empty = threading.Condition()
         self.dispatcher.on_change = self._changed
         secret = secrets.token_hex(32).encode()
@@ -109,19 +110,28 @@ class Session:
             self._empty.wait_for(lambda: self.dispatcher.outstanding() == 0)
 
     def close(self, abort: bool = False) -> None:
-        """Stop everything; with ``abort``, first stop unfinished calls. Safe to call twice."""
-        with self._close_lock:
-            if self._closed:
-                return
-            self._closed = True
+        """Stop everything; with ``abort``, first stop unfinished calls. Safe to call from several
+        threads: the first does the work, the others return when it is done."""
         if abort:
             self.dispatcher.cancel_pending()
             self.dispatcher.fail_all(
                 ExecutorShutDown("the executor was shut down before this call finished; its task was removed")
             )
+        with self._close_lock:
+            first = not self._closed
+            self._closed = True
+        if not first:
+            self._close_done.wait()
+            return
+        try:
+            self._teardown(abort)
+        finally:
+            self._close_done.set()
+
+    def _teardown(self, abort: bool) -> None:
         self.dispatcher.stop()
         try:
-            self.jobs.stop()
+            self.jobs.stop(grace=0 if abort else 5.0)
         except Exception as exc:  # noqa: BLE001 - teardown goes on; say what may be left
             log.warning("could not remove jobs %s: %s", list(self.jobs.jobs), exc)
         self.endpoint.stop()
@@ -392,8 +402,30 @@ def _job_options(*, setup: Sequence[str] | str = (), slots: int = 1, **fields: A
 def _pickle_function(fn: Callable[..., Any]) -> tuple[str, bytes]:
     if not callable(fn):
         raise TypeError(f"{fn!r} is not callable")
+    _ship_user_module(getattr(fn, "__module__", None))
     blob = cloudpickle.dumps(fn, protocol=PICKLE_PROTOCOL)
     return hashlib.sha256(blob).hexdigest()[:32], blob
+
+
+def _ship_user_module(name: str | None) -> None:
+    """Pickle functions of the user's own modules by value: the nodes have only a Python.
+
+    A module counts as the user's when its file is outside the interpreter's installation
+    (stdlib, site-packages): a script's sibling module, a test file, a notebook helper.
+    """
+    module = sys.modules.get(name or "")
+    path = getattr(module, "__file__", None)
+    if module is None or not path or name in _SHIPPED_MODULES:
+        return
+    installed = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+    installed |= {os.path.realpath(p) for p in sys.path if "site-packages" in p or "dist-packages" in p}
+    real = os.path.realpath(path)
+    if not any(real.startswith(prefix + os.sep) for prefix in installed):
+        cloudpickle.register_pickle_by_value(module)
+    _SHIPPED_MODULES.add(name or "")
+
+
+_SHIPPED_MODULES: set[str] = set()
 
 
 def _ordered_results(futures: list[Future[T]], end_time: float | None) -> Iterator[T]:

@@ -83,13 +83,37 @@ class JobManager:
             self._flush = True
         self._wake.set()
 
-    def stop(self) -> None:
-        """Stop the thread (after its current step) and remove every job still on the cluster."""
+    def stop(self, grace: float = 5.0, timeout: float = 20.0) -> None:
+        """Stop the thread, give idle workers ``grace`` seconds to exit by themselves, remove
+        every job still on the cluster and wait (up to ``timeout``) until the scheduler dropped them."""
         self._stopping = True
         self._wake.set()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout=60)
+        if grace > 0:
+            self._wait_gone(grace)
         self.cancel_all()
+        self._wait_gone(timeout)
+
+    def _wait_gone(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        delay = 0.1
+        while True:
+            with self._jobs_lock:
+                job_ids = list(self.jobs)
+            if not job_ids:
+                return
+            states = self.scheduler.poll(job_ids)
+            with self._jobs_lock:
+                for job_id in job_ids:
+                    if job_id not in states:
+                        self.jobs.pop(job_id, None)
+            if not states or time.monotonic() > deadline:
+                if states:
+                    log.warning("jobs %s still listed by the scheduler after removal", list(states))
+                return
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
     def cancel_all(self) -> None:
         with self._jobs_lock:

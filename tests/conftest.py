@@ -17,8 +17,13 @@ CELL_ALIAS = os.environ.get("SHEEPDOG_TEST_HOST", "fear")
 
 def ssh(command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run a command on the cell with OpenSSH (independent of the code under test)."""
-    return subprocess.run(["ssh", "-o", "BatchMode=yes", CELL_ALIAS, command], capture_output=True,
-                          text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        ["ssh", "-o", "BatchMode=yes", CELL_ALIAS, command],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def our_jobs(job_ids: list[str] | set[str]) -> dict[str, list[str]]:
@@ -62,7 +67,6 @@ def make_executor(cell: str) -> Iterator[Callable[..., GridEngineExecutor]]:
 
     yield make
     for executor in made:
-        executor.shutdown(wait=False, cancel_futures=True)
-        executor._finalizer()  # stop now: remove whatever is still queued
+        executor.shutdown(wait=True, cancel_futures=True)
         left = our_jobs(set(executor.job_ids))
         assert not left, f"jobs left on the cell after shutdown: {left}"

@@ -126,6 +126,23 @@ def run_item(fn: Callable[..., Any], kind: str, payload: bytes) -> tuple[bool, b
         return False, _dump_error(exc), _tail(captured.getvalue())
 
 
+def load_function(blob: bytes) -> Callable[..., Any]:
+    """Unpickle a function; one that cannot be loaded here becomes a function raising why."""
+    try:
+        return pickle.loads(blob)  # type: ignore[no-any-return]
+    except Exception as exc:  # noqa: BLE001 - e.g. a module the nodes do not have
+        exc.add_note(
+            "sheepdog: the function could not be unpickled on the node; a module it needs is not "
+            "importable there: install it on the nodes, or make it importable (setup=, python=)"
+        )
+        error = exc
+
+        def unloadable(*args: Any, **kwargs: Any) -> Any:
+            raise error
+
+        return unloadable
+
+
 def _dump_value(value: Any) -> bytes:
     import cloudpickle
 
@@ -204,7 +221,7 @@ def main(url: str, secret_file: str, fingerprint: str | None = None) -> int:
             if reply.get("stop"):
                 return 0
             for key, blob in reply.get("functions", {}).items():
-                functions[key] = pickle.loads(blob)
+                functions[key] = load_function(blob)
             for item_id, attempt, fn_key, kind, payload in reply.get("items", []):
                 ok, data, output = run_item(functions[fn_key], kind, payload)
                 results.append((item_id, attempt, ok, data, output))

@@ -1,0 +1,138 @@
+"""The executor end to end on the real cell: results, errors, sizes, concurrency, one job per map."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+import pytest
+from conftest import our_jobs, ssh
+
+from sheepdog_executor import GridEngineExecutor, RemoteTraceback
+
+pytestmark = pytest.mark.cluster
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def power(base: int, exponent: int = 2, *, offset: int = 0) -> int:
+    return base**exponent + offset
+
+
+def divide(a: float, b: float) -> float:
+    return a / b
+
+
+def where_and_when(seconds: float) -> tuple[str, int, float, float]:
+    start = time.time()
+    time.sleep(seconds)
+    return socket.gethostname(), os.getpid(), start, time.time()
+
+
+def test_submit_and_map_of_1000_in_order(make_executor: Callable[..., GridEngineExecutor]) -> None:
+    executor = make_executor()
+    assert executor.submit(square, 7).result(timeout=60) == 49
+    assert list(executor.map(square, range(1000), timeout=120)) == [x * x for x in range(1000)]
+    assert list(executor.map(power, range(50), range(50), chunksize=7)) == [x**x for x in range(50)]
+
+
+def test_keyword_arguments(make_executor: Callable[..., GridEngineExecutor]) -> None:
+    executor = make_executor()
+    assert executor.submit(power, 3, exponent=3, offset=1).result(timeout=60) == 28
+
+
+def test_exception_carries_remote_traceback(make_executor: Callable[..., GridEngineExecutor]) -> None:
+    executor = make_executor()
+    future = executor.submit(divide, 1, 0)
+    with pytest.raises(ZeroDivisionError) as info:
+        future.result(timeout=60)
+    cause = info.value.__cause__
+    assert isinstance(cause, RemoteTraceback)
+    assert "in divide" in cause.tb and "return a / b" in cause.tb
+    # a failing call inside a map raises on iteration, at its position
+    results = executor.map(divide, [1, 2, 3], [1, 0, 1])
+    assert next(results) == 1
+    with pytest.raises(ZeroDivisionError):
+        next(results)
+
+
+def test_closures_and_lambdas(make_executor: Callable[..., GridEngineExecutor]) -> None:
+    executor = make_executor()
+    factor = 3
+
+    def scaled(x: int) -> int:
+        return x * factor
+
+    assert executor.submit(lambda: "lambda").result(timeout=60) == "lambda"
+    assert list(executor.map(scaled, range(5))) == [0, 3, 6, 9, 12]
+    assert list(executor.map(lambda x, y: x - y, [5, 6], [1, 2])) == [4, 4]
+
+
+def test_ten_megabyte_argument_and_result(make_executor: Callable[..., GridEngineExecutor]) -> None:
+    executor = make_executor()
+    blob = os.urandom(10 * 1024 * 1024)
+    assert executor.submit(len, blob).result(timeout=120) == len(blob)
+    big = executor.submit(bytes, 10 * 1024 * 1024).result(timeout=120)
+    assert big == bytes(10 * 1024 * 1024)
+
+
+def test_max_workers_is_respected_on_the_cell(make_executor: Callable[..., GridEngineExecutor]) -> None:
+    executor = make_executor(max_workers=3)
+    running_seen: list[int] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            states = our_jobs(set(executor.job_ids))
+            running_seen.append(sum(s.count("r") for tasks in states.values() for s in tasks))
+            stop.wait(0.3)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        spans = list(executor.map(where_and_when, [1.0] * 12, timeout=120))
+    finally:
+        stop.set()
+        watcher.join()
+    # concurrency from the calls' own clocks: never more than 3 at once, and more than 1
+    events = sorted([(s, 1) for _, _, s, _ in spans] + [(e, -1) for _, _, _, e in spans])
+    level = peak = 0
+    for _, step in events:
+        level += step
+        peak = max(peak, level)
+    assert 2 <= peak <= 3
+    assert len({pid for _, pid, _, _ in spans}) <= 3
+    assert max(running_seen) <= 3
+
+
+def test_one_map_is_one_array_job(make_executor: Callable[..., GridEngineExecutor]) -> None:
+    name = f"sd-{uuid.uuid4().hex[:8]}"
+    executor = make_executor(job_name=name, max_workers=4)
+    results = executor.map(where_and_when, [0.2] * 40)
+    time.sleep(1.5)
+    listing = ssh(f"qstat -xml | grep -c '<JB_name>{name}</JB_name>' || true").stdout
+    assert len(list(results)) == 40
+    assert len(executor.job_ids) == 1
+    (job_id,) = executor.job_ids
+    detail = ssh(f"qstat -j {job_id} 2>/dev/null; qacct -j {job_id} 2>/dev/null | grep -c taskid").stdout
+    # the job is an array job of at most max_workers tasks, seen by the scheduler
+    assert int(listing.strip() or 0) <= 4
+    assert "job-array tasks" in detail or int(detail.strip().splitlines()[-1] or 0) >= 1
+
+
+def test_submit_after_shutdown_raises(cell: str) -> None:
+    executor = GridEngineExecutor(host=cell, max_workers=2, poll_interval=0.5)
+    assert executor.submit(square, 2).result(timeout=60) == 4
+    executor.shutdown()
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        executor.submit(square, 3)
+    threads = [t.name for t in threading.enumerate() if t.name.startswith("sheepdog")]
+    assert threads == []
+    assert not our_jobs(set(executor.job_ids))
+    assert ssh(f"test -e {executor.session_dir} && echo left || echo gone").stdout.strip() == "gone"
