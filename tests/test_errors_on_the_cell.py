@@ -1,0 +1,78 @@
+"""What a user sees when the cluster side is wrong: one clear error naming the problem, no hang."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import our_jobs, ssh
+
+from sheepdog_executor import (
+    ConnectionFailed,
+    GridEngineExecutor,
+    PythonVersionMismatch,
+    SchedulerError,
+    UnknownHostKey,
+    WorkerStartFailed,
+)
+
+pytestmark = pytest.mark.cluster
+
+
+def test_unreachable_host_names_host_and_port(cell: str) -> None:
+    with pytest.raises(ConnectionFailed, match=r"cannot reach .*127\.0\.0\.1:1\b"):
+        GridEngineExecutor(host=cell, port=1)
+
+
+def test_wrong_key_is_an_authentication_error(cell: str, tmp_path: Path) -> None:
+    key = tmp_path / "stranger"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    with pytest.raises(ConnectionFailed, match="authentication .* failed.*IdentityFile"):
+        GridEngineExecutor(host=cell, key_filename=str(key))
+
+
+def test_unknown_host_key_is_refused_not_accepted(cell: str, tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    config.write_text(
+        "Host otherName\n  HostName localhost\n  Port 2222\n  User sdtest\n"
+        "  IdentityFile /root/.ssh/sheepdog_test_ed25519\n"
+    )
+    with pytest.raises(UnknownHostKey, match="not in ~/.ssh/known_hosts.*ssh-keyscan"):
+        GridEngineExecutor(host="otherName", ssh_config=str(config))
+
+
+def test_missing_qsub_is_named(cell: str) -> None:
+    with pytest.raises(SchedulerError, match="qsub, qstat, qdel not found"):
+        GridEngineExecutor(host=cell, command_setup="PATH=/nonexistent; export PATH")
+
+
+def test_missing_interpreter_fails_futures_with_stderr(
+    make_executor: Callable[..., GridEngineExecutor],
+) -> None:
+    executor = make_executor(python="/opt/no/such/python3")
+    futures = [executor.submit(abs, -1) for _ in range(3)]
+    for future in futures:
+        error = future.exception(timeout=90)
+        assert isinstance(error, WorkerStartFailed)
+        assert "/opt/no/such/python3" in str(error) and "not found" in str(error)
+        assert error.job_id == executor.job_ids[0]
+    assert not our_jobs(set(executor.job_ids))
+
+
+def test_python_minor_version_mismatch_is_one_clear_error(
+    make_executor: Callable[..., GridEngineExecutor],
+) -> None:
+    # A real interpreter that reports another minor version: sitecustomize rewrites version_info.
+    fake = "/home/sdtest/fake-py39"
+    ssh(
+        f"mkdir -p {fake} && printf 'import sys\\nsys.version_info = (3, 9, 18, \"final\", 0)\\n'"
+        f" > {fake}/sitecustomize.py"
+    )
+    executor = make_executor(setup=[f"export PYTHONPATH={fake}"])
+    futures = [executor.submit(abs, -2) for _ in range(4)]
+    for future in futures:
+        error = future.exception(timeout=90)
+        assert isinstance(error, PythonVersionMismatch)
+        assert "Python 3.9.18" in str(error) and "3.11" in str(error) and "python=" in str(error)
