@@ -33,6 +33,8 @@ log = logging.getLogger("sheepdog_executor")
 #: Upper bound on the calls and bytes handed to a worker in one reply.
 MAX_ITEMS_PER_REPLY = 2000
 MAX_BYTES_PER_REPLY = 16 * 1024 * 1024
+#: About this much work (by the calls' average duration) goes out in one reply.
+REPLY_SECONDS = 0.25
 
 
 @dataclass(eq=False)
@@ -76,8 +78,12 @@ class Dispatcher:
         initializer: bytes | None = None,
         python: tuple[int, int] | None = None,
         echo_output: bool = False,
+        max_workers: int = 1,
     ) -> None:
         self.retries = retries
+        self.max_workers = max_workers
+        #: Moving average of a call's run time on the workers; None until the first result.
+        self.call_seconds: float | None = None
         self.idle_timeout = idle_timeout
         self.heartbeat = heartbeat
         self._initializer = initializer
@@ -174,7 +180,9 @@ class Dispatcher:
                 worker.calls_done += 1
                 self._release_function(item.fn_key)
                 delivered.append((item, result))
-        for item, (_, _, ok, data, output) in delivered:
+        for _, result in delivered:
+            self._observe(result[5])
+        for item, (_, _, ok, data, output, _) in delivered:
             _resolve(item.future, ok, data, output, self._echo_output)
         if fatal is not None:
             self._initializer_failed(fatal)
@@ -209,10 +217,19 @@ class Dispatcher:
         self.on_change()
         return {"stop": True}
 
+    def _observe(self, seconds: float) -> None:
+        average = self.call_seconds
+        self.call_seconds = seconds if average is None else 0.8 * average + 0.2 * seconds
+
     def _take(self, worker: Worker) -> list[WorkItem]:
-        """Guided self-scheduling: a share of what is pending, shrinking as the queue drains."""
-        busy = max(1, len(self.workers))
-        want = min(MAX_ITEMS_PER_REPLY, max(1, math.ceil(len(self._pending) / (3 * busy))))
+        """Guided self-scheduling: a share of the pending calls for each of the workers expected,
+        shrinking as the queue drains, and never more than about REPLY_SECONDS of work. Until a
+        call's duration is known, one call: long calls then spread over all workers."""
+        expected = max(len(self.workers), min(self.max_workers, len(self._items)))
+        share = math.ceil(len(self._pending) / (2 * expected))
+        seconds = self.call_seconds
+        by_time = 1 if seconds is None else int(REPLY_SECONDS / max(seconds, 1e-6))
+        want = max(1, min(MAX_ITEMS_PER_REPLY, share, by_time))
         batch: list[WorkItem] = []
         size = 0
         while self._pending and len(batch) < want and (not batch or size < MAX_BYTES_PER_REPLY):

@@ -33,6 +33,8 @@ from sheepdog_executor.remote.protocol import PICKLE_PROTOCOL
 from sheepdog_executor.scheduler import GridEngineScheduler, LocalScheduler, Scheduler
 from sheepdog_executor.server import Endpoint
 from sheepdog_executor.shell import LocalShell, Shell, SSHShell, SSHTarget
+from sheepdog_executor.tls import make_certificate
+from sheepdog_executor.tunnel import choose_route
 
 log = logging.getLogger("sheepdog_executor")
 T = TypeVar("T")
@@ -58,6 +60,8 @@ class Session:
         heartbeat_timeout: float,
         callback_address: str | None,
         callback_port: int,
+        callback: str,
+        tls: bool,
         session_root: str,
         echo_output: bool,
     ) -> None:
@@ -70,6 +74,7 @@ class Session:
             initializer=initializer,
             python=sys.version_info[:2],
             echo_output=echo_output,
+            max_workers=max_workers,
         )
         self._closed = False
         self._close_lock = threading.Lock()
@@ -83,10 +88,28 @@ class Session:
         self.session_dir = f"{root}/{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
         shell.put(f"{self.session_dir}/secret", secret, 0o600)
         shell.put(f"{self.session_dir}/bundle.zip", worker_bundle(), 0o600)
-        address = callback_address or shell.callback_address()
-        self.endpoint = Endpoint(self.dispatcher, secret, address=address, port=callback_port)
+        # how workers reach us (direct or SSH tunnel); with tls, a certificate they pin by its
+        # fingerprint, which goes on their command line: it is not secret, only the secret file is
+        route = choose_route(shell, callback, callback_address or shell.callback_address(), callback_port)
+        certificate = make_certificate() if tls else None
+        self.endpoint = Endpoint(
+            self.dispatcher,
+            secret,
+            address=route.listen_address,
+            port=route.listen_port,
+            ssl_context=certificate.server_context() if certificate else None,
+        )
         self.endpoint.start()
-        self.launch = WorkerLaunch(self.session_dir, f"http://{address}:{self.endpoint.port}")
+        try:
+            host, port = route.open(shell, self.endpoint)
+        except BaseException:
+            self.endpoint.stop()
+            raise
+        self.launch = WorkerLaunch(
+            self.session_dir,
+            f"{self.endpoint.scheme}://{host}:{port}",
+            certificate.fingerprint if certificate else None,
+        )
         self.jobs = JobManager(
             scheduler,
             self.dispatcher,
@@ -161,6 +184,8 @@ class ClusterExecutor(Executor):
         heartbeat_timeout: float = 60.0,
         callback_address: str | None = None,
         callback_port: int = 0,
+        callback: str = "auto",
+        tls: bool = False,
         session_root: str = "~/.sheepdog-executor",
         echo_output: bool = False,
     ) -> None:
@@ -192,6 +217,8 @@ class ClusterExecutor(Executor):
                 heartbeat_timeout=heartbeat_timeout,
                 callback_address=callback_address,
                 callback_port=callback_port,
+                callback=callback,
+                tls=tls,
                 session_root=session_root,
                 echo_output=echo_output,
             )

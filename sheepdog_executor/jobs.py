@@ -182,6 +182,8 @@ class JobManager:
                     else f"no heartbeat for {now - worker.last_seen:.0f} s"
                 )
                 items = self.dispatcher.take_lost(worker.id)
+                if silent and not gone:  # hung or cut off: free its slot, it must not report late
+                    self.scheduler.cancel_task(worker.job, worker.task)
                 if items:
                     self._diagnose_later(
                         items,
@@ -231,7 +233,19 @@ class JobManager:
         wanted = min(self.max_workers, pending + held)
         if wanted > capacity and pending:
             tasks = wanted - capacity
-            job_id = self.scheduler.submit(self.launch, tasks)
+            try:
+                job_id = self.scheduler.submit(self.launch, tasks)
+            except ConnectionFailed:
+                # the connection dropped during qsub: the job may exist; adopt it, never submit twice
+                with self._jobs_lock:
+                    known = set(self.submitted_jobs)
+                adopted = [j for j in self.scheduler.find_jobs(self.launch) if j not in known]
+                if not adopted:
+                    log.warning("qsub was cut off by a dropped connection before submitting; trying again")
+                    self._wake.set()
+                    return
+                job_id = adopted[0]
+                log.warning("adopted job %s submitted before the SSH connection dropped", job_id)
             log.info("submitted job %s with %d task(s) for %d pending call(s)", job_id, tasks, pending)
             with self._jobs_lock:
                 self.jobs[job_id] = Job(

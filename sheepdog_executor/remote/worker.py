@@ -213,7 +213,7 @@ def main(url: str, secret_file: str, fingerprint: str | None = None) -> int:
     heartbeat = Heartbeat(Channel(url, secret, fingerprint), worker_id, hello.get("heartbeat", 5.0))
     heartbeat.start()
     functions: dict[str, Callable[..., Any]] = {}
-    results: list[tuple[int, int, bool, bytes, str]] = []
+    results: list[tuple[int, int, bool, bytes, str, float]] = []
     try:
         while True:
             reply = channel.call("/work", {"worker": worker_id, "results": results})
@@ -223,8 +223,9 @@ def main(url: str, secret_file: str, fingerprint: str | None = None) -> int:
             for key, blob in reply.get("functions", {}).items():
                 functions[key] = load_function(blob)
             for item_id, attempt, fn_key, kind, payload in reply.get("items", []):
+                started = time.perf_counter()
                 ok, data, output = run_item(functions[fn_key], kind, payload)
-                results.append((item_id, attempt, ok, data, output))
+                results.append((item_id, attempt, ok, data, output, time.perf_counter() - started))
     finally:
         heartbeat.stopped.set()
         channel.close()

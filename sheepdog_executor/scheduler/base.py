@@ -30,9 +30,16 @@ class Scheduler(ABC):
         self.options = options
         self.command_setup = list(command_setup)
 
-    def run(self, command: str, *, stdin: bytes = b"", timeout: float = 120.0) -> Completed:
+    def run(
+        self, command: str, *, stdin: bytes = b"", timeout: float = 120.0, retry: bool = True
+    ) -> Completed:
         """Run a scheduler command on the head node, after the ``command_setup`` lines."""
-        return self.shell.run("\n".join([*self.command_setup, command]), stdin=stdin, timeout=timeout)
+        script = "\n".join([*self.command_setup, command])
+        return self.shell.run(script, stdin=stdin, timeout=timeout, retry=retry)
+
+    def find_jobs(self, launch: WorkerLaunch) -> list[str]:
+        """Ids of the jobs the scheduler holds that run workers of this launch (session)."""
+        return []
 
     def prepare(self) -> None:  # noqa: B027 - most schedulers need no check
         """Check that the scheduler is usable from here; raise SchedulerError naming the fix."""
@@ -48,6 +55,10 @@ class Scheduler(ABC):
     @abstractmethod
     def cancel(self, job_ids: Collection[str]) -> None:
         """Remove these jobs, queued and running tasks alike."""
+
+    def cancel_task(self, job_id: str, task_id: int) -> None:
+        """Remove one task of a job (a worker gone silent whose slot should be freed)."""
+        self.cancel([job_id])
 
     def accounting(self, job_id: str, task_id: int) -> dict[str, str]:
         """What the scheduler recorded about a finished task (exit status, failure, memory)."""

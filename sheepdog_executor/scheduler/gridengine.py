@@ -30,7 +30,7 @@ class GridEngineScheduler(Scheduler):
 
     def submit(self, launch: WorkerLaunch, tasks: int) -> str:
         script = render_gridengine(self.options, launch, tasks)
-        done = self.run("qsub -terse", stdin=script.encode())
+        done = self.run("qsub -terse", stdin=script.encode(), retry=False)  # never submit twice
         match = _TERSE_JOB_ID.match(done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "")
         if done.returncode != 0 or not match:
             raise SchedulerError(
@@ -50,6 +50,13 @@ class GridEngineScheduler(Scheduler):
     def cancel(self, job_ids: Collection[str]) -> None:
         if job_ids:
             self.run("qdel " + " ".join(shlex.quote(j) for j in job_ids) + " >/dev/null 2>&1", timeout=60)
+
+    def find_jobs(self, launch: WorkerLaunch) -> list[str]:
+        done = self.run('qstat -j "*" 2>/dev/null', timeout=60)
+        return jobs_writing_to(done.stdout, launch.session_dir + "/")
+
+    def cancel_task(self, job_id: str, task_id: int) -> None:
+        self.run(f"qdel {shlex.quote(job_id)} -t {int(task_id)} >/dev/null 2>&1", timeout=60)
 
     def accounting(self, job_id: str, task_id: int) -> dict[str, str]:
         done = self.run(f"qacct -j {shlex.quote(job_id)} -t {int(task_id)} 2>/dev/null", timeout=60)
@@ -98,3 +105,16 @@ def parse_qacct(text: str) -> dict[str, str]:
         if key:
             record[key] = value.strip()
     return record
+
+
+def jobs_writing_to(qstat_j: str, directory: str) -> list[str]:
+    """Job numbers in ``qstat -j`` output whose stdout path lies in ``directory``."""
+    found: list[str] = []
+    job = ""
+    for line in qstat_j.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "job_number":
+            job = value.strip()
+        elif key.strip() == "stdout_path_list" and directory in value and job and job not in found:
+            found.append(job)
+    return found

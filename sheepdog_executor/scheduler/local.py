@@ -60,9 +60,13 @@ class LocalScheduler(Scheduler):
         with self._lock:
             for job in job_ids:
                 for proc in self._jobs.get(job, {}).values():
-                    if proc.poll() is None:
-                        os.killpg(proc.pid, signal.SIGKILL)
-                        proc.wait()
+                    _kill(proc)
+
+    def cancel_task(self, job_id: str, task_id: int) -> None:
+        with self._lock:
+            proc = self._jobs.get(job_id, {}).get(task_id)
+        if proc is not None:
+            _kill(proc)
 
     def accounting(self, job_id: str, task_id: int) -> dict[str, str]:
         proc = self._jobs.get(job_id, {}).get(task_id)
@@ -73,3 +77,12 @@ class LocalScheduler(Scheduler):
             "exit_status": str(128 - code if code < 0 else code),
             "failed": "0" if code >= 0 else f"killed by signal {-code}",
         }
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
