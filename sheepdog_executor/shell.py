@@ -37,7 +37,10 @@ class Shell:
 
     description = "this machine"
 
-    def run(self, command: str, *, stdin: bytes = b"", timeout: float = 120.0) -> Completed:
+    def run(
+        self, command: str, *, stdin: bytes = b"", timeout: float = 120.0, retry: bool = True
+    ) -> Completed:
+        """Run ``command`` with /bin/sh; ``retry=False`` for commands that must not run twice."""
         raise NotImplementedError
 
     def put(self, path: str, data: bytes, mode: int = 0o600) -> None:
@@ -55,7 +58,9 @@ class Shell:
 class LocalShell(Shell):
     """Commands run here, with /bin/sh: the client is on the head node (``host=None``)."""
 
-    def run(self, command: str, *, stdin: bytes = b"", timeout: float = 120.0) -> Completed:
+    def run(
+        self, command: str, *, stdin: bytes = b"", timeout: float = 120.0, retry: bool = True
+    ) -> Completed:
         log.debug("local$ %s", command)
         proc = subprocess.run(
             ["/bin/sh", "-c", command], input=stdin, capture_output=True, timeout=timeout, check=False
@@ -218,6 +223,19 @@ class SSHShell(Shell):
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def transport(self, reconnect: bool = True) -> Any:
+        """The paramiko Transport of the connection (for port forwarding): re-opened first when it
+        dropped, or with ``reconnect=False`` None when it is down."""
+        if reconnect:
+            return self._usable_transport()
+        with self._lock:
+            transport = self._client.get_transport() if self._client else None
+            return transport if transport is not None and transport.is_active() else None
+
     def _usable_transport(self) -> Any:
         with self._lock:
             transport = self._client.get_transport() if self._client else None
@@ -227,11 +245,14 @@ class SSHShell(Shell):
             return transport
 
     # -- commands ---------------------------------------------------------------------------
-    def run(self, command: str, *, stdin: bytes = b"", timeout: float = 120.0) -> Completed:
+    def run(
+        self, command: str, *, stdin: bytes = b"", timeout: float = 120.0, retry: bool = True
+    ) -> Completed:
         import paramiko
 
         log.debug("%s$ %s", self.target.alias, command)
-        for attempt in range(2):
+        attempts = 2 if retry else 1
+        for attempt in range(attempts):
             try:
                 transport = self._usable_transport()
                 channel = transport.open_session(timeout=timeout)
@@ -245,10 +266,9 @@ class SSHShell(Shell):
                 channel.close()
                 return Completed(command, code, out.decode(errors="replace"), err.decode(errors="replace"))
             except (paramiko.SSHException, EOFError, OSError) as exc:
-                if attempt == 1 or self._closed:
+                if attempt == attempts - 1 or self._closed:
                     raise ConnectionFailed(f"command on {self.description} failed: {exc}") from exc
-                with self._lock:
-                    self._reconnect(exc)
+                # the next attempt re-opens the connection if it is down (not merely a failed channel)
         raise AssertionError("unreachable")
 
     def put(self, path: str, data: bytes, mode: int = 0o600) -> None:
