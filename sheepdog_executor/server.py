@@ -3,6 +3,10 @@
 Workers POST signed, pickled messages: ``/hello``, ``/work`` (results in, next calls out; long-polls
 while there is nothing to hand out) and ``/heartbeat``. A request whose MAC does not check out gets
 403 and is never unpickled; every answer is signed for the request's nonce.
+
+Bad input only ever gets a 4xx and changes nothing: a request without a plausible auth header is
+refused before its body is read, bodies are capped per path (413), a wrong method gets 405, an
+authenticated message of the wrong shape 400. With an ``ssl.SSLContext`` the endpoint speaks TLS.
 """
 
 from __future__ import annotations
@@ -10,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -30,40 +36,15 @@ log = logging.getLogger("sheepdog_executor")
 LONG_POLL_SECONDS = 20.0
 
 
-class _Signed(tornado.web.RequestHandler):
-    """Authenticates every request before its body is looked at; signs every answer."""
+#: Body cap of /hello and /heartbeat (and of anything else): their messages are tiny.
+SMALL_BODY_LIMIT = 64 * 1024
 
-    endpoint: Endpoint
-    nonce: str
 
-    def initialize(self, endpoint: Endpoint) -> None:
-        self.endpoint = endpoint
+class _Quiet(tornado.web.RequestHandler):
+    """Errors are a bare status line: no banner, no traceback, no log line per refused request."""
 
-    def prepare(self) -> None:
-        request = self.request
-        nonce = protocol.check_request(
-            self.endpoint.secret,
-            request.headers.get(protocol.AUTH_HEADER),
-            request.method or "",
-            request.path,
-            request.body,
-        )
-        if nonce is None or not self.endpoint.fresh_nonce(nonce):
-            self.endpoint.refused += 1
-            raise tornado.web.HTTPError(403)
-        self.nonce = nonce
-        try:
-            self.message: Any = protocol.loads(request.body)
-        except Exception as exc:  # signed but unreadable: a bug or a worker of another version
-            raise tornado.web.HTTPError(400) from exc
-        if not isinstance(self.message, dict):
-            raise tornado.web.HTTPError(400)
-
-    def reply(self, message: dict[str, Any]) -> None:
-        body = protocol.dumps(message)
-        self.set_header("Content-Type", "application/octet-stream")
-        self.set_header(protocol.AUTH_HEADER, protocol.sign_response(self.endpoint.secret, self.nonce, body))
-        self.finish(body)
+    def set_default_headers(self) -> None:
+        self.clear_header("Server")
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         self.finish(f"{status_code}\n")
@@ -73,27 +54,158 @@ class _Signed(tornado.web.RequestHandler):
             super().log_exception(typ, value, tb)
 
 
+class _Signed(_Quiet):
+    """Authenticates every request before its body is unpickled; signs every answer.
+
+    Streams the body in so that a request with no plausible auth header, or a body larger than the
+    path allows, is turned away before the body is buffered.
+    """
+
+    SUPPORTED_METHODS = ("POST",)
+    endpoint: Endpoint
+    nonce: str
+    message: dict[str, Any]
+
+    def initialize(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self._chunks: list[bytes] = []
+        self._size = 0
+
+    def body_limit(self) -> int:
+        return SMALL_BODY_LIMIT
+
+    def prepare(self) -> None:
+        if not _plausible(self.request.headers.get(protocol.AUTH_HEADER)):
+            self.endpoint.refused += 1
+            raise tornado.web.HTTPError(403)
+        limit = self.body_limit()
+        declared = self.request.headers.get("Content-Length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            raise tornado.web.HTTPError(413 if declared.isdigit() else 400)
+        self.request.connection.set_max_body_size(limit)  # type: ignore[union-attr]
+
+    def data_received(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self._size > self.body_limit():  # chunked bodies have no Content-Length to check first
+            raise tornado.web.HTTPError(413)
+        self._chunks.append(chunk)
+
+    def authenticate(self, valid: Any) -> None:
+        """Check the MAC (403), the nonce (403), then unpickle (400) and check the shape (400)."""
+        body = b"".join(self._chunks)
+        self._chunks = []
+        nonce = protocol.check_request(
+            self.endpoint.secret,
+            self.request.headers.get(protocol.AUTH_HEADER),
+            self.request.method or "",
+            self.request.path,
+            body,
+        )
+        if nonce is None or not self.endpoint.fresh_nonce(nonce):
+            self.endpoint.refused += 1
+            raise tornado.web.HTTPError(403)
+        self.nonce = nonce
+        try:
+            message = protocol.loads(body)
+        except Exception as exc:  # signed but unreadable: a bug or a worker of another version
+            raise tornado.web.HTTPError(400) from exc
+        if not isinstance(message, dict) or not valid(message):
+            raise tornado.web.HTTPError(400)
+        self.message = message
+
+    def reply(self, message: dict[str, Any]) -> None:
+        body = protocol.dumps(message)
+        self.set_header("Content-Type", "application/octet-stream")
+        self.set_header(protocol.AUTH_HEADER, protocol.sign_response(self.endpoint.secret, self.nonce, body))
+        self.finish(body)
+
+
+def _plausible(header: str | None) -> bool:
+    """Shape and freshness of an auth header, checkable before the body arrives."""
+    if not header or len(header) > 200:
+        return False
+    parts = header.split(":")
+    if len(parts) != 3 or not parts[0].isdigit():
+        return False
+    return abs(time.time() - int(parts[0])) <= protocol.MAX_SKEW_SECONDS
+
+
+def _is_worker(message: dict[str, Any]) -> bool:
+    return isinstance(message.get("worker"), str)
+
+
+def _is_hello(message: dict[str, Any]) -> bool:
+    python = message.get("python", [])
+    return (
+        _is_worker(message)
+        and isinstance(message.get("job", ""), (str, int))
+        and type(message.get("task", 0)) is int
+        and isinstance(message.get("host", ""), str)
+        and isinstance(python, (list, tuple))
+        and all(type(v) is int for v in python)
+    )
+
+
+_RESULT_TYPES = (int, int, bool, bytes, str)  # item id, attempt, ok, pickled value or error, output
+_SCALARS = (int, float, str, bytes, bool, type(None))  # what a newer worker may add after them
+
+
+def _is_result(result: Any) -> bool:
+    return (
+        isinstance(result, (tuple, list))
+        and len(result) >= len(_RESULT_TYPES)
+        and all(type(v) is t for v, t in zip(result, _RESULT_TYPES, strict=False))
+        and all(type(v) in _SCALARS for v in result[len(_RESULT_TYPES) :])
+    )
+
+
+def _is_work(message: dict[str, Any]) -> bool:
+    results = message.get("results", [])
+    return (
+        _is_worker(message)
+        and isinstance(message.get("fatal"), (bytes, type(None)))
+        and isinstance(results, list)
+        and all(_is_result(r) for r in results)
+    )
+
+
+@tornado.web.stream_request_body
 class _Hello(_Signed):
     def post(self) -> None:
+        self.authenticate(_is_hello)
         self.reply(self.endpoint.dispatcher.hello(self.message))
 
 
+@tornado.web.stream_request_body
 class _Heartbeat(_Signed):
     def post(self) -> None:
-        known = self.endpoint.dispatcher.heartbeat_from(str(self.message.get("worker")))
+        self.authenticate(_is_worker)
+        known = self.endpoint.dispatcher.heartbeat_from(self.message["worker"])
         self.reply({"known": known})
 
 
+@tornado.web.stream_request_body
 class _Work(_Signed):
+    def body_limit(self) -> int:
+        return self.endpoint.max_body_size
+
     async def post(self) -> None:
+        self.authenticate(_is_work)
         dispatcher = self.endpoint.dispatcher
-        worker = str(self.message.get("worker"))
+        worker = self.message["worker"]
         reply = dispatcher.exchange(worker, list(self.message.get("results", [])), self.message.get("fatal"))
         deadline = time.monotonic() + LONG_POLL_SECONDS
         while reply is None and time.monotonic() < deadline:
             await self.endpoint.work_available.wait(timeout=timedelta(seconds=0.5))
             reply = dispatcher.exchange(worker, [])
         self.reply(reply if reply is not None else {"items": []})
+
+
+class _NotFound(_Quiet):
+    """Every other path."""
+
+    def prepare(self) -> None:
+        raise tornado.web.HTTPError(404)
 
 
 class Endpoint:
@@ -106,12 +218,18 @@ class Endpoint:
         address: str = "0.0.0.0",
         port: int = 0,
         max_body_size: int = 1024 * 1024 * 1024,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.dispatcher = dispatcher
         self.secret = secret
+        #: Largest /work body (a worker's results); other paths take at most ``SMALL_BODY_LIMIT``.
+        self.max_body_size = max_body_size
         self.refused = 0
+        #: Called after the endpoint stopped, e.g. to close the tunnel that reaches it.
+        self.on_stop: list[Callable[[], None]] = []
         self._nonces: dict[str, float] = {}
-        self._address, self._port, self._max_body = address, port, max_body_size
+        self._pruned = time.monotonic()
+        self._address, self._port, self._ssl = address, port, ssl_context
         self._loop: tornado.ioloop.IOLoop | None = None
         self._server: tornado.httpserver.HTTPServer | None = None
         self._ready = threading.Event()
@@ -119,6 +237,10 @@ class Endpoint:
         self._thread = threading.Thread(target=self._run, name="sheepdog-endpoint", daemon=True)
         self.work_available: tornado.locks.Condition
         self.port = 0
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self._ssl is not None else "http"
 
     def start(self) -> None:
         self._thread.start()
@@ -138,12 +260,18 @@ class Endpoint:
                     (r"/hello", _Hello, {"endpoint": self}),
                     (r"/work", _Work, {"endpoint": self}),
                     (r"/heartbeat", _Heartbeat, {"endpoint": self}),
-                ]
+                ],
+                default_handler_class=_NotFound,
             )
             sockets = tornado.netutil.bind_sockets(self._port, self._address, family=socket.AF_INET)
             self.port = sockets[0].getsockname()[1]
             self._server = tornado.httpserver.HTTPServer(
-                app, max_body_size=self._max_body, idle_connection_timeout=3600
+                app,
+                ssl_options=self._ssl,
+                max_body_size=SMALL_BODY_LIMIT,  # raised per request for /work
+                max_header_size=16 * 1024,
+                body_timeout=600,
+                idle_connection_timeout=3600,
             )
             self._server.add_sockets(sockets)
         except BaseException as exc:  # noqa: BLE001 - reported to start()'s caller
@@ -168,9 +296,10 @@ class Endpoint:
         if nonce in self._nonces:
             return False
         self._nonces[nonce] = now
-        if len(self._nonces) > 100_000:
+        if now - self._pruned > 60:  # older nonces carry timestamps check_request refuses anyway
             horizon = now - 2 * protocol.MAX_SKEW_SECONDS
             self._nonces = {n: t for n, t in self._nonces.items() if t > horizon}
+            self._pruned = now
         return True
 
     def stop(self) -> None:
@@ -186,3 +315,8 @@ class Endpoint:
 
         loop.add_callback(_shutdown)
         self._thread.join(timeout=10)
+        for callback in self.on_stop:
+            try:
+                callback()
+            except Exception as exc:  # noqa: BLE001 - the endpoint is down; what follows is best effort
+                log.warning("after stopping the endpoint: %s", exc)

@@ -1,0 +1,332 @@
+"""How the workers reach the client's endpoint: directly, or through the executor's SSH connection.
+
+``direct``: the nodes connect to the client's own address. ``tunnel``: the endpoint listens on this
+machine's loopback only, so nothing here is open to the network; sshd on the head node forwards one of
+its loopback ports back over the SSH connection (``Transport.request_port_forward``), and a small relay
+started over the same connection (``remote/relay.py``) makes that port reachable from the nodes. The
+relay is used whatever sshd's GatewayPorts says, so there is one path to get right. ``auto`` has the
+head node try to connect to this machine and tunnels when it cannot.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import secrets
+import select
+import shlex
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sheepdog_executor.errors import ConfigurationError, ConnectionFailed
+from sheepdog_executor.shell import Shell, SSHShell
+
+if TYPE_CHECKING:
+    from sheepdog_executor.server import Endpoint
+
+log = logging.getLogger("sheepdog_executor")
+
+CALLBACK_MODES = ("auto", "direct", "tunnel")
+#: Start the head node's Python (relay and probe are stdlib only, 3.6+).
+_PYTHON = (
+    'PY=$(command -v python3 || command -v python) || { echo "no python3 on the head node" >&2; exit 127; }; '
+    'exec "$PY" -u -c'
+)
+
+
+@functools.cache
+def _relay_source() -> bytes:
+    return (Path(__file__).with_name("remote") / "relay.py").read_bytes()
+
+
+def _remote_python(*args: object) -> tuple[str, bytes]:
+    """The command that runs ``remote/relay.py`` on the head node with these arguments, and its
+    stdin: the code comes first on stdin (a short command line in ``ps``), the rest is the relay's."""
+    code = _relay_source()
+    bootstrap = f"import sys; exec(sys.stdin.buffer.read({len(code)}))  # sheepdog-executor"
+    return " ".join([_PYTHON, shlex.quote(bootstrap), *(shlex.quote(str(a)) for a in args)]), code
+
+
+@dataclass(frozen=True)
+class Route:
+    """How the workers reach the endpoint: ``mode`` is "direct" or "tunnel"."""
+
+    mode: str
+    #: This machine's address as the nodes would use it (direct), and the port asked for.
+    address: str
+    port: int = 0
+    #: Why the nodes cannot connect directly, when a probe found out.
+    why: str = ""
+
+    @property
+    def listen_address(self) -> str:
+        """Where the endpoint listens: behind a tunnel, on loopback only."""
+        return self.address if self.mode == "direct" else "127.0.0.1"
+
+    @property
+    def listen_port(self) -> int:
+        return self.port if self.mode == "direct" else 0
+
+    def open(self, shell: Shell, endpoint: Endpoint) -> tuple[str, int]:
+        """The host and port the workers connect to; a tunnel is closed when the endpoint stops."""
+        if self.mode == "direct":
+            return self.address, endpoint.port
+        assert isinstance(shell, SSHShell)
+        tunnel = Tunnel(shell, endpoint.port)
+        endpoint.on_stop.append(tunnel.close)
+        try:
+            host, port = tunnel.open()
+        except ConnectionFailed as exc:
+            if self.why:
+                raise ConnectionFailed(
+                    f"the nodes cannot connect to this machine directly ({self.why}), and {exc}"
+                ) from exc
+            raise
+        log.info(
+            "workers reach this client through the SSH connection: relay %s:%d on the head node%s",
+            host,
+            port,
+            f" (direct connection impossible: {self.why})" if self.why else "",
+        )
+        return host, port
+
+
+def choose_route(shell: Shell, callback: str, address: str, port: int = 0) -> Route:
+    """Decide how the workers will reach this client; ``auto`` probes from the head node."""
+    if callback not in CALLBACK_MODES:
+        modes = ", ".join(map(repr, CALLBACK_MODES))
+        raise ConfigurationError(f"callback must be one of {modes}, not {callback!r}")
+    if not isinstance(shell, SSHShell):
+        if callback == "tunnel":
+            raise ConfigurationError("callback='tunnel' needs an SSH connection: pass host=")
+        return Route("direct", address, port)
+    if callback != "auto":
+        return Route(callback, address, port)
+    why = probe_direct(shell, address, port)
+    return Route("direct", address, port) if why is None else Route("tunnel", address, port, why)
+
+
+def probe_direct(shell: SSHShell, address: str, port: int = 0, timeout: float = 5.0) -> str | None:
+    """None when the head node can open a connection to ``address:port`` on this machine, else why not.
+
+    Listens there for a moment and has the head node send a random token: only its arrival here counts,
+    so another machine answering at the same address (another network's 10.x) is not mistaken for us.
+    """
+    try:
+        listener = socket.create_server((address, port))
+    except OSError as exc:
+        return f"cannot listen on {address}:{port} here: {exc}"
+    token = secrets.token_hex(16).encode()
+    arrived = threading.Event()
+    done = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not done.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(timeout)
+                data = b""
+                try:
+                    while len(data) < len(token) and (chunk := conn.recv(len(token) - len(data))):
+                        data += chunk
+                except OSError:
+                    continue
+                if data == token:
+                    arrived.set()
+                    return
+
+    thread = threading.Thread(target=accept, name="sheepdog-probe", daemon=True)
+    thread.start()
+    try:
+        bound = listener.getsockname()[1]
+        command, code = _remote_python("probe", address, bound, token.decode())
+        answer = shell.run(command, stdin=code, timeout=timeout + 30)
+        said = answer.stdout.strip() or answer.stderr.strip() or f"exit {answer.returncode}"
+        said = said.splitlines()[-1]
+        if said == "ok":
+            arrived.wait(timeout)
+    finally:
+        done.set()
+        thread.join()
+        listener.close()
+    if arrived.is_set():
+        return None
+    if said == "ok":
+        return f"the head node connected to {address}:{bound} but not to this machine"
+    return f"the head node cannot connect to {address}:{bound}: {said.removeprefix('fail ')}"
+
+
+class Tunnel:
+    """A reverse forward from the head node's loopback to ``127.0.0.1:local_port`` here, and the relay
+    that makes it reachable from the nodes; re-made on the same ports when SSH reconnects."""
+
+    def __init__(self, shell: SSHShell, local_port: int) -> None:
+        self._shell = shell
+        self._local = ("127.0.0.1", local_port)
+        self._transport: Any = None
+        self._relay: Any = None  # the channel the relay runs in: closing it ends the relay
+        self._forwarded = 0  # the forward's port on the head node's loopback
+        self.host = ""
+        self.port = 0  # the relay's port, which the nodes connect to
+        self._closed = threading.Event()
+        self._lock = threading.Lock()
+        self._channels: set[Any] = set()
+        self._watcher = threading.Thread(target=self._watch, name="sheepdog-tunnel", daemon=True)
+
+    def open(self) -> tuple[str, int]:
+        """Set up forward and relay; return the relay's (host, port)."""
+        self._establish(self._shell.transport())
+        self._watcher.start()
+        return self.host, self.port
+
+    def _establish(self, transport: Any) -> None:
+        import paramiko
+
+        try:
+            forwarded = transport.request_port_forward("127.0.0.1", self._forwarded, handler=self._incoming)
+        except paramiko.SSHException as exc:
+            raise ConnectionFailed(
+                f"the SSH server of {self._shell.description} refused to forward a port back to this "
+                f"client ({exc}): its sshd_config may say AllowTcpForwarding no (or DisableForwarding "
+                "yes). Ask its admins to allow remote forwarding, or use callback='direct' if the "
+                "nodes can connect to this machine"
+            ) from exc
+        try:
+            relay, host, port = self._start_relay(transport, forwarded)
+        except BaseException:
+            _quietly(transport.cancel_port_forward, "127.0.0.1", forwarded)
+            raise
+        self._transport, self._relay, self._forwarded = transport, relay, forwarded
+        self.host, self.port = host, port
+
+    def _start_relay(self, transport: Any, forwarded: int) -> tuple[Any, str, int]:
+        channel = transport.open_session(timeout=30)
+        channel.settimeout(30)
+        command, code = _remote_python("relay", forwarded, self.port)
+        channel.exec_command(command)
+        channel.sendall(code)  # and never more: the relay ends when its stdin does
+        line = b""
+        try:
+            while not line.endswith(b"\n") and (byte := channel.recv(1)):
+                line += byte
+        except TimeoutError:
+            pass
+        words = line.decode(errors="replace").split()
+        if len(words) != 3 or words[0] != "sheepdog-relay" or not words[2].isdigit():
+            error = b""
+            try:
+                error = channel.makefile_stderr("rb").read()
+            except OSError:
+                pass
+            channel.close()
+            said = error.decode(errors="replace").strip().splitlines() or [line.decode(errors="replace")]
+            raise ConnectionFailed(
+                f"could not start the tunnel's relay on {self._shell.description}: {said[-1] or 'no answer'}"
+            )
+        channel.settimeout(None)
+        return channel, words[1], int(words[2])
+
+    # -- connections from the nodes -----------------------------------------------------------
+    def _incoming(self, channel: Any, origin: tuple[str, int], server: tuple[str, int]) -> None:
+        """Called on paramiko's transport thread for every connection to the forwarded port."""
+        threading.Thread(target=self._pump, args=(channel,), name="sheepdog-tunnel-conn", daemon=True).start()
+
+    def _pump(self, channel: Any) -> None:
+        try:
+            sock = socket.create_connection(self._local, timeout=10)
+        except OSError as exc:
+            log.debug("tunnel: endpoint unreachable: %s", exc)
+            channel.close()
+            return
+        with self._lock:
+            if self._closed.is_set():
+                sock.close()
+                channel.close()
+                return
+            self._channels.add(channel)
+        try:
+            sock.settimeout(None)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _splice(channel, sock, self._closed)
+        except (OSError, EOFError) as exc:
+            log.debug("tunnel connection ended: %s", exc)
+        finally:
+            with self._lock:
+                self._channels.discard(channel)
+            sock.close()
+            channel.close()
+
+    # -- keeping it up -------------------------------------------------------------------------
+    def _watch(self) -> None:
+        """Re-make forward and relay, on the same ports, after a reconnect or if the relay died."""
+        complained = False
+        while not self._closed.wait(2.0) and not self._shell.closed:
+            transport = self._shell.transport(reconnect=False)
+            if transport is None or (transport is self._transport and not self._relay.exit_status_ready()):
+                continue
+            try:
+                if transport is self._transport:  # same connection, the relay ended: start another
+                    self._relay = self._start_relay(transport, self._forwarded)[0]
+                else:
+                    old = self._relay
+                    self._establish(transport)
+                    _quietly(old.close)
+                log.info("tunnel re-opened: relay %s:%d", self.host, self.port)
+                complained = False
+            except Exception as exc:  # noqa: BLE001 - try again on the next round
+                if not complained:
+                    log.warning("could not re-open the tunnel (will keep trying): %s", exc)
+                    complained = True
+
+    def close(self) -> None:
+        """End the relay and the forward and every connection through them. Safe to call twice."""
+        with self._lock:
+            if self._closed.is_set():
+                return
+            self._closed.set()
+            channels = list(self._channels)
+        for channel in channels:
+            _quietly(channel.close)
+        if self._relay is not None:
+            _quietly(self._relay.close)
+        transport = self._transport
+        if transport is not None and transport.is_active():
+            _quietly(transport.cancel_port_forward, "127.0.0.1", self._forwarded)
+        if self._watcher.is_alive() and threading.current_thread() is not self._watcher:
+            self._watcher.join(timeout=10)
+
+
+def _splice(channel: Any, sock: socket.socket, stop: threading.Event) -> None:
+    """Copy both ways between an SSH channel and a socket until both ends said end of file."""
+    reading: list[Any] = [channel, sock]
+    while reading and not stop.is_set():
+        ready, _, _ = select.select(reading, [], [], 1.0)
+        for source in ready:
+            data = source.recv(65536)
+            if source is channel:
+                if data:
+                    sock.sendall(data)
+                else:
+                    reading.remove(channel)
+                    sock.shutdown(socket.SHUT_WR)
+            elif data:
+                channel.sendall(data)
+            else:
+                reading.remove(sock)
+                channel.shutdown_write()
+
+
+def _quietly(action: Any, *args: Any) -> None:
+    try:
+        action(*args)
+    except Exception as exc:  # noqa: BLE001 - tearing down: the other side may be gone already
+        log.debug("tunnel teardown: %s", exc)
