@@ -4,9 +4,10 @@ Workers POST signed, pickled messages: ``/hello``, ``/work`` (results in, next c
 while there is nothing to hand out) and ``/heartbeat``. A request whose MAC does not check out gets
 403 and is never unpickled; every answer is signed for the request's nonce.
 
-Bad input only ever gets a 4xx and changes nothing: a request without a plausible auth header is
-refused before its body is read, bodies are capped per path (413), a wrong method gets 405, an
-authenticated message of the wrong shape 400. With an ``ssl.SSLContext`` the endpoint speaks TLS.
+Bad input only ever gets a 4xx and changes nothing: the body of a request without a plausible auth
+header is never kept (and at most 64 KiB of it read), bodies are capped per path (413), a wrong
+method gets 405, an unknown path 404, an authenticated message of the wrong shape 400. With an
+``ssl.SSLContext`` the endpoint speaks TLS.
 """
 
 from __future__ import annotations
@@ -57,11 +58,11 @@ class _Quiet(tornado.web.RequestHandler):
 class _Signed(_Quiet):
     """Authenticates every request before its body is unpickled; signs every answer.
 
-    Streams the body in so that a request with no plausible auth header, or a body larger than the
-    path allows, is turned away before the body is buffered.
+    Streams the body in, so that what a request may make us read is decided from its headers: a
+    request that is not a POST with a plausible auth header is read (at most ``SMALL_BODY_LIMIT``,
+    dropped as it comes) and refused; a declared body larger than the path allows gets 413 at once.
     """
 
-    SUPPORTED_METHODS = ("POST",)
     endpoint: Endpoint
     nonce: str
     message: dict[str, Any]
@@ -70,28 +71,35 @@ class _Signed(_Quiet):
         self.endpoint = endpoint
         self._chunks: list[bytes] = []
         self._size = 0
+        self._doomed = False
 
     def body_limit(self) -> int:
         return SMALL_BODY_LIMIT
 
     def prepare(self) -> None:
-        if not _plausible(self.request.headers.get(protocol.AUTH_HEADER)):
-            self.endpoint.refused += 1
-            raise tornado.web.HTTPError(403)
-        limit = self.body_limit()
+        plausible = _plausible(self.request.headers.get(protocol.AUTH_HEADER))
+        self._doomed = self.request.method != "POST" or not plausible
+        limit = SMALL_BODY_LIMIT if self._doomed else self.body_limit()
         declared = self.request.headers.get("Content-Length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            if not plausible:
+                self.endpoint.refused += 1
+                raise tornado.web.HTTPError(403)
             raise tornado.web.HTTPError(413 if declared.isdigit() else 400)
         self.request.connection.set_max_body_size(limit)  # type: ignore[union-attr]
 
     def data_received(self, chunk: bytes) -> None:
         self._size += len(chunk)
-        if self._size > self.body_limit():  # chunked bodies have no Content-Length to check first
-            raise tornado.web.HTTPError(413)
-        self._chunks.append(chunk)
+        if self._size > (SMALL_BODY_LIMIT if self._doomed else self.body_limit()):
+            raise tornado.web.HTTPError(413)  # a chunked body: no Content-Length to check first
+        if not self._doomed:
+            self._chunks.append(chunk)
 
     def authenticate(self, valid: Any) -> None:
         """Check the MAC (403), the nonce (403), then unpickle (400) and check the shape (400)."""
+        if self._doomed:
+            self.endpoint.refused += 1
+            raise tornado.web.HTTPError(403)
         body = b"".join(self._chunks)
         self._chunks = []
         nonce = protocol.check_request(

@@ -1,0 +1,464 @@
+"""The worker channel against other users and the network, on the real cell: only holders of the
+executor's secret exchange calls and results, the secret stays private, the endpoint answers bad
+input with 4xx and changes nothing (fuzzed with hypothesis), TLS is pinned by fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import pickle
+import shlex
+import socket
+import ssl
+import threading
+import time
+import urllib.parse
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import pytest
+from conftest import ssh
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sheepdog_executor import GridEngineExecutor, server
+from sheepdog_executor.remote import protocol, worker
+
+pytestmark = pytest.mark.cluster
+
+AUTH = protocol.AUTH_HEADER
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def slow_square(x: int) -> int:
+    time.sleep(3)
+    return x * x
+
+
+class Client:
+    """Requests to an executor's endpoint, as anybody on the network could send them."""
+
+    def __init__(self, executor: GridEngineExecutor) -> None:
+        url = urllib.parse.urlsplit(executor._session.launch.url)
+        self.host, self.port = url.hostname or "127.0.0.1", url.port or 80
+        self.tls = url.scheme == "https"
+        self.secret = executor._session.endpoint.secret
+
+    def connect(self, timeout: float = 30) -> http.client.HTTPConnection:
+        if self.tls:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            return http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=context)
+        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+
+    def request(
+        self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+    ) -> tuple[int, bytes, str | None]:
+        """(status, body, auth header of the answer)."""
+        conn = self.connect()
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            return response.status, response.read(), response.getheader(AUTH)
+        finally:
+            conn.close()
+
+    def signed(self, path: str, body: bytes) -> tuple[int, bytes, str]:
+        """POST a body signed with the secret: (status, body, our auth header); a 200 must come
+        signed for our nonce."""
+        header, nonce = protocol.sign_request(self.secret, "POST", path, body)
+        status, data, signature = self.request("POST", path, body, {AUTH: header})
+        if status == 200:
+            assert protocol.check_response(self.secret, nonce, data, signature)
+        return status, data, header
+
+    def raw(self, data: bytes, patience: float = 2.0) -> bytes:
+        """Send bytes as they are and return all the endpoint answers; end of file is sent only
+        when it waits for more (an incomplete request), so that it is never cut short by it."""
+        with socket.create_connection((self.host, self.port), timeout=patience) as sock:
+            sock.sendall(data)
+            reply = b""
+            try:
+                while chunk := sock.recv(65536):
+                    reply += chunk
+            except TimeoutError:
+                sock.settimeout(10)
+                sock.shutdown(socket.SHUT_WR)
+                try:
+                    while chunk := sock.recv(65536):
+                        reply += chunk
+                except ConnectionResetError:
+                    pass
+            except ConnectionResetError:
+                pass
+            return reply
+
+
+def state(executor: GridEngineExecutor) -> tuple[set[str], set[tuple[str, int]], int]:
+    """What bad input must not change: known workers, tasks that said hello, unresolved calls."""
+    dispatcher = executor._session.dispatcher
+    return set(dispatcher.workers), set(dispatcher.tasks_seen), dispatcher.outstanding()
+
+
+def plausible_header(mac_byte: str = "0") -> str:
+    """Right shape and a fresh timestamp, but no knowledge of the secret."""
+    return f"{int(time.time())}:{os.urandom(16).hex()}:{mac_byte * 64}"
+
+
+def head(method: str, path: str, *lines: str, signed: bool = False) -> bytes:
+    """The head of a raw HTTP/1.1 request; ``signed`` adds a plausible (not valid) auth header."""
+    if signed:
+        lines += (f"{AUTH}: {plausible_header()}",)
+    return "\r\n".join([f"{method} {path} HTTP/1.1", *lines, "", ""]).encode()
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 60, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class RunsCommand:
+    """Unpickling this runs a shell command: what an attacker would post."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (self.command,))
+
+
+# -- authentication -----------------------------------------------------------------------------
+
+
+def test_unauthenticated_forged_and_replayed_requests_get_403_and_resolve_nothing(
+    make_executor: Callable[..., GridEngineExecutor], tmp_path: Path
+) -> None:
+    # a held job: no real worker can take the calls while we try to resolve them
+    executor = make_executor(max_workers=1, qsub_args=["-h"])
+    futures = [executor.submit(square, x) for x in range(3)]
+    job = wait_for(lambda: executor.job_ids, what="the held job")[0]
+    client = Client(executor)
+    before, refused = state(executor), executor._session.endpoint.refused
+    pwned = tmp_path / "pwned"
+    forged = protocol.dumps(
+        {"worker": "intruder", "results": [(i, 1, True, pickle.dumps(666), "", 0.0) for i in (1, 2, 3)]}
+    )
+    evil = pickle.dumps(RunsCommand(f"touch {shlex.quote(str(pwned))}"))
+    wrong_key = os.urandom(32).hex().encode()
+    hello_header, _ = protocol.sign_request(client.secret, "POST", "/hello", forged)
+    good_header, _ = protocol.sign_request(client.secret, "POST", "/work", forged)
+    stale_ts, nonce = str(int(time.time()) - 3600), os.urandom(16).hex()
+    digest = hashlib.sha256(forged).hexdigest()
+    stale_mac = protocol._mac(
+        client.secret, b"POST", b"/work", stale_ts.encode(), nonce.encode(), digest.encode()
+    )
+    attempts: list[tuple[str, bytes, dict[str, str]]] = [
+        ("/work", forged, {}),  # no header at all
+        ("/work", evil, {}),  # a pickle that runs a command, unsigned
+        ("/work", evil, {AUTH: plausible_header()}),  # ... with a made-up MAC
+        ("/hello", evil, {AUTH: "garbage"}),
+        ("/work", forged, {AUTH: protocol.sign_request(wrong_key, "POST", "/work", forged)[0]}),
+        ("/work", forged, {AUTH: hello_header}),  # signed for another path
+        ("/work", forged + b"x", {AUTH: good_header}),  # body changed after signing
+        ("/work", forged, {AUTH: f"{stale_ts}:{nonce}:{stale_mac}"}),  # an hour old
+        ("/heartbeat", evil, {AUTH: plausible_header("f")}),
+    ]
+    for path, body, headers in attempts:
+        status, data, signature = client.request("POST", path, body, headers)
+        assert status == 403, (path, headers, status, data)
+        assert signature is None
+    # a genuine request, replayed byte for byte
+    heartbeat = protocol.dumps({"worker": "nobody"})
+    status, data, header = client.signed("/heartbeat", heartbeat)
+    assert status == 200 and pickle.loads(data) == {"known": False}
+    assert client.request("POST", "/heartbeat", heartbeat, {AUTH: header})[0] == 403
+
+    assert executor._session.endpoint.refused == refused + len(attempts) + 1
+    assert state(executor) == before
+    assert not any(future.done() for future in futures)
+    assert not pwned.exists(), "an unauthenticated pickle was loaded"
+    # the real workers still get the calls, and only their results count
+    assert ssh(f"qrls {job}").returncode == 0
+    assert [future.result(timeout=120) for future in futures] == [0, 1, 4]
+
+
+def test_duplicate_replayed_and_foreign_results_are_ignored(
+    make_executor: Callable[..., GridEngineExecutor], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real worker (run here, in a thread) posts results; its requests are recorded and played
+    again: byte for byte (403), signed afresh with a different value (accepted, ignored), and as a
+    second worker that does not hold the call (ignored)."""
+    monkeypatch.setattr(server, "LONG_POLL_SECONDS", 1.0)
+    executor = make_executor(max_workers=1, qsub_args=["-h"], idle_timeout=120)
+    client = Client(executor)
+    secret_file = tmp_path / "secret"
+    secret_file.write_bytes(client.secret)
+    recorded: list[tuple[str, bytes, str]] = []
+    sign = protocol.sign_request
+
+    def recording(secret: bytes, method: str, path: str, body: bytes) -> tuple[str, str]:
+        header, nonce = sign(secret, method, path, body)
+        recorded.append((path, body, header))
+        return header, nonce
+
+    monkeypatch.setattr(protocol, "sign_request", recording)
+    first = executor.submit(square, 12)
+    runner = threading.Thread(
+        target=worker.main, args=(executor._session.launch.url, str(secret_file)), daemon=True
+    )
+    runner.start()
+    assert first.result(timeout=60) == 144
+    path, body, header = next(r for r in recorded if r[0] == "/work" and protocol.loads(r[1])["results"])
+
+    assert client.request("POST", path, body, {AUTH: header})[0] == 403  # replay
+    message = protocol.loads(body)
+    result = list(message["results"][0])
+    result[3] = cloudpickle.dumps(-1)
+    message["results"] = [tuple(result)]
+    status, _, _ = client.signed("/work", protocol.dumps(message))
+    assert status == 200  # a duplicate from the worker itself: accepted, and ignored
+    assert first.result() == 144
+
+    # a second signed-in worker posts a result for a call the real worker is running
+    hello = {"worker": "other.1.1", "job": "other", "task": 1, "host": "x", "pid": 1, "python": [3, 11]}
+    assert client.signed("/hello", protocol.dumps(hello))[0] == 200
+    second = executor.submit(slow_square, 5)
+    item = wait_for(lambda: [i for i in executor._session.dispatcher._items], what="the call")[0]
+    wait_for(
+        lambda: executor._session.dispatcher._items[item].worker not in (None, "other.1.1"), what="taken"
+    )
+    foreign = dict(message, worker="other.1.1", results=[(item, 1, True, cloudpickle.dumps(-5), "", 0.0)])
+    assert client.signed("/work", protocol.dumps(foreign))[0] == 200
+    assert not second.done()
+    assert second.result(timeout=60) == 25
+    monkeypatch.setattr(protocol, "sign_request", sign)
+    executor.shutdown(wait=True)
+    runner.join(timeout=30)
+    assert not runner.is_alive()
+
+
+# -- bad input ----------------------------------------------------------------------------------
+
+
+def test_malformed_truncated_oversized_and_wrong_method_get_4xx(
+    make_executor: Callable[..., GridEngineExecutor],
+) -> None:
+    executor = make_executor()
+    client = Client(executor)
+    before = state(executor)
+    status_of = client.request
+
+    # malformed HTTP
+    assert client.raw(b"\x16\x03\x01garbage\r\n\r\n").startswith(b"HTTP/1.1 400")
+    assert client.raw(head("POST", "/work")).startswith(b"HTTP/1.1 400")  # no Host
+    for length in ("-5", "12abc", "1, 2"):
+        reply = client.raw(head("POST", "/work", "Host: x", f"Content-Length: {length}", signed=True))
+        assert reply.startswith(b"HTTP/1.1 400"), (length, reply[:40])
+    # truncated: the connection ends inside the body
+    request = head("POST", "/work", "Host: x", "Content-Length: 1000", signed=True) + b"x" * 10
+    assert client.raw(request) == b""  # nobody left to answer; nothing kept
+    body = protocol.dumps({"worker": "w", "results": []})
+    header, _ = protocol.sign_request(client.secret, "POST", "/work", body)
+    assert status_of("POST", "/work", body[:-3], {AUTH: header})[0] == 403  # signed whole, sent cut
+    # oversized: refused from the headers, before any body byte is sent
+    for path, size in (("/hello", server.SMALL_BODY_LIMIT + 1), ("/heartbeat", 10**7), ("/work", 2**40)):
+        reply = client.raw(head("POST", path, "Host: x", f"Content-Length: {size}", signed=True))
+        assert reply.startswith(b"HTTP/1.1 413"), (path, reply[:40])
+    reply = client.raw(head("POST", "/work", "Host: x", f"Content-Length: {2**40}"))
+    assert reply.startswith(b"HTTP/1.1 403"), reply[:40]  # and without auth, 403 before anything
+    big = os.urandom(server.SMALL_BODY_LIMIT + 10)
+    assert client.signed("/hello", big)[0] == 413
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in [b"y" * 30000] * 4) + b"0\r\n\r\n"
+    reply = client.raw(head("POST", "/hello", "Host: x", "Transfer-Encoding: chunked", signed=True) + chunked)
+    assert reply[:12] in (b"HTTP/1.1 413", b"HTTP/1.1 400"), reply[:40]
+    # an oversized header block: the connection is closed, nothing answered
+    assert client.raw(head("POST", "/work", "Host: x", f"X-Pad: {'p' * 40000}")) == b""
+    # wrong methods and paths
+    for method in ("GET", "PUT", "DELETE", "PATCH", "OPTIONS"):
+        assert status_of(method, "/work", b"", {AUTH: header})[0] == 405, method
+    assert client.raw(head("BREW", "/work", "Host: x")).startswith(b"HTTP/1.1 4")
+    for path in ("/", "/admin", "/work/", "/hello/../work", "/%00"):
+        assert status_of("POST", path, body, {AUTH: header})[0] == 404, path
+    assert state(executor) == before
+
+    # authenticated, but not a message: 400 (a worker of another version, or a bug)
+    for path, bad in (
+        ("/work", b"not a pickle"),
+        ("/work", protocol.dumps(["a", "list"])),
+        ("/work", protocol.dumps({"worker": 7})),
+        ("/work", protocol.dumps({"worker": "w", "results": [(1, 2, 3)]})),
+        ("/work", protocol.dumps({"worker": "w", "results": [("1", 1, True, b"", "")]})),
+        ("/work", protocol.dumps({"worker": "w", "results": [], "fatal": "text"})),
+        ("/hello", protocol.dumps({"worker": "w", "task": "1"})),
+        ("/hello", protocol.dumps({"worker": "w", "python": ["3"]})),
+        ("/heartbeat", protocol.dumps({})),
+    ):
+        assert client.signed(path, bad)[0] == 400, (path, bad)
+    assert state(executor) == before
+    assert list(executor.map(square, range(10), timeout=120)) == [x * x for x in range(10)]
+
+
+def test_fuzzed_requests_get_4xx_and_the_endpoint_keeps_working(
+    make_executor: Callable[..., GridEngineExecutor],
+) -> None:
+    executor = make_executor()
+    client = Client(executor)
+    before = state(executor)
+    known_paths = ["/hello", "/work", "/heartbeat", "/", "/work/", "/hello?x=1", "/heartbeat#x"]
+    paths = st.one_of(
+        st.sampled_from(known_paths),
+        st.text(max_size=40).map(lambda text: "/" + urllib.parse.quote(text)),
+    )
+    printable = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=120)
+    auth = st.one_of(
+        st.none(),
+        printable,
+        st.builds(
+            lambda skew, nonce, mac: f"{int(time.time()) + skew}:{nonce}:{mac}",
+            st.integers(-10_000, 10_000),
+            st.text("0123456789abcdef", min_size=32, max_size=32),
+            st.text("0123456789abcdef", min_size=64, max_size=64),
+        ),
+    )
+    messages = st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers()
+        | st.floats()
+        | st.text(max_size=20)
+        | st.binary(max_size=50),
+        lambda inner: (
+            st.lists(inner, max_size=5)
+            | st.tuples(inner, inner)
+            | st.dictionaries(st.sampled_from(["worker", "results", "fatal", "task", "python", "job"]), inner)
+        ),
+        max_leaves=20,
+    )
+    bodies = st.one_of(st.binary(max_size=4096), messages.map(protocol.dumps))
+    methods = st.sampled_from(["POST", "POST", "POST", "GET", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"])
+    fuzz = settings(max_examples=400, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+
+    @fuzz
+    @given(methods, paths, auth, bodies)
+    def unauthenticated(method: str, path: str, header: str | None, body: bytes) -> None:
+        headers = {AUTH: header} if header is not None else {}
+        status, _, signature = client.request(method, path, body, headers)
+        assert 400 <= status < 500 and signature is None, (method, path, header, status)
+
+    @settings(fuzz, max_examples=200)
+    @given(st.binary(min_size=1, max_size=2048))
+    def raw_bytes(data: bytes) -> None:
+        reply = client.raw(data, patience=0.05)  # mostly an unfinished request: end it soon
+        assert reply == b"" or reply.startswith(b"HTTP/1.1 4"), reply[:60]
+
+    @fuzz
+    @given(st.sampled_from(["/hello", "/work", "/heartbeat"]), bodies)
+    def signed_garbage(path: str, body: bytes) -> None:
+        # holders of the secret may change state; even they never get a 5xx or stop the endpoint
+        status = client.signed(path, body)[0]
+        assert status == 200 or 400 <= status < 500, (path, status)
+
+    unauthenticated()
+    raw_bytes()
+    assert state(executor) == before
+    signed_garbage()
+    assert list(executor.map(square, range(20), timeout=120)) == [x * x for x in range(20)]
+
+
+# -- the secret ---------------------------------------------------------------------------------
+
+
+def test_secret_never_in_argv_qstat_environment_or_spool(
+    make_executor: Callable[..., GridEngineExecutor],
+) -> None:
+    executor = make_executor(max_workers=2, job_name=f"sdsec-{uuid.uuid4().hex[:6]}")
+    secret = executor._session.endpoint.secret.decode()
+    session = executor.session_dir
+    futures = [executor.submit(slow_square, x) for x in range(2)]
+    job = wait_for(lambda: executor.job_ids, what="the job")[0]
+    spooled = f"/var/spool/gridengine/execd/localhost/job_scripts/{job}"
+    wait_for(lambda: os.path.exists(spooled), what="the job script in the execd spool")
+    wait_for(lambda: executor._session.dispatcher.workers, what="a running worker")
+
+    qstat = ssh(f"qstat -j {job}")
+    assert qstat.returncode == 0 and job in qstat.stdout
+    assert secret not in qstat.stdout + qstat.stderr
+    # the spooled job script is world-readable here (0755, sgeadmin): it may hold paths, not secrets
+    script = Path(spooled).read_text()
+    assert f"{session}/secret" in script and secret not in script
+    mode = os.stat(spooled).st_mode & 0o777
+    assert mode & 0o002 == 0, oct(mode)  # at least not writable by others
+    # nothing anywhere in the spool (qmaster's database, execd's job dirs and environment files)
+    for root, _, files in os.walk("/var/spool/gridengine"):
+        for name in files:
+            path = os.path.join(root, name)
+            try:
+                assert secret.encode() not in Path(path).read_bytes(), path
+            except (FileNotFoundError, PermissionError):
+                pass
+    # no process on the machine has it in its command line or environment
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        for part in ("cmdline", "environ"):
+            try:
+                assert secret.encode() not in Path(f"/proc/{pid}/{part}").read_bytes(), (pid, part)
+            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                pass
+    # the secret file: 0600 in a 0700 directory, owned by the user
+    modes = ssh(f"stat -c '%a %U' {shlex.quote(session)} {shlex.quote(session)}/secret").stdout.split("\n")
+    assert modes[0].split()[0] == "700" and modes[1].split()[0] == "600", modes
+    assert [future.result(timeout=120) for future in futures] == [0, 1]
+
+
+# -- TLS ----------------------------------------------------------------------------------------
+
+
+def test_tls_map_works_and_a_wrong_fingerprint_is_refused(
+    make_executor: Callable[..., GridEngineExecutor],
+) -> None:
+    executor = make_executor(tls=True)
+    launch = executor._session.launch
+    assert launch.url.startswith("https://")
+    assert launch.fingerprint is not None and len(launch.fingerprint) == 64
+    assert list(executor.map(square, range(30), timeout=120)) == [x * x for x in range(30)]
+    # the certificate served is the one pinned
+    client = Client(executor)
+    conn = client.connect()
+    conn.connect()
+    der = conn.sock.getpeercert(binary_form=True)  # type: ignore[union-attr]
+    conn.close()
+    assert hashlib.sha256(der).hexdigest() == launch.fingerprint
+    # plain HTTP to the TLS endpoint gets nowhere
+    reply = client.raw(b"POST /hello HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    assert b"200" not in reply[:20]
+    # a worker started on the cell with the right secret but a wrong fingerprint refuses to talk
+    before = state(executor)
+    wrong = "0" * 64
+    run = ssh(
+        f"python3 {shlex.quote(launch.bundle_path)} {shlex.quote(launch.url)} "
+        f"{shlex.quote(launch.secret_path)} {wrong}",
+        timeout=120,
+    )
+    assert run.returncode != 0
+    assert "not the client's" in run.stderr, run.stderr[-500:]
+    assert state(executor) == before
+    # the same worker with the right fingerprint is accepted (and sent home: no work)
+    run = ssh(
+        f"python3 {shlex.quote(launch.bundle_path)} {shlex.quote(launch.url)} "
+        f"{shlex.quote(launch.secret_path)} {launch.fingerprint}",
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-500:]
+    assert ("local", 1) in executor._session.dispatcher.tasks_seen
