@@ -1,0 +1,679 @@
+"""The ``sheepdog-executor`` command.
+
+``doctor HOST`` checks, in the order an executor needs them, everything between this client and the
+nodes, and says what to change at the first thing that is wrong. ``cleanup HOST`` removes the jobs and
+session directories of clients that died without shutting down (SIGKILL, a lost laptop, a crashed
+kernel): only the user's own jobs, only those that run our worker from a session directory, and only
+when the session's client is known to be gone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import io
+import logging
+import re
+import secrets
+import shlex
+import socket
+import sys
+import time
+import urllib.parse
+import xml.etree.ElementTree as ET
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import TimeoutError as FuturesTimeout
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from sheepdog_executor.config import config_path, env_name, environment_options, resolve_options
+from sheepdog_executor.errors import (
+    ConfigurationError,
+    ConnectionFailed,
+    SchedulerError,
+    SheepdogError,
+    UnknownHostKey,
+    WorkerStartFailed,
+)
+from sheepdog_executor.jobscript import JobOptions, WorkerLaunch
+from sheepdog_executor.scheduler import GridEngineScheduler, TaskState
+from sheepdog_executor.shell import Shell, SSHShell, SSHTarget
+
+#: The file in a session directory that holds the client's endpoint URL (see ``cleanup``).
+ENDPOINT_RECORD = "endpoint"
+#: A doctor probe directory this old (minutes) without jobs is left over from a doctor that died.
+DOCTOR_LEFTOVER_MINUTES = 10
+#: Options that shape the job script (the rest are SSH or executor options).
+JOB_OPTION_NAMES = (
+    "queue",
+    "resources",
+    "parallel_environment",
+    "slots",
+    "job_name",
+    "working_directory",
+    "qsub_args",
+    "setup",
+    "python",
+)
+_SSH_ARGUMENTS = {
+    "user": "user",
+    "port": "port",
+    "key_filename": "key_filename",
+    "ssh_config": "config_path",
+    "connect_timeout": "connect_timeout",
+}
+_PROBE_MAIN = (
+    "import socket, sys\n"
+    'sys.stdout.write("sheepdog-probe %d.%d.%d %s\\n" % (sys.version_info[0], sys.version_info[1], '
+    "sys.version_info[2], socket.gethostname()))\n"
+)
+_PROBE_LINE = re.compile(r"^sheepdog-probe (\d+)\.(\d+)\.(\d+) (\S+)$", re.M)
+_VERSION_SNIPPET = 'import sys; print("%d.%d.%d" % tuple(sys.version_info[:3]))'
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status (0 when everything is fine)."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors
+        return exc.code if isinstance(exc.code, int) else 2
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
+    if args.command == "doctor":
+        explicit = {"python": args.python, "callback_address": args.callback_address}
+        return Doctor(args.host, {k: v for k, v in explicit.items() if v is not None}, args.timeout).run()
+    if args.command == "cleanup":
+        return cleanup(args.host, dry_run=args.dry_run, force=args.force)
+    parser.print_help()
+    return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    from sheepdog_executor import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="sheepdog-executor",
+        description="Check a Grid Engine cluster for GridEngineExecutor, or clean up after crashed clients.",
+    )
+    parser.add_argument("--version", action="version", version=f"sheepdog-executor {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what is done (debug)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    doctor = commands.add_parser(
+        "doctor",
+        help="check SSH, Grid Engine, the nodes' Python and the way back to this client",
+        description="Check, in order, what GridEngineExecutor(host=HOST) needs; stop at the first "
+        "failure and say what to change. Options come from the config file and SHEEPDOG_* variables.",
+    )
+    doctor.add_argument("host", metavar="HOST", help="host name or ~/.ssh/config alias of the head node")
+    doctor.add_argument("--python", metavar="PY", help="the interpreter on the nodes (python=)")
+    doctor.add_argument(
+        "--callback-address", metavar="ADDR", help="address of this machine the nodes connect to"
+    )
+    doctor.add_argument(
+        "--timeout", type=float, default=90.0, metavar="S", help="seconds a test job may take (90)"
+    )
+    clean = commands.add_parser(
+        "cleanup",
+        help="remove jobs and session directories left by clients that died",
+        description="Remove your jobs that run a sheepdog worker from a session directory whose "
+        "client is gone, and session directories left without a client.",
+    )
+    clean.add_argument("host", metavar="HOST", help="host name or ~/.ssh/config alias of the head node")
+    clean.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    clean.add_argument(
+        "--force",
+        action="store_true",
+        help="also remove sessions whose client cannot be checked (never those known to be alive)",
+    )
+    return parser
+
+
+# -- shared -------------------------------------------------------------------------------------
+class CheckFailed(SheepdogError):
+    """A doctor check failed: what was seen, and what to change."""
+
+    def __init__(self, detail: str, fix: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.fix = fix
+
+
+def _connect(host: str, options: Mapping[str, Any]) -> SSHShell:
+    arguments = {_SSH_ARGUMENTS[k]: v for k, v in options.items() if k in _SSH_ARGUMENTS}
+    return SSHShell(SSHTarget.resolve(host, **arguments))
+
+
+def _scheduler(shell: Shell, options: Mapping[str, Any], job_options: JobOptions) -> GridEngineScheduler:
+    command_setup = options.get("command_setup", ())
+    return GridEngineScheduler(
+        shell, job_options, [command_setup] if isinstance(command_setup, str) else command_setup
+    )
+
+
+def _job_options(options: Mapping[str, Any]) -> JobOptions:
+    from sheepdog_executor.executor import _job_options as build
+
+    return build(**{k: options[k] for k in JOB_OPTION_NAMES if k in options})
+
+
+def executor_default(option: str) -> Any:
+    """GridEngineExecutor's own default for an option: its signature is where defaults are written."""
+    from sheepdog_executor.executor import ClusterExecutor, GridEngineExecutor
+
+    for cls in (GridEngineExecutor, ClusterExecutor):
+        parameter = inspect.signature(cls.__init__).parameters.get(option)
+        if parameter is not None and parameter.default is not parameter.empty:
+            return parameter.default
+    raise KeyError(option)
+
+
+def _session_root(shell: Shell, options: Mapping[str, Any]) -> str:
+    """The session root on the head node with ``~`` expanded, as the executor expands it."""
+    root = str(options.get("session_root", executor_default("session_root")))
+    if root.startswith("~"):
+        home = shell.run('printf %s "$HOME"', timeout=30).stdout.strip() or "."
+        root = root.replace("~", home, 1)
+    return root.rstrip("/") or "/"
+
+
+def _indent(text: str) -> str:
+    return text.strip().replace("\n", "\n" + " " * 16)
+
+
+# -- doctor -------------------------------------------------------------------------------------
+class Doctor:
+    """The checks of ``sheepdog-executor doctor``, each a method that returns a detail or raises
+    CheckFailed; they run in order and the first failure ends the run."""
+
+    def __init__(
+        self, host: str, explicit: Mapping[str, Any], timeout: float, out: TextIO | None = None
+    ) -> None:
+        self.host = host
+        self.explicit = dict(explicit)
+        self.timeout = timeout
+        self.out = out or sys.stdout
+        self.options: dict[str, Any] = {}
+        self.job_options = JobOptions()
+        self.shell: SSHShell | None = None
+        self.scheduler: GridEngineScheduler | None = None
+
+    def run(self) -> int:
+        checks: list[tuple[str, Callable[[], str]]] = [
+            ("config", self.check_config),
+            ("ssh", self.check_ssh),
+            ("scheduler", self.check_scheduler),
+            ("python", self.check_python),
+            ("callback", self.check_callback),
+        ]
+        try:
+            for name, check in checks:
+                try:
+                    detail = check()
+                except CheckFailed as failure:
+                    self._line("FAIL", name, failure.detail)
+                    self._line("", "fix:", failure.fix)
+                    return 1
+                except Exception as exc:  # noqa: BLE001 - a doctor reports, it does not crash
+                    self._line("FAIL", name, f"unexpected {type(exc).__name__}: {exc}")
+                    self._line("", "fix:", "run again with -v and report this as a bug if it persists")
+                    return 1
+                self._line("ok", name, detail)
+        finally:
+            if self.shell is not None:
+                self.shell.close()
+        print(f"all checks passed: GridEngineExecutor(host={self.host!r}) should work", file=self.out)
+        return 0
+
+    def _line(self, status: str, name: str, detail: str) -> None:
+        print(f"{status:<5} {name:<9} {_indent(detail)}", file=self.out, flush=True)
+
+    # -- the checks -----------------------------------------------------------------------------
+    def check_config(self) -> str:
+        path = config_path()
+        try:
+            self.options = resolve_options(self.host, self.explicit)
+            self.job_options = _job_options(self.options)
+        except ConfigurationError as exc:
+            raise CheckFailed(str(exc), "correct the file or variable named above") from exc
+        used = [env_name(k) for k in environment_options()]
+        source = f"{path}" if path.exists() else f"no {path}, built-in defaults"
+        return source + (f"; from the environment: {', '.join(used)}" if used else "")
+
+    def check_ssh(self) -> str:
+        import paramiko
+
+        try:
+            self.shell = _connect(self.host, self.options)
+        except UnknownHostKey as exc:
+            raise CheckFailed(
+                str(exc),
+                f"check the key's fingerprint with the cluster's admins, then run `ssh {self.host}` once "
+                "and accept it",
+            ) from exc
+        except ConnectionFailed as exc:
+            if isinstance(exc.__cause__, paramiko.AuthenticationException):
+                fix = (
+                    f"make `ssh {self.host}` log in without a password prompt: `ssh-copy-id {self.host}`, "
+                    f"or User/IdentityFile under `Host {self.host}` in ~/.ssh/config (or user=/key_filename= "
+                    "in the config file)"
+                )
+            else:
+                fix = (
+                    f"check HostName and Port of {self.host} (`ssh -G {self.host}` shows what is used), "
+                    f"your network or VPN, and that `ssh {self.host}` works from this machine"
+                )
+            raise CheckFailed(str(exc), fix) from exc
+        who = self.shell.run("id -un", timeout=30)
+        if who.returncode != 0:
+            raise CheckFailed(
+                f"logged in, but a command failed (exit {who.returncode}): {who.stderr.strip()}",
+                f"make non-interactive commands work: `ssh {self.host} id -un` must print your user name",
+            )
+        target = self.shell.target
+        return f"{who.stdout.strip()}@{target.hostname}:{target.port} ({self.host})"
+
+    def check_scheduler(self) -> str:
+        assert self.shell is not None
+        self.scheduler = _scheduler(self.shell, self.options, self.job_options)
+        try:
+            self.scheduler.prepare()
+        except SchedulerError as exc:
+            raise CheckFailed(
+                str(exc),
+                f'add Grid Engine to PATH for non-interactive logins, or command_setup = ["source '
+                f'$SGE_ROOT/default/common/settings.sh"] under [hosts."{self.host}"] in {config_path()}',
+            ) from exc
+        version = self.scheduler.run("qstat -help 2>&1 | head -n 1", timeout=30).stdout.strip()
+        return f"qsub, qstat, qdel found ({version or 'version unknown'})"
+
+    def check_python(self) -> str:
+        assert self.shell is not None
+        python = self.job_options.python
+        client = sys.version_info
+        wanted = f"{client.major}.{client.minor}"
+        head = self._head_python()
+        version, node, job_id, stderr = self._probe_job()
+        on_head = f"{head[0]} on the head node" if head[0] else f"not runnable on the head node ({head[1]})"
+        if version is None:
+            raise CheckFailed(
+                f"{python} did not run in test job {job_id}; {on_head}\nstderr of the job:\n"
+                + (stderr.strip() or "(empty)"),
+                f"pass --python (python = in the config file) the path of a Python {wanted} on the "
+                'nodes, or setup lines that provide one (e.g. setup = ["module load python"])',
+            )
+        if tuple(int(p) for p in version.split(".")[:2]) != (client.major, client.minor):
+            raise CheckFailed(
+                f"the nodes run Python {version} ({python} in test job {job_id} on {node}), this client "
+                f"runs Python {client.major}.{client.minor}.{client.micro}; {on_head}",
+                f"pickled calls only travel between equal minor versions: point python= at a Python "
+                f"{wanted} on the nodes (or setup= lines that load one), or run this client with "
+                f"Python {'.'.join(version.split('.')[:2])}",
+            )
+        return (
+            f"Python {version} in test job {job_id} on {node}, {on_head}; this client runs "
+            f"{client.major}.{client.minor}.{client.micro}"
+        )
+
+    def check_callback(self) -> str:
+        from sheepdog_executor.executor import GridEngineExecutor
+        from sheepdog_executor.tunnel import choose_route
+
+        assert self.shell is not None and self.scheduler is not None
+        address = self.options.get("callback_address") or self.shell.callback_address()
+        port = int(self.options.get("callback_port", executor_default("callback_port")))
+        mode = self.options.get("callback", executor_default("callback"))
+        try:  # decided here once (auto probes from the head node), so it can be reported
+            route = choose_route(self.shell, mode, address, port)
+        except ConfigurationError as exc:
+            raise CheckFailed(str(exc), "set callback to 'auto', 'direct' or 'tunnel'") from exc
+        if route.mode == "direct":
+            how = f"directly to {address}"
+            fix = (
+                "the nodes must open TCP connections to this machine: pass --callback-address "
+                "(callback_address = in the config file) an address of it they can route to and let its "
+                'firewall accept them, or use callback = "tunnel" to come back through the SSH connection'
+            )
+            try:  # the executor would find out too, but only after it made its session directory
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                    probe.bind((address, port))
+            except OSError as exc:
+                raise CheckFailed(
+                    f"this client cannot listen on {address}:{port}: {exc}",
+                    "pass --callback-address (callback_address = in the config file) an address of "
+                    'this machine (see `ip -brief address`), or use callback = "tunnel"',
+                ) from exc
+        else:
+            how = "through the SSH connection (tunnel and relay on the head node)"
+            how += f"; a direct connection is impossible: {route.why}" if route.why else ""
+            fix = (
+                "the nodes must reach the relay's port on the head node: ask the admins whether a "
+                'firewall between nodes and head node blocks it, or use callback = "direct" with a '
+                "--callback-address of this machine the nodes can reach"
+            )
+        options = {**self.options, "max_workers": 1, "callback": route.mode}
+        started = time.monotonic()
+        try:
+            executor = GridEngineExecutor(host=self.host, **options)
+        except SheepdogError as exc:
+            raise CheckFailed(
+                f"the executor did not start: {exc}", "fix what the message says and run doctor again"
+            ) from exc
+        with executor:  # leaving by an exception aborts: the job is removed at once
+            future = executor.submit(socket.gethostname)
+            try:
+                node = future.result(self.timeout)
+            except FuturesTimeout:
+                raise CheckFailed(self._silence(executor.job_ids, executor.session_dir, how), fix) from None
+            except WorkerStartFailed as exc:
+                raise CheckFailed(f"the test job's worker never came back {how}:\n{exc}", fix) from exc
+            except Exception as exc:
+                raise CheckFailed(
+                    f"the test call failed: {type(exc).__name__}: {exc}",
+                    "fix what the message says and run doctor again",
+                ) from exc
+        return f"a call ran on {node} and came back {how}, {time.monotonic() - started:.1f} s after the start"
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _head_python(self) -> tuple[str | None, str]:
+        """(version, why not) of the interpreter on the head node, after the set-up lines."""
+        assert self.shell is not None
+        command = f"{shlex.quote(self.job_options.python)} -c {shlex.quote(_VERSION_SNIPPET)}"
+        done = self.shell.run("\n".join([*self.job_options.setup, command]), timeout=60)
+        lines = done.stdout.strip().splitlines()
+        if done.returncode == 0 and lines and re.fullmatch(r"\d+\.\d+\.\d+", lines[-1]):
+            return lines[-1], ""
+        why = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+        return None, why
+
+    def _probe_job(self) -> tuple[str | None, str, str, str]:
+        """Run the interpreter in one job shaped like the executor's (same options and set-up).
+
+        Returns (version or None, node, job id, stderr of the job)."""
+        assert self.shell is not None
+        shell = self.shell
+        probe_dir = f"{_session_root(shell, self.options)}/doctor-{_stamp()}"
+        launch = WorkerLaunch(probe_dir, "doctor-probe")
+        scheduler = _scheduler(
+            shell, self.options, dataclasses.replace(self.job_options, job_name="sheepdog-doctor")
+        )
+        job_id = ""
+        try:
+            shell.put(launch.bundle_path, _probe_bundle(), 0o600)
+            try:
+                job_id = scheduler.submit(launch, 1)
+            except SchedulerError as exc:
+                raise CheckFailed(
+                    f"the test job was refused: {exc}",
+                    "check queue, resources, parallel_environment and qsub_args in your options",
+                ) from exc
+            self._wait_until_gone(scheduler, job_id)
+            out = shlex.quote(launch.output_path(job_id, 1, "out"))
+            # on a shared filesystem the output file can appear a moment after the job ended
+            wait = f"for i in 1 2 3 4 5 6 7 8 9 10; do [ -e {out} ] && break; sleep 0.5; done; cat {out}"
+            match = _PROBE_LINE.search(shell.run(f"{wait} 2>/dev/null", timeout=30).stdout)
+            stderr = scheduler.output_tail(launch, job_id, 1)
+            if match is None:
+                return None, "?", job_id, stderr
+            return ".".join(match.group(1, 2, 3)), match.group(4), job_id, stderr
+        finally:
+            if job_id and scheduler.poll([job_id]):
+                scheduler.cancel([job_id])
+            shell.run(f"rm -rf {shlex.quote(probe_dir)}", timeout=30)
+
+    def _wait_until_gone(self, scheduler: GridEngineScheduler, job_id: str) -> None:
+        deadline = time.monotonic() + self.timeout
+        checked = time.monotonic()
+        while True:
+            tasks = scheduler.poll([job_id]).get(job_id)
+            if not tasks:
+                return
+            queued = all(state is TaskState.QUEUED for state in tasks.values())
+            if queued and time.monotonic() - checked > 3:
+                checked = time.monotonic()
+                error = self._job_info(scheduler, job_id, "error reason")
+                if error:
+                    raise CheckFailed(
+                        f"the test job {job_id} is in error state: {error}",
+                        "check that working_directory exists on the nodes and that the session "
+                        "directory (session_root, on a filesystem the nodes share) is writable there; "
+                        f"`qstat -j {job_id}` shows the reason",
+                    )
+            if time.monotonic() > deadline:
+                why = self._job_info(scheduler, job_id, "scheduling info")
+                state = "waiting in the queue" if queued else "running"
+                raise CheckFailed(
+                    f"the test job {job_id} was still {state} after {self.timeout:.0f} s"
+                    + (f"; scheduling info: {why}" if why else ""),
+                    "if the cluster is busy run doctor again with a longer --timeout; otherwise check "
+                    f"that queue, resources and parallel_environment fit the cluster (`qstat -j {job_id}`)",
+                )
+            time.sleep(1.0)
+
+    def _job_info(self, scheduler: GridEngineScheduler, job_id: str, field: str) -> str:
+        """The lines of ``qstat -j`` that start with ``field`` (their values, joined)."""
+        text = scheduler.run(f"qstat -j {shlex.quote(job_id)}", timeout=30).stdout
+        values = [
+            line.split(":", 1)[1].strip()
+            for line in text.splitlines()
+            if line.lower().startswith(field) and ":" in line
+        ]
+        return "; ".join(v for v in values if v and "no messages available" not in v)
+
+    def _silence(self, job_ids: list[str], session_dir: str, how: str) -> str:
+        """Why a call got no answer in time: the job is queued, or runs but never calls back."""
+        assert self.scheduler is not None
+        if not job_ids:
+            return f"no job was submitted within {self.timeout:.0f} s"
+        job_id = job_ids[-1]
+        tasks = self.scheduler.poll([job_id]).get(job_id, {})
+        if tasks and all(state is TaskState.QUEUED for state in tasks.values()):
+            return (
+                f"test job {job_id} was still waiting in the queue after {self.timeout:.0f} s; if the "
+                "cluster is busy, run doctor again with a longer --timeout"
+            )
+        tail = self.scheduler.output_tail(WorkerLaunch(session_dir, ""), job_id, 1).strip()
+        return f"test job {job_id} ran, but no answer came back {how} within {self.timeout:.0f} s" + (
+            f"; stderr of the task:\n{tail}" if tail else ""
+        )
+
+
+def _stamp() -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
+
+
+def _probe_bundle() -> bytes:
+    """A zip that, run as the worker bundle, prints its Python version and node and exits."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("__main__.py", _PROBE_MAIN)
+    return buffer.getvalue()
+
+
+# -- cleanup ------------------------------------------------------------------------------------
+@dataclass
+class LeftJob:
+    """One of the user's jobs that runs our worker from a session directory."""
+
+    id: str
+    name: str
+    session: str
+
+
+@dataclass
+class SessionDir:
+    """A directory under the session root that holds a session's secret or worker bundle."""
+
+    name: str
+    endpoint: str | None
+    old: bool
+
+
+def cleanup(host: str, *, dry_run: bool = False, force: bool = False, out: TextIO | None = None) -> int:
+    """Remove what clients that died left on ``host``; return the exit status."""
+    out = out or sys.stdout
+    try:
+        options = resolve_options(host, {})
+        shell = _connect(host, options)
+    except (ConfigurationError, ConnectionFailed) as exc:
+        print(f"error: {exc}", file=out)
+        return 1
+    try:
+        scheduler = _scheduler(shell, options, JobOptions())
+        scheduler.prepare()
+        root = _session_root(shell, options)
+        jobs = find_left_jobs(scheduler, root)
+        sessions = list_sessions(shell, root)
+        verb = "would remove" if dry_run else "removed"
+        removed_jobs = removed_dirs = kept = 0
+        for name in sorted(set(sessions) | {job.session for job in jobs}):
+            job_ids = [job.id for job in jobs if job.session == name]
+            what = ", ".join(f"job {job.id} ({job.name})" for job in jobs if job.session == name)
+            verdict, why = judge_session(shell, name, sessions.get(name), force)
+            if verdict == "keep":
+                kept += 1
+                print(f"kept {name}: {what or 'no jobs'}; {why}", file=out)
+                continue
+            if not dry_run:
+                _remove(scheduler, shell, root, name, job_ids, name in sessions)
+            removed_jobs += len(job_ids)
+            removed_dirs += name in sessions
+            parts = [what] if what else []
+            parts += ["the directory"] if name in sessions else []
+            print(f"{verb} {name}: {' and '.join(parts)}; {why}", file=out)
+        print(
+            f"{verb} {removed_jobs} job(s) and {removed_dirs} session directories, kept {kept} "
+            f"session(s), under {root} on {host}",
+            file=out,
+        )
+        return 0
+    except SheepdogError as exc:
+        print(f"error: {exc}", file=out)
+        return 1
+    finally:
+        shell.close()
+
+
+def find_left_jobs(scheduler: GridEngineScheduler, root: str) -> list[LeftJob]:
+    """The user's jobs whose output goes to a session directory under ``root``.
+
+    The executor's job script always sends task output to ``SESSION/task-$JOB_ID-$TASK_ID.out`` and
+    runs ``SESSION/bundle.zip``; that output path, which ``qstat -j`` shows, names the session. The
+    job name is not used (``job_name=`` changes it). Jobs of other users are never listed.
+    """
+    me = scheduler.run("id -un", timeout=30).stdout.strip()
+    listing = scheduler.run(f"qstat -xml -u {shlex.quote(me)}", timeout=60)
+    if not me or listing.returncode != 0:
+        raise SchedulerError(f"qstat failed on {scheduler.shell.description}: {listing.stderr.strip()}")
+    numbers = {
+        (e.findtext("JB_job_number") or "").strip() for e in ET.fromstring(listing.stdout).iter("job_list")
+    }
+    ids = sorted(numbers - {""}, key=int)
+    if not ids:
+        return []
+    details = scheduler.run(f"qstat -j {shlex.quote(','.join(ids))} -xml", timeout=60)
+    if details.returncode != 0:
+        raise SchedulerError(f"qstat -j failed on {scheduler.shell.description}: {details.stderr.strip()}")
+    prefix, suffix = WorkerLaunch("SESSION", "").output_path("$JOB_ID", "$TASK_ID", "out").split("SESSION")
+    found = []
+    for element in ET.fromstring(details.stdout).findall("./djob_info/element"):
+        number = (element.findtext("JB_job_number") or "").strip()
+        if (element.findtext("JB_owner") or "").strip() != me:
+            continue
+        path = (element.findtext("JB_stdout_path_list/path_list/PN_path") or "").strip()
+        if not (path.startswith(f"{root}/{prefix}") and path.endswith(suffix)):
+            continue
+        session = path[len(root) + 1 + len(prefix) : len(path) - len(suffix)]
+        if _plain_name(session):
+            found.append(LeftJob(number, (element.findtext("JB_job_name") or "").strip(), session))
+    return found
+
+
+def list_sessions(shell: Shell, root: str) -> dict[str, SessionDir]:
+    """The directories under ``root`` that hold a session's secret or worker bundle, with their
+    endpoint record and whether they are older than any doctor run."""
+    script = (
+        f"cd {shlex.quote(root)} 2>/dev/null || exit 0\n"
+        'for d in */; do d=${d%/}; [ -d "$d" ] || continue\n'
+        '  [ -e "$d/secret" ] || [ -e "$d/bundle.zip" ] || continue\n'
+        f'  old=$(find "$d" -maxdepth 0 -mmin +{DOCTOR_LEFTOVER_MINUTES} 2>/dev/null)\n'
+        f'  printf "%s\\t%s\\t%s\\n" "$d" "${{old:+old}}" "$(head -n 1 "$d/{ENDPOINT_RECORD}" 2>/dev/null)"\n'
+        "done"
+    )
+    sessions = {}
+    for line in shell.run(script, timeout=60).stdout.splitlines():
+        name, old, endpoint = (line.split("\t") + ["", ""])[:3]
+        if _plain_name(name):
+            sessions[name] = SessionDir(name, endpoint.strip() or None, old == "old")
+    return sessions
+
+
+def judge_session(shell: Shell, name: str, session: SessionDir | None, force: bool) -> tuple[str, str]:
+    """("remove" or "keep", why): a session is removed only when its client is known to be gone,
+    or cannot be checked and ``force`` is set; a client that answers is never touched."""
+    if session is None:
+        return "remove", "its session directory is gone, so its tasks cannot start a worker"
+    if session.endpoint:
+        state, seen = probe_endpoint(shell, session.endpoint)
+        if state == "gone":
+            return "remove", f"its client is gone ({session.endpoint}: {seen})"
+        if state == "alive":
+            return "keep", f"its client is alive ({session.endpoint}: {seen})"
+        why = f"cannot tell whether its client at {session.endpoint} still runs ({seen})"
+    elif name.startswith("doctor-") and session.old:
+        return "remove", f"left by a doctor run more than {DOCTOR_LEFTOVER_MINUTES} minutes ago"
+    else:
+        why = f"cannot tell whether its client still runs (no {ENDPOINT_RECORD} record in its directory)"
+    if force:
+        return "remove", why + "; removed because of --force"
+    return "keep", why + "; --force removes it"
+
+
+def probe_endpoint(shell: Shell, url: str) -> tuple[str, str]:
+    """Open a TCP connection to a client's endpoint from the head node (the nodes' side).
+
+    Returns ("alive" | "gone" | "unknown", what was seen); only a refused connection means gone.
+    """
+    parts = urllib.parse.urlsplit(url)
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host, port = None, None
+    if not host or not port or not re.fullmatch(r"[\w.:-]+", host):
+        return "unknown", f"unreadable endpoint record {url!r}"
+    connect = f"exec 3<>/dev/tcp/{host}/{int(port)}"
+    done = shell.run(f"timeout 5 bash -c {shlex.quote(connect)} 2>&1", timeout=30)
+    text = (done.stdout + done.stderr).strip()
+    if done.returncode == 0:
+        return "alive", "it accepts connections"
+    if "connection refused" in text.lower():
+        return "gone", "connection refused"
+    if done.returncode == 124:
+        return "unknown", "no answer within 5 s"
+    return "unknown", text.splitlines()[-1] if text else f"exit {done.returncode}"
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and "/" not in name and "\n" not in name
+
+
+def _remove(
+    scheduler: GridEngineScheduler, shell: Shell, root: str, name: str, job_ids: list[str], has_dir: bool
+) -> None:
+    """qdel a session's jobs, wait (up to 30 s) until they left the queue, delete its directory."""
+    if job_ids:
+        scheduler.cancel(job_ids)
+        deadline = time.monotonic() + 30
+        while scheduler.poll(job_ids) and time.monotonic() < deadline:
+            time.sleep(1.0)
+    if has_dir:
+        if not (root.startswith("/") and _plain_name(name)):
+            raise AssertionError(f"refusing to remove {root}/{name}")
+        shell.run(f"rm -rf {shlex.quote(f'{root}/{name}')}", timeout=60)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

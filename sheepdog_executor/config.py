@@ -1,0 +1,280 @@
+"""Defaults for executor options from the user's config file and ``SHEEPDOG_<OPTION>`` variables.
+
+The file (``~/.config/sheepdog-executor/config.toml``, or ``$SHEEPDOG_EXECUTOR_CONFIG``) has a
+``[default]`` table and one table per host alias, ``[hosts."fear"]``. An option takes the first value
+found in: the explicit argument, the environment, the host's table, ``[default]``; options found
+nowhere are left out, so the executor's own defaults apply.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import inspect
+import os
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sheepdog_executor.errors import ConfigurationError
+from sheepdog_executor.tunnel import CALLBACK_MODES
+
+CONFIG_ENV = "SHEEPDOG_EXECUTOR_CONFIG"
+DEFAULT_CONFIG_PATH = "~/.config/sheepdog-executor/config.toml"
+ENV_PREFIX = "SHEEPDOG_"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+@dataclass(frozen=True)
+class Option:
+    """How one option is written: ``kind`` is int, float, bool, str, "lines", "args" or "resources"."""
+
+    kind: type | str
+    #: The values a string option may take, when only a few are valid.
+    choices: tuple[str, ...] = ()
+
+    @property
+    def scalar(self) -> bool:
+        """Scalars can also be set from the environment."""
+        return isinstance(self.kind, type)
+
+    def describe(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        return {
+            int: "an integer",
+            float: "a number",
+            bool: "true or false",
+            str: "a string",
+            "lines": "a string or an array of strings",
+            "args": "an array of strings",
+            "resources": 'a table of strings (h_vmem = "2G") or an array of "name=value" strings',
+        }[self.kind]
+
+
+#: Every option of GridEngineExecutor that a file or the environment may set (not callables, not host).
+OPTIONS: dict[str, Option] = {
+    "max_workers": Option(int),
+    # SSH
+    "user": Option(str),
+    "port": Option(int),
+    "key_filename": Option(str),
+    "ssh_config": Option(str),
+    "connect_timeout": Option(float),
+    # the jobs
+    "queue": Option(str),
+    "resources": Option("resources"),
+    "parallel_environment": Option(str),
+    "slots": Option(int),
+    "job_name": Option(str),
+    "working_directory": Option(str),
+    "qsub_args": Option("args"),
+    "setup": Option("lines"),
+    "python": Option(str),
+    "command_setup": Option("lines"),
+    # the executor
+    "retries": Option(int),
+    "batch_window": Option(float),
+    "poll_interval": Option(float),
+    "idle_timeout": Option(float),
+    "heartbeat": Option(float),
+    "heartbeat_timeout": Option(float),
+    "callback_address": Option(str),
+    "callback_port": Option(int),
+    "callback": Option(str, CALLBACK_MODES),
+    "tls": Option(bool),
+    "session_root": Option(str),
+    "echo_output": Option(bool),
+}
+
+
+def env_name(option: str) -> str:
+    """The environment variable of an option: ``max_workers`` -> ``SHEEPDOG_MAX_WORKERS``."""
+    return ENV_PREFIX + option.upper()
+
+
+def config_path() -> Path:
+    """Where the config file is (it need not exist)."""
+    return Path(os.path.expanduser(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH))
+
+
+def resolve_options(host: str | None, explicit: Mapping[str, Any]) -> dict[str, Any]:
+    """The options for an executor on ``host``: ``explicit`` first, then the environment, then the
+    host's table, then ``[default]``. Raises ConfigurationError for unknown keys or wrong types."""
+    defaults, per_host = load_config()
+    resolved: dict[str, Any] = dict(defaults)
+    resolved.update(per_host.get(host, {}) if host is not None else {})
+    resolved.update(environment_options())
+    resolved.update(explicit)
+    return resolved
+
+
+def load_config(path: Path | None = None) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The validated ``[default]`` table and the ``[hosts."..."]`` tables of the config file.
+
+    A missing file is an empty config, unless its path was given with $SHEEPDOG_EXECUTOR_CONFIG.
+    """
+    explicit_path = path is not None or bool(os.environ.get(CONFIG_ENV))
+    path = path or config_path()
+    if not path.exists():
+        if explicit_path:
+            raise ConfigurationError(f"config file {path} (from ${CONFIG_ENV}) does not exist")
+        return {}, {}
+    data = _read_toml(path)
+    for key in data:
+        if key not in ("default", "hosts"):
+            raise ConfigurationError(
+                f"{path}: unknown table or key {key!r} at the top level; only [default] and "
+                '[hosts."ALIAS"] tables are read (options go inside them)'
+            )
+    defaults = _table(path, "[default]", data.get("default", {}))
+    hosts = data.get("hosts", {})
+    if not isinstance(hosts, dict):
+        raise ConfigurationError(f'{path}: "hosts" must be tables, written [hosts."ALIAS"]')
+    per_host = {name: _table(path, f'[hosts."{name}"]', table) for name, table in hosts.items()}
+    return defaults, per_host
+
+
+def environment_options(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Scalar options set as ``SHEEPDOG_<OPTION>``; empty variables count as unset, and other
+    ``SHEEPDOG_*`` variables (``SHEEPDOG_EXECUTOR_CONFIG``, the workers' own) are not options."""
+    environ = os.environ if environ is None else environ
+    found: dict[str, Any] = {}
+    for name, option in OPTIONS.items():
+        raw = environ.get(env_name(name), "").strip()
+        if not raw:
+            continue
+        if not option.scalar:
+            raise ConfigurationError(
+                f"${env_name(name)} is set, but {name} is {option.describe()} and is only read from "
+                f"the config file ({config_path()}) or given as an argument"
+            )
+        found[name] = _parse_env(name, option, raw)
+    return found
+
+
+def uses_config(init: F) -> F:
+    """Decorate an executor's ``__init__``: options not passed explicitly come from
+    ``resolve_options`` (the signature's defaults hide what was passed, so this looks at the call)."""
+    signature = inspect.signature(init)
+    params = list(signature.parameters.values())
+    if any(p.kind in (p.VAR_POSITIONAL, p.POSITIONAL_ONLY) for p in params):
+        raise TypeError("uses_config needs an __init__ whose parameters can all be given by name")
+    self_name = params[0].name
+    var_keyword = next((p.name for p in params if p.kind is p.VAR_KEYWORD), None)
+
+    @functools.wraps(init)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        arguments = dict(signature.bind(*args, **kwargs).arguments)
+        self = arguments.pop(self_name)
+        if var_keyword is not None:
+            arguments.update(arguments.pop(var_keyword, {}))
+        return init(self, **resolve_options(arguments.get("host"), arguments))
+
+    return wrapper  # type: ignore[return-value]
+
+
+# -- reading and checking ----------------------------------------------------------------------
+def _read_toml(path: Path) -> dict[str, Any]:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError:
+            raise ConfigurationError(
+                f"reading {path} needs Python 3.11+ or the 'tomli' package (pip install tomli)"
+            )
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError(f"{path} is not valid TOML: {exc}")
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read config file {path}: {exc}")
+
+
+def _table(path: Path, where: str, table: Any) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise ConfigurationError(f"{path}: {where} must be a table of options")
+    checked: dict[str, Any] = {}
+    for key, value in table.items():
+        option = OPTIONS.get(key)
+        if option is None:
+            raise ConfigurationError(f"{path}: unknown option {key!r} in {where}{_suggest(key)}")
+        checked[key] = _check_value(key, option, value, f"{path}: {key} in {where}")
+    return checked
+
+
+def _suggest(key: str) -> str:
+    if key == "host":
+        return '; the host is the table\'s name, [hosts."ALIAS"]'
+    close = difflib.get_close_matches(key, OPTIONS, n=1)
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    return "; known options: " + ", ".join(sorted(OPTIONS))
+
+
+def _check_value(key: str, option: Option, value: Any, where: str) -> Any:
+    def wrong() -> ConfigurationError:
+        return ConfigurationError(f"{where} must be {option.describe()}, not {value!r}")
+
+    kind = option.kind
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise wrong()
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong()
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise wrong()
+        value = float(value)
+    elif kind is str:
+        if not isinstance(value, str) or (option.choices and value not in option.choices):
+            raise wrong()
+    elif kind == "lines":
+        if not isinstance(value, str) and not _strings(value):
+            raise wrong()
+    elif kind == "args":
+        if not _strings(value):
+            raise wrong()
+    elif kind == "resources":
+        if isinstance(value, dict):
+            if not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value.values()):
+                raise wrong()
+            value = {name: str(v) for name, v in value.items()}
+        elif not _strings(value):
+            raise wrong()
+    return value
+
+
+def _strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _parse_env(name: str, option: Option, raw: str) -> Any:
+    variable = env_name(name)
+    kind = option.kind
+    try:
+        if kind is bool:
+            if raw.lower() in _TRUE:
+                return True
+            if raw.lower() in _FALSE:
+                return False
+            raise ValueError(raw)
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        if option.choices and raw not in option.choices:
+            raise ValueError(raw)
+    except ValueError:
+        raise ConfigurationError(f"${variable}={raw!r} must be {option.describe()}")
+    return raw
