@@ -164,6 +164,16 @@ class Dispatcher:
         self, worker_id: str, results: list[tuple[Any, ...]], fatal: bytes | None = None
     ) -> dict[str, Any] | None:
         """Take a worker's results; return its next calls, ``{"stop": True}``, or None to wait."""
+        try:
+            return self._exchange(worker_id, results, fatal)
+        except Exception as exc:  # a bug here must fail the futures loudly, never strand them
+            log.exception("dispatcher failed")
+            self.break_(BrokenGridEngineExecutor(f"internal error in the dispatcher: {exc!r}"))
+            return {"stop": True}
+
+    def _exchange(
+        self, worker_id: str, results: list[tuple[Any, ...]], fatal: bytes | None
+    ) -> dict[str, Any] | None:
         delivered = []
         with self._lock:
             worker = self.workers.get(worker_id)
@@ -234,7 +244,7 @@ class Dispatcher:
         size = 0
         while self._pending and len(batch) < want and (not batch or size < MAX_BYTES_PER_REPLY):
             item = self._pending.popleft()
-            if not item.future.set_running_or_notify_cancel():
+            if item.attempt == 0 and not item.future.set_running_or_notify_cancel():
                 del self._items[item.id]
                 self._release_function(item.fn_key)
                 continue

@@ -1,0 +1,172 @@
+"""Faults injected on the real cell: every future ends with the right outcome within a bound, and
+nothing of ours stays queued."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import CELL_ALIAS, our_jobs, ssh
+
+from sheepdog_executor import GridEngineExecutor, WorkerLost
+
+pytestmark = pytest.mark.cluster
+
+
+def slow(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def die_once(marker: str) -> tuple[str, int]:
+    """Kill its own process the first time (as the OOM killer would); succeed when run again."""
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return os.environ.get("SGE_TASK_ID", "?"), os.getpid()
+
+
+def wait_until(predicate: Callable[[], Any], within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def running_worker(executor: GridEngineExecutor, future: Future[Any]) -> tuple[str, int]:
+    """(job, task) of the worker running ``future``'s call, once it runs."""
+    wait_until(future.running, 60, "the call to start")
+    workers = executor._session.dispatcher.workers
+    wait_until(lambda: any(w.items for w in workers.values()), 30, "a worker to hold the call")
+    worker = next(w for w in list(workers.values()) if w.items)
+    return worker.job, worker.task
+
+
+def test_worker_killed_with_sigkill_fails_with_accounting(
+    make_executor: Callable[..., GridEngineExecutor],
+) -> None:
+    executor = make_executor(max_workers=1)
+    future = executor.submit(slow, 300)
+    job, task = running_worker(executor, future)
+    ssh(f"pkill -9 -f {executor.session_dir}/bundle.zip")
+    started = time.monotonic()
+    error = future.exception(timeout=60)
+    assert isinstance(error, WorkerLost)
+    assert error.job_id == job and error.task_id == task
+    assert f"Grid Engine job {job}, task {task}" in str(error)
+    assert error.accounting.get("exit_status", "").startswith("137")
+    assert time.monotonic() - started < 45
+
+
+def test_task_deleted_by_someone_else(make_executor: Callable[..., GridEngineExecutor]) -> None:
+    executor = make_executor(max_workers=1)
+    future = executor.submit(slow, 300)
+    job, task = running_worker(executor, future)
+    ssh(f"qdel {job} -t {task}")
+    error = future.exception(timeout=60)
+    assert isinstance(error, WorkerLost) and error.job_id == job
+    assert "failed" in error.accounting and error.accounting["failed"] != "0"
+
+
+def test_task_over_its_walltime(make_executor: Callable[..., GridEngineExecutor]) -> None:
+    executor = make_executor(max_workers=1, resources={"h_rt": "0:0:5"})
+    future = executor.submit(slow, 300)
+    error = future.exception(timeout=90)
+    assert isinstance(error, WorkerLost)
+    assert error.accounting.get("exit_status", "").startswith("137")
+    assert "h_rt" in error.accounting.get("failed", "") or error.accounting.get("failed") != "0"
+
+
+def test_retries_run_a_lost_call_again_in_a_new_task(
+    make_executor: Callable[..., GridEngineExecutor],
+) -> None:
+    executor = make_executor(max_workers=2, retries=1)
+    marker = f"{executor.session_dir}/died-once"
+    task, pid = executor.submit(die_once, marker).result(timeout=90)
+    assert ssh(f"test -e {marker} && echo yes").stdout.strip() == "yes"  # the first run did die
+    assert pid > 0 and task.isdigit()
+
+
+def test_no_retry_when_the_call_itself_raised(make_executor: Callable[..., GridEngineExecutor]) -> None:
+    executor = make_executor(max_workers=1, retries=3)
+    calls = executor.submit(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        calls.result(timeout=60)
+    assert executor._session.dispatcher.tasks_seen  # ran once, on the cell
+    assert len(executor.job_ids) == 1
+
+
+def test_hung_worker_is_declared_lost_and_its_call_retried(
+    make_executor: Callable[..., GridEngineExecutor],
+) -> None:
+    executor = make_executor(max_workers=2, retries=1, heartbeat=1.0, heartbeat_timeout=6.0)
+    future = executor.submit(slow, 8)
+    job, task = running_worker(executor, future)
+    ssh(f"pkill -STOP -f {executor.session_dir}/bundle.zip")  # the node freezes: no heartbeats
+    started = time.monotonic()
+    assert future.result(timeout=90) == 8  # run again by a new task
+    assert time.monotonic() - started < 60
+    # the frozen task was removed from the cell
+    wait_until(
+        lambda: str(task) not in str(our_jobs({job}).get(job, [])) or job not in our_jobs({job}),
+        30,
+        "the frozen task to be removed",
+    )
+
+
+@pytest.fixture
+def second_sshd() -> Iterator[Callable[[], None]]:
+    """An sshd of our own on 127.0.0.1:2223 that the test may kill and restart."""
+    config = Path("/var/lib/sheepdog-test-cell/sshd_config").read_text()
+    path = Path("/tmp/sheepdog-test-sshd-2223.conf")
+    pidfile = "/tmp/sheepdog-test-sshd-2223.pid"
+    lines = [line for line in config.splitlines() if not line.startswith(("Port", "PidFile"))]
+    path.write_text("\n".join([*lines, "Port 2223", f"PidFile {pidfile}"]) + "\n")
+    known = Path("/root/.ssh/known_hosts")
+    if "[127.0.0.1]:2223" not in known.read_text():
+        keys = subprocess.run(
+            ["ssh-keyscan", "-p", "2222", "-t", "ed25519", "127.0.0.1"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        with known.open("a") as handle:
+            handle.write(keys.replace("[127.0.0.1]:2222", "[127.0.0.1]:2223"))
+
+    def start() -> None:
+        subprocess.run(["/usr/sbin/sshd", "-f", str(path)], check=True)
+        wait_until(
+            lambda: subprocess.run(["ssh", "-p", "2223", CELL_ALIAS, "true"]).returncode == 0,
+            10,
+            "sshd on 2223",
+        )
+
+    def kill() -> None:
+        pid = int(Path(pidfile).read_text())
+        subprocess.run(["pkill", "-9", "-P", str(pid)])  # its connections
+        os.kill(pid, signal.SIGKILL)
+        Path(pidfile).unlink(missing_ok=True)
+
+    start()
+    restart_holder = {"kill": kill, "start": start}
+    yield lambda: (restart_holder["kill"](), time.sleep(3), restart_holder["start"]())  # type: ignore[func-returns-value]
+    if Path(pidfile).exists():
+        kill()
+
+
+def test_sshd_restarted_mid_map(cell: str, second_sshd: Callable[[], None]) -> None:
+    with GridEngineExecutor(host=cell, port=2223, max_workers=4, poll_interval=0.3) as executor:
+        results = executor.map(slow, [0.5] * 40)
+        wait_until(lambda: executor.job_ids, 30, "the job")
+        second_sshd()  # connection cut, sshd down 3 s, back up
+        assert list(results) == [0.5] * 40
+        assert len(executor.job_ids) == 1  # nothing submitted twice
+        job_ids = executor.job_ids
+    assert not our_jobs(set(job_ids))

@@ -1,0 +1,69 @@
+"""No orphan jobs: Ctrl-C, an exception in the with body, interpreter exit and garbage collection
+all remove the executor's queued and running jobs from the real cell."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import our_jobs
+
+pytestmark = pytest.mark.cluster
+
+CHILD = Path(__file__).with_name("child_map.py")
+
+
+def start_child(mode: str, cell: str) -> tuple[subprocess.Popen[str], list[str]]:
+    child = subprocess.Popen(
+        [sys.executable, str(CHILD), mode, cell], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert child.stdout is not None
+    line = child.stdout.readline()
+    if not line:
+        child.kill()
+        raise AssertionError(f"child failed: {child.stderr.read() if child.stderr else ''}")
+    jobs = json.loads(line)["jobs"]
+    assert jobs and our_jobs(set(jobs)), "the child's tasks should be on the cell"
+    return child, jobs
+
+
+def wait_gone(jobs: list[str], within: float) -> float:
+    start = time.monotonic()
+    while our_jobs(set(jobs)):
+        assert time.monotonic() - start < within, f"jobs {jobs} still on the cell after {within} s"
+        time.sleep(0.5)
+    return time.monotonic() - start
+
+
+@pytest.mark.parametrize("mode", ["ctrl-c", "raise", "exit"])
+def test_child_leaves_no_jobs(cell: str, mode: str) -> None:
+    child, jobs = start_child(mode, cell)
+    if mode == "ctrl-c":
+        child.send_signal(signal.SIGINT)
+    try:
+        _, stderr = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    if mode == "ctrl-c":
+        assert "KeyboardInterrupt" in stderr
+    if mode == "raise":
+        assert "boom in the with body" in stderr
+    # the child removed its jobs before it exited
+    assert not our_jobs(set(jobs))
+
+
+def test_garbage_collected_executor_removes_its_jobs(cell: str) -> None:
+    child, jobs = start_child("gc", cell)
+    try:
+        assert child.stdout is not None
+        assert json.loads(child.stdout.readline()) == {"collected": True}
+        wait_gone(jobs, within=30)
+        assert child.poll() is None  # removed by the finalizer, not by the process ending
+    finally:
+        child.kill()
+        child.wait()
