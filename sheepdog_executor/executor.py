@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import cloudpickle
 
 from sheepdog_executor.bundle import worker_bundle
+from sheepdog_executor.config import uses_config
 from sheepdog_executor.dispatch import Dispatcher
 from sheepdog_executor.errors import BrokenGridEngineExecutor, ConfigurationError, ExecutorShutDown
 from sheepdog_executor.jobs import JobManager
@@ -110,6 +111,8 @@ class Session:
             f"{self.endpoint.scheme}://{host}:{port}",
             certificate.fingerprint if certificate else None,
         )
+        # the client's address, so that `sheepdog-executor cleanup` can tell a live client from a dead one
+        shell.put(f"{self.session_dir}/endpoint", f"{self.launch.url}\n".encode(), 0o600)
         self.jobs = JobManager(
             scheduler,
             self.dispatcher,
@@ -323,8 +326,10 @@ class GridEngineExecutor(ClusterExecutor):
 
     Takes ProcessPoolExecutor's ``max_workers``, ``initializer`` and ``initargs``; ``host`` is a host
     name or an alias of ``~/.ssh/config``; the other arguments shape the jobs (see the README).
+    Options not given here come from the config file and environment (see ``config.py``).
     """
 
+    @uses_config
     def __init__(
         self,
         max_workers: int | None = None,
