@@ -8,6 +8,7 @@ call, so a late or replayed result never resolves a Future twice.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -26,6 +27,7 @@ from sheepdog_executor.errors import (
     RemoteCallError,
     RemoteTraceback,
 )
+from sheepdog_executor.stats import Stats
 from sheepdog_executor.tracebacks import restore_source
 
 log = logging.getLogger("sheepdog_executor")
@@ -46,9 +48,11 @@ class WorkItem:
     fn_key: str
     kind: str  # "call" or "chunk"
     payload: bytes
+    batch: int = 0
     attempt: int = 0
     worker: str | None = None
     losses: list[str] = field(default_factory=list)
+    seconds: float = 0.0
 
 
 @dataclass(eq=False)
@@ -96,6 +100,7 @@ class Dispatcher:
         self._functions: dict[str, bytes] = {}
         self._function_users: dict[str, int] = {}
         self.workers: dict[str, Worker] = {}
+        self.stats = Stats()
         self.tasks_seen: set[tuple[str, int]] = set()  # (job, task) that ever said hello
         self.broken: BaseException | None = None
         self.stopping = False
@@ -104,19 +109,52 @@ class Dispatcher:
         self.on_work: Callable[[], None] = lambda: None
 
     # -- the user's side --------------------------------------------------------------------
-    def add(self, fn_key: str, fn_blob: bytes, calls: Iterable[tuple[str, bytes, Future[Any]]]) -> None:
-        """Queue calls of one function: (kind, pickled arguments, future) each."""
+    def add(
+        self,
+        fn_key: str,
+        fn_blob: bytes,
+        calls: Iterable[tuple[str, bytes, Future[Any]]],
+        batch: int = 0,
+        label: str = "",
+    ) -> None:
+        """Queue calls of one function: (kind, pickled arguments, future) each, as part of ``batch``."""
         with self._lock:
             if self.broken is not None:
                 raise BrokenGridEngineExecutor(str(self.broken)) from self.broken
             self._functions.setdefault(fn_key, fn_blob)
+            count = 0
             for kind, payload, future in calls:
-                item = WorkItem(next(self._ids), future, fn_key, kind, payload)
+                item = WorkItem(next(self._ids), future, fn_key, kind, payload, batch)
                 self._items[item.id] = item
                 self._pending.append(item)
                 self._function_users[fn_key] = self._function_users.get(fn_key, 0) + 1
+                count += 1
+                future.add_done_callback(functools.partial(self._note_end, item))
+            self.stats.queued(batch, label or f"batch {batch}", count)
         self.on_work()
         self.on_change()
+
+    def snapshot(self) -> dict[str, Any]:
+        """Batches, recent errors and live workers, JSON-able (for the status page and progress)."""
+        now = time.monotonic()
+        with self._lock:
+            workers = [
+                {
+                    "id": w.id,
+                    "host": w.host,
+                    "job": w.job,
+                    "task": w.task,
+                    "calls_done": w.calls_done,
+                    "holding": len(w.items),
+                    "seen_seconds_ago": round(now - w.last_seen, 1),
+                }
+                for w in self.workers.values()
+            ]
+        return {
+            **self.stats.snapshot(),
+            "workers": workers,
+            "broken": str(self.broken) if self.broken else None,
+        }
 
     def counts(self) -> tuple[int, int]:
         """(calls waiting for a worker, calls held by workers)."""
@@ -190,8 +228,9 @@ class Dispatcher:
                 worker.calls_done += 1
                 self._release_function(item.fn_key)
                 delivered.append((item, result))
-        for _, result in delivered:
+        for item, result in delivered:
             self._observe(result[5])
+            item.seconds = result[5]
         for item, (_, _, ok, data, output, _) in delivered:
             _resolve(item.future, ok, data, output, self._echo_output)
         if fatal is not None:
@@ -227,6 +266,18 @@ class Dispatcher:
         self.on_change()
         return {"stop": True}
 
+    def _note_end(self, item: WorkItem, future: Future[Any]) -> None:
+        """Done-callback of every call's Future: count how it ended."""
+        if future.cancelled():
+            self.stats.ended(item.batch, "cancelled", was_running=item.attempt > 0)
+            return
+        error = future.exception()
+        text = None
+        if error is not None:
+            cause = error.__cause__
+            text = str(cause) if isinstance(cause, RemoteTraceback) else f"{type(error).__name__}: {error}"
+        self.stats.ended(item.batch, "failed" if error else "done", item.seconds, text, item.attempt > 0)
+
     def _observe(self, seconds: float) -> None:
         average = self.call_seconds
         self.call_seconds = seconds if average is None else 0.8 * average + 0.2 * seconds
@@ -250,6 +301,7 @@ class Dispatcher:
                 continue
             item.attempt += 1
             item.worker = worker.id
+            self.stats.started(item.batch, worker.host)
             worker.items.add(item.id)
             batch.append(item)
             size += len(item.payload)
@@ -300,6 +352,7 @@ class Dispatcher:
             for item in reversed(retried):
                 log.warning("call %d lost (%s); running it again", item.id, ", ".join(item.losses))
                 self._pending.appendleft(item)
+                self.stats.requeued(item.batch)
         if retried:
             self.on_work()
             self.on_change()

@@ -41,6 +41,8 @@ log = logging.getLogger("sheepdog_executor")
 T = TypeVar("T")
 
 DEFAULT_MAX_WORKERS = 32
+#: Calls submitted within this many seconds of each other are counted as one batch.
+SUBMIT_BATCH_SECONDS = 1.0
 
 
 class Session:
@@ -201,6 +203,9 @@ class ClusterExecutor(Executor):
         self._max_workers = max_workers or DEFAULT_MAX_WORKERS
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
+        self._batch_ids = itertools.count(1)
+        self._submit_batch = 0
+        self._last_submit = 0.0
         init_blob = (
             cloudpickle.dumps((initializer, tuple(initargs)), protocol=PICKLE_PROTOCOL)
             if initializer is not None
@@ -238,7 +243,12 @@ class ClusterExecutor(Executor):
         payload = cloudpickle.dumps((args, kwargs), protocol=PICKLE_PROTOCOL)
         with self._shutdown_lock:
             self._check_open()
-            self._session.dispatcher.add(key, blob, [("call", payload, future)])
+            now = time.monotonic()
+            if now - self._last_submit > SUBMIT_BATCH_SECONDS:
+                self._submit_batch = next(self._batch_ids)
+            self._last_submit = now
+            label = f"submit({_name_of(fn)})"
+            self._session.dispatcher.add(key, blob, [("call", payload, future)], self._submit_batch, label)
         return future
 
     def map(
@@ -269,7 +279,9 @@ class ClusterExecutor(Executor):
                 )
         with self._shutdown_lock:
             self._check_open()
-            self._session.dispatcher.add(key, blob, calls)
+            batch = next(self._batch_ids)
+            self._last_submit = 0.0  # the next submit starts a batch of its own
+            self._session.dispatcher.add(key, blob, calls, batch, f"map({_name_of(fn)})")
         self._session.jobs.wake(flush=True)
         futures = [future for _, _, future in calls]
         results = _ordered_results(futures, end_time)
@@ -310,6 +322,13 @@ class ClusterExecutor(Executor):
             self._finalizer()
 
     # -- introspection ------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """A JSON-able picture of the executor: per batch queued/running/done/failed/retried calls,
+        hosts, durations, the last errors, the live workers and the jobs on the cluster."""
+        snapshot = self._session.dispatcher.snapshot()
+        snapshot["jobs"] = self.job_ids
+        return snapshot
+
     @property
     def job_ids(self) -> list[str]:
         """Ids of every job this executor submitted, in order."""
@@ -437,6 +456,10 @@ def _pickle_function(fn: Callable[..., Any]) -> tuple[str, bytes]:
     _ship_user_module(getattr(fn, "__module__", None))
     blob = cloudpickle.dumps(fn, protocol=PICKLE_PROTOCOL)
     return hashlib.sha256(blob).hexdigest()[:32], blob
+
+
+def _name_of(fn: Callable[..., Any]) -> str:
+    return str(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__)
 
 
 def _ship_user_module(name: str | None) -> None:
