@@ -1,0 +1,155 @@
+"""Fast unit tests of single modules: protocol, job script, scheduler output parsing, dispatcher."""
+
+from __future__ import annotations
+
+import pickle
+import time
+from concurrent.futures import Future
+from typing import Any
+
+import cloudpickle
+import pytest
+
+from sheepdog_executor.dispatch import Dispatcher
+from sheepdog_executor.errors import WorkerLost
+from sheepdog_executor.jobscript import JobOptions, WorkerLaunch, render_gridengine
+from sheepdog_executor.remote import protocol
+from sheepdog_executor.scheduler.base import TaskState
+from sheepdog_executor.scheduler.gridengine import jobs_writing_to, parse_qacct, parse_qstat_xml
+
+SECRET = b"s" * 64
+
+
+def test_signed_request_checks_out_and_tampering_does_not() -> None:
+    header, nonce = protocol.sign_request(SECRET, "POST", "/work", b"body")
+    assert protocol.check_request(SECRET, header, "POST", "/work", b"body") == nonce
+    assert protocol.check_request(SECRET, header, "POST", "/work", b"bodY") is None
+    assert protocol.check_request(SECRET, header, "POST", "/hello", b"body") is None
+    assert protocol.check_request(b"x" * 64, header, "POST", "/work", b"body") is None
+    assert protocol.check_request(SECRET, header, "POST", "/work", b"body", now=time.time() + 3600) is None
+    assert protocol.check_request(SECRET, None, "POST", "/work", b"body") is None
+    mac = protocol.sign_response(SECRET, nonce, b"reply")
+    assert protocol.check_response(SECRET, nonce, b"reply", mac)
+    assert not protocol.check_response(SECRET, "other", b"reply", mac)
+
+
+def test_job_script_has_options_and_no_secret() -> None:
+    options = JobOptions(
+        job_name="sweep",
+        queue="long.q",
+        resources={"h_vmem": "2G", "h_rt": "1:00:00"},
+        parallel_environment="smp",
+        slots=4,
+        setup=("module load python/3.11",),
+        python="/opt/py/bin/python3",
+        qsub_args=("-P", "proj x"),
+    )
+    launch = WorkerLaunch("/home/u/.sheepdog-executor/s1", "http://10.0.0.5:4242")
+    script = render_gridengine(options, launch, 8)
+    for line in (
+        "#$ -N sweep",
+        "#$ -t 1-8",
+        "#$ -q long.q",
+        "#$ -l h_vmem=2G",
+        "#$ -l h_rt=1:00:00",
+        "#$ -pe smp 4",
+        "#$ -P 'proj x'",
+        "module load python/3.11",
+    ):
+        assert line in script
+    assert script.strip().endswith(
+        "exec /opt/py/bin/python3 /home/u/.sheepdog-executor/s1/bundle.zip http://10.0.0.5:4242 "
+        "/home/u/.sheepdog-executor/s1/secret"
+    )
+
+
+QSTAT = """<?xml version='1.0'?>
+<job_info><queue_info>
+ <job_list state="running"><JB_job_number>7</JB_job_number><state>r</state><tasks>1</tasks></job_list>
+ <job_list state="running"><JB_job_number>7</JB_job_number><state>t</state><tasks>2</tasks></job_list>
+ <job_list state="running"><JB_job_number>9</JB_job_number><state>r</state><tasks>1</tasks></job_list>
+</queue_info><job_info>
+ <job_list state="pending"><JB_job_number>7</JB_job_number><state>qw</state><tasks>3-7:2</tasks></job_list>
+</job_info></job_info>"""
+
+
+def test_parse_qstat_xml_expands_task_ranges_and_filters_jobs() -> None:
+    states = parse_qstat_xml(QSTAT, {"7"})
+    assert states == {
+        "7": {
+            1: TaskState.RUNNING,
+            2: TaskState.RUNNING,
+            3: TaskState.QUEUED,
+            5: TaskState.QUEUED,
+            7: TaskState.QUEUED,
+        }
+    }
+
+
+def test_parse_qacct_and_qstat_j() -> None:
+    record = parse_qacct(
+        "==============\nqname all.q\nfailed       100 : assumedly after job\n"
+        "exit_status  137 (Killed)\nmaxvmem 1.2G\n"
+    )
+    assert record["failed"] == "100 : assumedly after job" and record["exit_status"] == "137 (Killed)"
+    listing = (
+        "job_number: 11\nstdout_path_list: NONE:NONE:/h/.sheepdog-executor/a/task-$JOB_ID.out\n"
+        "job_number: 12\nstdout_path_list: NONE:NONE:/tmp/x.out\n"
+    )
+    assert jobs_writing_to(listing, "/h/.sheepdog-executor/a/") == ["11"]
+
+
+def _result(item_id: int, attempt: int, value: Any) -> tuple[Any, ...]:
+    return (item_id, attempt, True, cloudpickle.dumps(value), "", 0.001)
+
+
+def _hello(dispatcher: Dispatcher, name: str) -> None:
+    reply = dispatcher.hello({"worker": name, "job": "1", "task": 1, "host": "n1", "python": [3, 11, 0]})
+    assert "error" not in reply
+
+
+def test_late_or_replayed_results_never_resolve_twice() -> None:
+    dispatcher = Dispatcher(retries=1, idle_timeout=60, python=(3, 11), max_workers=2)
+    future: Future[Any] = Future()
+    dispatcher.add("f", pickle.dumps(abs), [("call", pickle.dumps(((-1,), {})), future)])
+    _hello(dispatcher, "w1")
+    reply = dispatcher.exchange("w1", [])
+    assert reply is not None and len(reply["items"]) == 1
+    item_id, attempt = reply["items"][0][:2]
+    # w1 is declared lost; the call is retried by w2
+    lost = dispatcher.take_lost("w1")
+    assert dispatcher.retry_or_split(lost) == (lost, [])
+    _hello(dispatcher, "w2")
+    reply2 = dispatcher.exchange("w2", [])
+    assert reply2 is not None and reply2["items"][0][1] == attempt + 1
+    # w1 reports late: ignored (it is no longer a worker, and its attempt is stale)
+    assert dispatcher.exchange("w1", [_result(item_id, attempt, "late")]) == {"stop": True}
+    assert not future.done()
+    dispatcher.exchange("w2", [_result(item_id, attempt + 1, "fresh")])
+    assert future.result(timeout=1) == "fresh"
+    # a replay of the same result changes nothing
+    dispatcher.exchange("w2", [_result(item_id, attempt + 1, "replayed")])
+    assert future.result() == "fresh" and dispatcher.outstanding() == 0
+
+
+def test_out_of_retries_fails_with_the_error_given() -> None:
+    dispatcher = Dispatcher(retries=0, idle_timeout=60, python=(3, 11))
+    future: Future[Any] = Future()
+    dispatcher.add("f", pickle.dumps(abs), [("call", pickle.dumps(((-1,), {})), future)])
+    _hello(dispatcher, "w1")
+    dispatcher.exchange("w1", [])
+    retried, failed = dispatcher.retry_or_split(dispatcher.take_lost("w1"))
+    assert not retried and len(failed) == 1
+    dispatcher.fail_items(failed, WorkerLost("gone", job_id="1", task_id=1))
+    with pytest.raises(WorkerLost, match="Grid Engine job 1, task 1"):
+        future.result(timeout=1)
+    assert dispatcher.stats.snapshot()["batches"][0]["failed"] == 1
+
+
+def test_python_mismatch_fails_pending_calls() -> None:
+    dispatcher = Dispatcher(python=(3, 11))
+    future: Future[Any] = Future()
+    dispatcher.add("f", pickle.dumps(abs), [("call", pickle.dumps(((-1,), {})), future)])
+    reply = dispatcher.hello({"worker": "w", "job": "1", "task": 1, "host": "n", "python": [3, 9, 1]})
+    assert "Python 3.9.1" in reply["error"]
+    assert "3.9.1" in str(future.exception(timeout=1))
