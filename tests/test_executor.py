@@ -136,3 +136,30 @@ def test_submit_after_shutdown_raises(cell: str) -> None:
     assert threads == []
     assert not our_jobs(set(executor.job_ids))
     assert ssh(f"test -e {executor.session_dir} && echo left || echo gone").stdout.strip() == "gone"
+
+
+def chatty(x: int) -> int:
+    print(f"working on {x}")
+    if x < 0:
+        raise ValueError("negative")
+    return x
+
+
+def test_output_of_calls_is_captured(make_executor: Callable[..., GridEngineExecutor]) -> None:
+    executor = make_executor()
+    future = executor.submit(chatty, 3)
+    assert future.result(timeout=60) == 3
+    assert future.remote_output == "working on 3\n"  # type: ignore[attr-defined]
+    with pytest.raises(ValueError) as info:
+        executor.submit(chatty, -1).result(timeout=60)
+    assert "working on -1" in "\n".join(info.value.__notes__)
+
+
+def test_module_missing_on_the_nodes_is_named(make_executor: Callable[..., GridEngineExecutor]) -> None:
+    import tornado.escape  # installed on the client only; the nodes' python3 has no tornado
+
+    executor = make_executor()
+    with pytest.raises(ModuleNotFoundError, match="tornado") as info:
+        executor.submit(tornado.escape.json_encode, [1]).result(timeout=60)
+    assert "could not be unpickled on the node" in "\n".join(info.value.__notes__)
+    assert executor.submit(square, 5).result(timeout=60) == 25  # the worker survives it
