@@ -91,6 +91,8 @@ OPTIONS: dict[str, Option] = {
     "tls": Option(bool),
     "session_root": Option(str),
     "echo_output": Option(bool),
+    "status_page": Option(bool),
+    "progress": Option(bool),
 }
 
 

@@ -34,6 +34,7 @@ from sheepdog_executor.remote.protocol import PICKLE_PROTOCOL
 from sheepdog_executor.scheduler import GridEngineScheduler, LocalScheduler, Scheduler
 from sheepdog_executor.server import Endpoint
 from sheepdog_executor.shell import LocalShell, Shell, SSHShell, SSHTarget
+from sheepdog_executor.status import StatusPage
 from sheepdog_executor.tls import make_certificate
 from sheepdog_executor.tunnel import choose_route
 
@@ -43,6 +44,10 @@ T = TypeVar("T")
 DEFAULT_MAX_WORKERS = 32
 #: Calls submitted within this many seconds of each other are counted as one batch.
 SUBMIT_BATCH_SECONDS = 1.0
+#: With ``progress=None``, a map on a terminal shows a bar at once above this many calls, else once
+#: it has lasted this many seconds.
+AUTO_PROGRESS_CALLS = 100
+AUTO_PROGRESS_SECONDS = 2.0
 
 
 class Session:
@@ -67,6 +72,7 @@ class Session:
         tls: bool,
         session_root: str,
         echo_output: bool,
+        status_page: bool = True,
     ) -> None:
         self.shell = shell
         self.scheduler = scheduler
@@ -95,12 +101,14 @@ class Session:
         # fingerprint, which goes on their command line: it is not secret, only the secret file is
         route = choose_route(shell, callback, callback_address or shell.callback_address(), callback_port)
         certificate = make_certificate() if tls else None
+        self.status_page = StatusPage(self.status, shell.description) if status_page else None
         self.endpoint = Endpoint(
             self.dispatcher,
             secret,
             address=route.listen_address,
             port=route.listen_port,
             ssl_context=certificate.server_context() if certificate else None,
+            routes=self.status_page.routes() if self.status_page else (),
         )
         self.endpoint.start()
         try:
@@ -126,6 +134,18 @@ class Session:
         )
         self.jobs.start()
         log.info("session %s on %s, endpoint %s", self.session_dir, shell.description, self.launch.url)
+        #: The status page's address with its token (None with ``status_page=False``).
+        self.status_url: str | None = None
+        if self.status_page is not None:
+            self.status_url = self.status_page.url(
+                self.endpoint.scheme, route.listen_address, self.endpoint.port
+            )
+            log.info("status page: %s", self.status_url)
+
+    def status(self) -> dict[str, Any]:
+        """The dispatcher's snapshot and the ids of the jobs submitted so far."""
+        jobs = getattr(self, "jobs", None)  # None while the session is still being set up
+        return {**self.dispatcher.snapshot(), "jobs": list(jobs.submitted_jobs) if jobs else []}
 
     def _changed(self) -> None:
         self.jobs.wake()
@@ -193,6 +213,8 @@ class ClusterExecutor(Executor):
         tls: bool = False,
         session_root: str = "~/.sheepdog-executor",
         echo_output: bool = False,
+        status_page: bool = True,
+        progress: bool | None = None,
     ) -> None:
         if max_workers is not None and max_workers <= 0:
             raise ConfigurationError("max_workers must be greater than 0")
@@ -201,6 +223,7 @@ class ClusterExecutor(Executor):
         if retries < 0:
             raise ConfigurationError("retries must be 0 or more")
         self._max_workers = max_workers or DEFAULT_MAX_WORKERS
+        self._progress = progress
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
         self._batch_ids = itertools.count(1)
@@ -229,6 +252,7 @@ class ClusterExecutor(Executor):
                 tls=tls,
                 session_root=session_root,
                 echo_output=echo_output,
+                status_page=status_page,
             )
         except BaseException:
             shell.close()
@@ -265,11 +289,13 @@ class ClusterExecutor(Executor):
         key, blob = _pickle_function(fn)
         argument_sets = zip(*iterables)  # noqa: B905 - as Executor.map
         calls: list[tuple[str, bytes, Future[Any]]] = []
+        total = 0
         if chunksize == 1:
             for args in argument_sets:
                 calls.append(("call", cloudpickle.dumps((args, {}), protocol=PICKLE_PROTOCOL), Future()))
         else:
             while chunk := list(itertools.islice(argument_sets, chunksize)):
+                total += len(chunk)
                 calls.append(
                     (
                         "chunk",
@@ -285,7 +311,18 @@ class ClusterExecutor(Executor):
         self._session.jobs.wake(flush=True)
         futures = [future for _, _, future in calls]
         results = _ordered_results(futures, end_time)
-        return itertools.chain.from_iterable(results) if chunksize > 1 else results
+        flat = itertools.chain.from_iterable(results) if chunksize > 1 else results
+        return self._with_progress(flat, total or len(calls), f"map({_name_of(fn)})")
+
+    def _with_progress(self, results: Iterator[T], total: int, desc: str) -> Iterator[T]:
+        """``results`` behind a progress bar on stderr, as the ``progress`` option says."""
+        if self._progress is False:
+            return results
+        from sheepdog_executor.integrations.progress import progress
+
+        auto = self._progress is None
+        delay = AUTO_PROGRESS_SECONDS if auto and total <= AUTO_PROGRESS_CALLS else 0.0
+        return progress(results, total, desc, disable=None if auto else False, delay=delay)
 
     def _check_open(self) -> None:
         broken = self._session.dispatcher.broken
@@ -325,14 +362,18 @@ class ClusterExecutor(Executor):
     def status(self) -> dict[str, Any]:
         """A JSON-able picture of the executor: per batch queued/running/done/failed/retried calls,
         hosts, durations, the last errors, the live workers and the jobs on the cluster."""
-        snapshot = self._session.dispatcher.snapshot()
-        snapshot["jobs"] = self.job_ids
-        return snapshot
+        return self._session.status()
 
     @property
     def job_ids(self) -> list[str]:
         """Ids of every job this executor submitted, in order."""
         return list(self._session.jobs.submitted_jobs)
+
+    @property
+    def status_url(self) -> str | None:
+        """The live status page in a browser, token included (logged at INFO on start); None with
+        ``status_page=False``. Anyone with this URL can see the status: share it like a password."""
+        return self._session.status_url
 
     @property
     def session_dir(self) -> str:

@@ -18,7 +18,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -227,6 +227,7 @@ class Endpoint:
         port: int = 0,
         max_body_size: int = 1024 * 1024 * 1024,
         ssl_context: ssl.SSLContext | None = None,
+        routes: Sequence[tuple[Any, ...]] = (),
     ) -> None:
         self.dispatcher = dispatcher
         self.secret = secret
@@ -238,6 +239,8 @@ class Endpoint:
         self._nonces: dict[str, float] = {}
         self._pruned = time.monotonic()
         self._address, self._port, self._ssl = address, port, ssl_context
+        #: More (pattern, handler, kwargs) for the Application, e.g. the status page's.
+        self._routes = list(routes)
         self._loop: tornado.ioloop.IOLoop | None = None
         self._server: tornado.httpserver.HTTPServer | None = None
         self._ready = threading.Event()
@@ -268,6 +271,7 @@ class Endpoint:
                     (r"/hello", _Hello, {"endpoint": self}),
                     (r"/work", _Work, {"endpoint": self}),
                     (r"/heartbeat", _Heartbeat, {"endpoint": self}),
+                    *self._routes,
                 ],
                 default_handler_class=_NotFound,
             )
