@@ -91,11 +91,11 @@ class JobManager:
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout=60)
         if grace > 0:
-            self._wait_gone(grace)
+            self._wait_gone(grace, warn=False)  # what is left now is removed next
         self.cancel_all()
         self._wait_gone(timeout)
 
-    def _wait_gone(self, timeout: float) -> None:
+    def _wait_gone(self, timeout: float, warn: bool = True) -> None:
         deadline = time.monotonic() + timeout
         delay = 0.1
         while True:
@@ -109,7 +109,7 @@ class JobManager:
                     if job_id not in states:
                         self.jobs.pop(job_id, None)
             if not states or time.monotonic() > deadline:
-                if states:
+                if states and warn:
                     log.warning("jobs %s still listed by the scheduler after removal", list(states))
                 return
             time.sleep(delay)
