@@ -1,0 +1,78 @@
+"""Every script in examples/ runs as a user would run it (a subprocess, on the cell) and says what it
+should; the quickstart also falls back to LocalExecutor when its host cannot be reached."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run_example(name: str, *args: str, timeout: float = 240) -> str:
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=EXAMPLES.parent,
+    )
+    assert done.returncode == 0, f"{name} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+@pytest.mark.cluster
+def test_quickstart(cell: str) -> None:
+    out = run_example("quickstart.py", cell)
+    assert f"connected to {cell}" in out
+    assert "1000 squares, from 0 to 998001; their sum is 332833500" in out
+    assert "/status?token=" in out and "1000 calls done on" in out
+
+
+def test_quickstart_without_the_cluster() -> None:
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "quickstart.py"), "no-such-host.invalid"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "cannot reach 'no-such-host.invalid'" in done.stderr and "LocalExecutor instead" in done.stderr
+    assert "their sum is 332833500" in done.stdout
+
+
+@pytest.mark.cluster
+def test_parameter_sweep(cell: str) -> None:
+    pytest.importorskip("numpy")
+    out = run_example("parameter_sweep.py", cell)
+    assert "410 simulations in job(s)" in out
+    error = float(out.split("exact amplitude: ")[1].split("%")[0])
+    assert error < 1.0
+    # lightly damped: the resonance sits at w = 1 with amplitude 1 / (2 g) = 10
+    assert "   0.05         1.000    0.997          10.000" in out
+
+
+@pytest.mark.cluster
+def test_error_handling(cell: str) -> None:
+    out = run_example("error_handling.py", cell)
+    assert "caught ValueError: no real square root of -4" in out
+    assert "| ValueError: no real square root of -4" in out  # the remote traceback
+    assert "map: root(4) = 2.0" in out and "map stopped: no real square root of -1" in out
+    assert "submit: root(-1) = failed" in out and "submit: root(16) = 4.0" in out
+    assert "caught WorkerLost" in out and "exit status 137" in out
+    assert "the retry succeeded on" in out and "retried calls: 1" in out
+
+
+@pytest.mark.cluster
+def test_resources(cell: str) -> None:
+    out = run_example("resources.py", cell)
+    assert "slots: 2" in out and "parallel environment: smp" in out
+    assert "memory limit: 2.0 GiB" in out  # h_vmem is per slot
+    assert "a call used 2 threads" in out
+    assert "raised MemoryError on the node" in out and out.count("allocated 0.5 GiB") == 2
+    assert "WorkerLost: Grid Engine ended task" in out  # over h_rt
