@@ -167,6 +167,6 @@ def _clock(seconds: float | None) -> str:
 
 def _columns(file: TextIO) -> int:
     try:
-        return os.get_terminal_size(file.fileno()).columns
+        return os.get_terminal_size(file.fileno()).columns or 80  # 0: a pty nobody sized
     except (AttributeError, OSError, ValueError):
         return 80
