@@ -194,8 +194,13 @@ class _Heartbeat(_Signed):
 
 @tornado.web.stream_request_body
 class _Work(_Signed):
+    _gone = False
+
     def body_limit(self) -> int:
         return self.endpoint.max_body_size
+
+    def on_connection_close(self) -> None:
+        self._gone = True
 
     async def post(self) -> None:
         self.authenticate(_is_work)
@@ -203,10 +208,14 @@ class _Work(_Signed):
         worker = self.message["worker"]
         reply = dispatcher.exchange(worker, list(self.message.get("results", [])), self.message.get("fatal"))
         deadline = time.monotonic() + LONG_POLL_SECONDS
-        while reply is None and time.monotonic() < deadline:
+        # stop waiting when the worker's connection is gone (a dropped tunnel, a killed task):
+        # calls handed to a reply nobody reads would wait for a worker that never gets them
+        while reply is None and not self._gone and time.monotonic() < deadline:
             await self.endpoint.work_available.wait(timeout=timedelta(seconds=0.5))
-            reply = dispatcher.exchange(worker, [])
-        self.reply(reply if reply is not None else {"items": []})
+            if not self._gone:
+                reply = dispatcher.exchange(worker, [])
+        if not self._gone:
+            self.reply(reply if reply is not None else {"items": []})
 
 
 class _NotFound(_Quiet):
