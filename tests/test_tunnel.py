@@ -30,8 +30,15 @@ import pytest
 from conftest import our_jobs, ssh
 
 from sheepdog_executor import GridEngineExecutor
+from sheepdog_executor.dispatch import Dispatcher
+from sheepdog_executor.errors import ConfigurationError
+from sheepdog_executor.remote import worker
+from sheepdog_executor.server import Endpoint
+from sheepdog_executor.shell import LocalShell
+from sheepdog_executor.tls import make_certificate
+from sheepdog_executor.tunnel import choose_route
 
-pytestmark = pytest.mark.cluster
+cluster = pytest.mark.cluster
 
 TEST_USER = os.environ.get("SHEEPDOG_TEST_USER", "sdtest")
 KEY = "/root/.ssh/sheepdog_test_ed25519"
@@ -254,6 +261,7 @@ def _remove_jobs_named(name: str) -> None:
 # -- through the namespace ----------------------------------------------------------------------
 
 
+@cluster
 def test_auto_goes_through_the_tunnel_and_opens_no_port(isolated: Isolated) -> None:
     report = isolated.run_client("cell-fwd", callback="auto")
     assert report.get("result") == [x * x for x in range(20)], report["stderr"][-3000:]
@@ -265,12 +273,14 @@ def test_auto_goes_through_the_tunnel_and_opens_no_port(isolated: Isolated) -> N
     assert not our_jobs(set(report["jobs"]))
 
 
+@cluster
 def test_tunnel_with_tls(isolated: Isolated) -> None:
     report = isolated.run_client("cell-fwd", callback="tunnel", tls=True)
     assert report.get("result") == [x * x for x in range(20)], report["stderr"][-3000:]
     assert report["url"].startswith("https://")
 
 
+@cluster
 def test_direct_fails_with_a_clear_error(isolated: Isolated) -> None:
     report = isolated.run_client("cell-fwd", callback="direct", timeout=280)
     assert report.get("error_type") == "WorkerStartFailed", report
@@ -280,6 +290,7 @@ def test_direct_fails_with_a_clear_error(isolated: Isolated) -> None:
     assert not our_jobs(set(report["jobs"]))
 
 
+@cluster
 @pytest.mark.parametrize("callback", ["tunnel", "auto"])
 def test_forbidden_forwarding_fails_with_a_clear_error(isolated: Isolated, callback: str) -> None:
     report = isolated.run_client("cell-nofwd", callback=callback, timeout=120)
@@ -300,6 +311,7 @@ def _relay_pid(port: int) -> str | None:
     return found[0] if found else None
 
 
+@cluster
 def test_tunnel_survives_a_reconnect_and_goes_away_with_the_executor(
     make_executor: Callable[..., GridEngineExecutor],
 ) -> None:
@@ -330,3 +342,36 @@ def _reconnect_and_close(executor: GridEngineExecutor) -> None:
     while _relay_pid(relay_port) is not None and time.monotonic() < wait:
         time.sleep(0.2)
     assert _relay_pid(relay_port) is None, "the relay outlived its executor"
+
+
+# -- without the cell -----------------------------------------------------------------------------
+
+
+def test_route_choice_without_ssh() -> None:
+    shell = LocalShell()
+    route = choose_route(shell, "auto", "127.0.0.1", 0)
+    assert (route.mode, route.listen_address) == ("direct", "127.0.0.1")
+    with pytest.raises(ConfigurationError, match="needs an SSH connection"):
+        choose_route(shell, "tunnel", "127.0.0.1")
+    with pytest.raises(ConfigurationError, match="callback must be one of"):
+        choose_route(shell, "carrier-pigeon", "127.0.0.1")
+
+
+def test_pinned_certificate(tmp_path: Path) -> None:
+    """A worker's channel talks to the endpoint with the fingerprint it was given, and to no other."""
+    certificate = make_certificate()
+    secret = os.urandom(32).hex().encode()
+    endpoint = Endpoint(Dispatcher(), secret, address="127.0.0.1", ssl_context=certificate.server_context())
+    endpoint.start()
+    try:
+        url = f"https://127.0.0.1:{endpoint.port}"
+        good = worker.Channel(url, secret, certificate.fingerprint)
+        assert good.call("/heartbeat", {"worker": "w"}) == {"known": False}
+        good.close()
+        for wrong in (make_certificate().fingerprint, None):
+            with pytest.raises(worker.Refused, match="not the client's"):
+                worker.Channel(url, secret, wrong).call("/heartbeat", {"worker": "w"})
+        with pytest.raises(OSError):  # plain HTTP to it gets nowhere
+            worker.Channel(f"http://127.0.0.1:{endpoint.port}", secret).call("/heartbeat", {}, attempts=1)
+    finally:
+        endpoint.stop()
