@@ -1,0 +1,252 @@
+"""joblib's ``"gridengine"`` backend: ``joblib.Parallel`` calls run as Grid Engine array jobs.
+
+    import sheepdog_executor.integrations.joblib_backend  # or register(); or import the package
+    with joblib.parallel_config(backend="gridengine", host="fear", max_workers=16, queue="short.q"):
+        results = joblib.Parallel()(joblib.delayed(f)(x) for x in xs)
+
+Keyword arguments of ``parallel_config`` (or extra ones of ``Parallel``) go to
+``GridEngineExecutor``. ``n_jobs`` is ``max_workers``: ``-1`` (the default) means ``max_workers``
+(else 32), ``-2`` one fewer, and so on; ``n_jobs=1`` runs in this process, as with every joblib backend.
+
+Each ``Parallel`` call opens one executor and shuts it down at its end, leaving no jobs; reuse one
+across calls with ``with Parallel(...) as parallel:``. Each call of a batch is submitted on its own,
+so the nodes need only what ``f`` needs (not joblib), and the executor ships ``f``'s module by value
+when it is the user's own. An error (or Ctrl-C, or an abandoned ``return_as="generator"``) stops the
+executor at once and removes its jobs, as the loky backend kills its workers; the call's exception is
+raised with its original type and the remote traceback as ``__cause__``. Nested ``Parallel`` calls
+inside ``f`` use joblib's defaults on the node.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from typing import Any
+
+import joblib
+from joblib.parallel import AutoBatchingMixin, FallbackToBackend, ParallelBackendBase, SequentialBackend
+
+from sheepdog_executor import GridEngineExecutor
+from sheepdog_executor.integrations import JOBLIB_BACKEND
+
+log = logging.getLogger("sheepdog_executor")
+
+#: What ``n_jobs=-1`` means without ``max_workers=``: GridEngineExecutor's own default.
+DEFAULT_MAX_WORKERS = 32
+
+#: Keywords joblib passes to every backend's ``configure``: they are not executor options.
+_JOBLIB_KEYWORDS = frozenset(
+    {"max_nbytes", "temp_folder", "mmap_mode", "prefer", "require", "verbose", "context"}
+)
+
+
+class GridEngineBackend(AutoBatchingMixin, ParallelBackendBase):
+    """A joblib backend over one ``GridEngineExecutor`` per ``Parallel`` session.
+
+    Auto-batching as for loky: a round trip costs milliseconds once workers run, close to loky's,
+    so joblib's 0.2-2 s batches hide it (the executor spreads a batch's calls over the workers by
+    itself). Batches dispatched before the first one came back waited for the cold start (qsub,
+    scheduling, interpreter start: seconds, minutes on a busy cluster) and would make joblib think
+    the calls slow, so their durations are left out of its estimate.
+    """
+
+    default_n_jobs = -1
+    supports_retrieve_callback = True  # so return_as="generator" and timeout= work
+    supports_inner_max_num_threads = False
+    supports_sharedmem = False
+    uses_threads = False
+
+    def __init__(
+        self, nesting_level: int | None = None, inner_max_num_threads: int | None = None, **options: Any
+    ) -> None:
+        super().__init__(nesting_level=nesting_level, inner_max_num_threads=inner_max_num_threads, **options)
+        self._lock = threading.Lock()
+        self._options: dict[str, Any] = dict(options)
+        self._executor: GridEngineExecutor | None = None
+        self._callbacks: ThreadPoolExecutor | None = None
+        self._in_callback = threading.local()
+        self._warm_since: float | None = None
+        self._workers = self.effective_n_jobs(self.default_n_jobs)
+        self._open = False
+
+    # -- joblib's session: configure ... terminate ------------------------------------------------
+    def effective_n_jobs(self, n_jobs: int | None) -> int:
+        if n_jobs == 0:
+            raise ValueError("n_jobs == 0 in Parallel has no meaning")
+        if n_jobs is None or n_jobs < 0:
+            every = int(self._options.get("max_workers") or DEFAULT_MAX_WORKERS)
+            return max(every + 1 + (n_jobs or -1), 1)
+        return int(n_jobs)
+
+    def configure(
+        self,
+        n_jobs: int | None = 1,
+        parallel: Any = None,
+        prefer: str | None = None,
+        require: str | None = None,
+        **options: Any,
+    ) -> int:
+        self._options = {
+            **self.backend_kwargs,
+            **{k: v for k, v in options.items() if k not in _JOBLIB_KEYWORDS},
+        }
+        workers = self.effective_n_jobs(n_jobs)
+        if workers == 1:
+            raise FallbackToBackend(SequentialBackend(nesting_level=self.nesting_level))
+        self.parallel = parallel
+        self._close(_shut_down)  # a session joblib never terminated
+        self._workers = workers
+        with self._lock:
+            self._open = True
+            self._callbacks = ThreadPoolExecutor(1, thread_name_prefix="sheepdog-joblib")
+        try:
+            self._executor_now()
+        except BaseException:
+            self._close(_shut_down)
+            raise
+        return workers
+
+    def terminate(self) -> None:
+        self._close(_shut_down)
+        self.reset_batch_stats()
+
+    def abort_everything(self, ensure_ready: bool = True) -> None:
+        """Stop now: cancel waiting calls, stop running ones, remove the jobs. With ``ensure_ready``
+        the session goes on and its next batch opens a new executor."""
+        if not ensure_ready:
+            self._close(_stop_now)
+            return
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            _stop_now(executor)
+        self.reset_batch_stats()  # the next executor starts cold
+
+    # -- batches ------------------------------------------------------------------------------
+    def submit(self, func: Any, callback: Any = None) -> Future[list[Any]]:
+        """Submit each call of joblib's batch; one future for the batch, done when all are. A batch
+        that cannot be submitted fails with the reason, so joblib raises it instead of waiting."""
+        batch: Future[list[Any]]
+        try:
+            executor = self._executor_now()
+            batch = _gather([executor.submit(f, *args, **kwargs) for f, args, kwargs in func.items])
+        except Exception as exc:  # noqa: BLE001 - handed to joblib through the batch's future
+            batch = Future()
+            batch.set_exception(exc)
+        if callback is not None:
+            batch.add_done_callback(functools.partial(self._call_back, callback))
+        return batch
+
+    def retrieve_result_callback(self, out: Future[list[Any]]) -> list[Any]:
+        return out.result()
+
+    def batch_completed(self, batch_size: int, duration: float) -> None:
+        now = time.time()
+        if self._warm_since is None:
+            self._warm_since = now
+        if now - duration >= self._warm_since:  # dispatched once workers were running
+            super().batch_completed(batch_size, duration)
+
+    def reset_batch_stats(self) -> None:
+        super().reset_batch_stats()
+        self._warm_since = None
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _executor_now(self) -> GridEngineExecutor:
+        with self._lock:
+            if not self._open:
+                raise RuntimeError("this joblib session is over")
+            if self._executor is None:
+                self._executor = GridEngineExecutor(**{**self._options, "max_workers": self._workers})
+            return self._executor
+
+    def _close(self, stop: Callable[[GridEngineExecutor], None]) -> None:
+        """End the session: no new executor, ``stop`` the current one, join the callback thread."""
+        with self._lock:
+            self._open = False
+            executor, self._executor = self._executor, None
+            callbacks, self._callbacks = self._callbacks, None
+        if executor is not None:
+            stop(executor)
+        if callbacks is not None:
+            callbacks.shutdown(wait=not getattr(self._in_callback, "active", False))
+
+    def _call_back(self, callback: Any, future: Future[list[Any]]) -> None:
+        """Run joblib's callback (which dispatches the next batch, reading the user's iterator) on
+        our own thread: results arrive on the executor's endpoint thread, which must not block."""
+        callbacks = self._callbacks
+        if callbacks is None:
+            return  # the session is over: joblib no longer wants this batch
+        try:
+            callbacks.submit(self._run_callback, callback, future)
+        except RuntimeError:  # shut down meanwhile
+            pass
+
+    def _run_callback(self, callback: Any, future: Future[list[Any]]) -> None:
+        self._in_callback.active = True
+        try:
+            callback(future)
+        except BaseException:  # noqa: BLE001 - joblib's own bug; say so rather than lose it
+            log.exception("joblib's batch callback failed")
+        finally:
+            self._in_callback.active = False
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}={v!r}" for k, v in self._options.items())
+        return f"{type(self).__name__}({shown})"
+
+
+def _gather(futures: Sequence[Future[Any]]) -> Future[list[Any]]:
+    """One future for a batch's futures: their results in order, or the first error."""
+    gathered: Future[list[Any]] = Future()
+    gathered.set_running_or_notify_cancel()
+    results: list[Any] = [None] * len(futures)
+    left = [len(futures)]
+    lock = threading.Lock()
+
+    def done(index: int, future: Future[Any]) -> None:
+        try:
+            error = future.exception()
+        except CancelledError as cancelled:
+            error = cancelled
+        with lock:
+            if not left[0]:
+                return  # an earlier call failed: the batch is decided
+            left[0] = left[0] - 1 if error is None else 0
+            if error is None:
+                results[index] = future.result()
+            finished = not left[0]
+        if finished:
+            if error is None:
+                gathered.set_result(results)
+            else:
+                gathered.set_exception(error)
+
+    if not futures:
+        gathered.set_result(results)
+    for index, future in enumerate(futures):
+        future.add_done_callback(functools.partial(done, index))
+    return gathered
+
+
+def _shut_down(executor: GridEngineExecutor) -> None:
+    """Every call has ended: shut down, which removes the jobs."""
+    executor.shutdown(wait=True)
+
+
+def _stop_now(executor: GridEngineExecutor) -> None:
+    """Leave the executor as on an error in its ``with`` body: running calls stop, jobs go, at once."""
+    error = RuntimeError("joblib aborted the Parallel call")
+    executor.__exit__(type(error), error, None)
+
+
+def register() -> None:
+    """Make ``backend="gridengine"`` available to joblib (importing this module does it too)."""
+    joblib.register_parallel_backend(JOBLIB_BACKEND, GridEngineBackend)
+
+
+register()

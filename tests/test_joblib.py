@@ -1,0 +1,259 @@
+"""joblib's "gridengine" backend: registration, n_jobs and batching here; calls on the real cell."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterator
+from types import SimpleNamespace
+
+import joblib
+import pytest
+from conftest import our_jobs
+from joblib import Parallel, delayed, parallel_config
+
+from sheepdog_executor import ConnectionFailed, RemoteTraceback
+from sheepdog_executor.integrations import joblib_backend
+from sheepdog_executor.integrations.joblib_backend import GridEngineBackend
+
+FAST = {"poll_interval": 0.5}
+
+
+class Rejected(ValueError):
+    """An exception of the test's own, to come back from the nodes as itself."""
+
+
+def where(x: int) -> tuple[int, str, int, int]:
+    """x squared, and the Grid Engine job, array task and process that computed it."""
+    return x * x, os.environ.get("JOB_ID", ""), int(os.environ.get("SGE_TASK_ID", "0")), os.getpid()
+
+
+def span(seconds: float) -> tuple[str, int, float, float]:
+    """Sleep; say in which task, from when to when."""
+    start = time.time()
+    time.sleep(seconds)
+    return os.environ.get("JOB_ID", ""), int(os.environ.get("SGE_TASK_ID", "0")), start, time.time()
+
+
+def reject_thirteen(x: int) -> int:
+    if x == 13:
+        raise Rejected("unlucky", x)
+    return x
+
+
+def fail_soon_or_nap(x: int) -> int:
+    """Call 0 fails after a second (naming its job); the others would run for four minutes."""
+    if x == 0:
+        time.sleep(1)
+        raise Rejected("first", os.environ.get("JOB_ID", ""))
+    time.sleep(240)
+    return x
+
+
+def environment(*names: str) -> tuple[str, ...]:
+    return tuple(os.environ.get(name, "") for name in names)
+
+
+def numbers(n: int) -> Iterator[int]:
+    yield from range(n)
+
+
+@pytest.fixture
+def new_threads() -> Callable[[], list[str]]:
+    """Names of our threads started since the test began and still alive (other tests' excluded)."""
+    before = set(threading.enumerate())
+    return lambda: [
+        t.name for t in threading.enumerate() if t not in before and t.name.startswith("sheepdog")
+    ]
+
+
+def peak_concurrency(spans: list[tuple[str, int, float, float]]) -> int:
+    events = sorted([(start, 1) for _, _, start, _ in spans] + [(end, -1) for _, _, _, end in spans])
+    level = peak = 0
+    for _, step in events:
+        level += step
+        peak = max(peak, level)
+    return peak
+
+
+# -- without the cell -----------------------------------------------------------------------------
+def test_importing_the_package_registers_without_importing_joblib() -> None:
+    script = textwrap.dedent(
+        """
+        import sys
+        import sheepdog_executor.integrations
+        assert "joblib" not in sys.modules
+        import joblib
+        from joblib.parallel import BACKENDS
+        assert "gridengine" in BACKENDS
+        assert "sheepdog_executor.integrations.joblib_backend" not in sys.modules
+        assert joblib.parallel.__loader__.__class__.__name__ == "SourceFileLoader"
+        with joblib.parallel_config(backend="gridengine", host="nowhere", max_workers=5) as config:
+            print(type(config["backend"]).__name__, config["backend"].effective_n_jobs(-1))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["GridEngineBackend", "5"]
+
+
+def test_n_jobs_maps_to_max_workers() -> None:
+    assert GridEngineBackend(max_workers=8).effective_n_jobs(-1) == 8
+    assert GridEngineBackend(max_workers=8).effective_n_jobs(-3) == 6
+    assert GridEngineBackend(max_workers=8).effective_n_jobs(None) == 8
+    assert GridEngineBackend(max_workers=2).effective_n_jobs(-5) == 1
+    assert GridEngineBackend(max_workers=8).effective_n_jobs(20) == 20
+    assert GridEngineBackend().effective_n_jobs(-1) == joblib_backend.DEFAULT_MAX_WORKERS
+    with pytest.raises(ValueError, match="n_jobs == 0"):
+        GridEngineBackend().effective_n_jobs(0)
+
+
+def test_n_jobs_1_runs_in_this_process_without_a_cluster(new_threads: Callable[[], list[str]]) -> None:
+    # joblib's rule for every backend; the host does not exist, so an executor would fail
+    with parallel_config(backend="gridengine", host="no-such-host.invalid"):
+        assert Parallel(n_jobs=1)(delayed(os.getpid)() for _ in range(3)) == [os.getpid()] * 3
+    assert new_threads() == []
+
+
+def test_an_unreachable_host_fails_the_call_and_leaves_nothing(new_threads: Callable[[], list[str]]) -> None:
+    with parallel_config(backend="gridengine", host="no-such-host.invalid"):
+        with pytest.raises(ConnectionFailed, match="no-such-host.invalid"):
+            Parallel(n_jobs=2)(delayed(abs)(x) for x in range(3))
+    assert new_threads() == []
+
+
+def test_cold_start_batches_do_not_hold_back_auto_batching(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(joblib_backend, "time", SimpleNamespace(time=lambda: clock[0]))
+    backend = GridEngineBackend()
+    backend.parallel = SimpleNamespace(verbose=0)
+    # sixteen batches of one, dispatched at once, all back after a 3 s cold start
+    for _ in range(16):
+        backend.batch_completed(1, 3.0)
+    clock[0] += 0.5
+    backend.batch_completed(1, 0.005)  # dispatched once workers ran
+    assert backend.compute_batch_size() == 2
+    # joblib's own estimate would still be dominated by the cold start
+    plain = joblib.parallel.AutoBatchingMixin()
+    plain.parallel = backend.parallel
+    for duration in [3.0] * 16 + [0.005]:
+        plain.batch_completed(1, duration)
+    assert plain.compute_batch_size() == 1
+
+
+# -- on the cell ----------------------------------------------------------------------------------
+@pytest.mark.cluster
+def test_generator_input_runs_on_the_cell_and_leaves_no_jobs(
+    cell: str, new_threads: Callable[[], list[str]]
+) -> None:
+    with parallel_config(backend="gridengine", host=cell, max_workers=4, **FAST):
+        results = Parallel()(delayed(where)(x) for x in numbers(500))
+    assert [r[0] for r in results] == [x * x for x in range(500)]
+    jobs = {r[1] for r in results}
+    assert jobs and all(job.isdigit() for job in jobs)  # ran in Grid Engine tasks
+    assert os.getpid() not in {r[3] for r in results}
+    assert max(r[2] for r in results) <= 4
+    # the executor was shut down at the end of the call: no job, no thread left
+    assert not our_jobs(jobs)
+    assert new_threads() == []
+
+
+@pytest.mark.cluster
+def test_return_as_generator(cell: str) -> None:
+    with parallel_config(backend="gridengine", host=cell, n_jobs=3, **FAST):
+        ordered = Parallel(return_as="generator")(delayed(where)(x) for x in range(60))
+        assert not isinstance(ordered, list)
+        first = next(ordered)
+        assert first[0] == 0 and first[1].isdigit()
+        results = [first, *ordered]
+        unordered = list(Parallel(return_as="generator_unordered")(delayed(where)(x) for x in range(60)))
+    assert [r[0] for r in results] == [x * x for x in range(60)]
+    assert sorted(r[0] for r in unordered) == [x * x for x in range(60)]
+    assert not our_jobs({r[1] for r in results + unordered})
+
+
+@pytest.mark.cluster
+def test_abandoned_generator_stops_the_jobs(cell: str, new_threads: Callable[[], list[str]]) -> None:
+    with parallel_config(backend="gridengine", host=cell, n_jobs=2, **FAST):
+        results = Parallel(return_as="generator")(delayed(span)(0 if i < 2 else 120) for i in range(8))
+        job, _, _, _ = next(results)
+        started = time.monotonic()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # joblib warns that tasks were cancelled: they were
+            results.close()
+    assert time.monotonic() - started < 60
+    assert not our_jobs({job})
+    assert new_threads() == []
+
+
+@pytest.mark.cluster
+def test_exceptions_come_back_as_their_own_type(cell: str, new_threads: Callable[[], list[str]]) -> None:
+    with parallel_config(backend="gridengine", host=cell, max_workers=4, **FAST):
+        with pytest.raises(Rejected) as info:
+            Parallel()(delayed(reject_thirteen)(x) for x in range(40))
+        with pytest.raises(ZeroDivisionError):
+            Parallel(n_jobs=2)([delayed(divmod)(7, 2), delayed(divmod)(1, 0)])
+    assert info.value.args == ("unlucky", 13)
+    cause = info.value.__cause__
+    assert isinstance(cause, RemoteTraceback)
+    assert "in reject_thirteen" in cause.tb and 'raise Rejected("unlucky", x)' in cause.tb
+    assert new_threads() == []
+
+
+@pytest.mark.cluster
+def test_an_error_stops_running_calls_and_removes_the_jobs(
+    cell: str, new_threads: Callable[[], list[str]]
+) -> None:
+    started = time.monotonic()
+    with parallel_config(backend="gridengine", host=cell, **FAST):
+        with pytest.raises(Rejected) as info:
+            Parallel(n_jobs=4)(delayed(fail_soon_or_nap)(x) for x in range(8))
+    assert time.monotonic() - started < 120  # not after the other calls' four minutes
+    reason, job = info.value.args
+    assert reason == "first" and job.isdigit()
+    assert not our_jobs({job})
+    assert new_threads() == []
+
+
+@pytest.mark.cluster
+def test_n_jobs_is_the_number_of_workers(cell: str) -> None:
+    with parallel_config(backend="gridengine", host=cell, max_workers=8, **FAST):
+        spans = Parallel(n_jobs=3)(delayed(span)(0.3) for _ in range(12))
+    assert len(spans) == 12
+    assert peak_concurrency(spans) <= 3
+    assert max(task for _, task, _, _ in spans) <= 3
+    assert not our_jobs({job for job, _, _, _ in spans})
+
+
+@pytest.mark.cluster
+def test_options_reach_the_executor(cell: str) -> None:
+    name = f"jl-{uuid.uuid4().hex[:8]}"
+    setup = ["export SHEEPDOG_JOBLIB_PROBE=through-parallel-config"]
+    with parallel_config(backend="gridengine", host=cell, job_name=name, setup=setup, **FAST):
+        seen = Parallel(n_jobs=2)(delayed(environment)("JOB_NAME", "SHEEPDOG_JOBLIB_PROBE") for _ in range(4))
+    assert set(seen) == {(name, "through-parallel-config")}
+    # Parallel's own extra keywords reach the executor too
+    other = f"jl-{uuid.uuid4().hex[:8]}"
+    seen = Parallel(n_jobs=2, backend="gridengine", host=cell, job_name=other, **FAST)(
+        delayed(environment)("JOB_NAME") for _ in range(2)
+    )
+    assert set(seen) == {(other,)}
+
+
+@pytest.mark.cluster
+def test_one_executor_for_a_managed_parallel_session(cell: str, new_threads: Callable[[], list[str]]) -> None:
+    with parallel_config(backend="gridengine", host=cell, **FAST):
+        with Parallel(n_jobs=2) as parallel:
+            first = parallel(delayed(where)(x) for x in range(6))
+            second = parallel(delayed(where)(x) for x in range(6, 12))
+    assert [r[0] for r in first + second] == [x * x for x in range(12)]
+    jobs = {r[1] for r in first}
+    assert {r[1] for r in second} <= jobs  # the first call's workers ran the second
+    assert not our_jobs(jobs)
+    assert new_threads() == []
