@@ -15,6 +15,7 @@ from sheepdog_executor.errors import (
     WorkerLost,
     WorkerStartFailed,
 )
+from sheepdog_executor import integrations as _integrations  # noqa: F401 - joblib's "gridengine" backend, registered lazily
 from sheepdog_executor.executor import ClusterExecutor, GridEngineExecutor, LocalExecutor
 
 __version__ = "0.1.0"

@@ -7,7 +7,6 @@ executor that is garbage-collected or still open at interpreter exit still remov
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import os
@@ -22,15 +21,13 @@ from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import Any, TypeVar
 
-import cloudpickle
-
+from sheepdog_executor import pickling
 from sheepdog_executor.bundle import worker_bundle
 from sheepdog_executor.config import uses_config
 from sheepdog_executor.dispatch import Dispatcher
 from sheepdog_executor.errors import BrokenGridEngineExecutor, ConfigurationError, ExecutorShutDown
 from sheepdog_executor.jobs import JobManager
 from sheepdog_executor.jobscript import JobOptions, WorkerLaunch
-from sheepdog_executor.remote.protocol import PICKLE_PROTOCOL
 from sheepdog_executor.scheduler import GridEngineScheduler, LocalScheduler, Scheduler
 from sheepdog_executor.server import Endpoint
 from sheepdog_executor.shell import LocalShell, Shell, SSHShell, SSHTarget
@@ -229,11 +226,7 @@ class ClusterExecutor(Executor):
         self._batch_ids = itertools.count(1)
         self._submit_batch = 0
         self._last_submit = 0.0
-        init_blob = (
-            cloudpickle.dumps((initializer, tuple(initargs)), protocol=PICKLE_PROTOCOL)
-            if initializer is not None
-            else None
-        )
+        init_blob = pickling.dumps((initializer, tuple(initargs))) if initializer is not None else None
         try:
             self._session = Session(
                 shell,
@@ -263,8 +256,8 @@ class ClusterExecutor(Executor):
     # -- submitting ---------------------------------------------------------------------------
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         future: Future[T] = Future()
-        key, blob = _pickle_function(fn)
-        payload = cloudpickle.dumps((args, kwargs), protocol=PICKLE_PROTOCOL)
+        key, blob = pickling.dump_function(fn)
+        payload = pickling.dumps((args, kwargs))
         with self._shutdown_lock:
             self._check_open()
             now = time.monotonic()
@@ -286,20 +279,20 @@ class ClusterExecutor(Executor):
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         end_time = None if timeout is None else timeout + time.monotonic()
-        key, blob = _pickle_function(fn)
+        key, blob = pickling.dump_function(fn)
         argument_sets = zip(*iterables)  # noqa: B905 - as Executor.map
         calls: list[tuple[str, bytes, Future[Any]]] = []
         total = 0
         if chunksize == 1:
             for args in argument_sets:
-                calls.append(("call", cloudpickle.dumps((args, {}), protocol=PICKLE_PROTOCOL), Future()))
+                calls.append(("call", pickling.dumps((args, {})), Future()))
         else:
             while chunk := list(itertools.islice(argument_sets, chunksize)):
                 total += len(chunk)
                 calls.append(
                     (
                         "chunk",
-                        cloudpickle.dumps([(args, {}) for args in chunk], protocol=PICKLE_PROTOCOL),
+                        pickling.dumps([(args, {}) for args in chunk]),
                         Future(),
                     )
                 )
@@ -491,37 +484,8 @@ def _job_options(*, setup: Sequence[str] | str = (), slots: int = 1, **fields: A
     return JobOptions(setup=tuple(setup), slots=slots, **fields)
 
 
-def _pickle_function(fn: Callable[..., Any]) -> tuple[str, bytes]:
-    if not callable(fn):
-        raise TypeError(f"{fn!r} is not callable")
-    _ship_user_module(getattr(fn, "__module__", None))
-    blob = cloudpickle.dumps(fn, protocol=PICKLE_PROTOCOL)
-    return hashlib.sha256(blob).hexdigest()[:32], blob
-
-
 def _name_of(fn: Callable[..., Any]) -> str:
     return str(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__)
-
-
-def _ship_user_module(name: str | None) -> None:
-    """Pickle functions of the user's own modules by value: the nodes have only a Python.
-
-    A module counts as the user's when its file is outside the interpreter's installation
-    (stdlib, site-packages): a script's sibling module, a test file, a notebook helper.
-    """
-    module = sys.modules.get(name or "")
-    path = getattr(module, "__file__", None)
-    if module is None or not path or name in _SHIPPED_MODULES:
-        return
-    installed = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
-    installed |= {os.path.realpath(p) for p in sys.path if "site-packages" in p or "dist-packages" in p}
-    real = os.path.realpath(path)
-    if not any(real.startswith(prefix + os.sep) for prefix in installed):
-        cloudpickle.register_pickle_by_value(module)
-    _SHIPPED_MODULES.add(name or "")
-
-
-_SHIPPED_MODULES: set[str] = set()
 
 
 def _ordered_results(futures: list[Future[T]], end_time: float | None) -> Iterator[T]:

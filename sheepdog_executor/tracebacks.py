@@ -1,40 +1,48 @@
 """Give remote tracebacks their source lines back.
 
 cloudpickle rebuilds functions shipped by value with ``co_filename == "<dynamic-code>"``, so the
-node cannot show their source. The client still has it: each such frame (line number and function
-name) is matched to a function of the user's modules here, and its file and line are restored.
+node cannot show their source. The client still has it: each such frame (function name and line
+number) is matched to a code object of the modules shipped by value (and ``__main__``) that has
+that name and that line, and the frame gets its file and source line back.
 """
 
 from __future__ import annotations
 
-import inspect
 import linecache
 import re
 import sys
 import types
+from collections.abc import Iterator
+
+from sheepdog_executor.pickling import SHIPPED
 
 _FRAME = re.compile(r'^  File "<dynamic-code>", line (\d+), in (.+)$')
 
 
-def _candidates(name: str) -> list[types.CodeType]:
-    found = []
-    for module in list(sys.modules.values()):
-        if module is None or getattr(module, "__name__", "").startswith(("sheepdog_executor", "_")):
-            continue
-        for value in list(getattr(module, "__dict__", {}).values()):
-            for fn in _functions_in(value):
-                code = fn.__code__
-                if code.co_name == name and getattr(fn, "__module__", None) == module.__name__:
-                    found.append(code)
-    return found
+def _code_objects(value: object) -> Iterator[types.CodeType]:
+    """Code objects of a function or class, nested ones (closures, lambdas) included."""
+    if isinstance(value, type):
+        for member in vars(value).values():
+            yield from _code_objects(getattr(member, "__func__", member))
+        return
+    code = getattr(value, "__code__", None)
+    stack = [code] if isinstance(code, types.CodeType) else []
+    while stack:
+        current = stack.pop()
+        yield current
+        stack.extend(c for c in current.co_consts if isinstance(c, types.CodeType))
 
 
-def _functions_in(value: object) -> list[types.FunctionType]:
-    if isinstance(value, types.FunctionType):
-        return [value]
-    if inspect.isclass(value):
-        return [v for v in vars(value).values() if isinstance(v, types.FunctionType)]
-    return []
+def _find(name: str, lineno: int) -> types.CodeType | None:
+    for module_name in ["__main__", *sorted(SHIPPED)]:
+        module = sys.modules.get(module_name)
+        for value in list(vars(module).values()) if module else []:
+            if getattr(value, "__module__", None) != module_name:
+                continue
+            for code in _code_objects(value):
+                if code.co_name == name and any(line == lineno for _, _, line in code.co_lines()):
+                    return code
+    return None
 
 
 def restore_source(tb: str) -> str:
@@ -46,11 +54,9 @@ def restore_source(tb: str) -> str:
         match = _FRAME.match(line)
         if match:
             lineno, name = int(match.group(1)), match.group(2)
-            for code in _candidates(name):
-                lines = range(code.co_firstlineno, code.co_firstlineno + 10_000)
-                source = linecache.getline(code.co_filename, lineno).strip()
-                if lineno in lines and source:
-                    line = f'  File "{code.co_filename}", line {lineno}, in {name}\n    {source}'
-                    break
+            code = _find(name, lineno)
+            source = linecache.getline(code.co_filename, lineno).strip() if code else ""
+            if code and source:
+                line = f'  File "{code.co_filename}", line {lineno}, in {name}\n    {source}'
         out.append(line)
     return "\n".join(out) + "\n"

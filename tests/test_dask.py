@@ -102,11 +102,6 @@ def test_a_failing_task_raises_its_own_exception(executor: GridEngineExecutor) -
     assert "in quotient" in info.value.__cause__.tb
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tracebacks.restore_source gives a frame the file and line of the first loaded module's "
-    "function of that name whose first line is at most 10,000 lines above (dask.array has divide())",
-)
 def test_a_remote_frame_is_not_given_another_modules_source(executor: GridEngineExecutor) -> None:
     def divide(a: float, b: float) -> float:
         return a / b
@@ -119,12 +114,6 @@ def test_a_remote_frame_is_not_given_another_modules_source(executor: GridEngine
     assert frame.group(1) in ("<dynamic-code>", __file__)
 
 
-@pytest.mark.xfail(
-    raises=ModuleNotFoundError,
-    strict=True,
-    reason="the executor ships by value only the module of the function it is given "
-    "(dask.local.batch_execute_tasks), not that of functions inside its arguments (the graph's)",
-)
 def test_functions_of_a_user_module_in_a_graph(
     executor: GridEngineExecutor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
