@@ -1,5 +1,6 @@
 """sheepdog-executor: a concurrent.futures Executor that runs calls as Grid Engine array jobs."""
 
+from sheepdog_executor import integrations as _integrations  # noqa: F401 - joblib's "gridengine" backend, registered lazily
 from sheepdog_executor.errors import (
     BrokenGridEngineExecutor,
     ConfigurationError,
@@ -15,7 +16,6 @@ from sheepdog_executor.errors import (
     WorkerLost,
     WorkerStartFailed,
 )
-from sheepdog_executor import integrations as _integrations  # noqa: F401 - joblib's "gridengine" backend, registered lazily
 from sheepdog_executor.executor import ClusterExecutor, GridEngineExecutor, LocalExecutor
 
 __version__ = "0.1.0"
