@@ -53,6 +53,8 @@ class WorkItem:
     worker: str | None = None
     losses: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    #: Hand-outs whose reply never reached the worker: not runs, so they use up no retry.
+    undelivered: int = 0
 
 
 @dataclass(eq=False)
@@ -228,6 +230,18 @@ class Dispatcher:
                 worker.calls_done += 1
                 self._release_function(item.fn_key)
                 delivered.append((item, result))
+            # A worker asks for work only once it has run everything it was given: calls it still
+            # holds never reached it (the reply was lost with its connection). Queue them again.
+            for item_id in sorted(worker.items, reverse=True):
+                item = self._items[item_id]
+                item.worker = None
+                item.undelivered += 1
+                self._pending.appendleft(item)
+                self.stats.requeued(item.batch)
+                log.warning("call %d never reached worker %s; queued again", item.id, worker_id)
+            if worker.items:
+                worker.items.clear()
+                self.on_work()
         for item, result in delivered:
             self._observe(result[5])
             item.seconds = result[5]
@@ -345,7 +359,11 @@ class Dispatcher:
         retried, failed = [], []
         with self._lock:
             for item in items:
-                if item.attempt <= self.retries and not self.stopping and self.broken is None:
+                if (
+                    item.attempt - item.undelivered <= self.retries
+                    and not self.stopping
+                    and self.broken is None
+                ):
                     retried.append(item)
                 else:
                     failed.append(item)

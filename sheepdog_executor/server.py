@@ -256,6 +256,7 @@ class Endpoint:
         self._startup_error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="sheepdog-endpoint", daemon=True)
         self.work_available: tornado.locks.Condition
+        self._wake_pending = False
         self.port = 0
 
     @property
@@ -304,12 +305,19 @@ class Endpoint:
         self._loop.close(all_fds=True)
 
     def _notify_work(self) -> None:
+        """Wake the long-polling workers; many submits in a row cost one wake-up, not one each."""
         loop = self._loop
-        if loop is not None:
-            try:
-                loop.add_callback(self.work_available.notify_all)
-            except RuntimeError:  # loop closed during shutdown
-                pass
+        if loop is None or self._wake_pending:
+            return
+        self._wake_pending = True
+        try:
+            loop.add_callback(self._wake_workers)
+        except RuntimeError:  # loop closed during shutdown
+            pass
+
+    def _wake_workers(self) -> None:
+        self._wake_pending = False
+        self.work_available.notify_all()
 
     def fresh_nonce(self, nonce: str) -> bool:
         """True the first time a nonce is seen: a replayed request is refused."""

@@ -153,3 +153,18 @@ def test_python_mismatch_fails_pending_calls() -> None:
     reply = dispatcher.hello({"worker": "w", "job": "1", "task": 1, "host": "n", "python": [3, 9, 1]})
     assert "Python 3.9.1" in reply["error"]
     assert "3.9.1" in str(future.exception(timeout=1))
+
+
+def test_calls_whose_reply_was_lost_are_queued_again() -> None:
+    dispatcher = Dispatcher(retries=0, idle_timeout=60, python=(3, 11))
+    future: Future[Any] = Future()
+    dispatcher.add("f", pickle.dumps(abs), [("call", pickle.dumps(((-1,), {})), future)])
+    _hello(dispatcher, "w1")
+    lost_reply = dispatcher.exchange("w1", [])
+    assert lost_reply is not None and len(lost_reply["items"]) == 1
+    # the worker never got that reply: it asks again with no results; the call comes back to it
+    again = dispatcher.exchange("w1", [])
+    assert again is not None and again["items"][0][0] == lost_reply["items"][0][0]
+    item_id, attempt = again["items"][0][:2]
+    dispatcher.exchange("w1", [_result(item_id, attempt, 1)])
+    assert future.result(timeout=1) == 1
