@@ -92,52 +92,66 @@ class Session:
         home = shell.run('printf %s "$HOME"').stdout.strip() or "."
         root = session_root.replace("~", home, 1) if session_root.startswith("~") else session_root
         self.session_dir = f"{root}/{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
-        shell.put(f"{self.session_dir}/secret", secret, 0o600)
-        shell.put(f"{self.session_dir}/bundle.zip", worker_bundle(), 0o600)
-        # how workers reach us (direct or SSH tunnel); with tls, a certificate they pin by its
-        # fingerprint, which goes on their command line: it is not secret, only the secret file is
-        route = choose_route(shell, callback, callback_address or shell.callback_address(), callback_port)
-        certificate = make_certificate() if tls else None
-        self.status_page = StatusPage(self.status, shell.description) if status_page else None
-        self.endpoint = Endpoint(
-            self.dispatcher,
-            secret,
-            address=route.listen_address,
-            port=route.listen_port,
-            ssl_context=certificate.server_context() if certificate else None,
-            routes=self.status_page.routes() if self.status_page else (),
-        )
-        self.endpoint.start()
         try:
-            host, port = route.open(shell, self.endpoint)
-        except BaseException:
-            self.endpoint.stop()
-            raise
-        self.launch = WorkerLaunch(
-            self.session_dir,
-            f"{self.endpoint.scheme}://{host}:{port}",
-            certificate.fingerprint if certificate else None,
-        )
-        # the client's address, so that `sheepdog-executor cleanup` can tell a live client from a dead one
-        shell.put(f"{self.session_dir}/endpoint", f"{self.launch.url}\n".encode(), 0o600)
-        self.jobs = JobManager(
-            scheduler,
-            self.dispatcher,
-            self.launch,
-            max_workers=max_workers,
-            batch_window=batch_window,
-            poll_interval=poll_interval,
-            heartbeat_timeout=heartbeat_timeout,
-        )
-        self.jobs.start()
-        log.info("session %s on %s, endpoint %s", self.session_dir, shell.description, self.launch.url)
-        #: The status page's address with its token (None with ``status_page=False``).
-        self.status_url: str | None = None
-        if self.status_page is not None:
-            self.status_url = self.status_page.url(
-                self.endpoint.scheme, route.listen_address, self.endpoint.port
+            shell.put(f"{self.session_dir}/secret", secret, 0o600)
+            shell.put(f"{self.session_dir}/bundle.zip", worker_bundle(), 0o600)
+            # how workers reach us (direct or SSH tunnel); with tls, a certificate they pin by its
+            # fingerprint, which goes on their command line: it is not secret, only the secret file is
+            route = choose_route(shell, callback, callback_address or shell.callback_address(), callback_port)
+            certificate = make_certificate() if tls else None
+            self.status_page = StatusPage(self.status, shell.description) if status_page else None
+            self.endpoint = Endpoint(
+                self.dispatcher,
+                secret,
+                address=route.listen_address,
+                port=route.listen_port,
+                ssl_context=certificate.server_context() if certificate else None,
+                routes=self.status_page.routes() if self.status_page else (),
             )
-            log.info("status page: %s", self.status_url)
+            self.endpoint.start()
+            try:
+                host, port = route.open(shell, self.endpoint)
+            except BaseException:
+                self.endpoint.stop()
+                raise
+            self.launch = WorkerLaunch(
+                self.session_dir,
+                f"{self.endpoint.scheme}://{host}:{port}",
+                certificate.fingerprint if certificate else None,
+            )
+            # the client's address, so that `sheepdog-executor cleanup` can tell a live client from a dead one
+            shell.put(f"{self.session_dir}/endpoint", f"{self.launch.url}\n".encode(), 0o600)
+            self.jobs = JobManager(
+                scheduler,
+                self.dispatcher,
+                self.launch,
+                max_workers=max_workers,
+                batch_window=batch_window,
+                poll_interval=poll_interval,
+                heartbeat_timeout=heartbeat_timeout,
+            )
+            self.jobs.start()
+            log.info("session %s on %s, endpoint %s", self.session_dir, shell.description, self.launch.url)
+            #: The status page's address with its token (None with ``status_page=False``).
+            self.status_url: str | None = None
+            if self.status_page is not None:
+                self.status_url = self.status_page.url(
+                    self.endpoint.scheme, route.listen_address, self.endpoint.port
+                )
+                log.info("status page: %s", self.status_url)
+        except BaseException:
+            # nothing half-made stays behind: the endpoint, the tunnel, the session directory
+            self._discard_partial()
+            raise
+
+    def _discard_partial(self) -> None:
+        endpoint = getattr(self, "endpoint", None)
+        if endpoint is not None:
+            endpoint.stop()
+        try:
+            self.shell.run(f"rm -rf {shlex.quote(self.session_dir)}", timeout=30)
+        except Exception as exc:  # noqa: BLE001 - the original error matters more
+            log.warning("could not remove %s: %s", self.session_dir, exc)
 
     def status(self) -> dict[str, Any]:
         """The dispatcher's snapshot and the ids of the jobs submitted so far."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -76,3 +77,12 @@ def test_python_minor_version_mismatch_is_one_clear_error(
         error = future.exception(timeout=90)
         assert isinstance(error, PythonVersionMismatch)
         assert "Python 3.9.18" in str(error) and "3.11" in str(error) and "python=" in str(error)
+
+
+def test_failed_setup_leaves_no_session_directory(cell: str) -> None:
+    root = f"/home/sdtest/.sd-setup-{os.getpid()}"
+    with pytest.raises(OSError):
+        # TEST-NET-1: not an address of this machine, so the endpoint cannot listen there
+        GridEngineExecutor(host=cell, session_root=root, callback="direct", callback_address="192.0.2.1")
+    assert ssh(f"ls -A {root}").stdout.strip() == ""
+    ssh(f"rmdir {root}")
