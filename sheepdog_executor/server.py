@@ -29,6 +29,7 @@ import tornado.netutil
 import tornado.web
 
 from sheepdog_executor.dispatch import Dispatcher
+from sheepdog_executor.errors import ConfigurationError
 from sheepdog_executor.remote import protocol
 
 log = logging.getLogger("sheepdog_executor")
@@ -285,7 +286,14 @@ class Endpoint:
                 ],
                 default_handler_class=_NotFound,
             )
-            sockets = tornado.netutil.bind_sockets(self._port, self._address, family=socket.AF_INET)
+            try:
+                sockets = tornado.netutil.bind_sockets(self._port, self._address, family=socket.AF_INET)
+            except OSError as exc:
+                raise ConfigurationError(
+                    f"the endpoint cannot listen on {self._address}:{self._port} ({exc.strerror}); "
+                    "set callback_address= to an address of this machine that the nodes can reach "
+                    "(or callback_port= to a free port), or use callback='tunnel'"
+                ) from exc
             self.port = sockets[0].getsockname()[1]
             self._server = tornado.httpserver.HTTPServer(
                 app,

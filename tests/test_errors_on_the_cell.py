@@ -11,6 +11,7 @@ import pytest
 from conftest import our_jobs, ssh
 
 from sheepdog_executor import (
+    ConfigurationError,
     ConnectionFailed,
     GridEngineExecutor,
     PythonVersionMismatch,
@@ -81,7 +82,7 @@ def test_python_minor_version_mismatch_is_one_clear_error(
 
 def test_failed_setup_leaves_no_session_directory(cell: str) -> None:
     root = f"/home/sdtest/.sd-setup-{os.getpid()}"
-    with pytest.raises(OSError):
+    with pytest.raises(ConfigurationError, match="cannot listen on 192.0.2.1.*callback_address="):
         # TEST-NET-1: not an address of this machine, so the endpoint cannot listen there
         GridEngineExecutor(host=cell, session_root=root, callback="direct", callback_address="192.0.2.1")
     assert ssh(f"ls -A {root}").stdout.strip() == ""
