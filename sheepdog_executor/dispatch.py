@@ -8,6 +8,7 @@ call, so a late or replayed result never resolves a Future twice.
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import logging
@@ -37,6 +38,19 @@ MAX_ITEMS_PER_REPLY = 2000
 MAX_BYTES_PER_REPLY = 16 * 1024 * 1024
 #: About this much work (by the calls' average duration) goes out in one reply.
 REPLY_SECONDS = 0.25
+
+
+class CallFuture(Future[Any]):
+    """A Future that tells the dispatcher when it is cancelled, so the call leaves the queue at once
+    (no worker, and no job, is ever needed just to skip it)."""
+
+    _on_cancel: Callable[[], None] | None = None
+
+    def cancel(self) -> bool:
+        cancelled = super().cancel()
+        if cancelled and self._on_cancel is not None:
+            self._on_cancel()
+        return cancelled
 
 
 @dataclass(eq=False)
@@ -98,6 +112,7 @@ class Dispatcher:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._pending: deque[WorkItem] = deque()
+        self._stale = 0  # entries of _pending whose call was cancelled (skipped when reached)
         self._items: dict[int, WorkItem] = {}  # every call not yet resolved
         self._functions: dict[str, bytes] = {}
         self._function_users: dict[str, int] = {}
@@ -129,9 +144,10 @@ class Dispatcher:
                 item = WorkItem(next(self._ids), future, fn_key, kind, payload, batch)
                 self._items[item.id] = item
                 self._pending.append(item)
+                if isinstance(future, CallFuture):
+                    future._on_cancel = functools.partial(self._forget_cancelled, item)
                 self._function_users[fn_key] = self._function_users.get(fn_key, 0) + 1
                 count += 1
-                future.add_done_callback(functools.partial(self._note_end, item))
             self.stats.queued(batch, label or f"batch {batch}", count)
         self.on_work()
         self.on_change()
@@ -161,7 +177,8 @@ class Dispatcher:
     def counts(self) -> tuple[int, int]:
         """(calls waiting for a worker, calls held by workers)."""
         with self._lock:
-            return len(self._pending), len(self._items) - len(self._pending)
+            pending = len(self._pending) - self._stale
+            return pending, len(self._items) - pending
 
     def outstanding(self) -> int:
         with self._lock:
@@ -245,8 +262,11 @@ class Dispatcher:
         for item, result in delivered:
             self._observe(result[5])
             item.seconds = result[5]
+        ends = []
         for item, (_, _, ok, data, output, _) in delivered:
-            _resolve(item.future, ok, data, output, self._echo_output)
+            error_text = _resolve(item.future, ok, data, output, self._echo_output)
+            ends.append((item.batch, "failed" if error_text else "done", item.seconds, error_text, True))
+        self.stats.ended_many(ends)
         if fatal is not None:
             self._initializer_failed(fatal)
             return {"stop": True}
@@ -280,17 +300,15 @@ class Dispatcher:
         self.on_change()
         return {"stop": True}
 
-    def _note_end(self, item: WorkItem, future: Future[Any]) -> None:
-        """Done-callback of every call's Future: count how it ended."""
-        if future.cancelled():
-            self.stats.ended(item.batch, "cancelled", was_running=item.attempt > 0)
-            return
-        error = future.exception()
-        text = None
-        if error is not None:
-            cause = error.__cause__
-            text = str(cause) if isinstance(cause, RemoteTraceback) else f"{type(error).__name__}: {error}"
-        self.stats.ended(item.batch, "failed" if error else "done", item.seconds, text, item.attempt > 0)
+    def _forget_cancelled(self, item: WorkItem) -> None:
+        with self._lock:
+            if self._items.get(item.id) is not item or item.worker is not None:
+                return
+            del self._items[item.id]
+            self._release_function(item.fn_key)
+            self._stale += 1
+        self.stats.ended(item.batch, "cancelled", was_running=False)
+        self.on_change()
 
     def _observe(self, seconds: float) -> None:
         average = self.call_seconds
@@ -301,7 +319,7 @@ class Dispatcher:
         shrinking as the queue drains, and never more than about REPLY_SECONDS of work. Until a
         call's duration is known, one call: long calls then spread over all workers."""
         expected = max(len(self.workers), min(self.max_workers, len(self._items)))
-        share = math.ceil(len(self._pending) / (2 * expected))
+        share = math.ceil((len(self._pending) - self._stale) / (2 * expected))
         seconds = self.call_seconds
         by_time = 1 if seconds is None else int(REPLY_SECONDS / max(seconds, 1e-6))
         want = max(1, min(MAX_ITEMS_PER_REPLY, share, by_time))
@@ -309,16 +327,21 @@ class Dispatcher:
         size = 0
         while self._pending and len(batch) < want and (not batch or size < MAX_BYTES_PER_REPLY):
             item = self._pending.popleft()
+            if self._items.get(item.id) is not item:  # cancelled while queued
+                self._stale -= 1
+                continue
             if item.attempt == 0 and not item.future.set_running_or_notify_cancel():
                 del self._items[item.id]
                 self._release_function(item.fn_key)
+                self.stats.ended(item.batch, "cancelled", was_running=False)
                 continue
             item.attempt += 1
             item.worker = worker.id
-            self.stats.started(item.batch, worker.host)
             worker.items.add(item.id)
             batch.append(item)
             size += len(item.payload)
+        for batch_id, count in collections.Counter(item.batch for item in batch).items():
+            self.stats.started(batch_id, worker.host, count)
         return batch
 
     def _release_function(self, key: str) -> None:
@@ -350,8 +373,9 @@ class Dispatcher:
     def take_pending(self) -> list[WorkItem]:
         """Take every call still waiting for a worker out of the queue."""
         with self._lock:
-            items = list(self._pending)
+            items = [item for item in self._pending if self._items.get(item.id) is item]
             self._pending.clear()
+            self._stale = 0
         return items
 
     def retry_or_split(self, items: list[WorkItem]) -> tuple[list[WorkItem], list[WorkItem]]:
@@ -382,9 +406,13 @@ class Dispatcher:
             items = [item for item in items if self._items.pop(item.id, None) is not None]
             for item in items:
                 self._release_function(item.fn_key)
+        text = f"{type(error).__name__}: {error}"
         for item in items:
             if item.future.running() or item.future.set_running_or_notify_cancel():
+                self.stats.ended(item.batch, "failed", error=text, was_running=item.attempt > 0)
                 _set_exception(item.future, error)
+            else:
+                self.stats.ended(item.batch, "cancelled", was_running=False)
         self.on_change()
 
     def fail_pending(self, error: BaseException) -> None:
@@ -396,6 +424,7 @@ class Dispatcher:
         with self._lock:
             items = list(self._items.values())
             self._pending.clear()
+            self._stale = 0
             for worker in self.workers.values():
                 worker.items.clear()
         self.fail_items(items, error)
@@ -409,6 +438,7 @@ class Dispatcher:
                 self._release_function(item.fn_key)
         for item in items:
             item.future.cancel()
+            self.stats.ended(item.batch, "cancelled", was_running=False)
         self.on_change()
 
     def break_(self, error: BaseException) -> None:
@@ -432,19 +462,21 @@ def _set_exception(future: Future[Any], error: BaseException) -> None:
             pass
 
 
-def _resolve(future: Future[Any], ok: bool, data: bytes, output: str, echo: bool) -> None:
+def _resolve(future: Future[Any], ok: bool, data: bytes, output: str, echo: bool) -> str | None:
+    """Resolve a Future from a worker's result; return the error's text when the call failed."""
     future.remote_output = output  # type: ignore[attr-defined]
     if echo and output:
         print(output, end="" if output.endswith("\n") else "\n")
     try:
         loaded = pickle.loads(data)
     except Exception as load_error:  # noqa: BLE001 - e.g. a module missing on the client
-        _set_exception(future, RemoteCallError(f"the result could not be unpickled here: {load_error!r}"))
-        return
+        message = f"the result could not be unpickled here: {load_error!r}"
+        _set_exception(future, RemoteCallError(message))
+        return message
     if ok:
         if not future.done():
             future.set_result(loaded)
-        return
+        return None
     error, tb = loaded
     if error is None:
         error = RemoteCallError(tb.strip().splitlines()[-1] if tb.strip() else "remote error")
@@ -452,3 +484,4 @@ def _resolve(future: Future[Any], ok: bool, data: bytes, output: str, echo: bool
     if output:
         error.add_note(f"output of the call on the node:\n{output.rstrip()}")
     _set_exception(future, error)
+    return str(error.__cause__)

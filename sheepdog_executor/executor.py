@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from sheepdog_executor import pickling
 from sheepdog_executor.bundle import worker_bundle
 from sheepdog_executor.config import uses_config
-from sheepdog_executor.dispatch import Dispatcher
+from sheepdog_executor.dispatch import CallFuture, Dispatcher
 from sheepdog_executor.errors import BrokenGridEngineExecutor, ConfigurationError, ExecutorShutDown
 from sheepdog_executor.jobs import JobManager
 from sheepdog_executor.jobscript import JobOptions, WorkerLaunch
@@ -269,7 +269,7 @@ class ClusterExecutor(Executor):
 
     # -- submitting ---------------------------------------------------------------------------
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
-        future: Future[T] = Future()
+        future: Future[T] = CallFuture()
         key, blob = pickling.dump_function(fn)
         payload = pickling.dumps((args, kwargs))
         with self._shutdown_lock:
@@ -299,7 +299,7 @@ class ClusterExecutor(Executor):
         total = 0
         if chunksize == 1:
             for args in argument_sets:
-                calls.append(("call", pickling.dumps((args, {})), Future()))
+                calls.append(("call", pickling.dumps((args, {})), CallFuture()))
         else:
             while chunk := list(itertools.islice(argument_sets, chunksize)):
                 total += len(chunk)
@@ -307,7 +307,7 @@ class ClusterExecutor(Executor):
                     (
                         "chunk",
                         pickling.dumps([(args, {}) for args in chunk]),
-                        Future(),
+                        CallFuture(),
                     )
                 )
         with self._shutdown_lock:

@@ -71,6 +71,7 @@ class JobManager:
         self._flush = False
         self._stopping = False
         self._failures = 0
+        self._last_poll = 0.0
         self._thread = threading.Thread(target=self._run, name="sheepdog-jobs", daemon=True)
 
     # -- control from other threads --------------------------------------------------------
@@ -91,13 +92,13 @@ class JobManager:
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout=60)
         if grace > 0:
+            self._cancel_queued()  # nothing is outstanding: a queued task would start only to stop
             self._wait_gone(grace, warn=False)  # what is left now is removed next
         self.cancel_all()
         self._wait_gone(timeout)
 
     def _wait_gone(self, timeout: float, warn: bool = True) -> None:
         deadline = time.monotonic() + timeout
-        delay = 0.1
         while True:
             with self._jobs_lock:
                 job_ids = list(self.jobs)
@@ -112,8 +113,20 @@ class JobManager:
                 if states and warn:
                     log.warning("jobs %s still listed by the scheduler after removal", list(states))
                 return
-            time.sleep(delay)
-            delay = min(delay * 2, 1.0)
+            time.sleep(0.2)
+
+    def _cancel_queued(self) -> None:
+        """Remove the tasks that have not started yet (whole jobs when none of theirs started)."""
+        with self._jobs_lock:
+            job_ids = list(self.jobs)
+        states = self.scheduler.poll(job_ids) if job_ids else {}
+        whole = [job for job, tasks in states.items() if all(s is TaskState.QUEUED for s in tasks.values())]
+        if whole:
+            self.scheduler.cancel(whole)
+        for job, tasks in states.items():
+            if job not in whole:
+                for task in (t for t, s in tasks.items() if s is TaskState.QUEUED):
+                    self.scheduler.cancel_task(job, task)
 
     def cancel_all(self) -> None:
         with self._jobs_lock:
@@ -154,10 +167,12 @@ class JobManager:
         if pending and not self._flush and self.batch_window > 0:
             time.sleep(self.batch_window)  # let submissions that arrive close together share a job
         self._flush = False
-        with self._jobs_lock:
-            job_ids = list(self.jobs)
-        states = self.scheduler.poll(job_ids) if job_ids else {}
-        self._reconcile(states)
+        now = time.monotonic()
+        if now - self._last_poll >= self.poll_interval:  # one qstat per interval, however busy
+            self._last_poll = now
+            with self._jobs_lock:
+                job_ids = list(self.jobs)
+            self._reconcile(self.scheduler.poll(job_ids) if job_ids else {})
         self._scale()
 
     def _reconcile(self, states: JobStates) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import pickle
 import sys
 import types
 from collections.abc import Callable
@@ -55,8 +56,38 @@ class _Pickler(cloudpickle.Pickler):
         return super().reducer_override(obj)
 
 
+_SCALARS = frozenset({int, float, complex, str, bytes, bool, type(None)})
+
+
+def _plain(obj: Any, depth: int = 0) -> bool:
+    """Only built-in scalars in small tuples, lists and str-keyed dicts: the C pickler suffices.
+    (Loops written out: this runs once per call on ``map``'s hot path.)"""
+    kind = type(obj)
+    if kind in _SCALARS:
+        return True
+    if depth > 2:
+        return False
+    if kind is tuple or kind is list:
+        if len(obj) > 32:
+            return False
+        for item in obj:
+            if type(item) not in _SCALARS and not _plain(item, depth + 1):
+                return False
+        return True
+    if kind is dict:
+        if len(obj) > 32:
+            return False
+        for key, value in obj.items():
+            if type(key) is not str or (type(value) not in _SCALARS and not _plain(value, depth + 1)):
+                return False
+        return True
+    return False
+
+
 def dumps(obj: Any) -> bytes:
-    """cloudpickle ``obj``, shipping the user's modules by value."""
+    """cloudpickle ``obj``, shipping the user's modules by value (plain data takes the C pickler)."""
+    if _plain(obj):
+        return pickle.dumps(obj, protocol=PICKLE_PROTOCOL)
     buffer = io.BytesIO()
     _Pickler(buffer, protocol=PICKLE_PROTOCOL).dump(obj)
     return buffer.getvalue()

@@ -155,17 +155,22 @@ def _is_hello(message: dict[str, Any]) -> bool:
     )
 
 
-_RESULT_TYPES = (int, int, bool, bytes, str)  # item id, attempt, ok, pickled value or error, output
+# a result: item id (int), attempt (int), ok (bool), pickled value or error (bytes), output (str)
 _SCALARS = (int, float, str, bytes, bool, type(None))  # what a newer worker may add after them
 
 
 def _is_result(result: Any) -> bool:
-    return (
-        isinstance(result, (tuple, list))
-        and len(result) >= len(_RESULT_TYPES)
-        and all(type(v) is t for v, t in zip(result, _RESULT_TYPES, strict=False))
-        and all(type(v) in _SCALARS for v in result[len(_RESULT_TYPES) :])
-    )
+    # written out rather than with all()/zip(): it runs once per call on the hot path
+    if type(result) not in (tuple, list) or len(result) < 5:
+        return False
+    if not (type(result[0]) is int and type(result[1]) is int and type(result[2]) is bool):
+        return False
+    if not (type(result[3]) is bytes and type(result[4]) is str):
+        return False
+    for extra in result[5:]:
+        if type(extra) not in _SCALARS:
+            return False
+    return True
 
 
 def _is_work(message: dict[str, Any]) -> bool:

@@ -64,7 +64,10 @@ class Stats:
         self._errors: deque[dict[str, Any]] = deque(maxlen=RECENT_ERRORS)
 
     def _batch(self, batch: int) -> BatchStats:
-        return self._batches.setdefault(batch, BatchStats(batch, f"batch {batch}"))
+        stats = self._batches.get(batch)
+        if stats is None:
+            stats = self._batches[batch] = BatchStats(batch, f"batch {batch}")
+        return stats
 
     def queued(self, batch: int, label: str, count: int) -> None:
         with self._lock:
@@ -74,12 +77,12 @@ class Stats:
             stats.queued += count
             stats.finished = None
 
-    def started(self, batch: int, host: str) -> None:
+    def started(self, batch: int, host: str, count: int = 1) -> None:
         with self._lock:
             stats = self._batch(batch)
-            stats.queued -= 1
-            stats.running += 1
-            stats.hosts[host] += 1
+            stats.queued -= count
+            stats.running += count
+            stats.hosts[host] += count
 
     def requeued(self, batch: int) -> None:
         with self._lock:
@@ -97,19 +100,25 @@ class Stats:
         was_running: bool = True,
     ) -> None:
         """``outcome`` is "done", "failed" or "cancelled"."""
+        self.ended_many([(batch, outcome, seconds, error, was_running)])
+
+    def ended_many(self, ends: list[tuple[int, str, float, str | None, bool]]) -> None:
+        """Several ``ended`` at once: (batch, outcome, seconds, error, was_running) each."""
         with self._lock:
-            stats = self._batch(batch)
-            if was_running:
-                stats.running -= 1
-            else:
-                stats.queued -= 1
-            setattr(stats, outcome, getattr(stats, outcome) + 1)
-            stats.seconds_total += seconds
-            stats.seconds_max = max(stats.seconds_max, seconds)
-            if error:
-                self._errors.append({"batch": batch, "time": time.time(), "error": error[-2000:]})
-            if stats.queued == 0 and stats.running == 0:
-                stats.finished = time.time()
+            for batch, outcome, seconds, error, was_running in ends:
+                stats = self._batch(batch)
+                if was_running:
+                    stats.running -= 1
+                else:
+                    stats.queued -= 1
+                setattr(stats, outcome, getattr(stats, outcome) + 1)
+                stats.seconds_total += seconds
+                if seconds > stats.seconds_max:
+                    stats.seconds_max = seconds
+                if error:
+                    self._errors.append({"batch": batch, "time": time.time(), "error": error[-2000:]})
+                if stats.queued == 0 and stats.running == 0:
+                    stats.finished = time.time()
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:

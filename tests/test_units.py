@@ -168,3 +168,23 @@ def test_calls_whose_reply_was_lost_are_queued_again() -> None:
     item_id, attempt = again["items"][0][:2]
     dispatcher.exchange("w1", [_result(item_id, attempt, 1)])
     assert future.result(timeout=1) == 1
+
+
+def test_a_cancelled_call_leaves_the_queue_at_once() -> None:
+    from sheepdog_executor.dispatch import CallFuture
+
+    dispatcher = Dispatcher(python=(3, 11))
+    futures = [CallFuture() for _ in range(3)]
+    dispatcher.add("f", pickle.dumps(abs), [("call", pickle.dumps(((-1,), {})), f) for f in futures])
+    assert futures[1].cancel() and futures[1].cancel()  # twice: counted once
+    assert dispatcher.counts() == (2, 0) and dispatcher.outstanding() == 2
+    _hello(dispatcher, "w1")
+    reply = dispatcher.exchange("w1", [])
+    assert reply is not None
+    handed = [item[0] for item in reply["items"]]
+    while len(handed) < 2:
+        more = dispatcher.exchange("w1", [_result(i, 1, 0) for i in handed[-1:]])
+        assert more is not None
+        handed += [item[0] for item in more.get("items", [])]
+    assert handed == [1, 3]
+    assert dispatcher.stats.snapshot()["batches"][0]["cancelled"] == 1
