@@ -32,7 +32,7 @@ def square(x: int) -> int:
 
 
 def slow_square(x: int) -> int:
-    time.sleep(0.4)
+    time.sleep(0.5)
     return x * x
 
 
@@ -168,7 +168,7 @@ def test_the_page_in_chromium(
     executor = make_executor()
     url = executor.status_url or ""
     failing = executor.submit(fails_with_markup, 7)
-    results = executor.map(slow_square, range(48))
+    results = executor.map(slow_square, range(96))  # 6 s or more on the 8 slots
     page = Browserless(url)
     deadline = time.monotonic() + 120
     while not any(b["label"] == "map(slow_square)" and b["done"] >= 8 for b in page.json()["batches"]):
@@ -178,14 +178,14 @@ def test_the_page_in_chromium(
     chromium(url, f"--screenshot={SCREENSHOT}")  # mid-map: a bar part way, workers, the error
     assert SCREENSHOT.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and SCREENSHOT.stat().st_size > 20_000
 
-    assert list(results) == [x * x for x in range(48)]
+    assert list(results) == [x * x for x in range(96)]
     with pytest.raises(ValueError):
         failing.result(timeout=60)
     dom = chromium(url, "--dump-dom")
-    card = re.search(r'<article class="card batch"[^>]*data-total="48"[^>]*>.*?</article>', dom, re.S)
+    card = re.search(r'<article class="card batch"[^>]*data-total="96"[^>]*>.*?</article>', dom, re.S)
     assert card is not None, dom[:3000]
-    assert 'data-done="48"' in card.group(0) and "map(slow_square)" in card.group(0)
-    assert "48 / 48 · 100%" in card.group(0)
+    assert 'data-done="96"' in card.group(0) and "map(slow_square)" in card.group(0)
+    assert "96 / 96 · 100%" in card.group(0)
     for job in executor.job_ids:
         assert f'data-job="{job}"' in dom
     # the error's markup is shown as text, never parsed
