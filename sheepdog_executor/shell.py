@@ -6,6 +6,7 @@ keys against known_hosts and reconnects with backoff when the connection drops.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shlex
@@ -105,6 +106,23 @@ class SSHTarget:
     key_filenames: tuple[str, ...]
     proxy_jump: str | None
     connect_timeout: float
+    config_path: str = "~/.ssh/config"
+
+    def jump_target(self) -> SSHTarget | None:
+        """The host to hop through (ProxyJump), itself hopping through the hops before it."""
+        if not self.proxy_jump or self.proxy_jump.lower() == "none":
+            return None
+        *earlier, last = self.proxy_jump.split(",")
+        user, _, rest = last.rpartition("@")
+        host, _, port = rest.partition(":")
+        target = SSHTarget.resolve(
+            host,
+            user=user or None,
+            port=int(port) if port else None,
+            config_path=self.config_path,
+            connect_timeout=self.connect_timeout,
+        )
+        return dataclasses.replace(target, proxy_jump=",".join(earlier) or target.proxy_jump)
 
     @classmethod
     def resolve(
@@ -132,6 +150,7 @@ class SSHTarget:
             key_filenames=tuple(os.path.expanduser(k) for k in keys),
             proxy_jump=entry.get("proxyjump"),
             connect_timeout=connect_timeout,
+            config_path=config_path,
         )
 
 
@@ -160,11 +179,11 @@ class SSHShell(Shell):
             client.load_host_keys(known)
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
         sock = None
-        if t.proxy_jump and t.proxy_jump.lower() != "none":
-            jump_alias = t.proxy_jump.split(",")[0]
+        jump = t.jump_target()
+        if jump is not None:
             if self._jump is None:
-                self._jump = SSHShell(SSHTarget.resolve(jump_alias), reconnect_timeout=0)
-            transport = self._jump._client.get_transport()
+                self._jump = SSHShell(jump, reconnect_timeout=self._reconnect_timeout)
+            transport = self._jump._usable_transport()
             sock = transport.open_channel("direct-tcpip", (t.hostname, t.port), ("127.0.0.1", 0))
         try:
             client.connect(

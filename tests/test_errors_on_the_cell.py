@@ -87,3 +87,17 @@ def test_failed_setup_leaves_no_session_directory(cell: str) -> None:
         GridEngineExecutor(host=cell, session_root=root, callback="direct", callback_address="192.0.2.1")
     assert ssh(f"ls -A {root}").stdout.strip() == ""
     ssh(f"rmdir {root}")
+
+
+def test_proxyjump_from_the_ssh_config(cell: str, tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    key = "/root/.ssh/sheepdog_test_ed25519"
+    config.write_text(
+        f"Host gateway\n  HostName 127.0.0.1\n  Port 2222\n  User sdtest\n  IdentityFile {key}\n"
+        f"Host behind\n  HostName 127.0.0.1\n  Port 2222\n  User sdtest\n  IdentityFile {key}\n"
+        "  ProxyJump gateway\n"
+    )
+    with GridEngineExecutor(host="behind", ssh_config=str(config), max_workers=1) as executor:
+        assert executor.submit(abs, -7).result(timeout=90) == 7
+        shell = executor._session.shell
+        assert shell._jump is not None and shell._jump.target.alias == "gateway"  # type: ignore[attr-defined]

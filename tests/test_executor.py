@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -167,3 +168,16 @@ def test_module_missing_on_the_nodes_is_named(make_executor: Callable[..., GridE
         executor.submit(tornado.escape.json_encode, [1]).result(timeout=60)
     assert "could not be unpickled on the node" in "\n".join(info.value.__notes__)
     assert executor.submit(square, 5).result(timeout=60) == 25  # the worker survives it
+
+
+def test_debug_log_shows_every_command_sent_to_the_cluster(
+    make_executor: Callable[..., GridEngineExecutor], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="sheepdog_executor")
+    executor = make_executor(max_workers=1)
+    assert executor.submit(square, 4).result(timeout=60) == 16
+    commands = [
+        r.getMessage() for r in caplog.records if r.name == "sheepdog_executor" and "$ " in r.getMessage()
+    ]
+    assert any("qsub -terse" in c for c in commands)
+    assert any("qstat -xml" in c for c in commands)
