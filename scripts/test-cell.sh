@@ -22,6 +22,7 @@ command -v qsub >/dev/null || need+=(gridengine-master gridengine-exec gridengin
 command -v ssh-keyscan >/dev/null || need+=(openssh-client)
 command -v ss >/dev/null || need+=(iproute2)
 [ -x /usr/bin/python3 ] || need+=(python3)
+/usr/bin/python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)  # tests install dask for the nodes
 if [ ${#need[@]} -gt 0 ]; then
   log "installing ${need[*]}"
   apt-get update -qq

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import shlex
 import subprocess
+import sys
+import textwrap
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -70,3 +74,34 @@ def make_executor(cell: str) -> Iterator[Callable[..., GridEngineExecutor]]:
         executor.shutdown(wait=True, cancel_futures=True)
         left = our_jobs(set(executor.job_ids))
         assert not left, f"jobs left on the cell after shutdown: {left}"
+
+
+NODE_PACKAGES = [f"{name}=={importlib.metadata.version(name)}" for name in ("dask", "numpy")]
+
+
+@pytest.fixture(scope="session")
+def node_packages(cell: str) -> str:
+    """A set-up line giving the workers dask and numpy, installed on the cell once (pip --target)."""
+    python = "py{}.{}".format(*sys.version_info[:2])
+    target = f"$HOME/.cache/sheepdog-tests/{python}-" + "-".join(p.replace("==", "") for p in NODE_PACKAGES)
+    pinned = " ".join(shlex.quote(p) for p in NODE_PACKAGES)
+    # into a fresh directory renamed into place, so concurrent test runs never see half an install
+    script = textwrap.dedent(
+        f"""
+        set -e
+        d="{target}"
+        if [ ! -d "$d" ]; then
+            mkdir -p "$(dirname "$d")"
+            t=$(mktemp -d "$d.XXXXXX")
+            python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location \\
+                --target "$t" {pinned} || {{ rm -rf "$t"; exit 1; }}
+            mv -T "$t" "$d" 2>/dev/null || rm -rf "$t"
+        fi
+        PYTHONPATH="$d" python3 -c 'import dask.array, numpy'
+        echo "$d"
+        """
+    )
+    done = ssh(script, timeout=280)
+    if done.returncode != 0:
+        pytest.fail(f"could not install {NODE_PACKAGES} for the cell's python3:\n{done.stderr[-2000:]}")
+    return f"export PYTHONPATH={shlex.quote(done.stdout.strip().splitlines()[-1])}"

@@ -7,12 +7,8 @@ installs them once per version into a directory on the cell, put on the workers'
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import re
-import shlex
-import sys
-import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,41 +16,10 @@ import dask
 import dask.array as da
 import numpy as np
 import pytest
-from conftest import ssh
 
 from sheepdog_executor import GridEngineExecutor, RemoteTraceback
 
 pytestmark = pytest.mark.cluster
-
-PACKAGES = [f"{name}=={importlib.metadata.version(name)}" for name in ("dask", "numpy")]
-
-
-@pytest.fixture(scope="module")
-def node_packages(cell: str) -> str:
-    """A set-up line giving the workers dask and numpy, installed on the cell once (pip --target)."""
-    python = "py{}.{}".format(*sys.version_info[:2])
-    target = f"$HOME/.cache/sheepdog-tests/{python}-" + "-".join(p.replace("==", "") for p in PACKAGES)
-    pinned = " ".join(shlex.quote(p) for p in PACKAGES)
-    # into a fresh directory renamed into place, so concurrent test runs never see half an install
-    script = textwrap.dedent(
-        f"""
-        set -e
-        d="{target}"
-        if [ ! -d "$d" ]; then
-            mkdir -p "$(dirname "$d")"
-            t=$(mktemp -d "$d.XXXXXX")
-            python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location \\
-                --target "$t" {pinned} || {{ rm -rf "$t"; exit 1; }}
-            mv -T "$t" "$d" 2>/dev/null || rm -rf "$t"
-        fi
-        PYTHONPATH="$d" python3 -c 'import dask.array, numpy'
-        echo "$d"
-        """
-    )
-    done = ssh(script, timeout=280)
-    if done.returncode != 0:
-        pytest.fail(f"could not install {PACKAGES} for the cell's python3:\n{done.stderr[-2000:]}")
-    return f"export PYTHONPATH={shlex.quote(done.stdout.strip().splitlines()[-1])}"
 
 
 @pytest.fixture

@@ -76,3 +76,20 @@ def test_resources(cell: str) -> None:
     assert "a call used 2 threads" in out
     assert "raised MemoryError on the node" in out and out.count("allocated 0.5 GiB") == 2
     assert "WorkerLost: Grid Engine ended task" in out  # over h_rt
+
+
+@pytest.mark.cluster
+def test_joblib_example(cell: str) -> None:
+    pytest.importorskip("joblib")
+    out = run_example("joblib_example.py", cell)
+    assert f"2000 numbers on {cell}; the longest run starts at 1161: 181 steps" in out
+    assert "27 takes 111 steps" in out
+
+
+@pytest.mark.cluster
+def test_dask_example(cell: str, node_packages: str) -> None:
+    pytest.importorskip("dask")
+    out = run_example("dask_example.py", cell, node_packages)
+    assert "delayed graph: sum of 0..999 = 499500" in out
+    norm = out.split("norm = ")[1].split(" ")[0]
+    assert "mean = 499999.5" in out and f"(numpy: {norm})" in out
