@@ -236,7 +236,8 @@ class JobManager:
             queued: dict[str, list[int]] = {}
             for job in self.jobs.values():
                 for task, state in job.alive.items():
-                    if state is TaskState.QUEUED:
+                    # a task whose worker said hello runs, whatever the last (possibly stale) qstat said
+                    if state is TaskState.QUEUED and (job.id, task) not in seen:
                         queued.setdefault(job.id, []).append(task)
                         capacity += 1
                     elif (job.id, task) not in seen or any(
