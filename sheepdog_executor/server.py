@@ -231,6 +231,23 @@ class _NotFound(_Quiet):
         raise tornado.web.HTTPError(404)
 
 
+def _log_request(handler: tornado.web.RequestHandler) -> None:
+    """Requests go to our logger: at DEBUG (one per worker exchange would flood INFO), refused ones
+    counted at DEBUG too (a scan must not flood the user's log), server errors at ERROR."""
+    status = handler.get_status()
+    request = handler.request
+    level = logging.ERROR if status >= 500 else logging.DEBUG
+    log.log(
+        level,
+        "endpoint %d %s %s (%s) %.1f ms",
+        status,
+        request.method,
+        request.path,
+        request.remote_ip,
+        1000 * request.request_time(),
+    )
+
+
 class Endpoint:
     """The Tornado application and its IOLoop thread."""
 
@@ -290,6 +307,7 @@ class Endpoint:
                     *self._routes,
                 ],
                 default_handler_class=_NotFound,
+                log_function=_log_request,
             )
             try:
                 sockets = tornado.netutil.bind_sockets(self._port, self._address, family=socket.AF_INET)
