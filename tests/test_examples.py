@@ -61,7 +61,8 @@ def test_parameter_sweep(cell: str) -> None:
 def test_error_handling(cell: str) -> None:
     out = run_example("error_handling.py", cell)
     assert "caught ValueError: no real square root of -4" in out
-    assert "| ValueError: no real square root of -4" in out  # the remote traceback
+    assert "| ValueError: no real square root of -4" in out  # the remote traceback,
+    assert 'raise ValueError(f"no real square root of {x}")' in out  # with the script's source line
     assert "map: root(4) = 2.0" in out and "map stopped: no real square root of -1" in out
     assert "submit: root(-1) = failed" in out and "submit: root(16) = 4.0" in out
     assert "caught WorkerLost" in out and "exit status 137" in out
