@@ -227,5 +227,8 @@ def main(url: str, secret_file: str, fingerprint: str | None = None) -> int:
                 ok, data, output = run_item(functions[fn_key], kind, payload)
                 results.append((item_id, attempt, ok, data, output, time.perf_counter() - started))
     finally:
+        # joined, not abandoned: a daemon thread inside an SSL call while the interpreter shuts
+        # down can crash it (SIGBUS seen here), which would look like a lost task
         heartbeat.stopped.set()
+        heartbeat.join(timeout=30)
         channel.close()
