@@ -176,8 +176,13 @@ def test_debug_log_shows_every_command_sent_to_the_cluster(
     caplog.set_level(logging.DEBUG, logger="sheepdog_executor")
     executor = make_executor(max_workers=1)
     assert executor.submit(square, 4).result(timeout=60) == 16
-    commands = [
-        r.getMessage() for r in caplog.records if r.name == "sheepdog_executor" and "$ " in r.getMessage()
-    ]
-    assert any("qsub -terse" in c for c in commands)
-    assert any("qstat -xml" in c for c in commands)
+
+    def commands() -> list[str]:
+        messages = [r.getMessage() for r in caplog.records if r.name == "sheepdog_executor"]
+        return [m for m in messages if "$ " in m]
+
+    assert any("qsub -terse" in c for c in commands())
+    deadline = time.monotonic() + 10  # the job's task lives on (idle) for a few polls
+    while not any("qstat -xml" in c for c in commands()):
+        assert time.monotonic() < deadline, commands()
+        time.sleep(0.2)
