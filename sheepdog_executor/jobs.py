@@ -179,12 +179,17 @@ class JobManager:
         """Find workers that died and jobs that ended; forget finished jobs."""
         now = time.monotonic()
         ended: list[Job] = []
+        errored: list[Job] = []
         with self._jobs_lock:
             for job in list(self.jobs.values()):
                 job.alive = states.get(job.id, {})
                 if not job.alive:
                     del self.jobs[job.id]
                     ended.append(job)
+                elif TaskState.ERROR in job.alive.values():
+                    errored.append(job)
+        for job in errored:  # held in an error state by the scheduler: it would wait there forever
+            self._fail_errored(job)
         for worker in list(self.dispatcher.workers.values()):
             gone = worker.job in {j.id for j in ended} or (
                 worker.job in self.jobs and worker.task not in self.jobs[worker.job].alive
@@ -225,6 +230,22 @@ class JobManager:
                         f"{self.launch.url} (callback_address=)",
                     ),
                 )
+
+    def _fail_errored(self, job: Job) -> None:
+        reason = self.scheduler.error_reason(job.id)
+        log.warning("job %s is in an error state (%s); removing it", job.id, reason)
+        job.cancelled = True
+        self.scheduler.cancel([job.id])
+        items = self.dispatcher.take_pending()
+        if items:
+            self.dispatcher.fail_items(
+                items,
+                WorkerStartFailed(
+                    f"Grid Engine put the job in an error state, so its tasks can never start: {reason}; "
+                    "check the job options (working_directory=, queue=, resources=, qsub_args=)",
+                    job_id=job.id,
+                ),
+            )
 
     def _scale(self) -> None:
         """Submit a job when calls wait for workers; remove queued tasks nobody needs."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -101,3 +102,19 @@ def test_proxyjump_from_the_ssh_config(cell: str, tmp_path: Path) -> None:
         assert executor.submit(abs, -7).result(timeout=90) == 7
         shell = executor._session.shell
         assert shell._jump is not None and shell._jump.target.alias == "gateway"  # type: ignore[attr-defined]
+
+
+def test_job_in_error_state_fails_its_calls_and_is_removed(
+    make_executor: Callable[..., GridEngineExecutor],
+) -> None:
+    executor = make_executor(working_directory="/nonexistent/dir")  # Grid Engine: Eqw, can't chdir
+    futures = [executor.submit(abs, -1) for _ in range(2)]
+    for future in futures:
+        error = future.exception(timeout=90)
+        assert isinstance(error, WorkerStartFailed)
+        assert "error state" in str(error) and "/nonexistent/dir" in str(error)
+        assert "working_directory=" in str(error)
+    deadline = time.monotonic() + 30
+    while our_jobs(set(executor.job_ids)):
+        assert time.monotonic() < deadline, "the job in error state is still queued"
+        time.sleep(0.5)

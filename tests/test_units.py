@@ -188,3 +188,8 @@ def test_a_cancelled_call_leaves_the_queue_at_once() -> None:
         handed += [item[0] for item in more.get("items", [])]
     assert handed == [1, 3]
     assert dispatcher.stats.snapshot()["batches"][0]["cancelled"] == 1
+
+
+def test_qstat_error_state_is_not_queued() -> None:
+    text = QSTAT.replace("<state>qw</state>", "<state>Eqw</state>")
+    assert parse_qstat_xml(text, {"7"})["7"][3] is TaskState.ERROR

@@ -14,6 +14,8 @@ from sheepdog_executor.shell import Completed, Shell
 class TaskState(enum.Enum):
     QUEUED = "queued"
     RUNNING = "running"
+    #: The scheduler holds the task in an error state (Grid Engine's ``Eqw``): it will never run.
+    ERROR = "error"
 
 
 #: job id -> {task id -> state} for every task still known to the scheduler; absent = finished.
@@ -55,6 +57,10 @@ class Scheduler(ABC):
     @abstractmethod
     def cancel(self, job_ids: Collection[str]) -> None:
         """Remove these jobs, queued and running tasks alike."""
+
+    def error_reason(self, job_id: str) -> str:
+        """Why the scheduler put a job in its error state, as it says it."""
+        return ""
 
     def cancel_task(self, job_id: str, task_id: int) -> None:
         """Remove one task of a job (a worker gone silent whose slot should be freed)."""

@@ -55,6 +55,15 @@ class GridEngineScheduler(Scheduler):
         done = self.run('qstat -j "*" 2>/dev/null', timeout=60)
         return jobs_writing_to(done.stdout, launch.session_dir + "/")
 
+    def error_reason(self, job_id: str) -> str:
+        done = self.run(f"qstat -j {shlex.quote(job_id)} 2>/dev/null", timeout=60)
+        reasons = [
+            line.split(":", 1)[1].strip()
+            for line in done.stdout.splitlines()
+            if line.startswith("error reason")
+        ]
+        return "; ".join(dict.fromkeys(r.split("]: ", 1)[-1] for r in reasons)) or "no reason given"
+
     def cancel_task(self, job_id: str, task_id: int) -> None:
         self.run(f"qdel {shlex.quote(job_id)} -t {int(task_id)} >/dev/null 2>&1", timeout=60)
 
@@ -83,11 +92,12 @@ def parse_qstat_xml(text: str, job_ids: set[str]) -> JobStates:
         if job not in job_ids:
             continue
         code = entry.findtext("state") or ""
-        state = (
-            TaskState.RUNNING
-            if entry.get("state") == "running" or "r" in code or "t" in code
-            else TaskState.QUEUED
-        )
+        if "E" in code:
+            state = TaskState.ERROR
+        elif entry.get("state") == "running" or "r" in code or "t" in code:
+            state = TaskState.RUNNING
+        else:
+            state = TaskState.QUEUED
         tasks = _task_ids(entry.findtext("tasks") or "1")
         for task in tasks:
             states.setdefault(job, {})[task] = state
