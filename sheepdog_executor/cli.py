@@ -426,22 +426,18 @@ class Doctor:
 
     def _wait_until_gone(self, scheduler: GridEngineScheduler, job_id: str) -> None:
         deadline = time.monotonic() + self.timeout
-        checked = time.monotonic()
         while True:
             tasks = scheduler.poll([job_id]).get(job_id)
             if not tasks:
                 return
             queued = all(state is TaskState.QUEUED for state in tasks.values())
-            if queued and time.monotonic() - checked > 3:
-                checked = time.monotonic()
-                error = self._job_info(scheduler, job_id, "error reason")
-                if error:
-                    raise CheckFailed(
-                        f"the test job {job_id} is in error state: {error}",
-                        "check that working_directory exists on the nodes and that the session "
-                        "directory (session_root, on a filesystem the nodes share) is writable there; "
-                        f"`qstat -j {job_id}` shows the reason",
-                    )
+            if TaskState.ERROR in tasks.values():
+                raise CheckFailed(
+                    f"the test job {job_id} is in error state: {scheduler.error_reason(job_id)}",
+                    "check that working_directory exists on the nodes and that the session "
+                    "directory (session_root, on a filesystem the nodes share) is writable there; "
+                    f"`qstat -j {job_id}` shows the reason",
+                )
             if time.monotonic() > deadline:
                 why = self._job_info(scheduler, job_id, "scheduling info")
                 state = "waiting in the queue" if queued else "running"
