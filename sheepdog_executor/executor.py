@@ -148,9 +148,13 @@ class Session:
         endpoint = getattr(self, "endpoint", None)
         if endpoint is not None:
             endpoint.stop()
+        self._remove_session_dir()
+
+    def _remove_session_dir(self) -> None:
+        """Best effort: a failure here must not hide the error or the teardown around it."""
         try:
             self.shell.run(f"rm -rf {shlex.quote(self.session_dir)}", timeout=30)
-        except Exception as exc:  # noqa: BLE001 - the original error matters more
+        except Exception as exc:  # noqa: BLE001
             log.warning("could not remove %s: %s", self.session_dir, exc)
 
     def status(self) -> dict[str, Any]:
@@ -194,10 +198,7 @@ class Session:
         except Exception as exc:  # noqa: BLE001 - teardown goes on; say what may be left
             log.warning("could not remove jobs %s: %s", list(self.jobs.jobs), exc)
         self.endpoint.stop()
-        try:
-            self.shell.run(f"rm -rf {shlex.quote(self.session_dir)}", timeout=30)
-        except Exception as exc:  # noqa: BLE001
-            log.warning("could not remove %s: %s", self.session_dir, exc)
+        self._remove_session_dir()
         self.shell.close()
 
 

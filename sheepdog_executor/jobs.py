@@ -38,7 +38,6 @@ class Job:
 
     id: str
     tasks: int
-    submitted: float
     cancelled: bool = False
     alive: dict[int, TaskState] = field(default_factory=dict)
 
@@ -250,7 +249,7 @@ class JobManager:
     def _scale(self) -> None:
         """Submit a job when calls wait for workers; remove queued tasks nobody needs."""
         pending, held = self.dispatcher.counts()
-        workers = self.dispatcher.workers
+        registered = {(w.job, w.task) for w in list(self.dispatcher.workers.values())}
         seen = self.dispatcher.tasks_seen
         with self._jobs_lock:
             capacity = 0
@@ -261,9 +260,7 @@ class JobManager:
                     if state is TaskState.QUEUED and (job.id, task) not in seen:
                         queued.setdefault(job.id, []).append(task)
                         capacity += 1
-                    elif (job.id, task) not in seen or any(
-                        w.job == job.id and w.task == task for w in workers.values()
-                    ):
+                    elif (job.id, task) not in seen or (job.id, task) in registered:
                         capacity += 1
         if self.dispatcher.broken is not None or self._stopping:
             return
@@ -286,7 +283,7 @@ class JobManager:
             log.info("submitted job %s with %d task(s) for %d pending call(s)", job_id, tasks, pending)
             with self._jobs_lock:
                 self.jobs[job_id] = Job(
-                    job_id, tasks, time.monotonic(), alive={t: TaskState.QUEUED for t in range(1, tasks + 1)}
+                    job_id, tasks, alive={t: TaskState.QUEUED for t in range(1, tasks + 1)}
                 )
                 self.submitted_jobs.append(job_id)
         elif not pending and not held and queued:
