@@ -8,6 +8,7 @@ import shlex
 import subprocess
 import sys
 import textwrap
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -39,6 +40,14 @@ def our_jobs(job_ids: list[str] | set[str]) -> dict[str, list[str]]:
         if job in job_ids:
             found.setdefault(job, []).append(entry.findtext("state") or "")
     return found
+
+
+def wait_until(predicate: Callable[[], Any], within: float, what: str) -> None:
+    """Poll ``predicate`` until it is true; fail naming ``what`` after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")

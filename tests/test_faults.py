@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CELL_ALIAS, our_jobs, ssh
+from conftest import CELL_ALIAS, our_jobs, ssh, wait_until
 
 from sheepdog_executor import GridEngineExecutor, WorkerLost
 
@@ -31,13 +31,6 @@ def die_once(marker: str) -> tuple[str, int]:
         open(marker, "w").close()
         os.kill(os.getpid(), signal.SIGKILL)
     return os.environ.get("SGE_TASK_ID", "?"), os.getpid()
-
-
-def wait_until(predicate: Callable[[], Any], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def running_worker(executor: GridEngineExecutor, future: Future[Any]) -> tuple[str, int]:

@@ -10,17 +10,23 @@ import threading
 import time
 import uuid
 import warnings
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
+from typing import Any
 
 import joblib
 import pytest
-from conftest import our_jobs
+from conftest import our_jobs, ssh, wait_until
 from joblib import Parallel, delayed, parallel_config
 
 from sheepdog_executor import ConnectionFailed, RemoteTraceback
 from sheepdog_executor.integrations import joblib_backend
-from sheepdog_executor.integrations.joblib_backend import GridEngineBackend
+from sheepdog_executor.integrations.joblib_backend import (
+    GridEngineBackend,
+    ReusableExecutors,
+    shutdown_reusable_executors,
+)
 
 FAST = {"poll_interval": 0.5}
 
@@ -62,6 +68,29 @@ def environment(*names: str) -> tuple[str, ...]:
 
 def numbers(n: int) -> Iterator[int]:
     yield from range(n)
+
+
+@pytest.fixture(autouse=True)
+def no_executor_kept_after_the_test() -> Iterator[None]:
+    """Executors kept warm for the next Parallel call must not carry over to another test."""
+    yield
+    shutdown_reusable_executors()
+
+
+def jobs_named(name: str) -> dict[str, str]:
+    """job id -> state of every job called ``name`` that qstat knows: queued, running, or finished
+    lately (``qstat -s z``, state "z")."""
+    out = ssh("qstat -xml && echo '<!-- finished -->' && qstat -s z -xml").stdout
+    found: dict[str, str] = {}
+    for document in out.split("<!-- finished -->"):
+        for entry in ET.fromstring(document.strip()).iter("job_list"):
+            if entry.findtext("JB_name") == name:
+                found.setdefault(entry.findtext("JB_job_number") or "", entry.findtext("state") or "")
+    return found
+
+
+def live(jobs: dict[str, str]) -> set[str]:
+    return {job for job, state in jobs.items() if state != "z"}
 
 
 @pytest.fixture
@@ -147,19 +176,86 @@ def test_cold_start_batches_do_not_hold_back_auto_batching(monkeypatch: pytest.M
     assert plain.compute_batch_size() == 1
 
 
+class FakeExecutor:
+    """What ReusableExecutors uses of an executor: status(), shutdown(), __exit__()."""
+
+    def __init__(self, broken: str | None = None) -> None:
+        self.broken = broken
+        self.shut_down = threading.Event()
+        self.stopped = False
+
+    def status(self) -> dict[str, Any]:
+        return {"broken": self.broken, "workers": []}
+
+    def shutdown(self, wait: bool = True) -> None:
+        self.shut_down.set()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stopped = True
+
+
+def test_a_kept_executor_is_taken_once_and_only_for_its_options() -> None:
+    kept = ReusableExecutors()
+    first, second = FakeExecutor(), FakeExecutor()
+    kept.keep("a", first, 60)  # type: ignore[arg-type]
+    assert kept.take("b") is None
+    kept.keep("a", second, 60)  # type: ignore[arg-type]
+    assert second.shut_down.is_set()  # one idle executor per set of options at most
+    assert kept.take("a") is first
+    assert kept.take("a") is None
+    assert not first.shut_down.is_set()
+
+
+def test_a_kept_executor_is_shut_down_after_its_idle_time(new_threads: Callable[[], list[str]]) -> None:
+    kept = ReusableExecutors()
+    executor = FakeExecutor()
+    kept.keep("a", executor, 0.2)  # type: ignore[arg-type]
+    assert executor.shut_down.wait(10)
+    assert kept.take("a") is None
+    wait_until(lambda: new_threads() == [], 10, "the idle timer's thread to end")
+
+
+def test_a_broken_kept_executor_is_stopped_not_reused() -> None:
+    kept = ReusableExecutors()
+    executor = FakeExecutor(broken="the scheduler is gone")
+    kept.keep("a", executor, 60)  # type: ignore[arg-type]
+    assert kept.take("a") is None
+    assert executor.stopped
+
+
+def test_shutting_down_the_kept_executors(new_threads: Callable[[], list[str]]) -> None:
+    kept = ReusableExecutors()
+    executors = [FakeExecutor(), FakeExecutor()]
+    kept.keep("a", executors[0], 60)  # type: ignore[arg-type]
+    kept.keep("b", executors[1], 60)  # type: ignore[arg-type]
+    kept.shut_down()
+    assert all(e.shut_down.is_set() for e in executors)
+    assert kept.take("a") is None
+    wait_until(lambda: new_threads() == [], 10, "the idle timers' threads to end")
+
+
+def test_equal_options_give_equal_keys() -> None:
+    key = joblib_backend._options_key
+    options = {"host": "fear", "setup": ["module load x"], "resources": {"h_vmem": "1G"}, "max_workers": 4}
+    same = {"max_workers": 4, "resources": {"h_vmem": "1G"}, "setup": ("module load x",), "host": "fear"}
+    assert key(options) == key(same)
+    assert key(options) != key({**options, "max_workers": 5})
+    assert key(options) != key({**options, "resources": {"h_vmem": "2G"}})
+
+
 # -- on the cell ----------------------------------------------------------------------------------
 @pytest.mark.cluster
 def test_generator_input_runs_on_the_cell_and_leaves_no_jobs(
     cell: str, new_threads: Callable[[], list[str]]
 ) -> None:
-    with parallel_config(backend="gridengine", host=cell, max_workers=4, **FAST):
+    with parallel_config(backend="gridengine", host=cell, max_workers=4, reuse=False, **FAST):
         results = Parallel()(delayed(where)(x) for x in numbers(500))
     assert [r[0] for r in results] == [x * x for x in range(500)]
     jobs = {r[1] for r in results}
     assert jobs and all(job.isdigit() for job in jobs)  # ran in Grid Engine tasks
     assert os.getpid() not in {r[3] for r in results}
     assert max(r[2] for r in results) <= 4
-    # the executor was shut down at the end of the call: no job, no thread left
+    # without reuse the executor was shut down at the end of the call: no job, no thread left
     assert not our_jobs(jobs)
     assert new_threads() == []
 
@@ -175,6 +271,7 @@ def test_return_as_generator(cell: str) -> None:
         unordered = list(Parallel(return_as="generator_unordered")(delayed(where)(x) for x in range(60)))
     assert [r[0] for r in results] == [x * x for x in range(60)]
     assert sorted(r[0] for r in unordered) == [x * x for x in range(60)]
+    shutdown_reusable_executors()
     assert not our_jobs({r[1] for r in results + unordered})
 
 
@@ -228,6 +325,7 @@ def test_n_jobs_is_the_number_of_workers(cell: str) -> None:
     assert len(spans) == 12
     assert peak_concurrency(spans) <= 3
     assert max(task for _, task, _, _ in spans) <= 3
+    shutdown_reusable_executors()
     assert not our_jobs({job for job, _, _, _ in spans})
 
 
@@ -255,5 +353,73 @@ def test_one_executor_for_a_managed_parallel_session(cell: str, new_threads: Cal
     assert [r[0] for r in first + second] == [x * x for x in range(12)]
     jobs = {r[1] for r in first}
     assert {r[1] for r in second} <= jobs  # the first call's workers ran the second
+    shutdown_reusable_executors()
     assert not our_jobs(jobs)
     assert new_threads() == []
+
+
+@pytest.mark.cluster
+def test_two_parallel_calls_in_a_row_use_one_job(cell: str, new_threads: Callable[[], list[str]]) -> None:
+    name = f"jl-{uuid.uuid4().hex[:8]}"
+    with parallel_config(backend="gridengine", host=cell, job_name=name, **FAST):
+        first = Parallel(n_jobs=2)(delayed(where)(x) for x in range(6))
+        second = Parallel(n_jobs=2)(delayed(where)(x) for x in range(6, 12))
+    assert [r[0] for r in first + second] == [x * x for x in range(12)]
+    jobs = {r[1] for r in first}
+    assert len(jobs) == 1 and {r[1] for r in second} == jobs
+    assert set(jobs_named(name)) == jobs  # the second call submitted no job
+    # kept for idle_timeout (5 s), then shut down by itself: no job, no thread left
+    wait_until(lambda: not live(jobs_named(name)) and new_threads() == [], 60, "the kept executor to go")
+
+
+@pytest.mark.cluster
+def test_different_options_get_a_different_executor(cell: str, new_threads: Callable[[], list[str]]) -> None:
+    name = f"jl-{uuid.uuid4().hex[:8]}"
+    with parallel_config(backend="gridengine", host=cell, job_name=name, idle_timeout=30, **FAST):
+        two = Parallel(n_jobs=2)(delayed(where)(x) for x in range(4))
+        three = Parallel(n_jobs=3)(delayed(where)(x) for x in range(4))
+        two_again = Parallel(n_jobs=2)(delayed(where)(x) for x in range(4))
+    assert {r[1] for r in two} != {r[1] for r in three}
+    assert {r[1] for r in two_again} == {r[1] for r in two}
+    assert len(jobs_named(name)) == 2
+    shutdown_reusable_executors()
+    assert not live(jobs_named(name))
+    assert new_threads() == []
+
+
+@pytest.mark.cluster
+def test_an_abort_does_not_break_the_next_call(cell: str, new_threads: Callable[[], list[str]]) -> None:
+    name = f"jl-{uuid.uuid4().hex[:8]}"
+    with parallel_config(backend="gridengine", host=cell, job_name=name, idle_timeout=30, **FAST):
+        warm = Parallel(n_jobs=2)(delayed(where)(x) for x in range(4))
+        with pytest.raises(Rejected):
+            Parallel(n_jobs=2)(delayed(reject_thirteen)(x) for x in range(20))
+        after = Parallel(n_jobs=2)(delayed(where)(x) for x in range(4))
+    aborted, fresh = {r[1] for r in warm}, {r[1] for r in after}
+    assert [r[0] for r in after] == [0, 1, 4, 9]
+    assert fresh != aborted  # the aborted executor was not kept
+    assert not live(jobs_named(name)) - fresh  # and its job is gone
+    shutdown_reusable_executors()
+    assert not live(jobs_named(name))
+    assert new_threads() == []
+
+
+@pytest.mark.cluster
+def test_a_kept_executor_is_shut_down_at_exit(cell: str) -> None:
+    name = f"jl-{uuid.uuid4().hex[:8]}"
+    script = textwrap.dedent(
+        f"""
+        import os
+        from joblib import Parallel, delayed, parallel_config
+        import sheepdog_executor
+        def job_id():
+            return os.environ.get("JOB_ID")
+        with parallel_config(backend="gridengine", host={cell!r}, job_name={name!r}, idle_timeout=600):
+            print(*Parallel(n_jobs=2)(delayed(job_id)() for _ in range(2)))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    job = done.stdout.split()[0]
+    assert job.isdigit() and set(jobs_named(name)) == {job}
+    assert not live(jobs_named(name))  # removed at exit, not kept for its 600 s

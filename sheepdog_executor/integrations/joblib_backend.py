@@ -8,8 +8,13 @@ Keyword arguments of ``parallel_config`` (or extra ones of ``Parallel``) go to
 ``GridEngineExecutor``. ``n_jobs`` is ``max_workers``: ``-1`` (the default) means ``max_workers``
 (else 32), ``-2`` one fewer, and so on; ``n_jobs=1`` runs in this process, as with every joblib backend.
 
-Each ``Parallel`` call opens one executor and shuts it down at its end, leaving no jobs; reuse one
-across calls with ``with Parallel(...) as parallel:``. Each call of a batch is submitted on its own,
+Executors are reused across ``Parallel`` calls, as loky's reusable executor is: at the end of a
+call its executor is kept, with its workers, for ``idle_timeout`` seconds (the time an idle worker
+stays up; 5 s unless set), and the next call with the same options takes it over, so it submits no
+new job; then it is shut down, leaving no jobs (also at interpreter exit, and at once with
+``shutdown_reusable_executors()``). An executor whose call failed or was aborted is never kept.
+``reuse=False`` opens a new executor per call (or per ``with Parallel(...) as parallel:`` session)
+and shuts it down at its end. Each call of a batch is submitted on its own,
 so the nodes need only what ``f`` needs (not joblib), and the executor ships ``f``'s module by value
 when it is the user's own. An error (or Ctrl-C, or an abandoned ``return_as="generator"``) stops the
 executor at once and removes its jobs, as the loky backend kills its workers; the call's exception is
@@ -19,18 +24,21 @@ inside ``f`` use joblib's defaults on the node.
 
 from __future__ import annotations
 
+import atexit
 import functools
+import inspect
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import Any
 
 import joblib
 from joblib.parallel import AutoBatchingMixin, FallbackToBackend, ParallelBackendBase, SequentialBackend
 
-from sheepdog_executor import GridEngineExecutor
+from sheepdog_executor import ClusterExecutor, GridEngineExecutor
+from sheepdog_executor.config import resolve_options
 from sheepdog_executor.integrations import JOBLIB_BACKEND
 
 log = logging.getLogger("sheepdog_executor")
@@ -42,6 +50,71 @@ DEFAULT_MAX_WORKERS = 32
 _JOBLIB_KEYWORDS = frozenset(
     {"max_nbytes", "temp_folder", "mmap_mode", "prefer", "require", "verbose", "context"}
 )
+
+#: How long an idle worker stays up unless ``idle_timeout`` says otherwise: the executor's default.
+DEFAULT_IDLE_TIMEOUT: float = inspect.signature(ClusterExecutor).parameters["idle_timeout"].default
+
+
+class ReusableExecutors:
+    """Executors kept warm between ``Parallel`` calls: at most one idle executor per set of options,
+    each shut down when its idle time has passed (then its workers have gone too), or at exit."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: dict[Hashable, tuple[GridEngineExecutor, threading.Timer]] = {}
+
+    def take(self, key: Hashable) -> GridEngineExecutor | None:
+        """The idle executor kept for these options, now the caller's; None if there is none."""
+        with self._lock:
+            kept = self._idle.pop(key, None)
+        if kept is None:
+            return None
+        executor, timer = kept
+        timer.cancel()
+        if executor.status().get("broken"):
+            _stop_now(executor)
+            return None
+        return executor
+
+    def keep(self, key: Hashable, executor: GridEngineExecutor, seconds: float) -> None:
+        """Keep ``executor`` for the next call with these options, for ``seconds``; if one is kept
+        already, shut this one down instead."""
+        timer = threading.Timer(seconds, self._expire, (key, executor))
+        timer.name = "sheepdog-joblib-reuse"
+        timer.daemon = True  # interpreter exit shuts the kept executors down (atexit)
+        with self._lock:
+            kept = key in self._idle
+            if not kept:
+                self._idle[key] = (executor, timer)
+                timer.start()
+        if kept:
+            _shut_down(executor)
+
+    def shut_down(self) -> None:
+        """Shut every kept executor down now (their jobs removed); wait until it is done."""
+        with self._lock:
+            kept, self._idle = list(self._idle.values()), {}
+        for executor, timer in kept:
+            timer.cancel()
+            _shut_down(executor)
+
+    def _expire(self, key: Hashable, executor: GridEngineExecutor) -> None:
+        with self._lock:
+            mine = key in self._idle and self._idle[key][0] is executor
+            if mine:
+                del self._idle[key]
+        if mine:
+            _shut_down(executor)
+
+
+_reusable = ReusableExecutors()
+atexit.register(_reusable.shut_down)
+
+
+def shutdown_reusable_executors() -> None:
+    """Shut down the executors kept warm between ``Parallel`` calls now, removing their jobs
+    (otherwise each goes after its ``idle_timeout``, or at interpreter exit)."""
+    _reusable.shut_down()
 
 
 class GridEngineBackend(AutoBatchingMixin, ParallelBackendBase):
@@ -72,6 +145,7 @@ class GridEngineBackend(AutoBatchingMixin, ParallelBackendBase):
         self._warm_since: float | None = None
         self._workers = self.effective_n_jobs(self.default_n_jobs)
         self._open = False
+        self._reuse = True
 
     # -- joblib's session: configure ... terminate ------------------------------------------------
     def effective_n_jobs(self, n_jobs: int | None) -> int:
@@ -94,6 +168,7 @@ class GridEngineBackend(AutoBatchingMixin, ParallelBackendBase):
             **self.backend_kwargs,
             **{k: v for k, v in options.items() if k not in _JOBLIB_KEYWORDS},
         }
+        self._reuse = bool(self._options.pop("reuse", True))
         workers = self.effective_n_jobs(n_jobs)
         if workers == 1:
             raise FallbackToBackend(SequentialBackend(nesting_level=self.nesting_level))
@@ -111,7 +186,7 @@ class GridEngineBackend(AutoBatchingMixin, ParallelBackendBase):
         return workers
 
     def terminate(self) -> None:
-        self._close(_shut_down)
+        self._close(self._keep_or_shut_down)
         self.reset_batch_stats()
 
     def abort_everything(self, ensure_ready: bool = True) -> None:
@@ -161,8 +236,24 @@ class GridEngineBackend(AutoBatchingMixin, ParallelBackendBase):
             if not self._open:
                 raise RuntimeError("this joblib session is over")
             if self._executor is None:
-                self._executor = GridEngineExecutor(**{**self._options, "max_workers": self._workers})
+                options = {**self._options, "max_workers": self._workers}
+                reused = _reusable.take(_options_key(options)) if self._reuse else None
+                if reused is not None and reused.status().get("workers"):
+                    self._warm_since = time.time()  # its batches need not wait for a cold start
+                self._executor = reused or GridEngineExecutor(**options)
             return self._executor
+
+    def _keep_or_shut_down(self, executor: GridEngineExecutor) -> None:
+        """At the end of a call: keep the executor warm for the next call with the same options
+        (while its workers stay up, ``idle_timeout``), or shut it down."""
+        options = {**self._options, "max_workers": self._workers}
+        if not self._reuse or executor.status().get("broken"):
+            _shut_down(executor)
+            return
+        resolved = resolve_options(options.get("host"), options)
+        _reusable.keep(
+            _options_key(options), executor, float(resolved.get("idle_timeout", DEFAULT_IDLE_TIMEOUT))
+        )
 
     def _close(self, stop: Callable[[GridEngineExecutor], None]) -> None:
         """End the session: no new executor, ``stop`` the current one, join the callback thread."""
@@ -231,6 +322,23 @@ def _gather(futures: Sequence[Future[Any]]) -> Future[list[Any]]:
     for index, future in enumerate(futures):
         future.add_done_callback(functools.partial(done, index))
     return gathered
+
+
+def _options_key(options: Mapping[str, Any]) -> Hashable:
+    """Equal for equal executor options (lists and dicts compared by value, the rest as themselves)."""
+
+    def frozen(value: Any) -> Hashable:
+        if isinstance(value, Mapping):
+            return ("{}", tuple(sorted((str(k), frozen(v)) for k, v in value.items())))
+        if isinstance(value, (list, tuple)):
+            return ("[]", tuple(frozen(v) for v in value))
+        try:
+            hash(value)
+        except TypeError:
+            return ("id", id(value))
+        return value
+
+    return frozen(dict(options))
 
 
 def _shut_down(executor: GridEngineExecutor) -> None:
