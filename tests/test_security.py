@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import logging
 import os
 import pickle
 import shlex
@@ -50,6 +51,16 @@ class Client:
         self.host, self.port = url.hostname or "127.0.0.1", url.port or 80
         self.tls = url.scheme == "https"
         self.secret = executor._session.endpoint.secret
+
+    def socket(self, timeout: float = 30) -> socket.socket:
+        """A connected raw socket, TLS-wrapped when the endpoint speaks TLS."""
+        sock = socket.create_connection((self.host, self.port), timeout=timeout)
+        if not self.tls:
+            return sock
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context.wrap_socket(sock)
 
     def connect(self, timeout: float = 30) -> http.client.HTTPConnection:
         if self.tls:
@@ -109,15 +120,21 @@ def state(executor: GridEngineExecutor) -> tuple[set[str], set[tuple[str, int]],
 
 
 def plausible_header(mac_byte: str = "0") -> str:
-    """Right shape and a fresh timestamp, but no knowledge of the secret."""
-    return f"{int(time.time())}:{os.urandom(16).hex()}:{mac_byte * 64}"
+    """Right shape and a fresh timestamp, but no knowledge of the secret: a genuine header's shape
+    with its MAC replaced."""
+    shape = protocol.sign_request(os.urandom(32), "POST", "/work", b"")[0]
+    return shape.rsplit(":", 1)[0] + ":" + mac_byte * 64
 
 
 def head(method: str, path: str, *lines: str, signed: bool = False) -> bytes:
     """The head of a raw HTTP/1.1 request; ``signed`` adds a plausible (not valid) auth header."""
     if signed:
         lines += (f"{AUTH}: {plausible_header()}",)
-    return "\r\n".join([f"{method} {path} HTTP/1.1", *lines, "", ""]).encode()
+    text = "\r\n".join([f"{method} {path} HTTP/1.1", *lines, "", ""])
+    try:
+        return text.encode("latin-1")  # as http.client sends headers, and as Tornado decodes them
+    except UnicodeEncodeError:
+        return text.encode()
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 60, what: str = "condition") -> Any:
@@ -162,9 +179,7 @@ def test_unauthenticated_forged_and_replayed_requests_get_403_and_resolve_nothin
     good_header, _ = protocol.sign_request(client.secret, "POST", "/work", forged)
     stale_ts, nonce = str(int(time.time()) - 3600), os.urandom(16).hex()
     digest = hashlib.sha256(forged).hexdigest()
-    stale_mac = protocol._mac(
-        client.secret, b"POST", b"/work", stale_ts.encode(), nonce.encode(), digest.encode()
-    )
+    stale_mac = protocol._request_mac(client.secret, "POST", "/work", stale_ts, nonce, len(forged), digest)
     attempts: list[tuple[str, bytes, dict[str, str]]] = [
         ("/work", forged, {}),  # no header at all
         ("/work", evil, {}),  # a pickle that runs a command, unsigned
@@ -173,7 +188,7 @@ def test_unauthenticated_forged_and_replayed_requests_get_403_and_resolve_nothin
         ("/work", forged, {AUTH: protocol.sign_request(wrong_key, "POST", "/work", forged)[0]}),
         ("/work", forged, {AUTH: hello_header}),  # signed for another path
         ("/work", forged + b"x", {AUTH: good_header}),  # body changed after signing
-        ("/work", forged, {AUTH: f"{stale_ts}:{nonce}:{stale_mac}"}),  # an hour old
+        ("/work", forged, {AUTH: f"{stale_ts}:{nonce}:{digest}:{stale_mac}"}),  # an hour old
         ("/heartbeat", evil, {AUTH: plausible_header("f")}),
     ]
     for path, body, headers in attempts:
@@ -267,23 +282,28 @@ def test_malformed_truncated_oversized_and_wrong_method_get_4xx(
     for length in ("-5", "12abc", "1, 2"):
         reply = client.raw(head("POST", "/work", "Host: x", f"Content-Length: {length}", signed=True))
         assert reply.startswith(b"HTTP/1.1 400"), (length, reply[:40])
-    # truncated: the connection ends inside the body
-    request = head("POST", "/work", "Host: x", "Content-Length: 1000", signed=True) + b"x" * 10
+    # truncated: the connection ends inside the body (signed: anything else is refused at once)
+    auth = protocol.sign_request(client.secret, "POST", "/work", b"x" * 1000)[0]
+    request = head("POST", "/work", "Host: x", "Content-Length: 1000", f"{AUTH}: {auth}") + b"x" * 10
     assert client.raw(request) == b""  # nobody left to answer; nothing kept
     body = protocol.dumps({"worker": "w", "results": []})
     header, _ = protocol.sign_request(client.secret, "POST", "/work", body)
     assert status_of("POST", "/work", body[:-3], {AUTH: header})[0] == 403  # signed whole, sent cut
-    # oversized: refused from the headers, before any body byte is sent
+    # oversized: refused from the headers, before any body byte is sent; signed for that length by
+    # a holder of the secret, 413; by anybody else, 403
     for path, size in (("/hello", server.SMALL_BODY_LIMIT + 1), ("/heartbeat", 10**7), ("/work", 2**40)):
-        reply = client.raw(head("POST", path, "Host: x", f"Content-Length: {size}", signed=True))
+        auth = protocol.sign_headers(client.secret, "POST", path, size, "0" * 64)[0]
+        reply = client.raw(head("POST", path, "Host: x", f"Content-Length: {size}", f"{AUTH}: {auth}"))
         assert reply.startswith(b"HTTP/1.1 413"), (path, reply[:40])
+        reply = client.raw(head("POST", path, "Host: x", f"Content-Length: {size}", signed=True))
+        assert reply.startswith(b"HTTP/1.1 403"), (path, reply[:40])
     reply = client.raw(head("POST", "/work", "Host: x", f"Content-Length: {2**40}"))
     assert reply.startswith(b"HTTP/1.1 403"), reply[:40]  # and without auth, 403 before anything
     big = os.urandom(server.SMALL_BODY_LIMIT + 10)
     assert client.signed("/hello", big)[0] == 413
     chunked = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in [b"y" * 30000] * 4) + b"0\r\n\r\n"
     reply = client.raw(head("POST", "/hello", "Host: x", "Transfer-Encoding: chunked", signed=True) + chunked)
-    assert reply[:12] in (b"HTTP/1.1 413", b"HTTP/1.1 400"), reply[:40]
+    assert reply[:12] in (b"HTTP/1.1 413", b"HTTP/1.1 411", b"HTTP/1.1 400"), reply[:40]
     # an oversized header block: the connection is closed, nothing answered
     assert client.raw(head("POST", "/work", "Host: x", f"X-Pad: {'p' * 40000}")) == b""
     # wrong methods and paths
@@ -371,11 +391,113 @@ def test_fuzzed_requests_get_4xx_and_the_endpoint_keeps_working(
         status = client.signed(path, body)[0]
         assert status == 200 or 400 <= status < 500, (path, status)
 
+    # what str.isdigit() and \d take but int() or compare_digest do not: Unicode digits, non-ASCII
+    tricky = "0123456789abcdef:²³¹٣०é\u00a0"
+    junk_auth = st.one_of(
+        st.text(tricky, max_size=180),
+        st.builds(
+            lambda ts, nonce, digest, mac: f"{ts}:{nonce}:{digest}:{mac}",
+            st.one_of(st.just(str(int(time.time()))), st.text(tricky, min_size=1, max_size=12)),
+            st.text(tricky, min_size=32, max_size=32),
+            st.text(tricky, min_size=64, max_size=64),
+            st.text(tricky, min_size=64, max_size=64),
+        ),
+    )
+    junk_length = st.one_of(st.text("0123456789²³¹٣० ,+-", min_size=1, max_size=8), st.none())
+
+    @settings(fuzz, max_examples=200)
+    @given(st.sampled_from(["/hello", "/work", "/heartbeat"]), junk_auth, junk_length)
+    def junk_headers(path: str, header: str, length: str | None) -> None:
+        lines = ["Host: x", f"{AUTH}: {header}"] + ([f"Content-Length: {length}"] if length else [])
+        reply = client.raw(head("POST", path, *lines), patience=0.05)
+        assert reply == b"" or reply.startswith(b"HTTP/1.1 4"), (header, length, reply[:60])
+
     unauthenticated()
     raw_bytes()
+    junk_headers()
     assert state(executor) == before
     signed_garbage()
     assert list(executor.map(square, range(20), timeout=120)) == [x * x for x in range(20)]
+
+
+def rss() -> int:
+    """This process's resident memory in bytes (the endpoint runs in it)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "tls"])
+def test_gigabyte_bodies_with_a_made_up_signature_cost_the_client_no_memory(
+    make_executor: Callable[..., GridEngineExecutor], tls: bool
+) -> None:
+    """Four connections each declare and send 1 GiB to /work behind an auth header of the right shape
+    and a fresh timestamp: the endpoint refuses them from the headers and never holds their bodies;
+    a map running meanwhile is unaffected."""
+    executor = make_executor(tls=tls)
+    client = Client(executor)
+    list(executor.map(square, range(4), timeout=120))  # warm: workers up, buffers allocated
+    zeros, gigabyte, limit = bytes(1 << 20), 1 << 30, 32 * 1024 * 1024
+    stop = threading.Event()
+    sent: list[int] = []
+
+    def attack() -> None:
+        total = 0
+        try:
+            with client.socket(timeout=30) as sock:
+                sock.sendall(head("POST", "/work", "Host: x", f"Content-Length: {gigabyte}", signed=True))
+                while total < gigabyte and not stop.is_set():
+                    sock.sendall(zeros)
+                    total += len(zeros)
+        except OSError:
+            pass  # refused and cut off: what should happen
+        sent.append(total)
+
+    before = peak = rss()
+    attackers = [threading.Thread(target=attack, name=f"attacker-{i}") for i in range(4)]
+    for thread in attackers:
+        thread.start()
+    results = executor.map(square, range(40), timeout=300)
+    for thread in attackers:
+        while thread.is_alive():
+            thread.join(timeout=0.05)
+            peak = max(peak, rss())
+            if peak - before > limit:
+                stop.set()  # the assertion below fails anyway; do not make the machine swap
+    assert peak - before < limit, f"client RSS grew by {(peak - before) >> 20} MiB ({sent=})"
+    assert list(results) == [x * x for x in range(40)]
+    assert executor._session.endpoint.refused >= 4
+
+
+def test_unicode_digits_and_non_ascii_in_headers_get_4xx_and_no_traceback(
+    make_executor: Callable[..., GridEngineExecutor], caplog: pytest.LogCaptureFixture
+) -> None:
+    """``str.isdigit()`` takes '²' and '٣' that ``int()`` does not; ``hmac.compare_digest`` raises on
+    non-ASCII text: none of that may reach the user as a 500 or a traceback."""
+    caplog.set_level(logging.DEBUG)
+    executor = make_executor()
+    client = Client(executor)
+    genuine = plausible_header()
+    ts, *middle, _ = genuine.split(":")
+
+    def auth_with(stamp: str, mac: str) -> str:
+        return ":".join([stamp, *middle, mac])
+
+    for auth, length in (
+        (auth_with("²", "0" * 64), "0"),  # a Unicode digit for the timestamp
+        (auth_with(f"{ts}²", "0" * 64), "0"),
+        (auth_with(ts, "é" * 64), "0"),  # a non-ASCII MAC
+        (auth_with(ts, "٣" * 64), "0"),
+        (genuine, "²"),  # a Unicode digit for the length
+        (genuine, "1²"),
+        (genuine, "٣"),
+    ):
+        reply = client.raw(head("POST", "/work", "Host: x", f"Content-Length: {length}", f"{AUTH}: {auth}"))
+        assert reply.startswith(b"HTTP/1.1 4"), (auth, length, reply[:60])
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+    assert not loud, [r.getMessage() for r in loud]
+    assert list(executor.map(square, range(4), timeout=120)) == [0, 1, 4, 9]
 
 
 # -- the secret ---------------------------------------------------------------------------------

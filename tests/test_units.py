@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import time
 from concurrent.futures import Future
@@ -31,6 +32,20 @@ def test_signed_request_checks_out_and_tampering_does_not() -> None:
     mac = protocol.sign_response(SECRET, nonce, b"reply")
     assert protocol.check_response(SECRET, nonce, b"reply", mac)
     assert not protocol.check_response(SECRET, "other", b"reply", mac)
+
+
+def test_request_headers_are_checked_without_the_body_and_junk_is_refused_quietly() -> None:
+    body = b"x" * 1000
+    header, nonce = protocol.sign_request(SECRET, "POST", "/work", body)
+    auth = protocol.check_request_headers(SECRET, header, "POST", "/work", len(body))
+    assert auth is not None and auth.nonce == nonce and auth.digest == hashlib.sha256(body).hexdigest()
+    assert protocol.check_request_headers(SECRET, header, "POST", "/work", 10**9) is None  # length is signed
+    ts, nonce_part, digest, mac = header.split(":")
+    for junk in (f"²:{nonce_part}:{digest}:{mac}", f"{ts}:{nonce_part}:{digest}:{'é' * 64}", header.upper()):
+        assert protocol.check_request_headers(SECRET, junk, "POST", "/work", len(body)) is None
+    lengths = ("12", "²", "1²", "٣", "-1", " 1", "1, 1", None)
+    assert [protocol.parse_length(v) for v in lengths] == [12] + [None] * 7
+    assert not protocol.check_response(SECRET, nonce, b"reply", "é" * 64)
 
 
 def test_job_script_has_options_and_no_secret() -> None:
