@@ -4,8 +4,9 @@ Workers POST signed, pickled messages: ``/hello``, ``/work`` (results in, next c
 while there is nothing to hand out) and ``/heartbeat``. A request whose MAC does not check out gets
 403 and is never unpickled; every answer is signed for the request's nonce.
 
-Bad input only ever gets a 4xx and changes nothing: the body of a request without a plausible auth
-header is never kept (and at most 64 KiB of it read), bodies are capped per path (413), a wrong
+Bad input only ever gets a 4xx and changes nothing: a request's MAC (over its length and body
+digest) is checked from its headers before its body is read, so the body of a request that is not
+authenticated is never kept (at most 64 KiB of it is read), bodies are capped per path (413), a wrong
 method gets 405, an unknown path 404, an authenticated message of the wrong shape 400. With an
 ``ssl.SSLContext`` the endpoint speaks TLS.
 """
