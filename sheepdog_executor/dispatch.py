@@ -14,6 +14,7 @@ import itertools
 import logging
 import math
 import pickle
+import sys
 import threading
 import time
 from collections import deque
@@ -28,6 +29,7 @@ from sheepdog_executor.errors import (
     RemoteCallError,
     RemoteTraceback,
 )
+from sheepdog_executor.remote.compat import add_note
 from sheepdog_executor.stats import Stats
 from sheepdog_executor.tracebacks import restore_source
 
@@ -263,8 +265,10 @@ class Dispatcher:
             self._observe(result[5])
             item.seconds = result[5]
         ends = []
-        for item, (_, _, ok, data, output, _) in delivered:
-            error_text = _resolve(item.future, ok, data, output, self._echo_output)
+        for item, result in delivered:
+            ok, data, stdout = result[2], result[3], result[4]
+            stderr = result[6] if len(result) > 6 and type(result[6]) is str else ""
+            error_text = _resolve(item.future, ok, data, stdout, stderr, self._echo_output)
             ends.append((item.batch, "failed" if error_text else "done", item.seconds, error_text, True))
         self.stats.ended_many(ends)
         if fatal is not None:
@@ -462,11 +466,15 @@ def _set_exception(future: Future[Any], error: BaseException) -> None:
             pass
 
 
-def _resolve(future: Future[Any], ok: bool, data: bytes, output: str, echo: bool) -> str | None:
+def _resolve(future: Future[Any], ok: bool, data: bytes, stdout: str, stderr: str, echo: bool) -> str | None:
     """Resolve a Future from a worker's result; return the error's text when the call failed."""
-    future.remote_output = output  # type: ignore[attr-defined]
-    if echo and output:
-        print(output, end="" if output.endswith("\n") else "\n")
+    future.remote_stdout = stdout  # type: ignore[attr-defined]
+    future.remote_stderr = stderr  # type: ignore[attr-defined]
+    future.remote_output = stdout + stderr  # type: ignore[attr-defined]
+    if echo:
+        for text, stream in ((stdout, sys.stdout), (stderr, sys.stderr)):
+            if text:
+                print(text, end="" if text.endswith("\n") else "\n", file=stream)
     try:
         loaded = pickle.loads(data)
     except Exception as load_error:  # noqa: BLE001 - e.g. a module missing on the client
@@ -481,7 +489,8 @@ def _resolve(future: Future[Any], ok: bool, data: bytes, output: str, echo: bool
     if error is None:
         error = RemoteCallError(tb.strip().splitlines()[-1] if tb.strip() else "remote error")
     error.__cause__ = RemoteTraceback(restore_source(tb))
-    if output:
-        error.add_note(f"output of the call on the node:\n{output.rstrip()}")
+    for name, text in (("stdout", stdout), ("stderr", stderr)):
+        if text:
+            add_note(error, f"{name} of the call on the node:\n{text.rstrip()}")
     _set_exception(future, error)
     return str(error.__cause__)

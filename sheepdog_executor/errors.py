@@ -21,6 +21,10 @@ class UnknownHostKey(ConnectionFailed):
     """The head node's host key is not in known_hosts; we never accept an unknown key silently."""
 
 
+class PicklingFailed(SheepdogError, TypeError):
+    """A submitted function or its arguments cannot be pickled; the message names the part that failed."""
+
+
 class SchedulerError(SheepdogError):
     """A scheduler command (qsub, qstat, qdel, ...) failed or is missing on the head node."""
 

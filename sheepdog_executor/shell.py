@@ -21,6 +21,11 @@ from typing import Any
 from sheepdog_executor.errors import ConnectionFailed, UnknownHostKey
 
 log = logging.getLogger("sheepdog_executor")
+# paramiko logs a failed handshake (e.g. a port that accepts TCP but speaks no SSH) at ERROR from its
+# own thread; with no handler anywhere, Python's last-resort handler prints that on stderr although
+# we raise a ConnectionFailed saying the same. A NullHandler keeps it off stderr; an application that
+# configures logging still receives paramiko's records through the root logger.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 
 @dataclass(frozen=True)
@@ -199,6 +204,15 @@ class SSHShell(Shell):
                 look_for_keys=not t.key_filenames,
             )
         except paramiko.SSHException as exc:
+            transport = client.get_transport()
+            client.close()
+            if transport is not None and not transport.remote_version:
+                raise ConnectionFailed(
+                    f"{self.description} accepted the TCP connection but sent no SSH banner within "
+                    f"{t.connect_timeout:g} s: is an SSH server listening on port {t.port} of "
+                    f"{t.hostname}? Check the host name and port (`ssh {t.alias}` should work from "
+                    "this machine), or raise connect_timeout= for a slow server"
+                ) from None
             if "not found in known_hosts" in str(exc):
                 raise UnknownHostKey(
                     f"the host key of {self.description} is not in ~/.ssh/known_hosts; log in once "

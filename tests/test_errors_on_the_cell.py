@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,29 @@ pytestmark = pytest.mark.cluster
 def test_unreachable_host_names_host_and_port(cell: str) -> None:
     with pytest.raises(ConnectionFailed, match=r"cannot reach .*127\.0\.0\.1:1\b"):
         GridEngineExecutor(host=cell, port=1)
+
+
+SILENT_PORT = """
+import socket, sys, threading
+from sheepdog_executor import ConnectionFailed, GridEngineExecutor
+listener = socket.create_server(("127.0.0.1", 0))
+accepted = []
+threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True).start()
+try:
+    GridEngineExecutor(host="127.0.0.1", port=listener.getsockname()[1], connect_timeout=1,
+                       ssh_config="/dev/null")
+except ConnectionFailed as error:
+    print(error)
+"""
+
+
+def test_a_port_that_sends_no_ssh_banner_is_one_clear_error_and_silent() -> None:
+    # in a fresh interpreter: pytest's own log handlers would hide what a plain script prints
+    done = subprocess.run(
+        [sys.executable, "-c", SILENT_PORT], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert "accepted the TCP connection but sent no SSH banner within 1 s" in done.stdout
+    assert done.stderr == ""
 
 
 def test_wrong_key_is_an_authentication_error(cell: str, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -160,14 +161,76 @@ def test_output_of_calls_is_captured(make_executor: Callable[..., GridEngineExec
     assert "working on -1" in "\n".join(info.value.__notes__)
 
 
+def uses_tornado() -> str:
+    import tornado  # installed on the client only
+
+    return str(tornado.version)
+
+
 def test_module_missing_on_the_nodes_is_named(make_executor: Callable[..., GridEngineExecutor]) -> None:
     import tornado.escape  # installed on the client only; the nodes' python3 has no tornado
+    import tornado.util
 
-    executor = make_executor()
-    with pytest.raises(ModuleNotFoundError, match="tornado") as info:
-        executor.submit(tornado.escape.json_encode, [1]).result(timeout=60)
-    assert "could not be unpickled on the node" in "\n".join(info.value.__notes__)
+    executor = make_executor(max_workers=1)
+    in_function = executor.submit(tornado.escape.json_encode, [1])
+    in_argument = executor.submit(len, tornado.util.ObjectDict(a=1))
+    in_call = executor.submit(uses_tornado)
+    for future, where in (
+        (in_function, "the function could not be unpickled"),
+        (in_argument, "an argument of the call could not be unpickled"),
+        (in_call, "the call failed to import a module"),
+    ):
+        error = future.exception(timeout=60)
+        assert isinstance(error, ModuleNotFoundError) and error.name == "tornado"
+        notes = "\n".join(error.__notes__)
+        assert f"sheepdog: {where}: module 'tornado' is not importable on the nodes" in notes
+        assert f"host {socket.gethostname()}" in notes and "at /usr/bin/python3" in notes
+        assert "python=" in notes and "setup=" in notes and 'environment="sync"' in notes
     assert executor.submit(square, 5).result(timeout=60) == 25  # the worker survives it
+
+
+def interrupted(kind: str) -> None:
+    print("about to stop")
+    if kind == "KeyboardInterrupt":
+        raise KeyboardInterrupt("stop here")
+    raise SystemExit(3)
+
+
+def test_base_exceptions_come_back_as_the_calls_own(
+    make_executor: Callable[..., GridEngineExecutor],
+) -> None:
+    executor = make_executor(max_workers=1, retries=2)
+    interrupt = executor.submit(interrupted, "KeyboardInterrupt").exception(timeout=60)
+    exit_ = executor.submit(interrupted, "SystemExit").exception(timeout=60)
+    assert type(interrupt) is KeyboardInterrupt and interrupt.args == ("stop here",)
+    assert isinstance(interrupt.__cause__, RemoteTraceback) and "in interrupted" in interrupt.__cause__.tb
+    assert type(exit_) is SystemExit and exit_.code == 3
+    assert executor.submit(square, 4).result(timeout=60) == 16
+    assert len(executor.job_ids) == 1  # one worker ran all three: none was lost, none retried
+
+
+def noisy(size: int) -> int:
+    print("print()")
+    os.write(1, b"os.write(1)\n")
+    os.system("echo subprocess stdout; echo subprocess stderr >&2")
+    sys.stderr.write("sys.stderr\n")
+    os.write(1, b"x" * size)
+    return size
+
+
+def test_output_is_captured_at_the_file_descriptor_level(
+    make_executor: Callable[..., GridEngineExecutor],
+) -> None:
+    executor = make_executor(max_workers=1)
+    future = executor.submit(noisy, 0)
+    assert future.result(timeout=60) == 0
+    assert future.remote_stdout == "print()\nos.write(1)\nsubprocess stdout\n"  # type: ignore[attr-defined]
+    assert future.remote_stderr == "subprocess stderr\nsys.stderr\n"  # type: ignore[attr-defined]
+    assert future.remote_output == future.remote_stdout + future.remote_stderr  # type: ignore[attr-defined]
+    big = executor.submit(noisy, 100_000)  # more than the 64 KiB kept of each stream
+    assert big.result(timeout=60) == 100_000
+    stdout = big.remote_stdout  # type: ignore[attr-defined]
+    assert stdout.startswith("[... ") and stdout.endswith("\n" + "x" * 64 * 1024)
 
 
 def test_debug_log_shows_every_command_sent_to_the_cluster(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import threading
 import time
 from concurrent.futures import Future
 from typing import Any
@@ -11,8 +12,9 @@ from typing import Any
 import cloudpickle
 import pytest
 
+from sheepdog_executor import LocalExecutor, pickling
 from sheepdog_executor.dispatch import Dispatcher
-from sheepdog_executor.errors import WorkerLost
+from sheepdog_executor.errors import PicklingFailed, WorkerLost
 from sheepdog_executor.jobscript import JobOptions, WorkerLaunch, render_gridengine
 from sheepdog_executor.remote import protocol
 from sheepdog_executor.scheduler.base import TaskState
@@ -208,3 +210,27 @@ def test_a_cancelled_call_leaves_the_queue_at_once() -> None:
 def test_qstat_error_state_is_not_queued() -> None:
     text = QSTAT.replace("<state>qw</state>", "<state>Eqw</state>")
     assert parse_qstat_xml(text, {"7"})["7"][3] is TaskState.ERROR
+
+
+class _HoldsALock:
+    def __init__(self) -> None:
+        self.guard = threading.Lock()
+
+
+def test_what_cannot_be_pickled_is_named_with_its_path() -> None:
+    holder = _HoldsALock()
+    with pytest.raises(PicklingFailed, match=r"\(args, kwargs\)\[0\]\[1\]\['k'\]\.guard \(lock\) cannot be"):
+        pickling.dumps(((1, {"k": holder}), {}))
+    with LocalExecutor(max_workers=1) as executor:
+
+        def submits_more(x: int) -> Any:
+            return executor.submit(abs, x)
+
+        with pytest.raises(PicklingFailed) as info:
+            executor.submit(submits_more, 1)
+    message = str(info.value)
+    assert message.startswith("cannot send the function ")
+    assert (
+        "submits_more -> closure variable 'executor' is a LocalExecutor, and an executor cannot travel"
+        in message
+    )

@@ -8,23 +8,23 @@ receive the next calls, until the client tells it to stop. A thread sends heartb
 from __future__ import annotations
 
 import http.client
-import io
 import os
 import pickle
 import socket
 import ssl
 import sys
+import tempfile
 import threading
 import time
 import traceback
 import urllib.parse
 from collections.abc import Callable
-from contextlib import redirect_stderr, redirect_stdout
 from typing import Any
 
 from sheepdog_executor.remote import protocol
+from sheepdog_executor.remote.compat import add_note
 
-#: At most this much of a call's captured stdout/stderr travels back with its result.
+#: At most this much of each of a call's stdout and stderr (the end of it) travels back with its result.
 OUTPUT_LIMIT = 64 * 1024
 
 
@@ -104,26 +104,100 @@ class Channel:
             self._conn.close()
 
 
-def _tail(text: str) -> str:
-    return text if len(text) <= OUTPUT_LIMIT else "[...]\n" + text[-OUTPUT_LIMIT:]
+class Capture:
+    """Captures what a call writes to file descriptors 1 and 2, so ``print``, ``os.write``,
+    subprocesses and C code are all seen; stdout and stderr are kept apart. Each goes to an
+    unlinked temporary file (disk, not memory); only the last ``OUTPUT_LIMIT`` bytes of each travel."""
+
+    def __init__(self) -> None:
+        self._files = (self._scratch(), self._scratch())
+
+    @staticmethod
+    def _scratch() -> int:
+        fd, path = tempfile.mkstemp(prefix="sheepdog-output-")
+        os.unlink(path)
+        return fd
+
+    def __enter__(self) -> Capture:
+        _flush_std()
+        self._saved = (os.dup(1), os.dup(2))
+        for target in (1, 2):
+            scratch = self._files[target - 1]
+            os.ftruncate(scratch, 0)
+            os.lseek(scratch, 0, os.SEEK_SET)
+            os.dup2(scratch, target)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _flush_std()
+        for target in (1, 2):
+            os.dup2(self._saved[target - 1], target)
+            os.close(self._saved[target - 1])
+
+    def tails(self) -> tuple[str, str]:
+        """(stdout, stderr) of the last call: their last ``OUTPUT_LIMIT`` bytes each."""
+        return _tail(self._files[0]), _tail(self._files[1])
 
 
-def run_item(fn: Callable[..., Any], kind: str, payload: bytes) -> tuple[bool, bytes, str]:
-    """Run one call (or one chunk of calls); return (ok, pickled value or error, captured output)."""
-    captured = io.StringIO()
-    try:
-        arguments = pickle.loads(payload)
-        with redirect_stdout(captured), redirect_stderr(captured):
-            if kind == "chunk":
-                value: Any = [fn(*args, **kwargs) for args, kwargs in arguments]
-            else:
-                args, kwargs = arguments
-                value = fn(*args, **kwargs)
-        return True, _dump_value(value), _tail(captured.getvalue())
-    except KeyboardInterrupt:
-        raise
-    except BaseException as exc:  # noqa: BLE001 - everything else a call raises goes back to the client
-        return False, _dump_error(exc), _tail(captured.getvalue())
+def _flush_std() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+
+
+def _tail(fd: int) -> str:
+    size = os.fstat(fd).st_size
+    start = max(0, size - OUTPUT_LIMIT)
+    text = os.pread(fd, size - start, start).decode("utf-8", errors="replace")
+    return f"[... {start} bytes left out]\n{text}" if start else text
+
+
+def _where() -> str:
+    return f"host {socket.gethostname()}, Python {sys.version.split()[0]} at {sys.executable}"
+
+
+def explain_missing_module(error: BaseException, what: str) -> None:
+    """Say where a module is missing and what to set, when ``error`` is a missing module."""
+    if isinstance(error, ModuleNotFoundError):
+        add_note(
+            error,
+            f"sheepdog: {what}: module {error.name!r} is not importable on the nodes ({_where()}); "
+            "install it there, use an interpreter that has it (python=, or setup= lines such as "
+            "'source /path/to/venv/bin/activate' or 'module load ...'), or ship this client's "
+            'packages with environment="sync"',
+        )
+
+
+def run_item(
+    fn: Callable[..., Any], kind: str, payload: bytes, capture: Capture
+) -> tuple[bool, bytes, str, str]:
+    """Run one call (or one chunk of calls); return (ok, pickled value or error, stdout, stderr).
+
+    Whatever the call raises, BaseException included (KeyboardInterrupt, SystemExit), is the call's
+    result, as with ProcessPoolExecutor: only the worker's death is a lost worker."""
+    with capture:
+        try:
+            try:
+                arguments = pickle.loads(payload)
+            except BaseException as exc:
+                explain_missing_module(exc, "an argument of the call could not be unpickled")
+                raise
+            try:
+                if kind == "chunk":
+                    value: Any = [fn(*args, **kwargs) for args, kwargs in arguments]
+                else:
+                    args, kwargs = arguments
+                    value = fn(*args, **kwargs)
+            except BaseException as exc:
+                if not getattr(exc, "__notes__", None):
+                    explain_missing_module(exc, "the call failed to import a module")
+                raise
+            ok, data = True, _dump_value(value)
+        except BaseException as exc:  # noqa: BLE001 - all of it goes back to the client
+            ok, data = False, _dump_error(exc)
+    return (ok, data, *capture.tails())
 
 
 def load_function(blob: bytes) -> Callable[..., Any]:
@@ -131,10 +205,14 @@ def load_function(blob: bytes) -> Callable[..., Any]:
     try:
         return pickle.loads(blob)  # type: ignore[no-any-return]
     except Exception as exc:  # noqa: BLE001 - e.g. a module the nodes do not have
-        exc.add_note(
-            "sheepdog: the function could not be unpickled on the node; a module it needs is not "
-            "importable there: install it on the nodes, or make it importable (setup=, python=)"
-        )
+        if isinstance(exc, ModuleNotFoundError):
+            explain_missing_module(exc, "the function could not be unpickled")
+        else:
+            add_note(
+                exc,
+                f"sheepdog: the function could not be unpickled on the nodes ({_where()}); the "
+                "nodes' packages differ from this client's: match them (python=, setup=)",
+            )
         error = exc
 
         def unloadable(*args: Any, **kwargs: Any) -> Any:
@@ -195,6 +273,9 @@ def worker_identity() -> dict[str, Any]:
 def main(url: str, secret_file: str, fingerprint: str | None = None) -> int:
     with open(secret_file, "rb") as handle:
         secret = handle.read().strip()
+    for stream in (sys.stdout, sys.stderr):  # keeps a call's print()s in order with its os.write()s
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
     channel = Channel(url, secret, fingerprint)
     identity = worker_identity()
     worker_id = identity["worker"]
@@ -213,7 +294,8 @@ def main(url: str, secret_file: str, fingerprint: str | None = None) -> int:
     heartbeat = Heartbeat(Channel(url, secret, fingerprint), worker_id, hello.get("heartbeat", 5.0))
     heartbeat.start()
     functions: dict[str, Callable[..., Any]] = {}
-    results: list[tuple[int, int, bool, bytes, str, float]] = []
+    capture = Capture()
+    results: list[tuple[int, int, bool, bytes, str, float, str]] = []
     try:
         while True:
             reply = channel.call("/work", {"worker": worker_id, "results": results})
@@ -224,8 +306,8 @@ def main(url: str, secret_file: str, fingerprint: str | None = None) -> int:
                 functions[key] = load_function(blob)
             for item_id, attempt, fn_key, kind, payload in reply.get("items", []):
                 started = time.perf_counter()
-                ok, data, output = run_item(functions[fn_key], kind, payload)
-                results.append((item_id, attempt, ok, data, output, time.perf_counter() - started))
+                ok, data, out, err = run_item(functions[fn_key], kind, payload, capture)
+                results.append((item_id, attempt, ok, data, out, time.perf_counter() - started, err))
     finally:
         # joined, not abandoned: a daemon thread inside an SSL call while the interpreter shuts
         # down can crash it (SIGBUS seen here), which would look like a lost task
