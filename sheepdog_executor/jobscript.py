@@ -2,9 +2,44 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from sheepdog_executor.errors import ConfigurationError
+
+#: C0 control characters and DEL: a newline or CR starts a new line of the job script (``shlex.quote``
+#: keeps them), a NUL cuts it. A tab is allowed in ``setup`` lines only, where it is indentation.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_BUT_TAB = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def check_no_control_characters(option: str, value: Any, *, lines: bool = False) -> None:
+    """Raise ConfigurationError naming ``option`` if ``value`` (a string, or the strings of a
+    sequence or mapping, keys included) holds a control character. With ``lines``, each string is one
+    shell line, so a tab may stay."""
+    pattern = _CONTROL_BUT_TAB if lines else _CONTROL
+    if isinstance(value, str):
+        strings: list[str] = [value]
+    elif isinstance(value, Mapping):
+        strings = [str(part) for item in value.items() for part in item]
+    elif isinstance(value, Sequence):
+        strings = [str(item) for item in value]
+    else:
+        return
+    for text in strings:
+        found = pattern.search(text)
+        if found:
+            fix = (
+                "give one shell line per item (setup=[...])"
+                if lines
+                else "remove it: it would end the line of the job script it goes into"
+            )
+            raise ConfigurationError(
+                f"{option}= contains the control character {found.group()!r} in {text!r}; {fix}"
+            )
 
 
 @dataclass(frozen=True)
@@ -23,6 +58,11 @@ class JobOptions:
     setup: Sequence[str] = ()
     #: The Python interpreter on the nodes.
     python: str = "python3"
+
+    def __post_init__(self) -> None:
+        # every option reaches the job script, whatever the scheduler: none may break a line of it
+        for option in fields(self):
+            check_no_control_characters(option.name, getattr(self, option.name), lines=option.name == "setup")
 
     def resource_list(self) -> list[str]:
         if isinstance(self.resources, Mapping):

@@ -12,7 +12,7 @@ from typing import Any
 import cloudpickle
 import pytest
 
-from sheepdog_executor import LocalExecutor, pickling
+from sheepdog_executor import ConfigurationError, GridEngineExecutor, LocalExecutor, pickling
 from sheepdog_executor.dispatch import Dispatcher
 from sheepdog_executor.errors import PicklingFailed, WorkerLost
 from sheepdog_executor.jobscript import JobOptions, WorkerLaunch, render_gridengine
@@ -234,3 +234,34 @@ def test_what_cannot_be_pickled_is_named_with_its_path() -> None:
         "submits_more -> closure variable 'executor' is a LocalExecutor, and an executor cannot travel"
         in message
     )
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("job_name", "sweep\nrm -rf ~"),
+        ("queue", "all.q\r"),
+        ("working_directory", "/tmp/x\x00y"),
+        ("resources", {"h_vmem": "2G\ntouch /tmp/pwned"}),
+        ("resources", {"h_vmem\n": "2G"}),
+        ("resources", ["h_rt=1:00:00\x1b[2J"]),
+        ("qsub_args", ["-P", "proj\ntouch /tmp/pwned"]),
+        ("setup", ["module load python\ntouch /tmp/pwned"]),
+        ("setup", "source venv/bin/activate\r"),
+        ("python", "python3\x7f"),
+        ("parallel_environment", "smp\n"),
+    ],
+)
+def test_control_characters_in_job_options_are_refused_naming_the_option(option: str, value: Any) -> None:
+    """A newline in any option that reaches the job script would start a line of its own there;
+    refused before anything connects (the host need not exist)."""
+    extra = {"slots": 2} if option == "parallel_environment" else {}
+    with pytest.raises(ConfigurationError, match=rf"^{option}= contains the control character"):
+        GridEngineExecutor(host="no-such-host.invalid", **{option: value}, **extra)
+
+
+def test_a_tab_in_a_setup_line_is_indentation_not_an_injection() -> None:
+    options = JobOptions(setup=("if true; then", "\techo ok", "fi"))
+    assert "\techo ok\n" in render_gridengine(options, WorkerLaunch("/s", "http://h:1"), 1)
+    with pytest.raises(ConfigurationError, match="^job_name="):
+        JobOptions(job_name="a\tb")
