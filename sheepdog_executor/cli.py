@@ -21,7 +21,6 @@ import socket
 import sys
 import time
 import urllib.parse
-import xml.etree.ElementTree as ET
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import TimeoutError as FuturesTimeout
@@ -560,31 +559,15 @@ def find_left_jobs(scheduler: GridEngineScheduler, root: str) -> list[LeftJob]:
     runs ``SESSION/bundle.zip``; that output path, which ``qstat -j`` shows, names the session. The
     job name is not used (``job_name=`` changes it). Jobs of other users are never listed.
     """
-    me = scheduler.run("id -un", timeout=30).stdout.strip()
-    listing = scheduler.run(f"qstat -xml -u {shlex.quote(me)}", timeout=60)
-    if not me or listing.returncode != 0:
-        raise SchedulerError(f"qstat failed on {scheduler.shell.description}: {listing.stderr.strip()}")
-    numbers = {
-        (e.findtext("JB_job_number") or "").strip() for e in ET.fromstring(listing.stdout).iter("job_list")
-    }
-    ids = sorted(numbers - {""}, key=int)
-    if not ids:
-        return []
-    details = scheduler.run(f"qstat -j {shlex.quote(','.join(ids))} -xml", timeout=60)
-    if details.returncode != 0:
-        raise SchedulerError(f"qstat -j failed on {scheduler.shell.description}: {details.stderr.strip()}")
     prefix, suffix = WorkerLaunch("SESSION", "").output_path("$JOB_ID", "$TASK_ID", "out").split("SESSION")
     found = []
-    for element in ET.fromstring(details.stdout).findall("./djob_info/element"):
-        number = (element.findtext("JB_job_number") or "").strip()
-        if (element.findtext("JB_owner") or "").strip() != me:
-            continue
-        path = (element.findtext("JB_stdout_path_list/path_list/PN_path") or "").strip()
+    for job in scheduler.own_jobs():
+        path = job.stdout_path
         if not (path.startswith(f"{root}/{prefix}") and path.endswith(suffix)):
             continue
         session = path[len(root) + 1 + len(prefix) : len(path) - len(suffix)]
         if _plain_name(session):
-            found.append(LeftJob(number, (element.findtext("JB_job_name") or "").strip(), session))
+            found.append(LeftJob(job.id, job.name, session))
     return found
 
 

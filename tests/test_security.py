@@ -583,3 +583,27 @@ def test_tls_map_works_and_a_wrong_fingerprint_is_refused(
     )
     assert run.returncode == 0, run.stderr[-500:]
     assert ("local", 1) in executor._session.dispatcher.tasks_seen
+
+
+# -- other users' jobs -------------------------------------------------------------------------
+
+
+def test_adopting_a_cut_off_qsub_reads_only_the_users_own_jobs(
+    make_executor: Callable[..., GridEngineExecutor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    executor = make_executor(max_workers=1, qsub_args=["-h"])
+    future = executor.submit(square, 3)
+    job = wait_for(lambda: executor.job_ids, what="the held job")[0]
+    scheduler = executor._session.scheduler
+    commands: list[str] = []
+    run = scheduler.run
+
+    def recording(command: str, **kwargs: Any) -> Any:
+        commands.append(command)
+        return run(command, **kwargs)
+
+    monkeypatch.setattr(scheduler, "run", recording)
+    assert scheduler.find_jobs(executor._session.launch) == [job]
+    assert any("qstat -xml -u" in c for c in commands) and not any('qstat -j "*"' in c for c in commands)
+    assert ssh(f"qrls {job}").returncode == 0
+    assert future.result(timeout=120) == 9

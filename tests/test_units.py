@@ -18,7 +18,8 @@ from sheepdog_executor.errors import PicklingFailed, WorkerLost
 from sheepdog_executor.jobscript import JobOptions, WorkerLaunch, render_gridengine
 from sheepdog_executor.remote import protocol
 from sheepdog_executor.scheduler.base import TaskState
-from sheepdog_executor.scheduler.gridengine import jobs_writing_to, parse_qacct, parse_qstat_xml
+from sheepdog_executor.scheduler.gridengine import GridEngineScheduler, parse_qacct, parse_qstat_xml
+from sheepdog_executor.shell import Completed, Shell
 
 SECRET = b"s" * 64
 
@@ -109,11 +110,55 @@ def test_parse_qacct_and_qstat_j() -> None:
         "exit_status  137 (Killed)\nmaxvmem 1.2G\n"
     )
     assert record["failed"] == "100 : assumedly after job" and record["exit_status"] == "137 (Killed)"
-    listing = (
-        "job_number: 11\nstdout_path_list: NONE:NONE:/h/.sheepdog-executor/a/task-$JOB_ID.out\n"
-        "job_number: 12\nstdout_path_list: NONE:NONE:/tmp/x.out\n"
+
+
+def _qstat_j_element(job: str, owner: str, out: str) -> str:
+    return (
+        f"<element><JB_job_number>{job}</JB_job_number><JB_owner>{owner}</JB_owner>"
+        f"<JB_job_name>n{job}</JB_job_name><JB_stdout_path_list><path_list><PN_host>NONE</PN_host>"
+        f"<PN_path>{out}</PN_path></path_list></JB_stdout_path_list></element>"
     )
-    assert jobs_writing_to(listing, "/h/.sheepdog-executor/a/") == ["11"]
+
+
+class ScriptedShell(Shell):
+    """Answers commands from a script of (command start, output); records every command run."""
+
+    def __init__(self, answers: list[tuple[str, str]]) -> None:
+        self.answers = answers
+        self.commands: list[str] = []
+
+    def run(
+        self, command: str, *, stdin: bytes = b"", timeout: float = 120.0, retry: bool = True
+    ) -> Completed:  # noqa: E501
+        self.commands.append(command)
+        output = next((out for start, out in self.answers if command.startswith(start)), "")
+        return Completed(command, 0, output, "")
+
+
+def test_adopting_jobs_asks_only_for_the_users_own_jobs() -> None:
+    """find_jobs lists the user's jobs with ``qstat -u``, then ``qstat -j`` of those ids only, and
+    keeps those whose output goes to this session's directory."""
+    session = "/h/.sheepdog-executor/s1"
+    own = (
+        "<job_info><queue_info>"
+        + "".join(f"<job_list><JB_job_number>{j}</JB_job_number></job_list>" for j in ("11", "12", "11"))
+        + "</queue_info></job_info>"
+    )
+    details = (
+        "<detailed_job_info><djob_info>"
+        + _qstat_j_element("11", "me", f"{session}/task-$JOB_ID-$TASK_ID.out")
+        + _qstat_j_element("12", "me", "/tmp/x.out")
+        + _qstat_j_element("13", "other", f"{session}/task-$JOB_ID-$TASK_ID.out")  # never ours
+        + "</djob_info></detailed_job_info>"
+    )
+    shell = ScriptedShell([("id -un", f"me\n{own}"), ("qstat -j", details)])
+    scheduler = GridEngineScheduler(shell, JobOptions())
+    assert scheduler.find_jobs(WorkerLaunch(session, "http://h:1")) == ["11"]
+    assert shell.commands == ['id -un && qstat -xml -u "$(id -un)"', "qstat -j 11,12 -xml 2>/dev/null"]
+    assert not any('"*"' in command for command in shell.commands)
+    empty = ScriptedShell([("id -un", "me\n<job_info><queue_info/></job_info>")])
+    assert GridEngineScheduler(empty, JobOptions()).find_jobs(WorkerLaunch(session, "x")) == []
+    assert len(empty.commands) == 1  # no qstat -j at all without jobs
 
 
 def _result(item_id: int, attempt: int, value: Any) -> tuple[Any, ...]:

@@ -6,6 +6,7 @@ import re
 import shlex
 import xml.etree.ElementTree as ET
 from collections.abc import Collection
+from dataclasses import dataclass
 
 from sheepdog_executor.errors import SchedulerError
 from sheepdog_executor.jobscript import WorkerLaunch, render_gridengine
@@ -51,9 +52,23 @@ class GridEngineScheduler(Scheduler):
         if job_ids:
             self.run("qdel " + " ".join(shlex.quote(j) for j in job_ids) + " >/dev/null 2>&1", timeout=60)
 
+    def own_jobs(self) -> list[JobInfo]:
+        """The user's own jobs with their names and output paths: ``qstat -u`` for the ids, then
+        ``qstat -j`` of those ids only (never ``qstat -j "*"``: every user's jobs, slow on a big
+        cluster)."""
+        listing = self.run('id -un && qstat -xml -u "$(id -un)"', timeout=60)
+        me, _, xml = listing.stdout.partition("\n")
+        if listing.returncode != 0 or not me.strip():
+            raise SchedulerError(f"qstat failed on {self.shell.description}: {listing.stderr.strip()}")
+        ids = sorted(parse_qstat_xml(xml, None), key=int)
+        if not ids:
+            return []
+        details = self.run(f"qstat -j {shlex.quote(','.join(ids))} -xml 2>/dev/null", timeout=60)
+        return [job for job in parse_qstat_j_xml(details.stdout) if job.owner == me.strip()]
+
     def find_jobs(self, launch: WorkerLaunch) -> list[str]:
-        done = self.run('qstat -j "*" 2>/dev/null', timeout=60)
-        return jobs_writing_to(done.stdout, launch.session_dir + "/")
+        directory = launch.session_dir + "/"
+        return [job.id for job in self.own_jobs() if job.stdout_path.startswith(directory)]
 
     def error_reason(self, job_id: str) -> str:
         done = self.run(f"qstat -j {shlex.quote(job_id)} 2>/dev/null", timeout=60)
@@ -84,12 +99,12 @@ def _task_ids(text: str) -> list[int]:
     return ids
 
 
-def parse_qstat_xml(text: str, job_ids: set[str]) -> JobStates:
-    """Task states of the given jobs from ``qstat -xml`` output."""
+def parse_qstat_xml(text: str, job_ids: set[str] | None) -> JobStates:
+    """Task states of the given jobs (of all listed jobs with None) from ``qstat -xml`` output."""
     states: JobStates = {}
     for entry in ET.fromstring(text).iter("job_list"):
         job = (entry.findtext("JB_job_number") or "").strip()
-        if job not in job_ids:
+        if not job or (job_ids is not None and job not in job_ids):
             continue
         code = entry.findtext("state") or ""
         if "E" in code:
@@ -117,14 +132,29 @@ def parse_qacct(text: str) -> dict[str, str]:
     return record
 
 
-def jobs_writing_to(qstat_j: str, directory: str) -> list[str]:
-    """Job numbers in ``qstat -j`` output whose stdout path lies in ``directory``."""
-    found: list[str] = []
-    job = ""
-    for line in qstat_j.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "job_number":
-            job = value.strip()
-        elif key.strip() == "stdout_path_list" and directory in value and job and job not in found:
-            found.append(job)
-    return found
+@dataclass(frozen=True)
+class JobInfo:
+    """What ``qstat -j`` says about a job that matters here."""
+
+    id: str
+    name: str
+    owner: str
+    #: The first ``-o`` path, as given (``$JOB_ID`` and ``$TASK_ID`` unexpanded).
+    stdout_path: str
+
+
+def parse_qstat_j_xml(text: str) -> list[JobInfo]:
+    """The jobs in ``qstat -j IDS -xml`` output (none for ``unknown_jobs`` or unreadable output)."""
+    try:
+        root = ET.fromstring(text)
+    except ET.ParseError:
+        return []
+    return [
+        JobInfo(
+            (element.findtext("JB_job_number") or "").strip(),
+            (element.findtext("JB_job_name") or "").strip(),
+            (element.findtext("JB_owner") or "").strip(),
+            (element.findtext("JB_stdout_path_list/path_list/PN_path") or "").strip(),
+        )
+        for element in root.findall("./djob_info/element")
+    ]
