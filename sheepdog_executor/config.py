@@ -93,6 +93,9 @@ OPTIONS: dict[str, Option] = {
     "echo_output": Option(bool),
     "status_page": Option(bool),
     "progress": Option(bool),
+    "environment": Option(str, ("sync", "none")),
+    "environment_add": Option("args"),
+    "environment_exclude": Option("args"),
 }
 
 

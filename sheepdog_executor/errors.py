@@ -29,6 +29,16 @@ class SchedulerError(SheepdogError):
     """A scheduler command (qsub, qstat, qdel, ...) failed or is missing on the head node."""
 
 
+class EnvironmentSyncFailed(SheepdogError):
+    """``environment="sync"`` could not give the nodes the client's packages; the message names the
+    distribution, its version, the cause and the fix."""
+
+    def __init__(self, message: str, *, distribution: str | None = None, version: str | None = None) -> None:
+        super().__init__(message)
+        self.distribution = distribution
+        self.version = version
+
+
 class BrokenGridEngineExecutor(BrokenExecutor, SheepdogError):
     """The executor can no longer run anything (SSH refused for good, scheduler gone, initializer
     failed); pending futures fail with it and further submit() raises it."""

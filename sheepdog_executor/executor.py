@@ -7,6 +7,7 @@ executor that is garbage-collected or still open at interpreter exit still remov
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -25,6 +26,7 @@ from sheepdog_executor import pickling
 from sheepdog_executor.bundle import worker_bundle
 from sheepdog_executor.config import uses_config
 from sheepdog_executor.dispatch import CallFuture, Dispatcher
+from sheepdog_executor.environment import EnvironmentSync, HeadNode, SyncedEnvironment, stderr_progress
 from sheepdog_executor.errors import BrokenGridEngineExecutor, ConfigurationError, ExecutorShutDown
 from sheepdog_executor.jobs import JobManager
 from sheepdog_executor.jobscript import JobOptions, WorkerLaunch
@@ -70,6 +72,7 @@ class Session:
         session_root: str,
         echo_output: bool,
         status_page: bool = True,
+        environment: EnvironmentSync | None = None,
     ) -> None:
         self.shell = shell
         self.scheduler = scheduler
@@ -91,6 +94,13 @@ class Session:
         scheduler.prepare()
         home = shell.run('printf %s "$HOME"').stdout.strip() or "."
         root = session_root.replace("~", home, 1) if session_root.startswith("~") else session_root
+        #: The synced environment the nodes run (``environment="sync"``), else None.
+        self.environment: SyncedEnvironment | None = None
+        if environment is not None:
+            options = scheduler.options
+            head = HeadNode(shell, [*scheduler.command_setup, *options.setup], options.python)
+            self.environment = environment.prepare(head, root)
+            scheduler.options = dataclasses.replace(options, python=self.environment.python)
         self.session_dir = f"{root}/{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
         try:
             shell.put(f"{self.session_dir}/secret", secret, 0o600)
@@ -227,6 +237,9 @@ class ClusterExecutor(Executor):
         echo_output: bool = False,
         status_page: bool = True,
         progress: bool | None = None,
+        environment: str | None = None,
+        environment_add: Sequence[str] | str = (),
+        environment_exclude: Sequence[str] | str = (),
     ) -> None:
         if max_workers is not None and max_workers <= 0:
             raise ConfigurationError("max_workers must be greater than 0")
@@ -243,6 +256,9 @@ class ClusterExecutor(Executor):
         self._last_submit = 0.0
         init_blob = pickling.dumps((initializer, tuple(initargs))) if initializer is not None else None
         try:
+            sync = EnvironmentSync.from_options(
+                environment, environment_add, environment_exclude, stderr_progress(progress)
+            )
             self._session = Session(
                 shell,
                 scheduler,
@@ -261,6 +277,7 @@ class ClusterExecutor(Executor):
                 session_root=session_root,
                 echo_output=echo_output,
                 status_page=status_page,
+                environment=sync,
             )
         except BaseException:
             shell.close()
@@ -382,6 +399,12 @@ class ClusterExecutor(Executor):
         """The live status page in a browser, token included (logged at INFO on start); None with
         ``status_page=False``. Anyone with this URL can see the status: share it like a password."""
         return self._session.status_url
+
+    @property
+    def environment(self) -> SyncedEnvironment | None:
+        """With ``environment="sync"``, the environment the nodes run (its path, whether this
+        executor built it); None otherwise."""
+        return self._session.environment
 
     @property
     def session_dir(self) -> str:

@@ -1,0 +1,519 @@
+"""``environment="sync"``: the nodes run a Python environment with the client's distributions.
+
+What is synced: every distribution installed here that provides importable modules (pinned to the
+version installed here), minus ``environment_exclude``, plus ``environment_add`` requirements. Those
+installed from a local path, in editable mode or from version control (the user's own project) are
+built into wheels here and shipped. The environment is a venv made from the nodes' interpreter under
+``SESSION_ROOT/envs/KEY``, KEY a hash of what it holds and of that interpreter; the head node builds
+it once (``remote/envtool.py`` keeps builds atomic) and every later executor with the same KEY reuses
+it after one SSH command.
+
+The head node installs from its package index when it can; when it cannot (no route to an index, a
+distribution it does not know), wheels for the nodes' platform and Python are downloaded here
+(``pip download --only-binary=:all: --platform ...``) and uploaded over the SSH connection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import re
+import secrets
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sheepdog_executor.errors import ConfigurationError, EnvironmentSyncFailed, SchedulerError
+from sheepdog_executor.shell import Shell
+
+log = logging.getLogger("sheepdog_executor")
+
+#: Bumped when what an environment holds changes for the same distributions (a new build recipe).
+FORMAT = 1
+ENVIRONMENT_MODES = ("sync",)
+#: Never synced: the venv brings its own pip, and the worker ships with every session.
+NEVER_SYNCED = frozenset({"pip", "sheepdog-executor"})
+#: Seconds a build on the head node may take (pip installing large distributions from source).
+BUILD_TIMEOUT = 3600.0
+_ENVTOOL = Path(__file__).with_name("remote") / "envtool.py"
+_UNSATISFIED = re.compile(
+    r"(?:No matching distribution found for|satisfies the requirement)\s+([A-Za-z0-9][A-Za-z0-9._-]*)"
+)
+_WHEEL_NAME = re.compile(
+    r"^(?P<name>[^-]+)-(?P<version>[^-]+)(?:-\d[^-]*)?-(?P<py>[^-]+)-(?P<abi>[^-]+)-(?P<plat>[^-]+)\.whl$"
+)
+#: Directories never part of a project's content (for the key of an editable install).
+_SKIPPED_DIRS = frozenset({"__pycache__", "build", "dist", "node_modules", ".git", ".hg", ".tox", ".nox"})
+
+Progress = Callable[[str], None]
+
+
+def canonical(name: str) -> str:
+    """A distribution name as pip compares them (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """One distribution of the client, as the nodes should get it."""
+
+    name: str
+    version: str
+    #: For a distribution built here: what ``pip wheel`` builds it from (a directory, a wheel file or a
+    #: ``name @ vcs+url`` requirement); None for one any package index has.
+    source: str | None = None
+    #: What identifies a locally built distribution's content (its RECORD, or its files' stamps).
+    digest: str = ""
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.name}=={self.version}"
+
+
+@dataclass(frozen=True)
+class EnvironmentSpec:
+    """What ``environment="sync"`` asks for: the client's distributions, minus some, plus some."""
+
+    distributions: tuple[Wanted, ...]
+    add: tuple[str, ...] = ()
+
+    @classmethod
+    def from_client(cls, add: Iterable[str] = (), exclude: Iterable[str] = ()) -> EnvironmentSpec:
+        """The distributions of this interpreter that provide importable modules."""
+        excluded = {canonical(n) for n in exclude} | NEVER_SYNCED
+        return cls(tuple(d for d in client_distributions() if canonical(d.name) not in excluded), tuple(add))
+
+    def key(self, node: NodePython) -> str:
+        """The environment's name on the cluster: a hash of its content and of the nodes' Python."""
+        content = {
+            "format": FORMAT,
+            "python": [node.executable, node.python, node.implementation, node.platform, node.libc],
+            "distributions": sorted([canonical(d.name), d.version, d.digest] for d in self.distributions),
+            "add": sorted(self.add),
+        }
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def indexed(self) -> list[str]:
+        """Requirements any package index can provide."""
+        return [d.requirement for d in self.distributions if d.source is None] + list(self.add)
+
+    @property
+    def local(self) -> list[Wanted]:
+        return [d for d in self.distributions if d.source is not None]
+
+
+def client_distributions() -> list[Wanted]:
+    """Each distribution importable here that provides modules, once (the first on sys.path wins)."""
+    found: dict[str, Wanted] = {}
+    for dist in importlib.metadata.distributions():
+        name = dist.metadata["Name"]
+        if not name or canonical(name) in found or not _provides_modules(dist):
+            continue
+        found[canonical(name)] = _wanted(dist, name)
+    return sorted(found.values(), key=lambda d: canonical(d.name))
+
+
+def _provides_modules(dist: importlib.metadata.Distribution) -> bool:
+    files = dist.files
+    if files is None:  # no RECORD (an old-style install): assume it does
+        return True
+    for path in files:
+        top = path.parts[0] if path.parts else ""
+        if top == ".." or top.endswith((".dist-info", ".egg-info", ".data")):
+            continue
+        if path.suffix in (".py", ".so", ".pyd", ".pth"):
+            return True
+    return False
+
+
+def _wanted(dist: importlib.metadata.Distribution, name: str) -> Wanted:
+    """How the nodes get ``dist``: from an index, or built here from where it was installed from."""
+    version = dist.version
+    try:
+        direct = json.loads(dist.read_text("direct_url.json") or "null")
+    except ValueError:
+        direct = None
+    if not isinstance(direct, dict) or not isinstance(direct.get("url"), str):
+        return Wanted(name, version)
+    url: str = direct["url"]
+    if "vcs_info" in direct:
+        vcs = direct["vcs_info"]
+        source = f"{name} @ {vcs.get('vcs', 'git')}+{url}@{vcs.get('commit_id', '')}"
+        return Wanted(name, version, source, vcs.get("commit_id", ""))
+    if not url.startswith("file://"):
+        return Wanted(name, version)  # installed from an archive URL: an index's copy is the same
+    path = url[len("file://") :]
+    if direct.get("dir_info", {}).get("editable"):
+        return Wanted(name, version, path, "tree:" + tree_digest(path))
+    return Wanted(
+        name, version, path, "record:" + hashlib.sha256((dist.read_text("RECORD") or "").encode()).hexdigest()
+    )
+
+
+def tree_digest(root: str) -> str:
+    """A cheap fingerprint of a project's files (names, sizes, modification times)."""
+    digest = hashlib.sha256()
+    for directory, dirs, files in os.walk(root):
+        dirs[:] = sorted(
+            d
+            for d in dirs
+            if d not in _SKIPPED_DIRS
+            and not d.startswith(".")
+            and not d.endswith(".egg-info")
+            and not os.path.exists(os.path.join(directory, d, "pyvenv.cfg"))
+        )
+        for name in sorted(files):
+            path = os.path.join(directory, name)
+            try:
+                stat = os.stat(path)
+            except OSError:
+                continue
+            digest.update(f"{os.path.relpath(path, root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class NodePython:
+    """The nodes' interpreter, as ``envtool.py probe`` describes it."""
+
+    python: str
+    implementation: str
+    executable: str
+    platform: str
+    machine: str
+    libc: tuple[str, str]
+    ready: tuple[str, ...] = ()
+
+    @classmethod
+    def from_probe(cls, data: dict[str, Any]) -> NodePython:
+        return cls(
+            python=str(data["python"]),
+            implementation=str(data["implementation"]),
+            executable=str(data["executable"]),
+            platform=str(data["platform"]),
+            machine=str(data["machine"]),
+            libc=(str(data["libc"][0]), str(data["libc"][1])),
+            ready=tuple(data.get("ready", ())),
+        )
+
+    @property
+    def python_tag(self) -> str:
+        major, minor = self.python.split(".")[:2]
+        return ("pp" if self.implementation == "pypy" else "cp") + major + minor
+
+    def platforms(self) -> list[str]:
+        """The wheel platform tags the nodes accept, best first (``pip download --platform``)."""
+        arch = self.machine
+        if not self.platform.startswith("linux"):
+            return [re.sub(r"[-.]", "_", self.platform)]
+        tags: list[str] = []
+        libc, version = self.libc
+        if libc == "glibc" and re.match(r"^\d+\.\d+", version):
+            major, minor = (int(p) for p in version.split(".")[:2])
+            legacy = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}
+            for m in range(minor, 4, -1):
+                tags.append(f"manylinux_{major}_{m}_{arch}")
+                if major == 2 and m in legacy:
+                    tags.append(f"{legacy[m]}_{arch}")
+        tags.append(f"linux_{arch}")
+        return tags
+
+    def accepts(self, wheel: str) -> bool:
+        """Whether a wheel file (by its name) installs on the nodes."""
+        match = _WHEEL_NAME.match(os.path.basename(wheel))
+        if match is None:
+            return False
+        platforms = set(match["plat"].split("."))
+        if "any" in platforms:
+            return True
+        pythons = set(match["py"].split("."))
+        return bool(platforms & set(self.platforms())) and (
+            self.python_tag in pythons or "abi3" in match["abi"].split(".")
+        )
+
+
+@dataclass(frozen=True)
+class SyncedEnvironment:
+    """An environment the nodes run: where it is and whether this executor built it."""
+
+    key: str
+    path: str
+    built: bool
+    #: How it was built: "index" (by the head node), "wheels" (uploaded from here); None if reused.
+    mode: str | None = None
+
+    @property
+    def python(self) -> str:
+        return f"{self.path}/bin/python"
+
+
+class HeadNode:
+    """Runs ``envtool.py`` with the nodes' interpreter on the head node, after the set-up lines."""
+
+    def __init__(self, shell: Shell, prelude: Sequence[str], python: str) -> None:
+        self.shell = shell
+        self.prelude = list(prelude)
+        self.python = python
+
+    def tool(self, *args: str, timeout: float = 120.0) -> dict[str, Any]:
+        """Run an envtool command; its JSON answer."""
+        command = " ".join(shlex.quote(a) for a in [self.python, "-", *args])
+        done = self.shell.run(
+            "\n".join([*self.prelude, command]), stdin=_ENVTOOL.read_bytes(), timeout=timeout
+        )
+        lines = done.stdout.strip().splitlines()
+        try:
+            answer = json.loads(lines[-1]) if done.returncode == 0 and lines else None
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            why = (done.stderr.strip() or done.stdout.strip() or f"exit {done.returncode}")[-2000:]
+            raise SchedulerError(
+                f"the environment tool failed on {self.shell.description} with {self.python!r}: {why}"
+            )
+        return answer
+
+
+class EnvironmentSync:
+    """Makes the nodes' environment match the client's: probe, build (once), reuse."""
+
+    def __init__(self, spec: EnvironmentSpec, progress: Progress | None = None) -> None:
+        self.spec = spec
+        self.progress = progress or (lambda message: None)
+
+    @classmethod
+    def from_options(
+        cls,
+        environment: str | None,
+        add: Sequence[str] | str = (),
+        exclude: Sequence[str] | str = (),
+        progress: Progress | None = None,
+    ) -> EnvironmentSync | None:
+        """The sync an executor's options ask for, or None (the nodes' own interpreter)."""
+        if environment is None or environment == "none":
+            if add or exclude:
+                raise ConfigurationError('environment_add= and environment_exclude= need environment="sync"')
+            return None
+        if environment not in ENVIRONMENT_MODES:
+            raise ConfigurationError(
+                f'environment={environment!r} is not known; use environment="sync" (the nodes get the '
+                "client's packages) or leave it out (the nodes' own interpreter)"
+            )
+        add = [add] if isinstance(add, str) else list(add)
+        exclude = [exclude] if isinstance(exclude, str) else list(exclude)
+        return cls(EnvironmentSpec.from_client(add, exclude), progress)
+
+    def _say(self, message: str) -> None:
+        log.info("environment: %s", message)
+        self.progress(message)
+
+    def prepare(self, head: HeadNode, root: str) -> SyncedEnvironment:
+        """The environment for this spec under ``ROOT/envs``, built first if it is not there yet."""
+        envs = f"{root}/envs"
+        node = NodePython.from_probe(head.tool("probe", envs, timeout=60))
+        key = self.spec.key(node)
+        path = f"{envs}/{key}"
+        if key in node.ready:
+            log.info("environment %s is ready (python %s)", path, node.python)
+            return SyncedEnvironment(key, path, built=False)
+        started = time.monotonic()
+        self._say(
+            f"building {path} on {head.shell.description}: {len(self.spec.distributions)} "
+            f"distributions for Python {node.python} ({node.executable})"
+        )
+        staging = f"{envs}/.staging-{secrets.token_hex(4)}"
+        try:
+            with tempfile.TemporaryDirectory(prefix="sheepdog-env-") as here:
+                wheels = self._local_wheels(node, here)
+                uploaded: set[str] = set()
+                answer = self._build(head, envs, key, staging, "index", self.spec.indexed, wheels, uploaded)
+                if answer["status"] != "ready":
+                    self._say(
+                        "the head node could not install from a package index ("
+                        + _last_line(answer.get("output", ""))
+                        + "); downloading wheels here for the nodes"
+                    )
+                    wheels += self._download(node, here)
+                    answer = self._build(head, envs, key, staging, "wheels", [], wheels, uploaded)
+                    if answer["status"] != "ready":
+                        raise self._install_failed(answer)
+        finally:
+            head.shell.run(f"rm -rf {shlex.quote(staging)}", timeout=60)
+        mode = answer.get("mode") if answer.get("built") else None
+        if answer.get("built"):
+            self._say(f"{path} built in {time.monotonic() - started:.0f} s")
+        else:
+            self._say(f"{path} was built meanwhile by another client; using it")
+        return SyncedEnvironment(key, path, built=bool(answer.get("built")), mode=mode)
+
+    def _build(
+        self,
+        head: HeadNode,
+        envs: str,
+        key: str,
+        staging: str,
+        mode: str,
+        requirements: list[str],
+        wheels: list[str],
+        uploaded: set[str],
+    ) -> dict[str, Any]:
+        """Upload the wheels (those not uploaded yet) and the spec; run the build on the head node."""
+        wheel_dir = f"{staging}/wheels"
+        todo = [w for w in wheels if w not in uploaded]
+        if todo:
+            size = sum(os.path.getsize(w) for w in todo)
+            self._say(f"uploading {len(todo)} wheel(s), {size / 1e6:.1f} MB")
+            for wheel in todo:
+                head.shell.put(f"{wheel_dir}/{os.path.basename(wheel)}", Path(wheel).read_bytes(), 0o600)
+            uploaded.update(todo)
+        spec = {
+            "mode": mode,
+            "requirements": requirements,
+            "wheel_dir": wheel_dir,
+            "wheels": [os.path.basename(w) for w in wheels],
+            "summary": {
+                "distributions": [d.requirement for d in self.spec.distributions],
+                "add": list(self.spec.add),
+                "client": os.uname().nodename,
+            },
+        }
+        head.shell.put(f"{staging}/spec.json", json.dumps(spec).encode(), 0o600)
+        where = "from the package index" if mode == "index" else "from the uploaded wheels"
+        self._say(f"installing {len(requirements) + len(wheels)} distribution(s) on the head node {where}")
+        answer = head.tool("build", envs, key, f"{staging}/spec.json", timeout=BUILD_TIMEOUT)
+        if answer.get("status") == "venv-failed":
+            raise EnvironmentSyncFailed(
+                f"could not create a venv with {head.python} on {head.shell.description}: "
+                f"{_last_line(answer.get('output', ''))}; install the venv module there (Debian: "
+                "python3-venv) or set python= to an interpreter that has it"
+            )
+        if answer.get("built"):
+            answer["mode"] = mode
+        return answer
+
+    def _local_wheels(self, node: NodePython, here: str) -> list[str]:
+        """Wheels of the distributions installed from a path, editable or from version control."""
+        wheels = []
+        for wanted in self.spec.local:
+            assert wanted.source is not None
+            if wanted.source.endswith(".whl") and os.path.isfile(wanted.source):
+                wheel = wanted.source
+            else:
+                self._say(f"building a wheel of {wanted.name} {wanted.version} from {wanted.source}")
+                wheel = _pip_wheel(wanted, wanted.source, here)
+            if not node.accepts(wheel):
+                raise _cannot_provide(
+                    wanted,
+                    f"its wheel {os.path.basename(wheel)}, built here, does not fit the nodes "
+                    f"({node.python_tag}, {node.platforms()[0]})",
+                )
+            wheels.append(wheel)
+        return wheels
+
+    def _download(self, node: NodePython, here: str) -> list[str]:
+        """Wheels for the nodes' platform and Python of everything an index has; pure-Python wheels
+        built here for distributions that publish no wheel."""
+        target = os.path.join(here, "download")
+        requirements = self.spec.indexed
+        built: list[str] = []
+        by_name = {canonical(d.name): d for d in self.spec.distributions}
+        while requirements:
+            self._say(f"downloading {len(requirements)} wheel(s) for {node.python_tag} {node.platforms()[0]}")
+            argv = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+            argv += ["--disable-pip-version-check", "--no-input", "-d", target]
+            argv += ["--python-version", node.python, "--implementation", node.python_tag[:2]]
+            for platform in node.platforms():
+                argv += ["--platform", platform]
+            done = subprocess.run(argv + requirements, capture_output=True, text=True, check=False)
+            if done.returncode == 0:
+                break
+            output = done.stdout + done.stderr
+            match = _UNSATISFIED.search(output)
+            name = canonical(re.split(r"[=<>!~ \[;]", match.group(1))[0]) if match else ""
+            wanted = by_name.get(name)
+            if wanted is None:
+                raise EnvironmentSyncFailed(
+                    f"could not download wheels for the nodes ({node.python_tag}, {node.platforms()[0]}): "
+                    f"{_last_line(output)}; correct environment_add=, or leave out the distribution it "
+                    "names with environment_exclude="
+                )
+            wheel = _try_pure_wheel(wanted, here)
+            if wheel is None or not node.accepts(wheel):
+                raise _cannot_provide(
+                    wanted,
+                    f"the package index has no wheel of it for the nodes ({node.python_tag}, "
+                    f"{node.platforms()[0]}), the head node could not install it from an index, and "
+                    "it builds no pure-Python wheel here",
+                )
+            built.append(wheel)
+            requirements = [r for r in requirements if r != wanted.requirement]
+        downloaded = sorted(str(p) for p in Path(target).glob("*.whl")) if os.path.isdir(target) else []
+        return downloaded + built
+
+    def _install_failed(self, answer: dict[str, Any]) -> EnvironmentSyncFailed:
+        output = str(answer.get("output", ""))
+        by_name = {canonical(d.name): d for d in self.spec.distributions}
+        for name in re.findall(r"([A-Za-z0-9][A-Za-z0-9._-]*)==", output):
+            if canonical(name) in by_name:
+                return _cannot_provide(
+                    by_name[canonical(name)], "pip on the head node: " + _last_line(output)
+                )
+        return EnvironmentSyncFailed(
+            f"installing the synced environment on the head node failed: {_last_line(output)}; exclude "
+            "the distribution it names with environment_exclude=, or provide it with setup="
+        )
+
+
+def _pip_wheel(wanted: Wanted, source: str, here: str) -> str:
+    """Build a wheel of ``source`` here with pip; its path."""
+    out = tempfile.mkdtemp(prefix="wheel-", dir=here)
+    argv = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check", "--no-input"]
+    done = subprocess.run([*argv, "-w", out, source], capture_output=True, text=True, check=False)
+    wheels = list(Path(out).glob("*.whl"))
+    if done.returncode != 0 or len(wheels) != 1:
+        raise _cannot_provide(
+            wanted, f"building its wheel here failed: {_last_line(done.stdout + done.stderr)}"
+        )
+    return str(wheels[0])
+
+
+def _try_pure_wheel(wanted: Wanted, here: str) -> str | None:
+    """A wheel of an index distribution built here from its source, or None if that fails."""
+    try:
+        return _pip_wheel(wanted, wanted.requirement, here)
+    except EnvironmentSyncFailed:
+        return None
+
+
+def _cannot_provide(wanted: Wanted, cause: str) -> EnvironmentSyncFailed:
+    return EnvironmentSyncFailed(
+        f'environment="sync" cannot provide {wanted.name} {wanted.version} to the nodes: {cause}. '
+        f"Fix: leave it out with environment_exclude=[{wanted.name!r}] (if the nodes' code does not "
+        "need it), or install it on the nodes yourself and make it importable with setup= "
+        "(e.g. setup=['module load ...'] or an export of PYTHONPATH)",
+        distribution=wanted.name,
+        version=wanted.version,
+    )
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("ERROR")]
+    return (errors or lines or ["no output"])[-1]
+
+
+def stderr_progress(progress: bool | None) -> Progress | None:
+    """Progress lines on stderr, as the executor's ``progress`` option says (None: on a terminal)."""
+    if progress is False or (progress is None and not sys.stderr.isatty()):
+        return None
+    return lambda message: print(f"sheepdog-executor: {message}", file=sys.stderr, flush=True)
