@@ -87,10 +87,14 @@ class EnvironmentSpec:
     add: tuple[str, ...] = ()
 
     @classmethod
-    def from_client(cls, add: Iterable[str] = (), exclude: Iterable[str] = ()) -> EnvironmentSpec:
-        """The distributions of this interpreter that provide importable modules."""
+    def from_client(
+        cls, add: Iterable[str] = (), exclude: Iterable[str] = (), path: list[str] | None = None
+    ) -> EnvironmentSpec:
+        """The distributions of this interpreter (on ``path``, default sys.path) that provide
+        importable modules."""
         excluded = {canonical(n) for n in exclude} | NEVER_SYNCED
-        return cls(tuple(d for d in client_distributions() if canonical(d.name) not in excluded), tuple(add))
+        wanted = [d for d in client_distributions(path) if canonical(d.name) not in excluded]
+        return cls(tuple(wanted), tuple(add))
 
     def key(self, node: NodePython) -> str:
         """The environment's name on the cluster: a hash of its content and of the nodes' Python."""
@@ -112,10 +116,13 @@ class EnvironmentSpec:
         return [d for d in self.distributions if d.source is not None]
 
 
-def client_distributions() -> list[Wanted]:
+def client_distributions(path: list[str] | None = None) -> list[Wanted]:
     """Each distribution importable here that provides modules, once (the first on sys.path wins)."""
     found: dict[str, Wanted] = {}
-    for dist in importlib.metadata.distributions():
+    dists = (
+        importlib.metadata.distributions() if path is None else importlib.metadata.distributions(path=path)
+    )
+    for dist in dists:
         name = dist.metadata["Name"]
         if not name or canonical(name) in found or not _provides_modules(dist):
             continue
@@ -338,12 +345,11 @@ class EnvironmentSync:
                 uploaded: set[str] = set()
                 answer = self._build(head, envs, key, staging, "index", self.spec.indexed, wheels, uploaded)
                 if answer["status"] != "ready":
+                    why = _last_line(answer.get("output", ""))
                     self._say(
-                        "the head node could not install from a package index ("
-                        + _last_line(answer.get("output", ""))
-                        + "); downloading wheels here for the nodes"
+                        f"the head node could not install from a package index ({why}); downloading here"
                     )
-                    wheels += self._download(node, here)
+                    wheels += self._download(node, here, why)
                     answer = self._build(head, envs, key, staging, "wheels", [], wheels, uploaded)
                     if answer["status"] != "ready":
                         raise self._install_failed(answer)
@@ -420,7 +426,7 @@ class EnvironmentSync:
             wheels.append(wheel)
         return wheels
 
-    def _download(self, node: NodePython, here: str) -> list[str]:
+    def _download(self, node: NodePython, here: str, head_failure: str) -> list[str]:
         """Wheels for the nodes' platform and Python of everything an index has; pure-Python wheels
         built here for distributions that publish no wheel."""
         target = os.path.join(here, "download")
@@ -452,8 +458,8 @@ class EnvironmentSync:
                 raise _cannot_provide(
                     wanted,
                     f"the package index has no wheel of it for the nodes ({node.python_tag}, "
-                    f"{node.platforms()[0]}), the head node could not install it from an index, and "
-                    "it builds no pure-Python wheel here",
+                    f"{node.platforms()[0]}), the head node could not install it from an index "
+                    f"({head_failure}), and it builds no pure-Python wheel here",
                 )
             built.append(wheel)
             requirements = [r for r in requirements if r != wanted.requirement]

@@ -1,0 +1,216 @@
+"""environment="sync": the nodes get the client's packages.
+
+Unit tests of what is synced and how wheels are chosen, then the real thing on the cell (whose nodes
+have neither dask, numpy nor the test's own package): a client venv made here, an environment built
+on the cell from the index, again through the upload path with the head node's index unreachable, the
+error for a distribution nobody can provide, and two builders at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import ssh
+
+from sheepdog_executor.environment import (
+    EnvironmentSpec,
+    EnvironmentSync,
+    HeadNode,
+    NodePython,
+    SyncedEnvironment,
+    Wanted,
+    client_distributions,
+    missing_module_hint,
+)
+from sheepdog_executor.errors import ConfigurationError
+from sheepdog_executor.shell import SSHShell, SSHTarget
+
+REPO = Path(__file__).resolve().parent.parent
+NODE = NodePython("3.11.2", "cpython", "/usr/bin/python3", "linux-x86_64", "x86_64", ("glibc", "2.36"))
+
+
+# -- unit tests ----------------------------------------------------------------------------------
+def test_platforms_of_a_glibc_node_and_the_wheels_it_accepts() -> None:
+    platforms = NODE.platforms()
+    assert platforms[0] == "manylinux_2_36_x86_64"
+    assert {"manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux1_x86_64"} <= set(platforms)
+    assert platforms[-1] == "linux_x86_64"
+    assert NODE.accepts("numpy-1.26.4-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl")
+    assert NODE.accepts("six-1.17.0-py2.py3-none-any.whl")
+    assert NODE.accepts("cryptography-42.0.5-cp39-abi3-manylinux_2_28_x86_64.whl")
+    assert not NODE.accepts("numpy-1.26.4-cp312-cp312-manylinux_2_17_x86_64.whl")
+    assert not NODE.accepts("numpy-1.26.4-cp311-cp311-macosx_11_0_arm64.whl")
+    assert not NODE.accepts("numpy-1.26.4-cp311-cp311-manylinux_2_39_x86_64.whl")
+
+
+def _dist(site: Path, name: str, files: list[str], direct_url: dict[str, object] | None = None) -> None:
+    info = site / f"{name}-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    (info / "RECORD").write_text("".join(f"{f},,\n" for f in files))
+    if direct_url is not None:
+        (info / "direct_url.json").write_text(json.dumps(direct_url))
+
+
+def test_what_is_synced_and_the_key(tmp_path: Path) -> None:
+    site, project = tmp_path / "site", tmp_path / "project"
+    (project / "mine").mkdir(parents=True)
+    (project / "mine" / "__init__.py").write_text("X = 1\n")
+    _dist(site, "plain", ["plain/__init__.py"])
+    _dist(site, "no-modules", ["../../bin/tool"])
+    _dist(
+        site,
+        "mine",
+        ["__editable__.mine-1.0.pth"],
+        {"url": f"file://{project}", "dir_info": {"editable": True}},
+    )
+    wanted = {w.name: w for w in client_distributions([str(site)])}
+    assert set(wanted) == {"plain", "mine"}
+    assert wanted["plain"].source is None and wanted["mine"].source == str(project)
+    spec = EnvironmentSpec.from_client(exclude=["Plain"], path=[str(site)])
+    assert [w.name for w in spec.distributions] == ["mine"]
+    key = spec.key(NODE)
+    assert EnvironmentSpec.from_client(exclude=["plain"], path=[str(site)]).key(NODE) == key
+    os.utime(project / "mine" / "__init__.py", ns=(1, 1))  # the project changed: a new environment
+    assert EnvironmentSpec.from_client(exclude=["plain"], path=[str(site)]).key(NODE) != key
+
+
+def test_options() -> None:
+    assert EnvironmentSync.from_options(None) is None
+    with pytest.raises(ConfigurationError, match='environment="sync"'):
+        EnvironmentSync.from_options("conda")
+    with pytest.raises(ConfigurationError, match='need environment="sync"'):
+        EnvironmentSync.from_options(None, exclude=["numpy"])
+
+
+def test_missing_module_hint() -> None:
+    hint = missing_module_hint(ModuleNotFoundError("No module named 'pytest'", name="pytest"))
+    assert hint is not None and 'environment="sync"' in hint and "pytest" in hint
+    assert missing_module_hint(ModuleNotFoundError("No module named 'nope_xyz'", name="nope_xyz")) is None
+    assert missing_module_hint(ValueError("pytest")) is None
+
+
+# -- on the cell ---------------------------------------------------------------------------------
+PINNED = ["dask", "numpy", "cloudpickle", "tornado", "paramiko", "cryptography"]
+PACKAGE = {
+    "pyproject.toml": '[build-system]\nrequires = ["setuptools>=61"]\n'
+    'build-backend = "setuptools.build_meta"\n[project]\nname = "sdenvpkg"\nversion = "0.1.0"\n',
+    "sdenvpkg/__init__.py": '"""The test\'s own package, installed editable in the client venv."""\n\n\n'
+    "def triple(x: int) -> int:\n    return 3 * x\n",
+}
+
+
+@pytest.fixture(scope="session")
+def client_venv() -> Path:
+    """A venv of this machine's Python with dask, numpy and the editable package ``sdenvpkg``; made
+    once per content in ~/.cache/sheepdog-tests and reused by later runs."""
+    import importlib.metadata
+
+    pins = [f"{n}=={importlib.metadata.version(n)}" for n in PINNED]
+    stamp = hashlib.sha256(json.dumps([sys.version, pins, PACKAGE]).encode()).hexdigest()[:12]
+    cache = Path("~/.cache/sheepdog-tests").expanduser()
+    venv, project = cache / f"client-venv-{stamp}", cache / f"sdenvpkg-{stamp}"
+    if (venv / "ready").exists():
+        return venv
+    for name, text in PACKAGE.items():
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text(text)
+    tmp = cache / f".client-venv-{stamp}-{os.getpid()}"
+    subprocess.run([sys.executable, "-m", "venv", str(tmp)], check=True, timeout=120)
+    pip = [str(tmp / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, *pins], check=True, timeout=600)
+    subprocess.run([*pip, "-e", str(project)], check=True, timeout=300)
+    (tmp / "ready").write_text("")
+    os.rename(tmp, venv)
+    return venv
+
+
+@pytest.fixture(scope="session")
+def env_root(cell: str) -> Iterator[str]:
+    """A session root of its own on the cell for this test session, so environments are built anew."""
+    home = ssh('printf %s "$HOME"').stdout.strip()
+    root = f"{home}/.sheepdog-test-env-{os.getpid()}-{int(time.time())}"
+    yield root
+    ssh(f"rm -rf {shlex.quote(root)}")
+
+
+def _client(venv: Path, cell: str, root: str, scenario: str) -> dict[str, object]:
+    done = subprocess.run(
+        [str(venv / "bin" / "python"), str(REPO / "tests" / "env_client.py"), cell, root, scenario],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _check_synced(result: dict[str, object], mode: str) -> None:
+    first, second, node = result["first"], result["second"], result["node"]
+    assert isinstance(first, dict) and isinstance(second, dict) and isinstance(node, dict)
+    assert (first["built"], first["mode"]) == (True, mode)
+    assert result["total"] == sum(range(1000))
+    assert result["mapped"] == [0, 3, 6, 9, 12] and result["again"] == 21
+    # the nodes imported dask and numpy at the client's versions, and the package, from the environment
+    assert {k: node[k] for k in ("dask", "numpy")} == result["client"]
+    assert node["python"] == first["path"] + "/bin/python"
+    assert str(node["sdenvpkg"]).startswith(first["path"] + "/lib/")
+    assert (second["built"], second["path"]) == (False, first["path"])
+    print(f"\nsync via {mode}: first start {first['start']:.1f} s, reusing start {second['start']:.2f} s")
+
+
+@pytest.mark.cluster
+def test_sync_from_the_index(client_venv: Path, cell: str, env_root: str) -> None:
+    _check_synced(_client(client_venv, cell, f"{env_root}/online", "run"), "index")
+
+
+@pytest.mark.cluster
+def test_sync_through_the_upload_path(client_venv: Path, cell: str, env_root: str) -> None:
+    _check_synced(_client(client_venv, cell, f"{env_root}/offline", "offline"), "wheels")
+
+
+@pytest.mark.cluster
+def test_a_distribution_nobody_can_provide(client_venv: Path, cell: str, env_root: str) -> None:
+    result = _client(client_venv, cell, f"{env_root}/online", "unprovidable")
+    assert result["type"] == "EnvironmentSyncFailed"
+    error = str(result["error"])
+    assert "cannot provide sheepdog-no-such-dist 1.0" in error
+    assert "environment_exclude=['sheepdog-no-such-dist']" in error and "setup=" in error
+
+
+@pytest.mark.cluster
+def test_two_builders_at_once_build_one_environment(cell: str, env_root: str) -> None:
+    spec = EnvironmentSpec((Wanted("six", "1.17.0"),))
+    results: list[SyncedEnvironment | BaseException] = []
+
+    def build() -> None:
+        shell = SSHShell(SSHTarget.resolve(cell))
+        try:
+            results.append(EnvironmentSync(spec).prepare(HeadNode(shell, [], "python3"), f"{env_root}/race"))
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            results.append(exc)
+        finally:
+            shell.close()
+
+    threads = [threading.Thread(target=build) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert all(isinstance(r, SyncedEnvironment) for r in results), results
+    assert sorted(r.built for r in results if isinstance(r, SyncedEnvironment)) == [False, True]
+    listing = ssh(f"ls -A {shlex.quote(env_root)}/race/envs").stdout.split()
+    assert [n for n in listing if not n.endswith(".lock")] == [results[0].key]  # type: ignore[union-attr]
