@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from sheepdog_executor.config import config_path, env_name, environment_options, resolve_options
+from sheepdog_executor.environment import HeadNode
 from sheepdog_executor.errors import (
     ConfigurationError,
     ConnectionFailed,
@@ -86,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         explicit = {"python": args.python, "callback_address": args.callback_address}
         return Doctor(args.host, {k: v for k, v in explicit.items() if v is not None}, args.timeout).run()
     if args.command == "cleanup":
-        return cleanup(args.host, dry_run=args.dry_run, force=args.force)
+        return cleanup(args.host, dry_run=args.dry_run, force=args.force, envs=args.envs)
     parser.print_help()
     return 2
 
@@ -128,6 +129,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also remove sessions whose client cannot be checked (never those known to be alive)",
     )
+    clean.add_argument(
+        "--envs",
+        action="store_true",
+        help='also remove the environments of environment="sync" (rebuilt when next needed)',
+    )
     return parser
 
 
@@ -146,11 +152,13 @@ def _connect(host: str, options: Mapping[str, Any]) -> SSHShell:
     return SSHShell(SSHTarget.resolve(host, **arguments))
 
 
-def _scheduler(shell: Shell, options: Mapping[str, Any], job_options: JobOptions) -> GridEngineScheduler:
+def _command_setup(options: Mapping[str, Any]) -> list[str]:
     command_setup = options.get("command_setup", ())
-    return GridEngineScheduler(
-        shell, job_options, [command_setup] if isinstance(command_setup, str) else command_setup
-    )
+    return [command_setup] if isinstance(command_setup, str) else list(command_setup)
+
+
+def _scheduler(shell: Shell, options: Mapping[str, Any], job_options: JobOptions) -> GridEngineScheduler:
+    return GridEngineScheduler(shell, job_options, _command_setup(options))
 
 
 def _job_options(options: Mapping[str, Any]) -> JobOptions:
@@ -507,7 +515,9 @@ class SessionDir:
     old: bool
 
 
-def cleanup(host: str, *, dry_run: bool = False, force: bool = False, out: TextIO | None = None) -> int:
+def cleanup(
+    host: str, *, dry_run: bool = False, force: bool = False, envs: bool = False, out: TextIO | None = None
+) -> int:
     """Remove what clients that died left on ``host``; return the exit status."""
     out = out or sys.stdout
     try:
@@ -544,12 +554,35 @@ def cleanup(host: str, *, dry_run: bool = False, force: bool = False, out: TextI
             f"session(s), under {root} on {host}",
             file=out,
         )
+        job_options = _job_options(options)
+        head = HeadNode(shell, [*_command_setup(options), *job_options.setup], job_options.python)
+        clean_environments(head, f"{root}/envs", remove=envs, dry_run=dry_run, out=out)
         return 0
     except SheepdogError as exc:
         print(f"error: {exc}", file=out)
         return 1
     finally:
         shell.close()
+
+
+def clean_environments(head: HeadNode, envs: str, *, remove: bool, dry_run: bool, out: TextIO) -> None:
+    """List the synced environments under ``envs``; with ``remove``, remove them (not one being built)."""
+    listed = head.tool("list", envs, timeout=60).get("envs", [])
+    for env in listed:
+        summary = env.get("summary", {})
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(summary.get("created", 0)))
+        count = len(summary.get("distributions", []))
+        client = summary.get("client", "?")
+        what = f"environment {env['name']}: {count} distributions, built {when} from {client}"
+        print(what + ("" if remove else "; kept (--envs removes it)"), file=out)
+    names = [env["name"] for env in listed]
+    if remove and names and not dry_run:
+        answer = head.tool("remove", envs, *names, timeout=600)
+        for name in answer.get("busy", []):
+            print(f"kept environment {name}: it is being built", file=out)
+        names = list(answer.get("removed", []))
+    verb = ("would remove" if dry_run else "removed") if remove else "listed"
+    print(f"{verb} {len(names)} environment(s) under {envs}", file=out)
 
 
 def find_left_jobs(scheduler: GridEngineScheduler, root: str) -> list[LeftJob]:

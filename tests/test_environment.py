@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 from conftest import ssh
 
+from sheepdog_executor.cli import main
+from sheepdog_executor.config import CONFIG_ENV
 from sheepdog_executor.environment import (
     EnvironmentSpec,
     EnvironmentSync,
@@ -214,3 +216,49 @@ def test_two_builders_at_once_build_one_environment(cell: str, env_root: str) ->
     assert sorted(r.built for r in results if isinstance(r, SyncedEnvironment)) == [False, True]
     listing = ssh(f"ls -A {shlex.quote(env_root)}/race/envs").stdout.split()
     assert [n for n in listing if not n.endswith(".lock")] == [results[0].key]  # type: ignore[union-attr]
+
+
+@pytest.mark.cluster
+def test_cleanup_lists_and_removes_environments(
+    cell: str,
+    env_root: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    root = f"{env_root}/cleanup"
+    shell = SSHShell(SSHTarget.resolve(cell))
+    try:
+        synced = EnvironmentSync(EnvironmentSpec((Wanted("six", "1.17.0"),))).prepare(
+            HeadNode(shell, [], "python3"), root
+        )
+    finally:
+        shell.close()
+    (tmp_path / "config.toml").write_text("")
+    monkeypatch.setenv(CONFIG_ENV, str(tmp_path / "config.toml"))
+    monkeypatch.setenv("SHEEPDOG_SESSION_ROOT", root)
+
+    assert main(["cleanup", cell]) == 0
+    out = capsys.readouterr().out
+    assert f"environment {synced.key}: 1 distributions, built " in out and "--envs removes it" in out
+    assert ssh(f"test -x {synced.python}").returncode == 0
+
+    assert main(["cleanup", cell, "--envs"]) == 0
+    assert f"removed 1 environment(s) under {root}/envs" in capsys.readouterr().out
+    assert ssh(f"test -e {synced.path}").returncode == 1
+
+
+def test_a_missing_module_on_the_nodes_mentions_sync() -> None:
+    """The note reaches the exception the Future raises (dispatch adds it to remote errors)."""
+    from concurrent.futures import Future
+
+    import cloudpickle
+
+    from sheepdog_executor.dispatch import _resolve
+
+    future: Future[object] = Future()
+    error = ModuleNotFoundError("No module named 'pytest'", name="pytest")
+    _resolve(future, False, cloudpickle.dumps((error, "Traceback ...\nModuleNotFoundError\n")), "", False)
+    with pytest.raises(ModuleNotFoundError) as raised:
+        future.result()
+    assert any('environment="sync"' in note for note in raised.value.__notes__)
