@@ -32,7 +32,6 @@ from sheepdog_executor.environment import (
     SyncedEnvironment,
     Wanted,
     client_distributions,
-    missing_module_hint,
 )
 from sheepdog_executor.errors import ConfigurationError
 from sheepdog_executor.shell import SSHShell, SSHTarget
@@ -93,13 +92,6 @@ def test_options() -> None:
         EnvironmentSync.from_options("conda")
     with pytest.raises(ConfigurationError, match='need environment="sync"'):
         EnvironmentSync.from_options(None, exclude=["numpy"])
-
-
-def test_missing_module_hint() -> None:
-    hint = missing_module_hint(ModuleNotFoundError("No module named 'pytest'", name="pytest"))
-    assert hint is not None and 'environment="sync"' in hint and "pytest" in hint
-    assert missing_module_hint(ModuleNotFoundError("No module named 'nope_xyz'", name="nope_xyz")) is None
-    assert missing_module_hint(ValueError("pytest")) is None
 
 
 # -- on the cell ---------------------------------------------------------------------------------
@@ -246,19 +238,3 @@ def test_cleanup_lists_and_removes_environments(
     assert main(["cleanup", cell, "--envs"]) == 0
     assert f"removed 1 environment(s) under {root}/envs" in capsys.readouterr().out
     assert ssh(f"test -e {synced.path}").returncode == 1
-
-
-def test_a_missing_module_on_the_nodes_mentions_sync() -> None:
-    """The note reaches the exception the Future raises (dispatch adds it to remote errors)."""
-    from concurrent.futures import Future
-
-    import cloudpickle
-
-    from sheepdog_executor.dispatch import _resolve
-
-    future: Future[object] = Future()
-    error = ModuleNotFoundError("No module named 'pytest'", name="pytest")
-    _resolve(future, False, cloudpickle.dumps((error, "Traceback ...\nModuleNotFoundError\n")), "", False)
-    with pytest.raises(ModuleNotFoundError) as raised:
-        future.result()
-    assert any('environment="sync"' in note for note in raised.value.__notes__)
