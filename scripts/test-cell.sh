@@ -98,6 +98,13 @@ install -d -m 700 -o "$TEST_USER" -g "$TEST_USER" "$home/.ssh"
 grep -qF "$(cut -d' ' -f2 "$KEY.pub")" "$home/.ssh/authorized_keys" 2>/dev/null || cat "$KEY.pub" >> "$home/.ssh/authorized_keys"
 chown "$TEST_USER:$TEST_USER" "$home/.ssh/authorized_keys"; chmod 600 "$home/.ssh/authorized_keys"
 
+# --- a second user, for tests of what another user of the head node can do (never logs in) ------
+OTHER_USER=${SHEEPDOG_TEST_OTHER_USER:-sdother}
+if ! id "$OTHER_USER" >/dev/null 2>&1; then
+  log "creating user $OTHER_USER"
+  useradd -m -s /bin/bash "$OTHER_USER"
+fi
+
 # --- sshd on loopback ------------------------------------------------------------------------
 cat > "$STATE_DIR/sshd_config" <<CFG
 Port $SSH_PORT

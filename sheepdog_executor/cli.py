@@ -179,12 +179,14 @@ def executor_default(option: str) -> Any:
 
 
 def _session_root(shell: Shell, options: Mapping[str, Any]) -> str:
-    """The session root on the head node with ``~`` expanded, as the executor expands it."""
+    """The session root on the head node with ``~`` expanded and symbolic links resolved, as the
+    executor names its session directories."""
     root = str(options.get("session_root", executor_default("session_root")))
     if root.startswith("~"):
         home = shell.run('printf %s "$HOME"', timeout=30).stdout.strip() or "."
         root = root.replace("~", home, 1)
-    return root.rstrip("/") or "/"
+    resolved = shell.run(f"cd -P -- {shlex.quote(root)} 2>/dev/null && pwd", timeout=30).stdout.strip()
+    return resolved or root.rstrip("/") or "/"
 
 
 def _indent(text: str) -> str:

@@ -8,6 +8,7 @@ executor that is garbage-collected or still open at interpreter exit still remov
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import logging
 import os
@@ -32,6 +33,7 @@ from sheepdog_executor.jobs import JobManager
 from sheepdog_executor.jobscript import JobOptions, WorkerLaunch
 from sheepdog_executor.scheduler import GridEngineScheduler, LocalScheduler, Scheduler
 from sheepdog_executor.server import Endpoint
+from sheepdog_executor.sessiondir import make_session_dir, prepare_root
 from sheepdog_executor.shell import LocalShell, Shell, SSHShell, SSHTarget
 from sheepdog_executor.status import StatusPage
 from sheepdog_executor.tls import make_certificate
@@ -92,8 +94,8 @@ class Session:
         self.dispatcher.on_change = self._changed
         secret = secrets.token_hex(32).encode()
         scheduler.prepare()
-        home = shell.run('printf %s "$HOME"').stdout.strip() or "."
-        root = session_root.replace("~", home, 1) if session_root.startswith("~") else session_root
+        # refused if another user could replace it (canonical path, created 0700 if missing)
+        root = prepare_root(shell, session_root)
         #: The synced environment the nodes run (``environment="sync"``), else None.
         self.environment: SyncedEnvironment | None = None
         if environment is not None:
@@ -101,10 +103,12 @@ class Session:
             head = HeadNode(shell, [*scheduler.command_setup, *options.setup], options.python)
             self.environment = environment.prepare(head, root)
             scheduler.options = dataclasses.replace(options, python=self.environment.python)
-        self.session_dir = f"{root}/{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
+        # a new 0700 directory of the user's, or an error
+        self.session_dir = make_session_dir(shell, root)
         try:
             shell.put(f"{self.session_dir}/secret", secret, 0o600)
-            shell.put(f"{self.session_dir}/bundle.zip", worker_bundle(), 0o600)
+            bundle = worker_bundle()
+            shell.put(f"{self.session_dir}/bundle.zip", bundle, 0o600)
             # how workers reach us (direct or SSH tunnel); with tls, a certificate they pin by its
             # fingerprint, which goes on their command line: it is not secret, only the secret file is
             route = choose_route(shell, callback, callback_address or shell.callback_address(), callback_port)
@@ -128,6 +132,7 @@ class Session:
                 self.session_dir,
                 f"{self.endpoint.scheme}://{host}:{port}",
                 certificate.fingerprint if certificate else None,
+                bundle_sha256=hashlib.sha256(bundle).hexdigest(),  # the task checks it before running it
             )
             # the client's address, so that `sheepdog-executor cleanup` can tell a live client from a dead one
             shell.put(f"{self.session_dir}/endpoint", f"{self.launch.url}\n".encode(), 0o600)

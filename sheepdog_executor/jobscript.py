@@ -77,6 +77,8 @@ class WorkerLaunch:
     session_dir: str
     url: str
     fingerprint: str | None = None
+    #: SHA-256 (hex) of the bundle the client wrote; the task refuses to run any other.
+    bundle_sha256: str | None = None
 
     @property
     def bundle_path(self) -> str:
@@ -91,12 +93,30 @@ class WorkerLaunch:
         return f"{self.session_dir}/task-{job_id}-{task_id}.{stream}"
 
 
+#: Exit status of a task whose bundle is not the client's (never 99 or 100: Grid Engine requeues or
+#: holds a job that exits with those).
+BUNDLE_MISMATCH_EXIT = 3
+
+
 def worker_command(options: JobOptions, launch: WorkerLaunch) -> str:
-    """The shell command that starts one worker."""
+    """The shell lines that check the worker bundle (when its digest is known) and start one worker."""
     argv = [options.python, launch.bundle_path, launch.url, launch.secret_path]
     if launch.fingerprint:
         argv.append(launch.fingerprint)
-    return "exec " + " ".join(shlex.quote(a) for a in argv)
+    start = "exec " + " ".join(shlex.quote(a) for a in argv)
+    if not launch.bundle_sha256:
+        return start
+    bundle = shlex.quote(launch.bundle_path)
+    message = (
+        "sheepdog: the worker bundle %s is not the one this client wrote (SHA-256 %s, expected %s): "
+        "refusing to run it\\n"
+    )
+    check = (
+        f"d=$( (sha256sum {bundle} || shasum -a 256 {bundle}) 2>/dev/null | cut -c1-64)\n"
+        f'[ "$d" = {launch.bundle_sha256} ] || {{ printf {shlex.quote(message)} {bundle} "${{d:-unknown}}" '
+        f"{launch.bundle_sha256} >&2; exit {BUNDLE_MISMATCH_EXIT}; }}"
+    )
+    return check + "\n" + start
 
 
 def render_gridengine(options: JobOptions, launch: WorkerLaunch, tasks: int) -> str:

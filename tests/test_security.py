@@ -6,17 +6,22 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import io
 import logging
 import os
 import pickle
+import pwd
 import shlex
+import shutil
 import socket
 import ssl
+import subprocess
 import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +31,7 @@ from conftest import ssh
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sheepdog_executor import GridEngineExecutor, server
+from sheepdog_executor import ConfigurationError, GridEngineExecutor, WorkerStartFailed, server
 from sheepdog_executor.remote import protocol, worker
 
 pytestmark = pytest.mark.cluster
@@ -542,6 +547,75 @@ def test_secret_never_in_argv_qstat_environment_or_spool(
     modes = ssh(f"stat -c '%a %U' {shlex.quote(session)} {shlex.quote(session)}/secret").stdout.split("\n")
     assert modes[0].split()[0] == "700" and modes[1].split()[0] == "600", modes
     assert [future.result(timeout=120) for future in futures] == [0, 1]
+
+
+# -- a shared session root ----------------------------------------------------------------------
+
+OTHER_USER = os.environ.get("SHEEPDOG_TEST_OTHER_USER", "sdother")
+
+
+@pytest.fixture
+def shared_tmp(cell: str) -> Iterator[Path]:
+    """A directory of this test under /tmp on the head node (this machine; made here as root)."""
+    try:
+        other = pwd.getpwnam(OTHER_USER)
+    except KeyError:
+        pytest.fail(f"no user {OTHER_USER}: run scripts/test-cell.sh as root")
+    me = pwd.getpwnam(ssh("id -un").stdout.strip())
+    base = Path(f"/tmp/sdsec-{uuid.uuid4().hex[:8]}")
+    base.mkdir(mode=0o755)
+    base.chmod(0o755)
+    for name, owner, mode in (("shared", other, 0o1777), ("open", me, 0o777), ("mine", me, 0o700)):
+        (base / name).mkdir()
+        os.chown(base / name, owner.pw_uid, owner.pw_gid)
+        (base / name).chmod(mode)
+    # the user's own 0700 directory, but inside the other user's 1777 one: they may rename it
+    (base / "shared" / "mine").mkdir()
+    os.chown(base / "shared" / "mine", me.pw_uid, me.pw_gid)
+    (base / "shared" / "mine").chmod(0o700)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_session_root_another_user_could_change_is_refused(cell: str, shared_tmp: Path) -> None:
+    for root, why in (
+        (shared_tmp / "shared", r"is owned by uid \d+, not by you"),  # another user's 1777 directory
+        (shared_tmp / "open", r"is writable by group or others \(mode 777\)"),
+        (shared_tmp / "shared" / "mine", r"shared, which contains it, is owned by uid \d+, neither you"),
+    ):
+        with pytest.raises(ConfigurationError, match=why) as info:
+            GridEngineExecutor(host=cell, session_root=str(root))
+        assert str(root) in str(info.value) and "chmod go-w" in str(info.value)
+        assert [p.name for p in root.iterdir()] == (["mine"] if root.name == "shared" else [])  # nothing made
+    # the user's own 0700 directory under a root-owned one is fine
+    with GridEngineExecutor(host=cell, session_root=str(shared_tmp / "mine"), max_workers=1) as executor:
+        assert executor.session_dir.startswith(f"{shared_tmp}/mine/")
+        assert executor.submit(square, 7).result(timeout=120) == 49
+
+
+def test_a_bundle_changed_after_the_client_wrote_it_is_not_run(
+    make_executor: Callable[..., GridEngineExecutor], cell: str
+) -> None:
+    executor = make_executor(max_workers=1, qsub_args=["-h"])
+    future = executor.submit(square, 5)
+    job = wait_for(lambda: executor.job_ids, what="the held job")[0]
+    session = executor.session_dir
+    evil = io.BytesIO()
+    with zipfile.ZipFile(evil, "w") as archive:
+        archive.writestr("__main__.py", f"open({f'{session}/pwned'!r}, 'w').close()\n")
+    replaced = subprocess.run(
+        ["ssh", "-o", "BatchMode=yes", cell, f"cat > {shlex.quote(session)}/bundle.zip"],
+        input=evil.getvalue(),
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert replaced.returncode == 0, replaced.stderr
+    assert ssh(f"qrls {job}").returncode == 0
+    with pytest.raises(WorkerStartFailed, match="is not the one this client wrote") as info:
+        future.result(timeout=120)
+    assert "refusing to run it" in str(info.value)
+    assert ssh(f"test -e {shlex.quote(session)}/pwned").returncode == 1, "the tampered bundle ran"
 
 
 # -- TLS ----------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from sheepdog_executor.jobscript import JobOptions, WorkerLaunch, render_grideng
 from sheepdog_executor.remote import protocol
 from sheepdog_executor.scheduler.base import TaskState
 from sheepdog_executor.scheduler.gridengine import GridEngineScheduler, parse_qacct, parse_qstat_xml
+from sheepdog_executor.sessiondir import unsafe_part
 from sheepdog_executor.shell import Completed, Shell
 
 SECRET = b"s" * 64
@@ -310,3 +311,23 @@ def test_a_tab_in_a_setup_line_is_indentation_not_an_injection() -> None:
     assert "\techo ok\n" in render_gridengine(options, WorkerLaunch("/s", "http://h:1"), 1)
     with pytest.raises(ConfigurationError, match="^job_name="):
         JobOptions(job_name="a\tb")
+
+
+def test_session_root_must_be_the_users_and_its_ancestors_the_users_or_roots() -> None:
+    """As OpenSSH's StrictModes: (owner, mode) of the root, then of each directory above it."""
+    me, other = 1001, 1002
+    assert unsafe_part(me, "/home/u/.s", [(me, 0o700), (me, 0o755), (0, 0o755), (0, 0o755)]) is None
+    assert unsafe_part(me, "/tmp/mine", [(me, 0o700), (0, 0o1777), (0, 0o755)]) is None  # sticky /tmp
+    for modes, why in (
+        ([(other, 0o1777), (0, 0o1777), (0, 0o755)], "/tmp/mine is owned by uid 1002, not by you (uid 1001)"),
+        ([(me, 0o777), (0, 0o1777), (0, 0o755)], "/tmp/mine is writable by group or others (mode 777)"),
+        ([(me, 0o770), (0, 0o1777), (0, 0o755)], "/tmp/mine is writable by group or others (mode 770)"),
+    ):
+        assert unsafe_part(me, "/tmp/mine", modes) == why
+    # a directory above it that another user owns, or that others may write and is not sticky
+    assert "/tmp, which contains it, is owned by uid 1002" in str(
+        unsafe_part(me, "/tmp/mine", [(me, 0o700), (other, 0o1777), (0, 0o755)])
+    )
+    assert "/home/u, which contains it, is writable by group or others (mode 777) and not sticky" in str(
+        unsafe_part(me, "/home/u/.s", [(me, 0o700), (me, 0o777), (0, 0o755), (0, 0o755)])
+    )
