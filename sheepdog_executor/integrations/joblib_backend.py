@@ -238,8 +238,11 @@ class GridEngineBackend(AutoBatchingMixin, ParallelBackendBase):
             if self._executor is None:
                 options = {**self._options, "max_workers": self._workers}
                 reused = _reusable.take(_options_key(options)) if self._reuse else None
-                if reused is not None and reused.status().get("workers"):
-                    self._warm_since = time.time()  # its batches need not wait for a cold start
+                if reused is not None:
+                    workers = len(reused.status().get("workers") or ())
+                    log.debug("joblib: reusing the executor of jobs %s (%d workers)", reused.job_ids, workers)
+                    if workers:
+                        self._warm_since = time.time()  # its batches need not wait for a cold start
                 self._executor = reused or GridEngineExecutor(**options)
             return self._executor
 
