@@ -23,6 +23,7 @@ command -v ssh-keyscan >/dev/null || need+=(openssh-client)
 command -v ss >/dev/null || need+=(iproute2)
 [ -x /usr/bin/python3 ] || need+=(python3)
 /usr/bin/python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)  # tests install dask for the nodes
+[ -f /etc/profile.d/modules.sh ] || need+=(environment-modules)  # `module load` in setup= lines
 if [ ${#need[@]} -gt 0 ]; then
   log "installing ${need[*]}"
   apt-get update -qq
@@ -84,6 +85,16 @@ if ! listening 6445; then
   /etc/init.d/gridengine-exec start >/dev/null 2>&1 || true
   wait_port 6445 || { echo "sge_execd did not start" >&2; exit 1; }
 fi
+
+# --- what set-up lines use in tests/test_setup_lines.py ----------------------------------------
+# Environment Modules (a login shell's /etc/profile.d/modules.sh defines `module`) with a module
+# that puts a Python on PATH: a venv of the system python3, so its sys.prefix tells it apart.
+[ -x /opt/sheepdog-test-python/bin/python3 ] || /usr/bin/python3 -m venv --without-pip /opt/sheepdog-test-python
+cat > /etc/environment-modules/modules/sheepdog-python <<'MODULE'
+#%Module1.0
+## The test cell's Python (tests/test_setup_lines.py): `module load sheepdog-python`
+prepend-path PATH /opt/sheepdog-test-python/bin
+MODULE
 
 # --- test user and key -----------------------------------------------------------------------
 if ! id "$TEST_USER" >/dev/null 2>&1; then

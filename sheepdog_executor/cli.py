@@ -37,7 +37,7 @@ from sheepdog_executor.errors import (
     UnknownHostKey,
     WorkerStartFailed,
 )
-from sheepdog_executor.jobscript import JobOptions, WorkerLaunch
+from sheepdog_executor.jobscript import JobOptions, WorkerLaunch, with_setup
 from sheepdog_executor.scheduler import GridEngineScheduler, TaskState
 from sheepdog_executor.shell import Shell, SSHShell, SSHTarget
 
@@ -47,6 +47,7 @@ ENDPOINT_RECORD = "endpoint"
 DOCTOR_LEFTOVER_MINUTES = 10
 #: Options that shape the job script (the rest are SSH or executor options).
 JOB_OPTION_NAMES = (
+    "setup_shell",
     "queue",
     "resources",
     "parallel_environment",
@@ -391,7 +392,7 @@ class Doctor:
         """(version, why not) of the interpreter on the head node, after the set-up lines."""
         assert self.shell is not None
         command = f"{shlex.quote(self.job_options.python)} -c {shlex.quote(_VERSION_SNIPPET)}"
-        done = self.shell.run("\n".join([*self.job_options.setup, command]), timeout=60)
+        done = self.shell.run(with_setup(self.job_options, command), timeout=60)
         lines = done.stdout.strip().splitlines()
         if done.returncode == 0 and lines and re.fullmatch(r"\d+\.\d+\.\d+", lines[-1]):
             return lines[-1], ""

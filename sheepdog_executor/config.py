@@ -76,6 +76,7 @@ OPTIONS: dict[str, Option] = {
     "working_directory": Option(str),
     "qsub_args": Option("args"),
     "setup": Option("lines"),
+    "setup_shell": Option(str),
     "python": Option(str),
     "command_setup": Option("lines"),
     # the executor

@@ -446,6 +446,7 @@ class GridEngineExecutor(ClusterExecutor):
         working_directory: str | None = None,
         qsub_args: Sequence[str] = (),
         setup: Sequence[str] | str = (),
+        setup_shell: str = "/bin/bash -l",
         python: str = "python3",
         command_setup: Sequence[str] | str = (),
         **options: Any,
@@ -459,6 +460,7 @@ class GridEngineExecutor(ClusterExecutor):
             working_directory=working_directory,
             qsub_args=qsub_args,
             setup=setup,
+            setup_shell=setup_shell,
             python=python,
         )
         shell: Shell
@@ -498,11 +500,14 @@ class LocalExecutor(ClusterExecutor):
         *,
         python: str = sys.executable,
         setup: Sequence[str] | str = (),
+        setup_shell: str = "/bin/bash -l",
         working_directory: str | None = None,
         **options: Any,
     ) -> None:
         shell = LocalShell()
-        job_options = _job_options(python=python, setup=setup, working_directory=working_directory)
+        job_options = _job_options(
+            python=python, setup=setup, setup_shell=setup_shell, working_directory=working_directory
+        )
         options.setdefault("callback_address", "127.0.0.1")
         options.setdefault("poll_interval", 0.5)
         super().__init__(
@@ -518,6 +523,8 @@ class LocalExecutor(ClusterExecutor):
 def _job_options(*, setup: Sequence[str] | str = (), slots: int = 1, **fields: Any) -> JobOptions:
     if isinstance(setup, str):
         setup = [setup]
+    if "setup_shell" in fields and not shlex.split(fields["setup_shell"] or ""):
+        raise ConfigurationError("setup_shell must name a shell, e.g. '/bin/bash -l' (the default) or 'bash'")
     if slots < 1:
         raise ConfigurationError("slots must be 1 or more")
     if fields.get("parallel_environment") is None and slots != 1:

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from sheepdog_executor.dispatch import Dispatcher, WorkItem
 from sheepdog_executor.errors import (
@@ -23,7 +24,7 @@ from sheepdog_executor.errors import (
     WorkerLost,
     WorkerStartFailed,
 )
-from sheepdog_executor.jobscript import WorkerLaunch
+from sheepdog_executor.jobscript import WorkerLaunch, setup_failure
 from sheepdog_executor.scheduler.base import JobStates, Scheduler, TaskState
 
 log = logging.getLogger("sheepdog_executor")
@@ -222,13 +223,24 @@ class JobManager:
                     job.id,
                     1,
                     retry=False,
-                    make=functools.partial(
-                        WorkerStartFailed,
-                        "the job's workers ended without ever reaching this client: check the interpreter "
-                        "(python=), the set-up lines, and that the nodes can reach "
-                        f"{self.launch.url} (callback_address=)",
-                    ),
+                    make=self._start_failed,
                 )
+
+    def _start_failed(self, **details: Any) -> WorkerStartFailed:
+        """Why a job's workers never reached us: a set-up line the task reported, or the usual suspects."""
+        failed = setup_failure(details.get("stderr_tail", ""))
+        if failed is not None:
+            return WorkerStartFailed(
+                f"set-up line {failed.number} failed with exit status {failed.status}: {failed.line}\n"
+                "so no worker started and no call ran; fix or remove that line (setup=)",
+                **details,
+            )
+        return WorkerStartFailed(
+            "the job's workers ended without ever reaching this client: check the interpreter "
+            "(python=), the set-up lines, and that the nodes can reach "
+            f"{self.launch.url} (callback_address=)",
+            **details,
+        )
 
     def _fail_errored(self, job: Job) -> None:
         reason = self.scheduler.error_reason(job.id)

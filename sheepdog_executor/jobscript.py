@@ -41,6 +41,11 @@ def check_no_control_characters(option: str, value: Any, *, lines: bool = False)
                 f"{option}= contains the control character {found.group()!r} in {text!r}; {fix}"
             )
 
+#: Exit status of a task whose set-up line failed (never 99 or 100: Grid Engine would requeue or
+#: hold the job).
+SETUP_FAILED_EXIT = 97
+_SETUP_FAILED = re.compile(r"^sheepdog: set-up line (\d+) failed with exit status (\d+): (.*)$", re.M)
+
 
 @dataclass(frozen=True)
 class JobOptions:
@@ -56,6 +61,9 @@ class JobOptions:
     qsub_args: Sequence[str] = ()
     #: Shell lines run before the worker: ``module load python``, ``source venv/bin/activate``, ...
     setup: Sequence[str] = ()
+    #: The shell that runs the set-up lines: a login bash by default, so the site's profile
+    #: defines ``module`` (and conda's hook) as in an interactive login.
+    setup_shell: str = "/bin/bash -l"
     #: The Python interpreter on the nodes.
     python: str = "python3"
 
@@ -119,6 +127,50 @@ def worker_command(options: JobOptions, launch: WorkerLaunch) -> str:
     return check + "\n" + start
 
 
+def with_setup(options: JobOptions, command: str) -> str:
+    """``command`` after the set-up lines, for any POSIX ``sh``: the lines run in ``setup_shell``
+    (bash, whatever shell the scheduler starts), one by one and in order; the first that fails (or
+    exits) stops the task with a line on stderr naming it and its exit status (``setup_failure``)."""
+    if not options.setup:
+        return command
+    steps = [
+        "_sheepdog_fail() { trap - EXIT; printf 'sheepdog: set-up line %s failed with exit status %s: "
+        f'%s\\n\' "$_sheepdog_n" "$1" "$_sheepdog_line" >&2; exit {SETUP_FAILED_EXIT}; }}',
+        # a line may `exit` the shell itself: report that too, and never with the status of the line
+        # (99 and 100 mean requeue and error state to Grid Engine)
+        'trap \'_sheepdog_s=$?; [ "$_sheepdog_s" = 0 ] || _sheepdog_fail "$_sheepdog_s"\' EXIT',
+    ]
+    for number, line in enumerate(options.setup, 1):
+        steps.append(f"_sheepdog_n={number} _sheepdog_line={shlex.quote(line)}")
+        steps.append('eval "$_sheepdog_line" || _sheepdog_fail $?')  # in this shell: `source` persists
+    steps.append("trap - EXIT")
+    shell = " ".join(shlex.quote(word) for word in shlex.split(options.setup_shell))
+    return f"exec {shell} -c {shlex.quote(chr(10).join([*steps, command]))}"
+
+
+@dataclass(frozen=True)
+class SetupFailure:
+    """A set-up line that failed, as the task reported it on stderr."""
+
+    number: int
+    status: int
+    line: str
+
+
+def setup_failure(stderr: str) -> SetupFailure | None:
+    """The set-up line a task reported failing in its stderr (the last such report), if any."""
+    found = _SETUP_FAILED.findall(stderr)
+    if not found:
+        return None
+    number, status, line = found[-1]
+    return SetupFailure(int(number), int(status), line)
+
+
+def task_body(options: JobOptions, launch: WorkerLaunch) -> str:
+    """The scheduler-neutral body of a task's script: the set-up lines, then the worker."""
+    return with_setup(options, worker_command(options, launch))
+
+
 def render_gridengine(options: JobOptions, launch: WorkerLaunch, tasks: int) -> str:
     """The script handed to ``qsub`` on stdin for an array job of ``tasks`` workers."""
     q = shlex.quote
@@ -140,6 +192,5 @@ def render_gridengine(options: JobOptions, launch: WorkerLaunch, tasks: int) -> 
         lines.append(f"#$ -pe {q(options.parallel_environment)} {int(options.slots)}")
     if options.qsub_args:
         lines.append("#$ " + " ".join(q(a) for a in options.qsub_args))
-    lines += list(options.setup)
-    lines.append(worker_command(options, launch))
+    lines.append(task_body(options, launch))
     return "\n".join(lines) + "\n"

@@ -76,9 +76,11 @@ def test_job_script_has_options_and_no_secret() -> None:
         "module load python/3.11",
     ):
         assert line in script
+    # the set-up lines and the worker run in a login bash, whatever shell Grid Engine starts
+    assert "\nexec /bin/bash -l -c '" in script
     assert script.strip().endswith(
         "exec /opt/py/bin/python3 /home/u/.sheepdog-executor/s1/bundle.zip http://10.0.0.5:4242 "
-        "/home/u/.sheepdog-executor/s1/secret"
+        "/home/u/.sheepdog-executor/s1/secret'"
     )
 
 

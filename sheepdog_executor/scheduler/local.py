@@ -9,7 +9,7 @@ import subprocess
 import threading
 from collections.abc import Collection
 
-from sheepdog_executor.jobscript import WorkerLaunch, worker_command
+from sheepdog_executor.jobscript import WorkerLaunch, task_body
 from sheepdog_executor.scheduler.base import JobStates, Scheduler, TaskState
 
 
@@ -26,7 +26,7 @@ class LocalScheduler(Scheduler):
 
     def submit(self, launch: WorkerLaunch, tasks: int) -> str:
         job_id = f"local{os.getpid()}-{next(self._job_numbers)}"
-        command = "\n".join([*self.options.setup, worker_command(self.options, launch)])
+        command = task_body(self.options, launch)
         processes = {}
         for task in range(1, tasks + 1):
             env = dict(os.environ, SHEEPDOG_JOB_ID=job_id, SHEEPDOG_TASK_ID=str(task))
