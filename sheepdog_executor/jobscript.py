@@ -41,6 +41,7 @@ def check_no_control_characters(option: str, value: Any, *, lines: bool = False)
                 f"{option}= contains the control character {found.group()!r} in {text!r}; {fix}"
             )
 
+
 #: Exit status of a task whose set-up line failed (never 99 or 100: Grid Engine would requeue or
 #: hold the job).
 SETUP_FAILED_EXIT = 97
@@ -129,8 +130,9 @@ def worker_command(options: JobOptions, launch: WorkerLaunch) -> str:
 
 def with_setup(options: JobOptions, command: str) -> str:
     """``command`` after the set-up lines, for any POSIX ``sh``: the lines run in ``setup_shell``
-    (bash, whatever shell the scheduler starts), one by one and in order; the first that fails (or
-    exits) stops the task with a line on stderr naming it and its exit status (``setup_failure``)."""
+    (bash, whatever shell the scheduler starts), in order, each once the lines so far form complete
+    commands (so ``if ...; then`` / ``...`` / ``fi`` may span lines); the first that fails (or exits)
+    stops the task with a line on stderr naming it and its exit status (see ``setup_failure``)."""
     if not options.setup:
         return command
     steps = [
@@ -139,10 +141,19 @@ def with_setup(options: JobOptions, command: str) -> str:
         # a line may `exit` the shell itself: report that too, and never with the status of the line
         # (99 and 100 mean requeue and error state to Grid Engine)
         'trap \'_sheepdog_s=$?; [ "$_sheepdog_s" = 0 ] || _sheepdog_fail "$_sheepdog_s"\' EXIT',
+        # add a line; true when the lines added so far are complete commands (or this is the last)
+        "_sheepdog_add() { _sheepdog_buf=${_sheepdog_buf:+$_sheepdog_buf$'\\n'}$2; "
+        ': "${_sheepdog_first:=$1}"; [ "$3" = last ] || '
+        '"${BASH:-bash}" -n -c "$_sheepdog_buf" 2>/dev/null; }',
     ]
     for number, line in enumerate(options.setup, 1):
-        steps.append(f"_sheepdog_n={number} _sheepdog_line={shlex.quote(line)}")
-        steps.append('eval "$_sheepdog_line" || _sheepdog_fail $?')  # in this shell: `source` persists
+        last = " last" if number == len(options.setup) else ""
+        steps.append(
+            # evaluated here, not in a function: what `source` and `module load` set must persist
+            f"_sheepdog_add {number} {shlex.quote(line)}{last} && {{ _sheepdog_n=$_sheepdog_first "
+            '_sheepdog_line=$_sheepdog_buf _sheepdog_buf= _sheepdog_first=; eval "$_sheepdog_line" '
+            "|| _sheepdog_fail $?; }"
+        )
     steps.append("trap - EXIT")
     shell = " ".join(shlex.quote(word) for word in shlex.split(options.setup_shell))
     return f"exec {shell} -c {shlex.quote(chr(10).join([*steps, command]))}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import subprocess
 import threading
 import time
 from concurrent.futures import Future
@@ -15,7 +16,15 @@ import pytest
 from sheepdog_executor import ConfigurationError, GridEngineExecutor, LocalExecutor, pickling
 from sheepdog_executor.dispatch import Dispatcher
 from sheepdog_executor.errors import PicklingFailed, WorkerLost
-from sheepdog_executor.jobscript import JobOptions, WorkerLaunch, render_gridengine
+from sheepdog_executor.jobscript import (
+    SETUP_FAILED_EXIT,
+    JobOptions,
+    SetupFailure,
+    WorkerLaunch,
+    render_gridengine,
+    setup_failure,
+    with_setup,
+)
 from sheepdog_executor.remote import protocol
 from sheepdog_executor.scheduler.base import TaskState
 from sheepdog_executor.scheduler.gridengine import GridEngineScheduler, parse_qacct, parse_qstat_xml
@@ -310,7 +319,7 @@ def test_control_characters_in_job_options_are_refused_naming_the_option(option:
 
 def test_a_tab_in_a_setup_line_is_indentation_not_an_injection() -> None:
     options = JobOptions(setup=("if true; then", "\techo ok", "fi"))
-    assert "\techo ok\n" in render_gridengine(options, WorkerLaunch("/s", "http://h:1"), 1)
+    assert "\techo ok" in render_gridengine(options, WorkerLaunch("/s", "http://h:1"), 1)
     with pytest.raises(ConfigurationError, match="^job_name="):
         JobOptions(job_name="a\tb")
 
@@ -333,3 +342,21 @@ def test_session_root_must_be_the_users_and_its_ancestors_the_users_or_roots() -
     assert "/home/u, which contains it, is writable by group or others (mode 777) and not sticky" in str(
         unsafe_part(me, "/home/u/.s", [(me, 0o700), (me, 0o777), (0, 0o755), (0, 0o755)])
     )
+
+
+@pytest.mark.parametrize(
+    ("setup", "stdout", "failure"),
+    [
+        (["x=1", "export Y=$x", "if true; then", "\techo in-if $Y", "fi"], "in-if 1\nworker\n", None),
+        (["echo one", "false", "echo never"], "one\n", SetupFailure(2, 1, "false")),
+        (["exit 99"], "", SetupFailure(1, 99, "exit 99")),  # never exit 99: Grid Engine would requeue
+        (["if true; then", "\tfalse", "fi", "echo never"], "", SetupFailure(1, 1, "if true; then")),
+    ],
+)
+def test_setup_lines_run_in_order_and_stop_at_the_first_failure(
+    setup: list[str], stdout: str, failure: SetupFailure | None
+) -> None:
+    script = with_setup(JobOptions(setup=tuple(setup), setup_shell="bash"), "echo worker")
+    done = subprocess.run(["/bin/sh", "-c", script], capture_output=True, text=True, check=False, timeout=30)
+    assert (done.stdout, setup_failure(done.stderr)) == (stdout, failure)
+    assert done.returncode == (0 if failure is None else SETUP_FAILED_EXIT)
