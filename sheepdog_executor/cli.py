@@ -38,6 +38,7 @@ from sheepdog_executor.errors import (
     WorkerStartFailed,
 )
 from sheepdog_executor.jobscript import JobOptions, WorkerLaunch, with_setup
+from sheepdog_executor.liveness import probe_client
 from sheepdog_executor.scheduler import GridEngineScheduler, TaskState
 from sheepdog_executor.shell import Shell, SSHShell, SSHTarget
 
@@ -540,7 +541,7 @@ def cleanup(
         for name in sorted(set(sessions) | {job.session for job in jobs}):
             job_ids = [job.id for job in jobs if job.session == name]
             what = ", ".join(f"job {job.id} ({job.name})" for job in jobs if job.session == name)
-            verdict, why = judge_session(shell, name, sessions.get(name), force)
+            verdict, why = judge_session(shell, root, name, sessions.get(name), force)
             if verdict == "keep":
                 kept += 1
                 print(f"kept {name}: {what or 'no jobs'}; {why}", file=out)
@@ -626,13 +627,15 @@ def list_sessions(shell: Shell, root: str) -> dict[str, SessionDir]:
     return sessions
 
 
-def judge_session(shell: Shell, name: str, session: SessionDir | None, force: bool) -> tuple[str, str]:
+def judge_session(
+    shell: Shell, root: str, name: str, session: SessionDir | None, force: bool
+) -> tuple[str, str]:
     """("remove" or "keep", why): a session is removed only when its client is known to be gone,
     or cannot be checked and ``force`` is set; a client that answers is never touched."""
     if session is None:
         return "remove", "its session directory is gone, so its tasks cannot start a worker"
     if session.endpoint:
-        state, seen = probe_endpoint(shell, session.endpoint)
+        state, seen = probe_endpoint(shell, session.endpoint, f"{root}/{name}/secret")
         if state == "gone":
             return "remove", f"its client is gone ({session.endpoint}: {seen})"
         if state == "alive":
@@ -647,28 +650,18 @@ def judge_session(shell: Shell, name: str, session: SessionDir | None, force: bo
     return "keep", why + "; --force removes it"
 
 
-def probe_endpoint(shell: Shell, url: str) -> tuple[str, str]:
-    """Open a TCP connection to a client's endpoint from the head node (the nodes' side).
-
-    Returns ("alive" | "gone" | "unknown", what was seen); only a refused connection means gone.
-    """
+def probe_endpoint(shell: Shell, url: str, secret_path: str) -> tuple[str, str]:
+    """Ask a client's endpoint from the head node (the nodes' side) to answer a challenge signed
+    with its session's secret: ("alive" | "gone" | "unknown", what was seen). An open port is not
+    enough: anything may listen on a dead client's port."""
     parts = urllib.parse.urlsplit(url)
     try:
         host, port = parts.hostname, parts.port
     except ValueError:
         host, port = None, None
-    if not host or not port or not re.fullmatch(r"[\w.:-]+", host):
+    if not host or not port or parts.scheme not in ("http", "https") or not re.fullmatch(r"[\w.:-]+", host):
         return "unknown", f"unreadable endpoint record {url!r}"
-    connect = f"exec 3<>/dev/tcp/{host}/{int(port)}"
-    done = shell.run(f"timeout 5 bash -c {shlex.quote(connect)} 2>&1", timeout=30)
-    text = (done.stdout + done.stderr).strip()
-    if done.returncode == 0:
-        return "alive", "it accepts connections"
-    if "connection refused" in text.lower():
-        return "gone", "connection refused"
-    if done.returncode == 124:
-        return "unknown", "no answer within 5 s"
-    return "unknown", text.splitlines()[-1] if text else f"exit {done.returncode}"
+    return probe_client(shell, url, secret_path)
 
 
 def _plain_name(name: str) -> bool:

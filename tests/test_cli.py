@@ -3,15 +3,19 @@ cleanup of jobs left by a client killed with SIGKILL (and only of those)."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import re
 import secrets
 import subprocess
 import sys
+import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import our_jobs, ssh
@@ -361,3 +365,40 @@ def test_cleanup_keeps_live_clients_and_unchecked_sessions(
     assert gone(unchecked.jobs)
     assert set(our_jobs(set(live.job_ids))) == set(live.job_ids) and exists(live.session_dir)
     assert call.result(timeout=60) is None  # the live client never noticed
+
+
+class _Impostor(http.server.BaseHTTPRequestHandler):
+    """An unrelated web server: answers every POST with 200 and a body of its own."""
+
+    def do_POST(self) -> None:  # noqa: N802 - the name http.server calls
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(200)
+        self.send_header("Content-Length", "3")
+        self.end_headers()
+        self.wfile.write(b"hi\n")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.cluster
+def test_cleanup_is_not_fooled_by_another_program_on_a_dead_clients_port(
+    cell: str, session_root: str, abandon: Callable[..., Abandoned], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Liveness is a challenge signed with the session's secret and an answer signed for it: a
+    listener that took the dead client's port (and answers HTTP) does not keep its session."""
+    left = abandon("direct")
+    port = urllib.parse.urlsplit(left.url).port
+    assert port is not None
+    impostor = http.server.ThreadingHTTPServer(("0.0.0.0", port), _Impostor)
+    thread = threading.Thread(target=impostor.serve_forever, name="impostor", daemon=True)
+    thread.start()
+    try:
+        code, out = run(capsys, "cleanup", cell)
+    finally:
+        impostor.shutdown()
+        impostor.server_close()
+    assert code == 0
+    assert f"removed {left.name}: job {left.jobs[0]} (sheepdog) and the directory; its client is gone" in out
+    assert "not signed with the session's secret" in out
+    assert gone(left.jobs)
