@@ -2,7 +2,12 @@
 # Set up (idempotently) and start the local test cell: a single-node Son of Grid Engine cell and an
 # OpenSSH sshd on 127.0.0.1:2222 with a test user, plus an ssh config alias "fear" for root.
 # Debian 12, run as root. Fast when everything is already up. See ../shared/notes/test-cluster.md.
+# --multi-host: also the multi-host cell of scripts/cell/multihost.sh (ssh alias "fear-multi").
 set -euo pipefail
+MULTI_HOST=
+args=()
+for arg in "$@"; do if [ "$arg" = --multi-host ]; then MULTI_HOST=1; else args+=("$arg"); fi; done
+set -- "${args[@]+"${args[@]}"}"
 
 TEST_USER=${SHEEPDOG_TEST_USER:-sdtest}
 SSH_PORT=${SHEEPDOG_TEST_PORT:-2222}
@@ -165,3 +170,4 @@ if [ ! -f "$STATE_DIR/smoke-ok" ] || [ "${1:-}" = "--check" ]; then
   touch "$STATE_DIR/smoke-ok"
 fi
 log "ready: ssh alias 'fear' -> $TEST_USER@127.0.0.1:$SSH_PORT, $SLOTS slots"
+[ -z "$MULTI_HOST" ] || bash "$(dirname "$0")/cell/multihost.sh" "$@"
