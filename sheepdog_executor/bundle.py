@@ -20,7 +20,7 @@ def worker_bundle() -> bytes:
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         archive.writestr("__main__.py", (_REMOTE / "bundle_main.py").read_text())
         archive.writestr("sheepdog_executor/__init__.py", _STUB)
-        for name in ("__init__.py", "compat.py", "protocol.py", "worker.py"):
+        for name in ("__init__.py", "compat.py", "protocol.py", "reach.py", "worker.py"):
             archive.writestr(f"sheepdog_executor/remote/{name}", (_REMOTE / name).read_text())
         package = Path(cloudpickle.__file__).parent
         for source in sorted(package.glob("*.py")):

@@ -86,6 +86,7 @@ OPTIONS: dict[str, Option] = {
     "idle_timeout": Option(float),
     "heartbeat": Option(float),
     "heartbeat_timeout": Option(float),
+    "disconnect_tolerance": Option(float),
     "callback_address": Option(str),
     "callback_port": Option(int),
     "callback": Option(str, CALLBACK_MODES),

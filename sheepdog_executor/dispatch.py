@@ -86,6 +86,8 @@ class Worker:
     functions_sent: set[str] = field(default_factory=set)
     idle_since: float | None = None
     calls_done: int = 0
+    #: The route it reached this client by ("direct", "tunnel", ...).
+    route: str = ""
 
 
 class Dispatcher:
@@ -101,8 +103,10 @@ class Dispatcher:
         python: tuple[int, int] | None = None,
         echo_output: bool = False,
         max_workers: int = 1,
+        disconnect_tolerance: float = 600.0,
     ) -> None:
         self.retries = retries
+        self.disconnect_tolerance = disconnect_tolerance
         self.max_workers = max_workers
         #: Moving average of a call's run time on the workers; None until the first result.
         self.call_seconds: float | None = None
@@ -167,6 +171,7 @@ class Dispatcher:
                     "calls_done": w.calls_done,
                     "holding": len(w.items),
                     "seen_seconds_ago": round(now - w.last_seen, 1),
+                    "route": w.route,
                 }
                 for w in self.workers.values()
             ]
@@ -204,13 +209,18 @@ class Dispatcher:
             self.fail_pending(error)
             return {"error": str(error)}
         worker = Worker(str(message["worker"]), job, task, str(message.get("host", "?")), time.monotonic())
+        worker.route = str(message.get("route", ""))[:40]
         with self._lock:
             if self.stopping:
                 return {"error": "the executor is shutting down"}
             self.workers[worker.id] = worker
-        log.debug("worker %s on %s said hello", worker.id, worker.host)
+        log.debug("worker %s on %s said hello (route %s)", worker.id, worker.host, worker.route)
         self.on_change()
-        return {"initializer": self._initializer, "heartbeat": self.heartbeat}
+        return {
+            "initializer": self._initializer,
+            "heartbeat": self.heartbeat,
+            "disconnect_tolerance": self.disconnect_tolerance,
+        }
 
     def heartbeat_from(self, worker_id: str) -> bool:
         with self._lock:

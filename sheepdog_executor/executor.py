@@ -31,6 +31,7 @@ from sheepdog_executor.environment import EnvironmentSync, HeadNode, SyncedEnvir
 from sheepdog_executor.errors import BrokenGridEngineExecutor, ConfigurationError, ExecutorShutDown
 from sheepdog_executor.jobs import JobManager
 from sheepdog_executor.jobscript import JobOptions, WorkerLaunch
+from sheepdog_executor.remote.reach import ROUTES_FILE
 from sheepdog_executor.scheduler import GridEngineScheduler, LocalScheduler, Scheduler
 from sheepdog_executor.server import Endpoint
 from sheepdog_executor.sessiondir import make_session_dir, prepare_root
@@ -75,6 +76,7 @@ class Session:
         echo_output: bool,
         status_page: bool = True,
         environment: EnvironmentSync | None = None,
+        disconnect_tolerance: float = 600.0,
     ) -> None:
         self.shell = shell
         self.scheduler = scheduler
@@ -86,6 +88,7 @@ class Session:
             python=sys.version_info[:2],
             echo_output=echo_output,
             max_workers=max_workers,
+            disconnect_tolerance=disconnect_tolerance,
         )
         self._closed = False
         self._close_lock = threading.Lock()
@@ -124,18 +127,19 @@ class Session:
             )
             self.endpoint.start()
             try:
-                host, port = route.open(shell, self.endpoint)
+                #: (label, host, port) of each way the workers may reach us, best first
+                self.routes = route.open(shell, self.endpoint, self._tunnel_moved)
             except BaseException:
                 self.endpoint.stop()
                 raise
+            _, host, port = self.routes[0]
             self.launch = WorkerLaunch(
                 self.session_dir,
                 f"{self.endpoint.scheme}://{host}:{port}",
                 certificate.fingerprint if certificate else None,
                 bundle_sha256=hashlib.sha256(bundle).hexdigest(),  # the task checks it before running it
             )
-            # the client's address, so that `sheepdog-executor cleanup` can tell a live client from a dead one
-            shell.put(f"{self.session_dir}/endpoint", f"{self.launch.url}\n".encode(), 0o600)
+            self._write_routes()
             self.jobs = JobManager(
                 scheduler,
                 self.dispatcher,
@@ -144,6 +148,7 @@ class Session:
                 batch_window=batch_window,
                 poll_interval=poll_interval,
                 heartbeat_timeout=heartbeat_timeout,
+                disconnect_tolerance=disconnect_tolerance,
             )
             self.jobs.start()
             log.info("session %s on %s, endpoint %s", self.session_dir, shell.description, self.launch.url)
@@ -158,6 +163,28 @@ class Session:
             # nothing half-made stays behind: the endpoint, the tunnel, the session directory
             self._discard_partial()
             raise
+
+    def _write_routes(self) -> None:
+        """Tell the workers how to reach us: the routes file they read (and re-read when their
+        connection fails), and the endpoint record `sheepdog-executor cleanup` reads, both 0600."""
+        lines = [f"{label} {self.endpoint.scheme}://{host}:{port}\n" for label, host, port in self.routes]
+        new = f"{self.session_dir}/{ROUTES_FILE}.new"
+        self.shell.put(new, "".join(lines).encode(), 0o600)
+        self.shell.run(f"mv -f {shlex.quote(new)} {shlex.quote(f'{self.session_dir}/{ROUTES_FILE}')}")
+        _, host, port = self.routes[0]
+        self.shell.put(
+            f"{self.session_dir}/endpoint", f"{self.endpoint.scheme}://{host}:{port}\n".encode(), 0o600
+        )
+
+    def _tunnel_moved(self, host: str, port: int) -> None:
+        """The relay was re-made elsewhere (its port was taken): workers learn it from the routes file."""
+        self.routes = [
+            (label, *((host, port) if label == "tunnel" else (h, p))) for label, h, p in self.routes
+        ]
+        log.warning(
+            "the tunnel's relay moved to %s:%d; the workers are told through %s", host, port, ROUTES_FILE
+        )
+        self._write_routes()
 
     def _discard_partial(self) -> None:
         endpoint = getattr(self, "endpoint", None)
@@ -175,7 +202,11 @@ class Session:
     def status(self) -> dict[str, Any]:
         """The dispatcher's snapshot and the ids of the jobs submitted so far."""
         jobs = getattr(self, "jobs", None)  # None while the session is still being set up
-        return {**self.dispatcher.snapshot(), "jobs": list(jobs.submitted_jobs) if jobs else []}
+        return {
+            **self.dispatcher.snapshot(),
+            "jobs": list(jobs.submitted_jobs) if jobs else [],
+            "routes": [f"{label} {host}:{port}" for label, host, port in getattr(self, "routes", [])],
+        }
 
     def _changed(self) -> None:
         self.jobs.wake()
@@ -245,6 +276,7 @@ class ClusterExecutor(Executor):
         environment: str | None = None,
         environment_add: Sequence[str] | str = (),
         environment_exclude: Sequence[str] | str = (),
+        disconnect_tolerance: float = 600.0,
     ) -> None:
         if max_workers is not None and max_workers <= 0:
             raise ConfigurationError("max_workers must be greater than 0")
@@ -252,6 +284,11 @@ class ClusterExecutor(Executor):
             raise TypeError("initializer must be a callable")
         if retries < 0:
             raise ConfigurationError("retries must be 0 or more")
+        if not disconnect_tolerance >= 10:
+            raise ConfigurationError(
+                f"disconnect_tolerance must be at least 10 (seconds), not {disconnect_tolerance!r}: "
+                "it is how long workers wait for this client before they give up and exit"
+            )
         self._max_workers = max_workers or DEFAULT_MAX_WORKERS
         self._progress = progress
         self._shutdown_lock = threading.Lock()
@@ -283,6 +320,7 @@ class ClusterExecutor(Executor):
                 echo_output=echo_output,
                 status_page=status_page,
                 environment=sync,
+                disconnect_tolerance=disconnect_tolerance,
             )
         except BaseException:
             shell.close()

@@ -31,6 +31,49 @@ log = logging.getLogger("sheepdog_executor")
 
 #: How long a failed task's accounting record may take to appear (Grid Engine flushes it lazily).
 ACCOUNTING_WAIT_SECONDS = 20.0
+#: A gap this much longer than expected in the job manager's own loop means this process was
+#: suspended (SIGSTOP, a laptop's sleep) or starved: workers are not judged on the silence it caused.
+PAUSE_SECONDS = 15.0
+
+
+class AwayClock:
+    """When this client was last away from the cluster (offline or suspended), and for how long.
+
+    Kept by the job manager's thread: it counts the time its SSH commands failed, and gaps in its
+    own loop that only a suspended process (SIGSTOP, a sleeping laptop) shows.
+    """
+
+    def __init__(self) -> None:
+        #: When the client was last back; workers' silence before that is not theirs.
+        self.back_at = 0.0
+        #: How long the last absence lasted (seconds).
+        self.last_absence = 0.0
+        self._since: float | None = None
+
+    def unreachable(self, why: str) -> float:
+        """An SSH command failed; return for how long the cluster has been unreachable."""
+        now = time.monotonic()
+        if self._since is None:
+            self._since = now
+            log.warning("the cluster is unreachable (%s); waiting for it to come back", why)
+        return now - self._since
+
+    def reached(self) -> None:
+        if self._since is not None:
+            self.came_back(time.monotonic() - self._since)
+            self._since = None
+
+    def check_gap(self, excess: float) -> bool:
+        """``excess``: how much longer than expected something took. True when it was a pause."""
+        if excess < PAUSE_SECONDS:
+            return False
+        self.came_back(excess)
+        return True
+
+    def came_back(self, absence: float) -> None:
+        self.back_at = time.monotonic()
+        self.last_absence = absence
+        log.warning("this client was away from the cluster for %.0f s; back now", absence)
 
 
 @dataclass(eq=False)
@@ -56,6 +99,7 @@ class JobManager:
         batch_window: float,
         poll_interval: float,
         heartbeat_timeout: float,
+        disconnect_tolerance: float = 600.0,
     ) -> None:
         self.scheduler = scheduler
         self.dispatcher = dispatcher
@@ -64,6 +108,8 @@ class JobManager:
         self.batch_window = batch_window
         self.poll_interval = poll_interval
         self.heartbeat_timeout = heartbeat_timeout
+        self.disconnect_tolerance = disconnect_tolerance
+        self.away = AwayClock()
         self.jobs: dict[str, Job] = {}
         self.submitted_jobs: list[str] = []
         self._jobs_lock = threading.Lock()
@@ -140,17 +186,32 @@ class JobManager:
     # -- the thread ---------------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stopping:
+            before = time.monotonic()
             self._wake.wait(self.poll_interval)
             self._wake.clear()
+            self.away.check_gap(time.monotonic() - before - self.poll_interval)
             if self._stopping:
                 return
             try:
                 self._step()
                 self._failures = 0
-            except (ConnectionFailed, SchedulerError) as exc:
+                self.away.reached()
+            except ConnectionFailed as exc:
+                # the laptop is offline, or asleep: the workers wait for it (disconnect_tolerance);
+                # this side waits twice as long before it gives up on the cluster
+                unreachable = self.away.unreachable(str(exc))
+                if unreachable > 2 * self.disconnect_tolerance:
+                    self.dispatcher.break_(
+                        BrokenGridEngineExecutor(
+                            f"the cluster was unreachable for {unreachable:.0f} s (more than twice "
+                            f"disconnect_tolerance, {self.disconnect_tolerance:.0f} s): {exc}"
+                        )
+                    )
+                    return
+            except SchedulerError as exc:
                 self._failures += 1
                 log.warning("job manager: %s", exc)
-                if self._failures >= 3 or isinstance(exc, ConnectionFailed):
+                if self._failures >= 3:
                     self.dispatcher.break_(
                         BrokenGridEngineExecutor(f"the cluster can no longer be used: {exc}")
                     )
@@ -172,7 +233,10 @@ class JobManager:
             self._last_poll = now
             with self._jobs_lock:
                 job_ids = list(self.jobs)
-            self._reconcile(self.scheduler.poll(job_ids) if job_ids else {})
+            states = self.scheduler.poll(job_ids) if job_ids else {}
+            # suspended during the poll: its answer may be from before; ask again next round
+            if not self.away.check_gap(time.monotonic() - now - 60.0):
+                self._reconcile(states)
         self._scale()
 
     def _reconcile(self, states: JobStates) -> None:
@@ -194,13 +258,19 @@ class JobManager:
             gone = worker.job in {j.id for j in ended} or (
                 worker.job in self.jobs and worker.task not in self.jobs[worker.job].alive
             )
-            silent = now - worker.last_seen > self.heartbeat_timeout
+            # silence while this client itself was away (offline, suspended) says nothing of a worker
+            silent = now - max(worker.last_seen, self.away.back_at) > self.heartbeat_timeout
             if gone or silent:
                 why = (
                     "its task ended without reporting"
                     if gone
                     else f"no heartbeat for {now - worker.last_seen:.0f} s"
                 )
+                if self.away.last_absence > self.disconnect_tolerance:
+                    why += (
+                        f"; this client was unreachable for {self.away.last_absence:.0f} s, longer than "
+                        f"disconnect_tolerance ({self.disconnect_tolerance:.0f} s), so its workers gave up"
+                    )
                 items = self.dispatcher.take_lost(worker.id)
                 if silent and not gone:  # hung or cut off: free its slot, it must not report late
                     self.scheduler.cancel_task(worker.job, worker.task)

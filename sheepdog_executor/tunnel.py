@@ -5,7 +5,13 @@ machine's loopback only, so nothing here is open to the network; sshd on the hea
 its loopback ports back over the SSH connection (``Transport.request_port_forward``), and a small relay
 started over the same connection (``remote/relay.py``) makes that port reachable from the nodes. The
 relay is used whatever sshd's GatewayPorts says, so there is one path to get right. ``auto`` has the
-head node try to connect to this machine and tunnels when it cannot.
+head node try to connect to this machine: when it cannot, the workers come through the tunnel; when
+it can, they are offered both routes, direct first (the compute nodes may not reach this machine even
+when the head node does), and each takes the first that answers (``remote/reach.py``).
+
+When the SSH connection is re-made, forward and relay are re-made too: on their old ports when free,
+else on any (someone else may have taken the port meanwhile); the session's routes file then tells
+the workers where to go.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import select
 import shlex
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,6 +67,8 @@ class Route:
     port: int = 0
     #: Why the nodes cannot connect directly, when a probe found out.
     why: str = ""
+    #: Direct, with the tunnel offered as a second route (auto, when the head node reached us).
+    fallback: bool = False
 
     @property
     def listen_address(self) -> str:
@@ -70,16 +79,25 @@ class Route:
     def listen_port(self) -> int:
         return self.port if self.mode == "direct" else 0
 
-    def open(self, shell: Shell, endpoint: Endpoint) -> tuple[str, int]:
-        """The host and port the workers connect to; a tunnel is closed when the endpoint stops."""
+    def open(
+        self, shell: Shell, endpoint: Endpoint, on_moved: Callable[[str, int], None] | None = None
+    ) -> list[tuple[str, str, int]]:
+        """The routes the workers may take, best first: (label, host, port) each. A tunnel is closed
+        when the endpoint stops; ``on_moved(host, port)`` is called when its relay moved."""
+        routes = []
         if self.mode == "direct":
-            return self.address, endpoint.port
+            routes.append(("direct", self.address, endpoint.port))
+            if not self.fallback:
+                return routes
         assert isinstance(shell, SSHShell)
-        tunnel = Tunnel(shell, endpoint.port)
+        tunnel = Tunnel(shell, endpoint.port, self.listen_address, on_moved)
         endpoint.on_stop.append(tunnel.close)
         try:
             host, port = tunnel.open()
         except ConnectionFailed as exc:
+            if routes:  # auto: the head node reached us directly; the nodes will have to as well
+                log.warning("no tunnel as a second route (the nodes must connect directly): %s", exc)
+                return routes
             if self.why:
                 raise ConnectionFailed(
                     f"the nodes cannot connect to this machine directly ({self.why}), and {exc}"
@@ -91,7 +109,7 @@ class Route:
             port,
             f" (direct connection impossible: {self.why})" if self.why else "",
         )
-        return host, port
+        return [*routes, ("tunnel", host, port)]
 
 
 def choose_route(shell: Shell, callback: str, address: str, port: int = 0) -> Route:
@@ -106,7 +124,9 @@ def choose_route(shell: Shell, callback: str, address: str, port: int = 0) -> Ro
     if callback != "auto":
         return Route(callback, address, port)
     why = probe_direct(shell, address, port)
-    return Route("direct", address, port) if why is None else Route("tunnel", address, port, why)
+    if why is None:
+        return Route("direct", address, port, fallback=True)
+    return Route("tunnel", address, port, why)
 
 
 def probe_direct(shell: SSHShell, address: str, port: int = 0, timeout: float = 5.0) -> str | None:
@@ -167,11 +187,19 @@ def probe_direct(shell: SSHShell, address: str, port: int = 0, timeout: float = 
 
 class Tunnel:
     """A reverse forward from the head node's loopback to ``127.0.0.1:local_port`` here, and the relay
-    that makes it reachable from the nodes; re-made on the same ports when SSH reconnects."""
+    that makes it reachable from the nodes; re-made when SSH reconnects, on the same ports if free."""
 
-    def __init__(self, shell: SSHShell, local_port: int) -> None:
+    def __init__(
+        self,
+        shell: SSHShell,
+        local_port: int,
+        local_host: str = "127.0.0.1",
+        on_moved: Callable[[str, int], None] | None = None,
+    ) -> None:
         self._shell = shell
-        self._local = ("127.0.0.1", local_port)
+        self._local = (local_host, local_port)
+        self._on_moved = on_moved
+        self._relay_pid = 0  # on the head node: ended when the tunnel is re-made over a new connection
         self._transport: Any = None
         self._relay: Any = None  # the channel the relay runs in: closing it ends the relay
         self._forwarded = 0  # the forward's port on the head node's loopback
@@ -192,7 +220,15 @@ class Tunnel:
         import paramiko
 
         try:
-            forwarded = transport.request_port_forward("127.0.0.1", self._forwarded, handler=self._incoming)
+            try:
+                forwarded = transport.request_port_forward(
+                    "127.0.0.1", self._forwarded, handler=self._incoming
+                )
+            except paramiko.SSHException:
+                if not self._forwarded:
+                    raise
+                # the old port is still held (by the old connection, or someone else): any port
+                forwarded = transport.request_port_forward("127.0.0.1", 0, handler=self._incoming)
         except paramiko.SSHException as exc:
             raise ConnectionFailed(
                 f"the SSH server of {self._shell.description} refused to forward a port back to this "
@@ -209,9 +245,19 @@ class Tunnel:
         self.host, self.port = host, port
 
     def _start_relay(self, transport: Any, forwarded: int) -> tuple[Any, str, int]:
+        """The relay on its old port, or on any free one when that is taken."""
+        try:
+            return self._start_relay_on(transport, forwarded, self.port)
+        except ConnectionFailed as exc:
+            if not self.port:
+                raise
+            log.warning("%s; starting it on another port", exc)
+            return self._start_relay_on(transport, forwarded, 0)
+
+    def _start_relay_on(self, transport: Any, forwarded: int, port: int) -> tuple[Any, str, int]:
         channel = transport.open_session(timeout=30)
         channel.settimeout(30)
-        command, code = _remote_python("relay", forwarded, self.port)
+        command, code = _remote_python("relay", forwarded, port)
         channel.exec_command(command)
         channel.sendall(code)  # and never more: the relay ends when its stdin does
         line = b""
@@ -221,7 +267,7 @@ class Tunnel:
         except TimeoutError:
             pass
         words = line.decode(errors="replace").split()
-        if len(words) != 3 or words[0] != "sheepdog-relay" or not words[2].isdigit():
+        if len(words) != 4 or words[0] != "sheepdog-relay" or not (words[2] + words[3]).isdigit():
             error = b""
             try:
                 error = channel.makefile_stderr("rb").read()
@@ -233,6 +279,7 @@ class Tunnel:
                 f"could not start the tunnel's relay on {self._shell.description}: {said[-1] or 'no answer'}"
             )
         channel.settimeout(None)
+        self._relay_pid = int(words[3])
         return channel, words[1], int(words[2])
 
     # -- connections from the nodes -----------------------------------------------------------
@@ -273,19 +320,29 @@ class Tunnel:
             transport = self._shell.transport(reconnect=False)
             if transport is None or (transport is self._transport and not self._relay.exit_status_ready()):
                 continue
+            before = (self.host, self.port)
             try:
                 if transport is self._transport:  # same connection, the relay ended: start another
-                    self._relay = self._start_relay(transport, self._forwarded)[0]
+                    self._relay, self.host, self.port = self._start_relay(transport, self._forwarded)
                 else:
                     old = self._relay
+                    # the old relay lives on until sshd notices the old connection is gone: end it
+                    self._end_old_relay()
                     self._establish(transport)
                     _quietly(old.close)
                 log.info("tunnel re-opened: relay %s:%d", self.host, self.port)
                 complained = False
+                if (self.host, self.port) != before and self._on_moved is not None:
+                    self._on_moved(self.host, self.port)
             except Exception as exc:  # noqa: BLE001 - try again on the next round
                 if not complained:
                     log.warning("could not re-open the tunnel (will keep trying): %s", exc)
                     complained = True
+
+    def _end_old_relay(self) -> None:
+        if self._relay_pid:
+            pid = int(self._relay_pid)
+            self._shell.run(f"grep -qs sheepdog-executor /proc/{pid}/cmdline && kill {pid}; true", timeout=30)
 
     def close(self) -> None:
         """End the relay and the forward and every connection through them. Safe to call twice."""

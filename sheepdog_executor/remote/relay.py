@@ -2,7 +2,7 @@
 
 ``relay TARGET_PORT LISTEN_PORT``: listen on every interface (LISTEN_PORT, 0 for any) and pass each
 connection through to ``127.0.0.1:TARGET_PORT``, the loopback end of the SSH reverse forward that sshd
-binds when GatewayPorts is off. Prints ``sheepdog-relay HOST PORT`` once listening; exits when its
+binds when GatewayPorts is off. Prints ``sheepdog-relay HOST PORT PID`` once listening; exits when its
 stdin closes, that is when the SSH channel or connection that started it goes away.
 
 ``probe HOST PORT TOKEN``: connect to HOST:PORT and send TOKEN; prints ``ok`` or ``fail REASON``.
@@ -69,7 +69,7 @@ def relay(target_port: int, listen_port: int) -> None:
     watcher = threading.Thread(target=watch_stdin, name="relay-stdin")
     watcher.daemon = True
     watcher.start()
-    sys.stdout.write(f"sheepdog-relay {socket.gethostname()} {server.getsockname()[1]}\n")
+    sys.stdout.write(f"sheepdog-relay {socket.gethostname()} {server.getsockname()[1]} {os.getpid()}\n")
     sys.stdout.flush()
     while True:
         client, _ = server.accept()

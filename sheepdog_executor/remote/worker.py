@@ -8,6 +8,7 @@ receive the next calls, until the client tells it to stop. A thread sends heartb
 from __future__ import annotations
 
 import http.client
+import itertools
 import os
 import pickle
 import socket
@@ -23,35 +24,54 @@ from typing import Any
 
 from sheepdog_executor.remote import protocol
 from sheepdog_executor.remote.compat import add_note
+from sheepdog_executor.remote.reach import (
+    EXIT_CLIENT_UNREACHABLE,
+    MAX_BACKOFF_SECONDS,
+    ROUTES_FILE,
+    Reach,
+    Watchdog,
+)
 
 #: At most this much of each of a call's stdout and stderr (the end of it) travels back with its result.
 OUTPUT_LIMIT = 64 * 1024
+#: Seconds to open a connection (a route that drops packets is left soon), and to wait for an answer
+#: (longer than the endpoint's long poll).
+CONNECT_TIMEOUT = 10.0
+REQUEST_TIMEOUT = 60.0
 
 
 class Refused(Exception):
     """The client answered, but not with a signed body: wrong secret, or not our client."""
 
 
+class ClientUnreachable(Exception):
+    """The client has not answered for longer than ``disconnect_tolerance``."""
+
+
 class Channel:
     """Signed HTTP requests to the client's endpoint over one keep-alive connection."""
 
-    def __init__(self, url: str, secret: bytes, fingerprint: str | None = None) -> None:
-        parts = urllib.parse.urlsplit(url)
-        self._host = parts.hostname or "127.0.0.1"
-        self._port = parts.port or (443 if parts.scheme == "https" else 80)
-        self._tls = parts.scheme == "https"
+    def __init__(self, reach: Reach | str, secret: bytes, fingerprint: str | None = None) -> None:
+        #: The routes to the client and the time since it answered (shared with other channels).
+        self.reach = reach if isinstance(reach, Reach) else Reach(reach)
         self._fingerprint = fingerprint
         self._secret = secret
         self._conn: http.client.HTTPConnection | None = None
+        self._url = ""  # the route self._conn goes to
         self._lock = threading.Lock()
 
     def _connect(self) -> http.client.HTTPConnection:
+        self._url = self.reach.current[1]
+        parts = urllib.parse.urlsplit(self._url)
+        self._host = parts.hostname or "127.0.0.1"
+        self._port = parts.port or (443 if parts.scheme == "https" else 80)
+        self._tls = parts.scheme == "https"
         if self._tls:
             context = ssl.create_default_context()
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE  # pinned by fingerprint below instead
             conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                self._host, self._port, timeout=120, context=context
+                self._host, self._port, timeout=CONNECT_TIMEOUT, context=context
             )
             conn.connect()
             der = conn.sock.getpeercert(binary_form=True)  # type: ignore[union-attr]
@@ -61,18 +81,25 @@ class Channel:
                 conn.close()
                 raise Refused("the endpoint's TLS certificate is not the client's")
         else:
-            conn = http.client.HTTPConnection(self._host, self._port, timeout=120)
+            conn = http.client.HTTPConnection(self._host, self._port, timeout=CONNECT_TIMEOUT)
             conn.connect()
+        conn.sock.settimeout(REQUEST_TIMEOUT)  # type: ignore[union-attr]
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[union-attr]
         return conn
 
-    def call(self, path: str, message: Any, attempts: int = 5) -> Any:
+    def call(self, path: str, message: Any, attempts: int | None = None) -> Any:
+        """Send a message and return the client's signed answer. Failed attempts move on to the
+        next route and back off; with ``attempts`` None they go on until the client has been out of
+        reach for longer than the tolerance (``ClientUnreachable``). A hello says which route it took."""
         body = protocol.dumps(message)
+        refusals = 0
         with self._lock:
-            for attempt in range(attempts):
+            for attempt in itertools.count():
                 try:
                     if self._conn is None:
                         self._conn = self._connect()
+                    if path == "/hello":
+                        body = protocol.dumps({**message, "route": self.reach.current[0]})
                     header, nonce = protocol.sign_request(self._secret, "POST", path, body)
                     self._conn.request(
                         "POST",
@@ -82,22 +109,44 @@ class Channel:
                     )
                     response = self._conn.getresponse()
                     data = response.read()
-                except (OSError, http.client.HTTPException):
-                    if self._conn is not None:
-                        self._conn.close()
-                    self._conn = None
-                    if attempt == attempts - 1:
-                        raise
-                    time.sleep(min(2**attempt, 10))
+                except (OSError, http.client.HTTPException) as exc:
+                    self._failed(attempt, attempts, exc)
                     continue
+                refused = None
                 if response.status != 200:
-                    raise Refused(f"{path}: HTTP {response.status} {data[:200]!r}")
-                if not protocol.check_response(
+                    refused = Refused(f"{path}: HTTP {response.status} {data[:200]!r}")
+                elif not protocol.check_response(
                     self._secret, nonce, data, response.getheader(protocol.AUTH_HEADER)
                 ):
-                    raise Refused(f"{path}: response not signed with our secret")
+                    refused = Refused(f"{path}: response not signed with our secret")
+                if refused is not None:
+                    # not our client at this address: another route may lead to it
+                    refusals += 1
+                    if refusals >= len(self.reach.routes):
+                        raise refused
+                    self._failed(attempt, attempts, refused)
+                    continue
+                self.reach.contacted()
                 return protocol.loads(data)
         raise AssertionError("unreachable")
+
+    def _failed(self, attempt: int, attempts: int | None, exc: Exception) -> None:
+        """After a failed attempt: drop the connection, move to the next route, pause after a round
+        over all of them; raise when out of attempts or past the tolerance."""
+        if self._conn is not None:
+            self._conn.close()
+        self._conn = None
+        self.reach.last_error = str(exc)
+        tried_all = self.reach.move_on(self._url)
+        if attempts is not None and attempt + 1 >= attempts:
+            raise exc
+        if self.reach.gave_up():
+            raise ClientUnreachable(
+                f"the client was unreachable for {self.reach.silent_for():.0f} s "
+                f"(disconnect_tolerance {self.reach.tolerance:.0f} s): {exc}"
+            ) from exc
+        if tried_all:
+            time.sleep(min(2 ** min(attempt, 6), MAX_BACKOFF_SECONDS))
 
     def close(self) -> None:
         if self._conn is not None:
@@ -271,18 +320,30 @@ def worker_identity() -> dict[str, Any]:
 
 
 def main(url: str, secret_file: str, fingerprint: str | None = None) -> int:
+    try:
+        return serve(url, secret_file, fingerprint)
+    except ClientUnreachable as exc:  # the watchdog may not have seen it yet: same end
+        sys.stderr.write(f"sheepdog worker: {exc}; exiting\n")
+        return EXIT_CLIENT_UNREACHABLE
+
+
+def serve(url: str, secret_file: str, fingerprint: str | None = None) -> int:
     with open(secret_file, "rb") as handle:
         secret = handle.read().strip()
     for stream in (sys.stdout, sys.stderr):  # keeps a call's print()s in order with its os.write()s
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(line_buffering=True)
-    channel = Channel(url, secret, fingerprint)
+    reach = Reach(url, os.path.join(os.path.dirname(secret_file), ROUTES_FILE))
+    Watchdog(reach).start()
+    channel = Channel(reach, secret, fingerprint)
     identity = worker_identity()
     worker_id = identity["worker"]
     hello = channel.call("/hello", identity)
     if hello.get("error"):
         sys.stderr.write(f"sheepdog worker: {hello['error']}\n")
         return 3
+    if hello.get("disconnect_tolerance"):
+        reach.set_tolerance(hello["disconnect_tolerance"])
     if hello.get("initializer"):
         try:
             initializer, initargs = pickle.loads(hello["initializer"])
@@ -291,7 +352,7 @@ def main(url: str, secret_file: str, fingerprint: str | None = None) -> int:
             channel.call("/work", {"worker": worker_id, "results": [], "fatal": _dump_error(exc)})
             traceback.print_exc()
             return 4
-    heartbeat = Heartbeat(Channel(url, secret, fingerprint), worker_id, hello.get("heartbeat", 5.0))
+    heartbeat = Heartbeat(Channel(reach, secret, fingerprint), worker_id, hello.get("heartbeat", 5.0))
     heartbeat.start()
     functions: dict[str, Callable[..., Any]] = {}
     capture = Capture()
