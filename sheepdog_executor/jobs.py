@@ -280,7 +280,9 @@ class JobManager:
                         worker.job,
                         worker.task,
                         retry=True,
-                        make=functools.partial(WorkerLost, f"the worker running this call was lost: {why}"),
+                        make=functools.partial(
+                            WorkerLost, f"the worker running this call on {worker.host} was lost: {why}"
+                        ),
                     )
         pending, _ = self.dispatcher.counts()
         seen = self.dispatcher.tasks_seen

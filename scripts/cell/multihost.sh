@@ -22,7 +22,7 @@ QPORT=6454
 EPORT=6455
 NET=10.97.0
 BRIDGE=sdmbr0
-SLOTS_PER_NODE=${SHEEPDOG_MULTI_SLOTS:-4}
+SLOTS_PER_NODE=${SHEEPDOG_MULTI_SLOTS:-8}
 HEAD=mh-head
 NODES=(mh-node1 mh-node2)
 declare -A ADDR=([mh-head]=$NET.10 [mh-node1]=$NET.11 [mh-node2]=$NET.12)
@@ -117,7 +117,7 @@ if [ ! -f "$CELL_DIR/common/settings.sh" ] || [ ! -d "$SPOOL/spooldb" ]; then
     /usr/lib/gridengine/spooldefaults managers sgeadmin root >/dev/null
   )
   chown -R sgeadmin:sgeadmin "$CELL_DIR" "$SPOOL"
-  rm -rf "$tmp" "$STATE/configured"
+  rm -rf "$tmp" "$STATE/configured-$SLOTS_PER_NODE"
 fi
 
 # --- daemons ---------------------------------------------------------------------------------------
@@ -127,7 +127,7 @@ if ! listening "$HEAD" "$QPORT"; then
   wait_port "$HEAD" "$QPORT" || { echo "sge_qmaster did not start on $HEAD" >&2; exit 1; }
 fi
 
-if [ ! -f "$STATE/configured" ]; then
+if [ ! -f "$STATE/configured-$SLOTS_PER_NODE" ]; then
   log "configuring the cell ($SLOTS_PER_NODE slots on each of ${NODES[*]})"
   tmp=$(mktemp -d "$STATE/tmp.XXXXXX"); chmod 755 "$tmp"  # not /tmp: each host has its own
   for _ in $(seq 1 30); do sge "$HEAD" qconf -as "$HEAD" >/dev/null 2>&1 && break; sleep 0.5; done
@@ -156,7 +156,7 @@ if [ ! -f "$STATE/configured" ]; then
          -e 's/^load_adjustment_decay_time .*/load_adjustment_decay_time 0:0:0/' "$tmp/sconf"
   sge "$HEAD" qconf -Msconf "$tmp/sconf" >/dev/null
   rm -rf "$tmp"
-  touch "$STATE/configured"
+  touch "$STATE/configured-$SLOTS_PER_NODE"
 fi
 
 for node in "${NODES[@]}"; do

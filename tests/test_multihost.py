@@ -1,0 +1,292 @@
+"""The executor on a cell of several hosts (scripts/cell/multihost.sh, ssh alias ``fear-multi``).
+
+A head node (qmaster, sshd) and two execution hosts, mh-node1 and mh-node2, each with its own
+network, host name and /tmp, /home shared. Tests that need the client somewhere the execution hosts
+cannot reach put it in a network namespace linked to the head node only (``head_only_client``).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import wait_until
+
+from sheepdog_executor import GridEngineExecutor
+from sheepdog_executor.errors import WorkerLost
+
+multihost = pytest.mark.multihost
+
+ALIAS = "fear-multi"
+NODES = ("mh-node1", "mh-node2")
+HEAD_NETNS = "sdm-mh-head"
+CELL_SCRIPT = Path(__file__).parents[1] / "scripts" / "cell" / "multihost.sh"
+TEST_USER = os.environ.get("SHEEPDOG_TEST_USER", "sdtest")
+KEY = "/root/.ssh/sheepdog_test_ed25519"
+
+
+def mssh(command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run a command on the multi-host cell's head node with OpenSSH."""
+    return subprocess.run(
+        ["ssh", "-o", "BatchMode=yes", ALIAS, command], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def jobs_named(name: str) -> list[str]:
+    """Ids of the test user's jobs with this name on the multi-host cell."""
+    out = mssh(f"qstat -u {TEST_USER}").stdout
+    return sorted({line.split()[0] for line in out.splitlines()[2:] if line.split()[2:3] == [name[:10]]})
+
+
+def where(x: int, seconds: float = 0.0) -> tuple[int, str]:
+    import socket
+    import time
+
+    time.sleep(seconds)
+    return x, socket.gethostname()
+
+
+@pytest.fixture(scope="module")
+def multi_cell() -> str:
+    """The ssh alias of the multi-host cell; skip (or fail in CI) when it is not up."""
+    try:
+        out = mssh("qstat -f", timeout=30).stdout
+        up = all(f"all.q@{node}" in out for node in NODES)
+    except (OSError, subprocess.TimeoutExpired):
+        up = False
+    if not up:
+        message = f"multi-host cell '{ALIAS}' unreachable: run scripts/test-cell.sh --multi-host as root"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return ALIAS
+
+
+@pytest.fixture
+def make_multi(multi_cell: str) -> Iterator[Callable[..., GridEngineExecutor]]:
+    made: list[GridEngineExecutor] = []
+    name = f"mh-{uuid.uuid4().hex[:6]}"
+
+    def make(**options: Any) -> GridEngineExecutor:
+        options = {"max_workers": 8, "poll_interval": 0.5, "job_name": name, **options}
+        executor = GridEngineExecutor(host=multi_cell, **options)
+        made.append(executor)
+        return executor
+
+    yield make
+    for executor in made:
+        executor.shutdown(wait=True, cancel_futures=True)
+    wait_until(lambda: not jobs_named(name), 60, "the tests' jobs gone from qstat")
+
+
+@multihost
+def test_map_and_submit_spread_over_both_execution_hosts(make_multi: Callable[..., GridEngineExecutor]) -> None:
+    executor = make_multi()
+    results = list(executor.map(where, range(48), [0.5] * 48, timeout=180))
+    assert [x for x, _ in results] == list(range(48))
+    assert set(collections.Counter(host for _, host in results)) == set(NODES)
+    hosts = {w["host"] for w in executor.status()["workers"]}
+    assert hosts == set(NODES), executor.status()["workers"]
+    # submit, as_completed, an exception from a call, a cancelled future
+    futures = [executor.submit(where, i) for i in range(6)]
+    failing = executor.submit(divmod, 1, 0)
+    assert sorted(f.result()[0] for f in as_completed(futures, timeout=120)) == list(range(6))
+    with pytest.raises(ZeroDivisionError):
+        failing.result(timeout=120)
+
+
+def _kill_node(node: str) -> None:
+    """The node dies: every process on it (its execd, the tasks' shepherds and workers) is killed,
+    except the namespace holder that is the host itself."""
+    holder = Path(f"/var/lib/sheepdog-test-cell/multi/{node}.holder").read_text().strip()
+    pids = subprocess.run(["ip", "netns", "pids", f"sdm-{node}"], capture_output=True, text=True).stdout
+    for pid in pids.split():
+        if pid != holder:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _revive_cell() -> None:
+    subprocess.run(["bash", str(CELL_SCRIPT)], check=True, capture_output=True, timeout=120)
+
+
+@multihost
+@pytest.mark.parametrize("retries", [1, 0])
+def test_a_node_dies_mid_map(make_multi: Callable[..., GridEngineExecutor], retries: int) -> None:
+    executor = make_multi(retries=retries, heartbeat_timeout=10)
+    futures = [executor.submit(where, i, 30.0) for i in range(8)]
+    status = executor.status
+    wait_until(
+        lambda: {w["host"] for w in status()["workers"] if w["holding"]} == set(NODES), 120, "both nodes busy"
+    )
+    try:
+        _kill_node("mh-node2")
+        if retries:
+            assert sorted(f.result(timeout=240)[0] for f in futures) == list(range(8))
+            assert {f.result()[1] for f in futures} == {"mh-node1"}
+        else:
+            errors = [f.exception(timeout=240) for f in futures]
+            lost = [e for e in errors if e is not None]
+            assert lost and all(isinstance(e, WorkerLost) for e in lost), errors
+            assert all("mh-node2" in str(e) for e in lost), [str(e) for e in lost]
+    finally:
+        _revive_cell()  # the execd back: it reports its dead jobs gone, and qstat forgets them
+
+
+@multihost
+def test_ctrl_c_leaves_nothing_in_qstat(multi_cell: str) -> None:
+    child = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("child_map.py")), "ctrl-c", multi_cell],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    try:
+        assert child.stdout is not None
+        jobs = json.loads(child.stdout.readline())["jobs"]
+        assert jobs
+        child.send_signal(signal.SIGINT)
+        child.wait(timeout=90)
+        running = lambda: set(jobs) & set(mssh(f"qstat -u {TEST_USER}").stdout.split())  # noqa: E731
+        wait_until(lambda: not running(), 30, "the child's jobs gone from qstat")
+    finally:
+        child.kill()
+        child.wait()
+
+
+# -- a client only the head node can reach ---------------------------------------------------------
+
+
+@dataclass
+class HeadOnlyClient:
+    """A network namespace linked to the head node only: the execution hosts have no route to it."""
+
+    netns: str
+    link: str  # its end of the link, inside the namespace
+    address: str
+    home: Path
+    alias: str
+
+    def start(self, script: str, *args: str) -> subprocess.Popen[str]:
+        env = {**os.environ, "HOME": str(self.home), "PYTHONPATH": os.pathsep.join(sys.path)}
+        return subprocess.Popen(
+            ["ip", "netns", "exec", self.netns, sys.executable, "-c", script, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def head_only_client(multi_cell: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HeadOnlyClient]:
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2 for network namespaces")
+    tag = uuid.uuid4().hex[:6]
+    netns, outer, inner = f"mhc-{tag}", f"mho{tag}", f"mhi{tag}"
+    subnet = f"10.98.{int(tag[:2], 16)}"
+    head_address, client_address = f"{subnet}.1", f"{subnet}.2"
+    home = tmp_path_factory.mktemp(f"client-{tag}")
+    try:
+        _ip("netns", "add", netns)
+        _ip("link", "add", outer, "type", "veth", "peer", "name", inner, "netns", netns)
+        _ip("link", "set", outer, "netns", HEAD_NETNS)
+        _ip("-n", HEAD_NETNS, "addr", "add", f"{head_address}/30", "dev", outer)
+        _ip("-n", HEAD_NETNS, "link", "set", outer, "up")
+        _ip("-n", netns, "addr", "add", f"{client_address}/30", "dev", inner)
+        _ip("-n", netns, "link", "set", inner, "up")
+        _ip("-n", netns, "link", "set", "lo", "up")
+        (home / ".ssh").mkdir(mode=0o700)
+        (home / ".ssh" / "config").write_text(
+            f"Host head\n    HostName {head_address}\n    User {TEST_USER}\n    IdentityFile {KEY}\n"
+        )
+        keys = [Path(k).read_text().split()[:2] for k in sorted(Path("/etc/ssh").glob("ssh_host_*_key.pub"))]
+        (home / ".ssh" / "known_hosts").write_text("".join(f"{head_address} {k} {v}\n" for k, v in keys))
+        # the premise: the execution hosts cannot reach the client; the head node can
+        for node, expected in ((NODES[0], False), ("mh-head", True)):
+            holder = Path(f"/var/lib/sheepdog-test-cell/multi/{node}.holder").read_text().strip()
+            probe = subprocess.run(
+                ["nsenter", "-t", holder, "-n", "python3", "-c", PROBE, client_address],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            assert ("unreachable" not in probe.stdout) == expected, (node, probe.stdout)
+        yield HeadOnlyClient(netns, inner, client_address, home, "head")
+    finally:
+        subprocess.run(["ip", "-n", HEAD_NETNS, "link", "del", outer], capture_output=True)
+        subprocess.run(["ip", "netns", "del", netns], capture_output=True)
+
+
+PROBE = textwrap.dedent(
+    """
+    import socket, sys
+    try:
+        socket.create_connection((sys.argv[1], 9), timeout=3)
+    except ConnectionRefusedError:
+        print("reachable")  # something answered: the address is routed
+    except OSError as exc:
+        print("unreachable", exc)
+    """
+)
+
+AUTO_CLIENT = textwrap.dedent(
+    """
+    import json, sys
+    from sheepdog_executor import GridEngineExecutor
+    report = {}
+    with GridEngineExecutor(host=sys.argv[1], callback="auto", max_workers=4, poll_interval=0.5,
+                            job_name=sys.argv[2]) as executor:
+        report["result"] = list(executor.map(abs, range(-20, 0), timeout=180))
+        report["routes"] = executor.status()["routes"]
+        report["worker_routes"] = sorted({w["route"] for w in executor.status()["workers"]})
+    print(json.dumps(report))
+    """
+)
+
+
+@multihost
+def test_auto_when_only_the_head_node_reaches_the_client(head_only_client: HeadOnlyClient) -> None:
+    name = f"mha-{uuid.uuid4().hex[:6]}"
+    client = head_only_client.start(AUTO_CLIENT, head_only_client.alias, name)
+    try:
+        out, err = client.communicate(timeout=240)
+    finally:
+        client.kill()
+    assert client.returncode == 0, err[-3000:]
+    report = json.loads(out.splitlines()[-1])
+    assert report["result"] == list(range(20, 0, -1))
+    # offered: the direct address (the head node reached it) first, then the tunnel
+    assert [r.split()[0] for r in report["routes"]] == ["direct", "tunnel"], report
+    assert report["worker_routes"] == ["tunnel"], report
+    assert not jobs_named(name)
+
+
+def test_the_cell_is_really_several_hosts(multi_cell: str) -> None:
+    """Premise of this module: distinct host names and /tmp on the hosts, one /home."""
+    marker = f"/tmp/mh-premise-{uuid.uuid4().hex[:6]}"
+    assert mssh(f"hostname; touch {marker}; echo $HOME").stdout.split()[0] == "mh-head"
+    assert not Path(marker).exists()  # the head node's /tmp is not this machine's
+    assert socket.gethostbyname("mh-node1") != socket.gethostbyname("mh-node2")
