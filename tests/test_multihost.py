@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import as_completed
@@ -95,8 +94,8 @@ def make_multi(multi_cell: str) -> Iterator[Callable[..., GridEngineExecutor]]:
 
 
 @multihost
-def test_map_and_submit_spread_over_both_execution_hosts(make_multi: Callable[..., GridEngineExecutor]) -> None:
-    executor = make_multi()
+def test_map_and_submit_spread_over_both_hosts(make_multi: Callable[..., GridEngineExecutor]) -> None:
+    executor = make_multi(max_workers=12)  # more than one host's 8 slots
     results = list(executor.map(where, range(48), [0.5] * 48, timeout=180))
     assert [x for x, _ in results] == list(range(48))
     assert set(collections.Counter(host for _, host in results)) == set(NODES)
@@ -130,8 +129,8 @@ def _revive_cell() -> None:
 @multihost
 @pytest.mark.parametrize("retries", [1, 0])
 def test_a_node_dies_mid_map(make_multi: Callable[..., GridEngineExecutor], retries: int) -> None:
-    executor = make_multi(retries=retries, heartbeat_timeout=10)
-    futures = [executor.submit(where, i, 30.0) for i in range(8)]
+    executor = make_multi(retries=retries, heartbeat_timeout=10, max_workers=12)
+    futures = [executor.submit(where, i, 10.0) for i in range(12)]
     status = executor.status
     wait_until(
         lambda: {w["host"] for w in status()["workers"] if w["holding"]} == set(NODES), 120, "both nodes busy"
@@ -139,7 +138,7 @@ def test_a_node_dies_mid_map(make_multi: Callable[..., GridEngineExecutor], retr
     try:
         _kill_node("mh-node2")
         if retries:
-            assert sorted(f.result(timeout=240)[0] for f in futures) == list(range(8))
+            assert sorted(f.result(timeout=240)[0] for f in futures) == list(range(12))
             assert {f.result()[1] for f in futures} == {"mh-node1"}
         else:
             errors = [f.exception(timeout=240) for f in futures]
