@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shlex
 import shutil
 import signal
 import socket
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import our_jobs, ssh
+from conftest import our_jobs, ssh, wait_until
 
 from sheepdog_executor import GridEngineExecutor
 from sheepdog_executor.dispatch import Dispatcher
@@ -342,6 +343,45 @@ def _reconnect_and_close(executor: GridEngineExecutor) -> None:
     while _relay_pid(relay_port) is not None and time.monotonic() < wait:
         time.sleep(0.2)
     assert _relay_pid(relay_port) is None, "the relay outlived its executor"
+
+
+@cluster
+def test_relay_port_taken_after_an_ssh_drop(
+    make_executor: Callable[..., GridEngineExecutor], cell: str
+) -> None:
+    """Another user binds the relay's port while the connection is down: the relay is re-made on
+    another port, the workers learn it from the session's routes file, and no call fails."""
+    executor = make_executor(callback="tunnel", max_workers=4)
+    session = executor._session
+    old_port = session.routes[-1][2]
+    results = executor.map(square, range(400))
+    wait_until(lambda: executor.status()["workers"], 120, "workers running")
+    squatter = None
+    with session.shell._lock:  # no reconnect (hence no new relay) until the port is taken
+        session.shell._client.get_transport().close()
+        wait_until(lambda: _relay_pid(old_port) is None, 30, "the relay ended with the connection")
+        squatter = subprocess.Popen(
+            ["ssh", "-o", "BatchMode=yes", cell, "exec python3 -c " + shlex.quote(SQUAT), str(old_port)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+    try:
+        assert squatter.stdout is not None and squatter.stdout.readline().strip() == "bound"
+        assert list(results) == [x * x for x in range(400)]
+        new_port = session.routes[-1][2]
+        assert new_port != old_port and _relay_pid(new_port) is not None
+        routes = ssh(f"cat {session.session_dir}/routes").stdout
+        assert f":{new_port}" in routes, routes
+    finally:
+        squatter.kill()
+
+
+#: Another user's server on the relay's old port: it takes connections and drops them.
+SQUAT = (
+    "import socket, sys, time; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+    "s.bind(('', int(sys.argv[1]))); s.listen(); print('bound', flush=True); s.settimeout(120)\n"
+    "while True: s.accept()[0].close()"
+)
 
 
 # -- without the cell -----------------------------------------------------------------------------

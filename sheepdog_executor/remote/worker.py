@@ -109,21 +109,21 @@ class Channel:
                     )
                     response = self._conn.getresponse()
                     data = response.read()
+                    if response.status != 200:
+                        raise Refused(f"{path}: HTTP {response.status} {data[:200]!r}")
+                    if not protocol.check_response(
+                        self._secret, nonce, data, response.getheader(protocol.AUTH_HEADER)
+                    ):
+                        raise Refused(f"{path}: response not signed with our secret")
                 except (OSError, http.client.HTTPException) as exc:
                     self._failed(attempt, attempts, exc)
                     continue
-                refused = None
-                if response.status != 200:
-                    refused = Refused(f"{path}: HTTP {response.status} {data[:200]!r}")
-                elif not protocol.check_response(
-                    self._secret, nonce, data, response.getheader(protocol.AUTH_HEADER)
-                ):
-                    refused = Refused(f"{path}: response not signed with our secret")
-                if refused is not None:
-                    # not our client at this address: another route may lead to it
+                except Refused as refused:
+                    # not our client at this address: another route may lead to it, or, once we
+                    # reached it, the route may come back (a port someone took while the relay moved)
                     refusals += 1
-                    if refusals >= len(self.reach.routes):
-                        raise refused
+                    if not self.reach.reached and refusals >= len(self.reach.routes):
+                        raise
                     self._failed(attempt, attempts, refused)
                     continue
                 self.reach.contacted()

@@ -1,0 +1,84 @@
+"""Workers of a client that died: gone from the cluster within ``disconnect_tolerance`` + 30 s.
+
+A worker counts the time since it last reached its client; past the tolerance it ends its call and
+exits (``remote/reach.py``), and a task that starts after its client died gives up within seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+
+import pytest
+from conftest import our_jobs, wait_until
+
+cluster = pytest.mark.cluster
+
+TOLERANCE = 10.0
+
+CLIENT = textwrap.dedent(
+    """
+    import json, sys, time
+    from sheepdog_executor import GridEngineExecutor
+
+    def slow(seconds):
+        import time
+        time.sleep(seconds)
+
+    executor = GridEngineExecutor(
+        host=sys.argv[1], max_workers=2, poll_interval=0.5, job_name=sys.argv[2],
+        disconnect_tolerance=float(sys.argv[3]),
+        qsub_args=["-tc", "1"],  # one task runs (a 600 s call), the other waits in the queue
+    )
+    results = executor.map(slow, [600, 600])
+    while not executor._session.dispatcher.workers:
+        time.sleep(0.2)
+    print(json.dumps({"jobs": executor.job_ids}), flush=True)
+    time.sleep(3600)
+    """
+)
+
+
+@cluster
+def test_a_dead_clients_jobs_leave_the_cluster_within_the_tolerance(cell: str) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    name = f"sdgone-{uuid.uuid4().hex[:6]}"
+    clients = {
+        sig: subprocess.Popen(
+            [sys.executable, "-c", CLIENT, cell, name, str(TOLERANCE)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for sig in (signal.SIGKILL, signal.SIGTERM)
+    }
+    jobs: set[str] = set()
+    try:
+        for client in clients.values():
+            assert client.stdout is not None
+            line = client.stdout.readline()
+            assert line, client.stderr.read() if client.stderr else ""
+            jobs |= set(json.loads(line)["jobs"])
+        states = our_jobs(jobs)
+        assert any("qw" in s for rows in states.values() for s in rows), states  # a task still queued
+        for sig, client in clients.items():
+            client.send_signal(sig)
+        for client in clients.values():
+            client.wait(timeout=30)
+        killed = time.monotonic()
+        wait_until(lambda: not our_jobs(jobs), TOLERANCE + 30, "a dead client's tasks gone from qstat")
+        print(f"gone {time.monotonic() - killed:.1f} s after the clients died")
+    finally:
+        for client in clients.values():
+            client.kill()
+            client.wait()
+        left = our_jobs(jobs)
+        if left:
+            subprocess.run(["ssh", "-o", "BatchMode=yes", cell, "qdel " + " ".join(left)], check=False)
