@@ -234,8 +234,9 @@ class JobManager:
             with self._jobs_lock:
                 job_ids = list(self.jobs)
             states = self.scheduler.poll(job_ids) if job_ids else {}
-            # suspended during the poll: its answer may be from before; ask again next round
-            if not self.away.check_gap(time.monotonic() - now - 60.0):
+            # a poll this slow means this client was cut off (or suspended) while it waited: the
+            # workers could not reach it either; judge them next round, with a grace period
+            if not self.away.check_gap(time.monotonic() - now):
                 self._reconcile(states)
         self._scale()
 

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import as_completed
@@ -54,7 +55,6 @@ def jobs_named(name: str) -> list[str]:
 
 def where(x: int, seconds: float = 0.0) -> tuple[int, str]:
     import socket
-    import time
 
     time.sleep(seconds)
     return x, socket.gethostname()
@@ -289,3 +289,121 @@ def test_the_cell_is_really_several_hosts(multi_cell: str) -> None:
     assert mssh(f"hostname; touch {marker}; echo $HOME").stdout.split()[0] == "mh-head"
     assert not Path(marker).exists()  # the head node's /tmp is not this machine's
     assert socket.gethostbyname("mh-node1") != socket.gethostbyname("mh-node2")
+
+
+# -- a laptop that drops off the network or sleeps --------------------------------------------------
+
+LAPTOP_CLIENT = textwrap.dedent(
+    """
+    import json, logging, sys, threading, time
+    from sheepdog_executor import GridEngineExecutor
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("sheepdog_executor").setLevel(logging.INFO)
+
+    def call(i, path):
+        import time
+        with open(path, "a") as handle:  # the side effect the test counts on the cell
+            handle.write(f"{i}\\n")
+        time.sleep(0.5)
+        return i
+
+    host, name, path, calls = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    report = {}
+    with GridEngineExecutor(host=host, max_workers=8, job_name=name, progress=False) as executor:
+        def started():
+            while sum(w["calls_done"] for w in executor.status()["workers"]) < 40:
+                time.sleep(0.5)
+            print("started", flush=True)
+        threading.Thread(target=started, daemon=True).start()
+        results = executor.map(call, range(calls), [path] * calls, timeout=1200)
+        try:
+            report["ok"] = list(results) == list(range(calls))
+        except Exception as exc:
+            report["error"] = f"{type(exc).__name__}: {exc}"
+        report["jobs"] = executor.job_ids
+    print(json.dumps(report), flush=True)
+    """
+)
+
+OUTAGE_SECONDS = 120
+LAPTOP_CALLS = 2000
+
+
+@dataclass
+class LaptopRun:
+    name: str
+    report: dict[str, Any]
+    stderr: str
+    side_effects: list[str]
+
+
+@pytest.fixture(scope="module")
+def laptop_runs(head_only_client: HeadOnlyClient) -> Iterator[dict[str, LaptopRun]]:
+    """Two maps of 2,000 calls of 0.5 s at once: one client's network goes down for 120 s, the
+    other client is suspended (SIGSTOP) for 120 s; each report, stderr and side effects on the cell."""
+    home = mssh("printf %s $HOME").stdout
+    tag = uuid.uuid4().hex[:6]
+    paths = {kind: f"{home}/.cache/sheepdog-tests/laptop-{kind}-{tag}.txt" for kind in ("offline", "sleep")}
+    mssh("mkdir -p ~/.cache/sheepdog-tests")
+    names = {kind: f"mhl{kind[0]}-{tag}" for kind in paths}
+    args = {kind: [names[kind], path, str(LAPTOP_CALLS)] for kind, path in paths.items()}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    clients = {
+        # offline: in the namespace linked to the head node only; asleep: on this machine
+        "offline": head_only_client.start(LAPTOP_CLIENT, head_only_client.alias, *args["offline"]),
+        "sleep": subprocess.Popen(
+            [sys.executable, "-c", LAPTOP_CLIENT, ALIAS, *args["sleep"]],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        ),
+    }
+    link = ["ip", "-n", head_only_client.netns, "link", "set", head_only_client.link]
+    try:
+        for client in clients.values():
+            assert client.stdout is not None
+            started = client.stdout.readline().strip()
+            assert started == "started", client.stderr.read() if client.stderr else ""
+        subprocess.run([*link, "down"], check=True)
+        clients["sleep"].send_signal(signal.SIGSTOP)
+        time.sleep(OUTAGE_SECONDS)  # the outage itself: nothing to poll for
+        subprocess.run([*link, "up"], check=True)
+        clients["sleep"].send_signal(signal.SIGCONT)
+        runs = {}
+        for kind, client in clients.items():
+            out, err = client.communicate(timeout=900)
+            lines = [line for line in out.splitlines() if line.startswith("{")]
+            assert lines, f"{kind}: no report (exit {client.returncode}):\n{err[-3000:]}"
+            effects = mssh(f"cat {paths[kind]}").stdout.split()
+            runs[kind] = LaptopRun(names[kind], json.loads(lines[-1]), err, effects)
+        yield runs
+    finally:
+        subprocess.run([*link, "up"], check=False)
+        for client in clients.values():
+            client.send_signal(signal.SIGCONT)
+            client.kill()
+            client.wait()
+        mssh("rm -f " + " ".join(paths.values()))
+
+
+def _loses_nothing(run: LaptopRun) -> None:
+    assert run.report.get("ok") is True, (run.report, run.stderr[-3000:])
+    counts = collections.Counter(run.side_effects)
+    assert sorted(counts) == sorted(str(i) for i in range(LAPTOP_CALLS)), "a call never ran"
+    assert max(counts.values()) == 1, [i for i, n in counts.items() if n > 1][:20]  # none ran twice
+    assert not jobs_named(run.name)
+
+
+@multihost
+def test_a_laptop_offline_for_two_minutes_loses_nothing(laptop_runs: dict[str, LaptopRun]) -> None:
+    run = laptop_runs["offline"]
+    _loses_nothing(run)
+    assert "was away from the cluster" in run.stderr or "unreachable" in run.stderr, run.stderr[-3000:]
+
+
+@multihost
+def test_a_laptop_asleep_for_two_minutes_loses_nothing(laptop_runs: dict[str, LaptopRun]) -> None:
+    run = laptop_runs["sleep"]
+    _loses_nothing(run)
+    assert "was away from the cluster" in run.stderr, run.stderr[-3000:]
