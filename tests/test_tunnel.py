@@ -376,12 +376,24 @@ def test_relay_port_taken_after_an_ssh_drop(
         squatter.kill()
 
 
-#: Another user's server on the relay's old port: it takes connections and drops them.
-SQUAT = (
-    "import socket, sys, time; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
-    "s.bind(('', int(sys.argv[1]))); s.listen(); print('bound', flush=True); s.settimeout(120)\n"
-    "while True: s.accept()[0].close()"
-)
+#: Another user's server on the relay's old port: it takes connections and drops them. (It may
+#: have to wait until connections of the old relay in their closing states let go of the port.)
+SQUAT = """
+import socket, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+for _ in range(300):
+    try:
+        s.bind(("", int(sys.argv[1])))
+        break
+    except OSError:
+        time.sleep(0.1)
+s.listen()
+print("bound", flush=True)
+s.settimeout(120)
+while True:
+    s.accept()[0].close()
+"""
 
 
 # -- without the cell -----------------------------------------------------------------------------
