@@ -131,6 +131,8 @@ def client_distributions(path: list[str] | None = None) -> list[Wanted]:
 
 
 def _provides_modules(dist: importlib.metadata.Distribution) -> bool:
+    if (dist.read_text("top_level.txt") or "").strip():  # cheaper than reading RECORD, when there
+        return True
     files = dist.files
     if files is None:  # no RECORD (an old-style install): assume it does
         return True

@@ -24,6 +24,8 @@ import tempfile
 import time
 
 MARKER = ".sheepdog-env.json"
+#: Uploads of a client that died during a build are removed by a later build after this long.
+STALE_SECONDS = 24 * 3600
 #: Lines of pip's output kept for an error message.
 TAIL_LINES = 40
 
@@ -118,8 +120,12 @@ def build(envs, key, spec_file):
             return 0
         # whatever is here without the lock's holder is left over from a build that died
         for name in os.listdir(envs):
-            if name.startswith(".build-" + key + "-"):
-                shutil.rmtree(os.path.join(envs, name), ignore_errors=True)
+            path = os.path.join(envs, name)
+            if name.startswith(".build-" + key + "-") or (
+                name.startswith((".staging-", ".trash-"))
+                and time.time() - os.path.getmtime(path) > STALE_SECONDS
+            ):
+                shutil.rmtree(path, ignore_errors=True)
         if os.path.lexists(final):
             shutil.rmtree(final, ignore_errors=True)
         tmp = tempfile.mkdtemp(prefix=".build-" + key + "-", dir=envs)
