@@ -356,7 +356,10 @@ class EnvironmentSync:
                     if answer["status"] != "ready":
                         raise self._install_failed(answer)
         finally:
-            head.shell.run(f"rm -rf {shlex.quote(staging)}", timeout=60)
+            try:
+                head.shell.run(f"rm -rf {shlex.quote(staging)}", timeout=60)
+            except Exception as exc:  # noqa: BLE001 - must not hide the build's own error
+                log.warning("could not remove %s: %s", staging, exc)
         mode = answer.get("mode") if answer.get("built") else None
         if answer.get("built"):
             self._say(f"{path} built in {time.monotonic() - started:.0f} s")
