@@ -135,7 +135,7 @@ def env_root(cell: str) -> Iterator[str]:
     home = ssh('printf %s "$HOME"').stdout.strip()
     root = f"{home}/.sheepdog-test-env-{os.getpid()}-{int(time.time())}"
     yield root
-    ssh(f"rm -rf {shlex.quote(root)}")
+    ssh(f"rm -rf {shlex.quote(root)} >/dev/null 2>&1 &")  # in the background: nothing waits for it
 
 
 def _client(venv: Path, cell: str, root: str, scenario: str) -> dict[str, object]:
