@@ -62,6 +62,7 @@ def child(host: str, offline: bool, repeat: int) -> None:
     """Inside the client venv: the measurements."""
     from sheepdog_executor import GridEngineExecutor
     from sheepdog_executor.environment import EnvironmentSync, HeadNode
+    from sheepdog_executor.jobscript import JobOptions
     from sheepdog_executor.shell import SSHShell, SSHTarget
 
     shell = SSHShell(SSHTarget.resolve(host))
@@ -87,7 +88,7 @@ def child(host: str, offline: bool, repeat: int) -> None:
             cached.append(seconds)
         sync = EnvironmentSync.from_options("sync")
         assert sync is not None
-        head = HeadNode(shell, setup, "python3")
+        head = HeadNode(shell, JobOptions(), setup)
         checks = [timed(lambda: sync.prepare(head, root))[0] for _ in range(5)]
         rows = [
             ("executor start, no environment (median)", statistics.median(plain)),

@@ -558,8 +558,7 @@ def cleanup(
             f"session(s), under {root} on {host}",
             file=out,
         )
-        job_options = _job_options(options)
-        head = HeadNode(shell, [*_command_setup(options), *job_options.setup], job_options.python)
+        head = HeadNode(shell, _job_options(options), _command_setup(options))
         clean_environments(head, f"{root}/envs", remove=envs, dry_run=dry_run, out=out)
         return 0
     except SheepdogError as exc:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from sheepdog_executor.errors import ConfigurationError, EnvironmentSyncFailed, SchedulerError
+from sheepdog_executor.jobscript import JobOptions, with_setup
 from sheepdog_executor.shell import Shell
 
 log = logging.getLogger("sheepdog_executor")
@@ -267,19 +268,23 @@ class SyncedEnvironment:
 
 
 class HeadNode:
-    """Runs ``envtool.py`` with the nodes' interpreter on the head node, after the set-up lines."""
+    """Runs ``envtool.py`` on the head node with the nodes' interpreter (``python=``), after the
+    ``command_setup`` lines and the ``setup`` lines (run as a task runs them)."""
 
-    def __init__(self, shell: Shell, prelude: Sequence[str], python: str) -> None:
+    def __init__(self, shell: Shell, options: JobOptions, command_setup: Sequence[str] = ()) -> None:
         self.shell = shell
-        self.prelude = list(prelude)
-        self.python = python
+        self.options = options
+        self.command_setup = list(command_setup)
+
+    @property
+    def python(self) -> str:
+        return self.options.python
 
     def tool(self, *args: str, timeout: float = 120.0) -> dict[str, Any]:
         """Run an envtool command; its JSON answer."""
         command = " ".join(shlex.quote(a) for a in [self.python, "-", *args])
-        done = self.shell.run(
-            "\n".join([*self.prelude, command]), stdin=_ENVTOOL.read_bytes(), timeout=timeout
-        )
+        script = "\n".join([*self.command_setup, with_setup(self.options, command)])
+        done = self.shell.run(script, stdin=_ENVTOOL.read_bytes(), timeout=timeout)
         lines = done.stdout.strip().splitlines()
         try:
             answer = json.loads(lines[-1]) if done.returncode == 0 and lines else None

@@ -102,10 +102,9 @@ class Session:
         #: The synced environment the nodes run (``environment="sync"``), else None.
         self.environment: SyncedEnvironment | None = None
         if environment is not None:
-            options = scheduler.options
-            head = HeadNode(shell, [*scheduler.command_setup, *options.setup], options.python)
+            head = HeadNode(shell, scheduler.options, scheduler.command_setup)
             self.environment = environment.prepare(head, root)
-            scheduler.options = dataclasses.replace(options, python=self.environment.python)
+            scheduler.options = dataclasses.replace(scheduler.options, python=self.environment.python)
         # a new 0700 directory of the user's, or an error
         self.session_dir = make_session_dir(shell, root)
         try:

@@ -34,6 +34,7 @@ from sheepdog_executor.environment import (
     client_distributions,
 )
 from sheepdog_executor.errors import ConfigurationError
+from sheepdog_executor.jobscript import JobOptions
 from sheepdog_executor.shell import SSHShell, SSHTarget
 
 REPO = Path(__file__).resolve().parent.parent
@@ -193,7 +194,7 @@ def test_two_builders_at_once_build_one_environment(cell: str, env_root: str) ->
     def build() -> None:
         shell = SSHShell(SSHTarget.resolve(cell))
         try:
-            results.append(EnvironmentSync(spec).prepare(HeadNode(shell, [], "python3"), f"{env_root}/race"))
+            results.append(EnvironmentSync(spec).prepare(HeadNode(shell, JobOptions()), f"{env_root}/race"))
         except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
             results.append(exc)
         finally:
@@ -222,7 +223,7 @@ def test_cleanup_lists_and_removes_environments(
     shell = SSHShell(SSHTarget.resolve(cell))
     try:
         synced = EnvironmentSync(EnvironmentSpec((Wanted("six", "1.17.0"),))).prepare(
-            HeadNode(shell, [], "python3"), root
+            HeadNode(shell, JobOptions()), root
         )
     finally:
         shell.close()
@@ -238,3 +239,20 @@ def test_cleanup_lists_and_removes_environments(
     assert main(["cleanup", cell, "--envs"]) == 0
     assert f"removed 1 environment(s) under {root}/envs" in capsys.readouterr().out
     assert ssh(f"test -e {synced.path}").returncode == 1
+
+
+@pytest.mark.cluster
+def test_the_environment_comes_from_the_interpreter_the_setup_lines_give(cell: str, env_root: str) -> None:
+    # scripts/test-cell.sh's module "sheepdog-python" puts a Python without pip first on PATH: the
+    # environment is made from it (and gets pip from ensurepip), not from the login shell's python3
+    options = JobOptions(setup=("module load sheepdog-python",))
+    shell = SSHShell(SSHTarget.resolve(cell))
+    try:
+        synced = EnvironmentSync(EnvironmentSpec((Wanted("six", "1.17.0"),))).prepare(
+            HeadNode(shell, options), f"{env_root}/module"
+        )
+    finally:
+        shell.close()
+    marker = json.loads(ssh(f"cat {synced.path}/.sheepdog-env.json").stdout)
+    assert marker["python"] == "/opt/sheepdog-test-python/bin/python3"
+    assert ssh(f"{synced.python} -c 'import six; print(six.__version__)'").stdout.strip() == "1.17.0"

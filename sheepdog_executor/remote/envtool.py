@@ -74,14 +74,15 @@ def _run(argv):
 
 
 def _pip(python):
-    """(pip command for the venv of ``python``, exit status, output): this interpreter's own pip
-    when it can install into another (pip 22.3+: ``--python``), which saves seeding pip into the
-    venv; else pip installed into the venv by ensurepip."""
-    code, output = _run([sys.executable, "-m", "pip", "--version"])
-    version = output.split()[1].split(".") if code == 0 and output.startswith("pip ") else []
-    if len(version) >= 2 and version[0].isdigit() and version[1].isdigit():
-        if (int(version[0]), int(version[1])) >= (22, 3):
-            return [sys.executable, "-m", "pip", "--python", python], 0, ""
+    """(pip command for the venv of ``python``, exit status, output): a pip of this interpreter (or
+    of the one it is a venv of) that can install into another (pip 22.3+: ``--python``), which saves
+    seeding pip into the venv; else pip installed into the venv by ensurepip."""
+    for base in dict.fromkeys([sys.executable, getattr(sys, "_base_executable", sys.executable)]):
+        code, output = _run([base, "-m", "pip", "--version"])
+        version = output.split()[1].split(".") if code == 0 and output.startswith("pip ") else []
+        if len(version) >= 2 and version[0].isdigit() and version[1].isdigit():
+            if (int(version[0]), int(version[1])) >= (22, 3):
+                return [base, "-m", "pip", "--python", python], 0, ""
     code, output = _run([python, "-m", "ensurepip", "--default-pip"])
     return [python, "-m", "pip"], code, output
 
