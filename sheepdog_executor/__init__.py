@@ -2,6 +2,7 @@
 
 from sheepdog_executor import integrations as _integrations  # noqa: F401 - joblib's "gridengine" backend, registered lazily
 from sheepdog_executor.errors import (
+    BrokenClusterExecutor,
     BrokenGridEngineExecutor,
     ConfigurationError,
     ConnectionFailed,
@@ -22,6 +23,7 @@ from sheepdog_executor.executor import ClusterExecutor, GridEngineExecutor, Loca
 __version__ = "0.1.0"
 
 __all__ = [
+    "BrokenClusterExecutor",
     "BrokenGridEngineExecutor",
     "ClusterExecutor",
     "ConfigurationError",

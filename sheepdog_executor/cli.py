@@ -25,7 +25,7 @@ import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from sheepdog_executor.config import config_path, env_name, environment_options, resolve_options
 from sheepdog_executor.environment import HeadNode
@@ -39,26 +39,17 @@ from sheepdog_executor.errors import (
 )
 from sheepdog_executor.jobscript import JobOptions, WorkerLaunch, with_setup
 from sheepdog_executor.liveness import probe_client
-from sheepdog_executor.scheduler import GridEngineScheduler, TaskState
+from sheepdog_executor.scheduler import Scheduler, SessionJob, TaskState
+from sheepdog_executor.scheduler.base import plain_name
 from sheepdog_executor.shell import Shell, SSHShell, SSHTarget
+
+if TYPE_CHECKING:
+    from sheepdog_executor.executor import ClusterExecutor
 
 #: The file in a session directory that holds the client's endpoint URL (see ``cleanup``).
 ENDPOINT_RECORD = "endpoint"
 #: A doctor probe directory this old (minutes) without jobs is left over from a doctor that died.
 DOCTOR_LEFTOVER_MINUTES = 10
-#: Options that shape the job script (the rest are SSH or executor options).
-JOB_OPTION_NAMES = (
-    "setup_shell",
-    "queue",
-    "resources",
-    "parallel_environment",
-    "slots",
-    "job_name",
-    "working_directory",
-    "qsub_args",
-    "setup",
-    "python",
-)
 _SSH_ARGUMENTS = {
     "user": "user",
     "port": "port",
@@ -99,15 +90,15 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="sheepdog-executor",
-        description="Check a Grid Engine cluster for GridEngineExecutor, or clean up after crashed clients.",
+        description="Check a cluster for an executor, or clean up after crashed clients.",
     )
     parser.add_argument("--version", action="version", version=f"sheepdog-executor {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is done (debug)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     doctor = commands.add_parser(
         "doctor",
-        help="check SSH, Grid Engine, the nodes' Python and the way back to this client",
-        description="Check, in order, what GridEngineExecutor(host=HOST) needs; stop at the first "
+        help="check SSH, the scheduler, the nodes' Python and the way back to this client",
+        description="Check, in order, what an executor on HOST needs; stop at the first "
         "failure and say what to change. Options come from the config file and SHEEPDOG_* variables.",
     )
     doctor.add_argument("host", metavar="HOST", help="host name or ~/.ssh/config alias of the head node")
@@ -159,21 +150,25 @@ def _command_setup(options: Mapping[str, Any]) -> list[str]:
     return [command_setup] if isinstance(command_setup, str) else list(command_setup)
 
 
-def _scheduler(shell: Shell, options: Mapping[str, Any], job_options: JobOptions) -> GridEngineScheduler:
-    return GridEngineScheduler(shell, job_options, _command_setup(options))
+def _executor_class() -> type[ClusterExecutor]:
+    """The executor (and so the scheduler) the commands check and clean up after."""
+    from sheepdog_executor.executor import GridEngineExecutor
+
+    return GridEngineExecutor
 
 
-def _job_options(options: Mapping[str, Any]) -> JobOptions:
-    from sheepdog_executor.executor import _job_options as build
-
-    return build(**{k: options[k] for k in JOB_OPTION_NAMES if k in options})
+def _scheduler(
+    shell: Shell, options: Mapping[str, Any], job_options: JobOptions, cls: type[Scheduler]
+) -> Scheduler:
+    """The scheduler an executor with these options would use (its own options checked)."""
+    return cls(shell, job_options, options.get("command_setup", ()), cls.site_options(options))
 
 
 def executor_default(option: str) -> Any:
-    """GridEngineExecutor's own default for an option: its signature is where defaults are written."""
-    from sheepdog_executor.executor import ClusterExecutor, GridEngineExecutor
+    """An executor's own default for an option: its signature is where defaults are written."""
+    from sheepdog_executor.executor import ClusterExecutor
 
-    for cls in (GridEngineExecutor, ClusterExecutor):
+    for cls in (_executor_class(), ClusterExecutor):
         parameter = inspect.signature(cls.__init__).parameters.get(option)
         if parameter is not None and parameter.default is not parameter.empty:
             return parameter.default
@@ -209,8 +204,9 @@ class Doctor:
         self.out = out or sys.stdout
         self.options: dict[str, Any] = {}
         self.job_options = JobOptions()
+        self.executor_class = _executor_class()
         self.shell: SSHShell | None = None
-        self.scheduler: GridEngineScheduler | None = None
+        self.scheduler: Scheduler | None = None
 
     def run(self) -> int:
         checks: list[tuple[str, Callable[[], str]]] = [
@@ -236,7 +232,8 @@ class Doctor:
         finally:
             if self.shell is not None:
                 self.shell.close()
-        print(f"all checks passed: GridEngineExecutor(host={self.host!r}) should work", file=self.out)
+        name = self.executor_class.__name__
+        print(f"all checks passed: {name}(host={self.host!r}) should work", file=self.out)
         return 0
 
     def _line(self, status: str, name: str, detail: str) -> None:
@@ -247,7 +244,8 @@ class Doctor:
         path = config_path()
         try:
             self.options = resolve_options(self.host, self.explicit)
-            self.job_options = _job_options(self.options)
+            self.job_options = JobOptions.from_options(self.options)
+            self.executor_class.scheduler_class.site_options(self.options)
         except ConfigurationError as exc:
             raise CheckFailed(str(exc), "correct the file or variable named above") from exc
         used = [env_name(k) for k in environment_options()]
@@ -289,17 +287,18 @@ class Doctor:
 
     def check_scheduler(self) -> str:
         assert self.shell is not None
-        self.scheduler = _scheduler(self.shell, self.options, self.job_options)
+        cls = self.executor_class.scheduler_class
+        self.scheduler = _scheduler(self.shell, self.options, self.job_options, cls)
         try:
             self.scheduler.prepare()
         except SchedulerError as exc:
             raise CheckFailed(
                 str(exc),
-                f'add Grid Engine to PATH for non-interactive logins, or command_setup = ["source '
-                f'$SGE_ROOT/default/common/settings.sh"] under [hosts."{self.host}"] in {config_path()}',
+                f"add {cls.name} to PATH for non-interactive logins, or the line that sets it up as "
+                f'command_setup = ["..."] under [hosts."{self.host}"] in {config_path()}',
             ) from exc
-        version = self.scheduler.run("qstat -help 2>&1 | head -n 1", timeout=30).stdout.strip()
-        return f"qsub, qstat, qdel found ({version or 'version unknown'})"
+        version = self.scheduler.version()
+        return f"{', '.join(cls.commands)} found ({version or 'version unknown'})"
 
     def check_python(self) -> str:
         assert self.shell is not None
@@ -330,7 +329,6 @@ class Doctor:
         )
 
     def check_callback(self) -> str:
-        from sheepdog_executor.executor import GridEngineExecutor
         from sheepdog_executor.tunnel import choose_route
 
         assert self.shell is not None and self.scheduler is not None
@@ -368,7 +366,7 @@ class Doctor:
         options = {**self.options, "max_workers": 1, "callback": route.mode}
         started = time.monotonic()
         try:
-            executor = GridEngineExecutor(host=self.host, **options)
+            executor = self.executor_class(host=self.host, **options)
         except SheepdogError as exc:
             raise CheckFailed(
                 f"the executor did not start: {exc}", "fix what the message says and run doctor again"
@@ -409,7 +407,10 @@ class Doctor:
         probe_dir = f"{_session_root(shell, self.options)}/doctor-{_stamp()}"
         launch = WorkerLaunch(probe_dir, "doctor-probe")
         scheduler = _scheduler(
-            shell, self.options, dataclasses.replace(self.job_options, job_name="sheepdog-doctor")
+            shell,
+            self.options,
+            dataclasses.replace(self.job_options, job_name="sheepdog-doctor"),
+            self.executor_class.scheduler_class,
         )
         job_id = ""
         try:
@@ -419,7 +420,7 @@ class Doctor:
             except SchedulerError as exc:
                 raise CheckFailed(
                     f"the test job was refused: {exc}",
-                    "check queue, resources, parallel_environment and qsub_args in your options",
+                    "check " + ", ".join(scheduler.option_names()) + " in your options",
                 ) from exc
             self._wait_until_gone(scheduler, job_id)
             out = shlex.quote(launch.output_path(job_id, 1, "out"))
@@ -435,8 +436,9 @@ class Doctor:
                 scheduler.cancel([job_id])
             shell.run(f"rm -rf {shlex.quote(probe_dir)}", timeout=30)
 
-    def _wait_until_gone(self, scheduler: GridEngineScheduler, job_id: str) -> None:
+    def _wait_until_gone(self, scheduler: Scheduler, job_id: str) -> None:
         deadline = time.monotonic() + self.timeout
+        inspect = scheduler.inspect_command(job_id)
         while True:
             tasks = scheduler.poll([job_id]).get(job_id)
             if not tasks:
@@ -446,29 +448,24 @@ class Doctor:
                 raise CheckFailed(
                     f"the test job {job_id} is in error state: {scheduler.error_reason(job_id)}",
                     "check that working_directory exists on the nodes and that the session "
-                    "directory (session_root, on a filesystem the nodes share) is writable there; "
-                    f"`qstat -j {job_id}` shows the reason",
+                    "directory (session_root, on a filesystem the nodes share) is writable there, "
+                    "and "
+                    + ", ".join(scheduler.option_names())
+                    + (f"; `{inspect}` shows the reason" if inspect else ""),
                 )
             if time.monotonic() > deadline:
-                why = self._job_info(scheduler, job_id, "scheduling info")
+                why = scheduler.pending_reason(job_id) if queued else ""
                 state = "waiting in the queue" if queued else "running"
                 raise CheckFailed(
                     f"the test job {job_id} was still {state} after {self.timeout:.0f} s"
-                    + (f"; scheduling info: {why}" if why else ""),
+                    + (f"; the scheduler says: {why}" if why else ""),
                     "if the cluster is busy run doctor again with a longer --timeout; otherwise check "
-                    f"that queue, resources and parallel_environment fit the cluster (`qstat -j {job_id}`)",
+                    "that "
+                    + ", ".join(scheduler.option_names())
+                    + " fit the cluster"
+                    + (f" (`{inspect}`)" if inspect else ""),
                 )
             time.sleep(1.0)
-
-    def _job_info(self, scheduler: GridEngineScheduler, job_id: str, field: str) -> str:
-        """The lines of ``qstat -j`` that start with ``field`` (their values, joined)."""
-        text = scheduler.run(f"qstat -j {shlex.quote(job_id)}", timeout=30).stdout
-        values = [
-            line.split(":", 1)[1].strip()
-            for line in text.splitlines()
-            if line.lower().startswith(field) and ":" in line
-        ]
-        return "; ".join(v for v in values if v and "no messages available" not in v)
 
     def _silence(self, job_ids: list[str], session_dir: str, how: str) -> str:
         """Why a call got no answer in time: the job is queued, or runs but never calls back."""
@@ -502,15 +499,6 @@ def _probe_bundle() -> bytes:
 
 # -- cleanup ------------------------------------------------------------------------------------
 @dataclass
-class LeftJob:
-    """One of the user's jobs that runs our worker from a session directory."""
-
-    id: str
-    name: str
-    session: str
-
-
-@dataclass
 class SessionDir:
     """A directory under the session root that holds a session's secret or worker bundle."""
 
@@ -531,10 +519,10 @@ def cleanup(
         print(f"error: {exc}", file=out)
         return 1
     try:
-        scheduler = _scheduler(shell, options, JobOptions())
+        scheduler = _scheduler(shell, options, JobOptions(), _executor_class().scheduler_class)
         scheduler.prepare()
         root = _session_root(shell, options)
-        jobs = find_left_jobs(scheduler, root)
+        jobs: list[SessionJob] = scheduler.session_jobs(root)
         sessions = list_sessions(shell, root)
         verb = "would remove" if dry_run else "removed"
         removed_jobs = removed_dirs = kept = 0
@@ -558,7 +546,7 @@ def cleanup(
             f"session(s), under {root} on {host}",
             file=out,
         )
-        head = HeadNode(shell, _job_options(options), _command_setup(options))
+        head = HeadNode(shell, JobOptions.from_options(options), _command_setup(options))
         clean_environments(head, f"{root}/envs", remove=envs, dry_run=dry_run, out=out)
         return 0
     except SheepdogError as exc:
@@ -588,25 +576,6 @@ def clean_environments(head: HeadNode, envs: str, *, remove: bool, dry_run: bool
     print(f"{verb} {len(names)} environment(s) under {envs}", file=out)
 
 
-def find_left_jobs(scheduler: GridEngineScheduler, root: str) -> list[LeftJob]:
-    """The user's jobs whose output goes to a session directory under ``root``.
-
-    The executor's job script always sends task output to ``SESSION/task-$JOB_ID-$TASK_ID.out`` and
-    runs ``SESSION/bundle.zip``; that output path, which ``qstat -j`` shows, names the session. The
-    job name is not used (``job_name=`` changes it). Jobs of other users are never listed.
-    """
-    prefix, suffix = WorkerLaunch("SESSION", "").output_path("$JOB_ID", "$TASK_ID", "out").split("SESSION")
-    found = []
-    for job in scheduler.own_jobs():
-        path = job.stdout_path
-        if not (path.startswith(f"{root}/{prefix}") and path.endswith(suffix)):
-            continue
-        session = path[len(root) + 1 + len(prefix) : len(path) - len(suffix)]
-        if _plain_name(session):
-            found.append(LeftJob(job.id, job.name, session))
-    return found
-
-
 def list_sessions(shell: Shell, root: str) -> dict[str, SessionDir]:
     """The directories under ``root`` that hold a session's secret or worker bundle, with their
     endpoint record and whether they are older than any doctor run."""
@@ -621,7 +590,7 @@ def list_sessions(shell: Shell, root: str) -> dict[str, SessionDir]:
     sessions = {}
     for line in shell.run(script, timeout=60).stdout.splitlines():
         name, old, endpoint = (line.split("\t") + ["", ""])[:3]
-        if _plain_name(name):
+        if plain_name(name):
             sessions[name] = SessionDir(name, endpoint.strip() or None, old == "old")
     return sessions
 
@@ -663,21 +632,17 @@ def probe_endpoint(shell: Shell, url: str, secret_path: str) -> tuple[str, str]:
     return probe_client(shell, url, secret_path)
 
 
-def _plain_name(name: str) -> bool:
-    return bool(name) and name not in (".", "..") and "/" not in name and "\n" not in name
-
-
 def _remove(
-    scheduler: GridEngineScheduler, shell: Shell, root: str, name: str, job_ids: list[str], has_dir: bool
+    scheduler: Scheduler, shell: Shell, root: str, name: str, job_ids: list[str], has_dir: bool
 ) -> None:
-    """qdel a session's jobs, wait (up to 30 s) until they left the queue, delete its directory."""
+    """Cancel a session's jobs, wait (up to 30 s) until they left the queue, delete its directory."""
     if job_ids:
         scheduler.cancel(job_ids)
         deadline = time.monotonic() + 30
         while scheduler.poll(job_ids) and time.monotonic() < deadline:
             time.sleep(1.0)
     if has_dir:
-        if not (root.startswith("/") and _plain_name(name)):
+        if not (root.startswith("/") and plain_name(name)):
             raise AssertionError(f"refusing to remove {root}/{name}")
         shell.run(f"rm -rf {shlex.quote(f'{root}/{name}')}", timeout=60)
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sheepdog_executor.errors import (
-    BrokenGridEngineExecutor,
+    BrokenClusterExecutor,
     PythonVersionMismatch,
     RemoteCallError,
     RemoteTraceback,
@@ -143,7 +143,7 @@ class Dispatcher:
         """Queue calls of one function: (kind, pickled arguments, future) each, as part of ``batch``."""
         with self._lock:
             if self.broken is not None:
-                raise BrokenGridEngineExecutor(str(self.broken)) from self.broken
+                raise BrokenClusterExecutor(str(self.broken)) from self.broken
             self._functions.setdefault(fn_key, fn_blob)
             count = 0
             for kind, payload, future in calls:
@@ -237,7 +237,7 @@ class Dispatcher:
             return self._exchange(worker_id, results, fatal)
         except Exception as exc:  # a bug here must fail the futures loudly, never strand them
             log.exception("dispatcher failed")
-            self.break_(BrokenGridEngineExecutor(f"internal error in the dispatcher: {exc!r}"))
+            self.break_(BrokenClusterExecutor(f"internal error in the dispatcher: {exc!r}"))
             return {"stop": True}
 
     def _exchange(
@@ -366,9 +366,7 @@ class Dispatcher:
 
     def _initializer_failed(self, fatal: bytes) -> None:
         _, tb = pickle.loads(fatal)
-        self.break_(
-            BrokenGridEngineExecutor(f"the initializer failed on a worker, so no call can run:\n{tb}")
-        )
+        self.break_(BrokenClusterExecutor(f"the initializer failed on a worker, so no call can run:\n{tb}"))
 
     # -- the job manager's side ------------------------------------------------------------
     def take_lost(self, worker_id: str) -> list[WorkItem]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import BrokenExecutor
 
 
@@ -26,7 +27,7 @@ class PicklingFailed(SheepdogError, TypeError):
 
 
 class SchedulerError(SheepdogError):
-    """A scheduler command (qsub, qstat, qdel, ...) failed or is missing on the head node."""
+    """A scheduler command (qsub, sbatch, qstat, squeue, ...) failed or is missing on the head node."""
 
 
 class EnvironmentSyncFailed(SheepdogError):
@@ -39,9 +40,13 @@ class EnvironmentSyncFailed(SheepdogError):
         self.version = version
 
 
-class BrokenGridEngineExecutor(BrokenExecutor, SheepdogError):
+class BrokenClusterExecutor(BrokenExecutor, SheepdogError):
     """The executor can no longer run anything (SSH refused for good, scheduler gone, initializer
     failed); pending futures fail with it and further submit() raises it."""
+
+
+#: The name of ``BrokenClusterExecutor`` before there was more than one scheduler.
+BrokenGridEngineExecutor = BrokenClusterExecutor
 
 
 class WorkerError(SheepdogError):
@@ -55,12 +60,17 @@ class WorkerError(SheepdogError):
         task_id: int | None = None,
         accounting: dict[str, str] | None = None,
         stderr_tail: str = "",
+        scheduler: str = "",
+        summary_keys: Sequence[str] = (),
     ) -> None:
+        """``scheduler`` names it in the message ("Grid Engine job 12, task 3"); ``summary_keys``
+        are the ``accounting`` fields shown there (all of them when empty)."""
         details = [message]
         if job_id is not None:
-            details.append(f"Grid Engine job {job_id}" + (f", task {task_id}" if task_id else ""))
+            job = f"{scheduler} job {job_id}" if scheduler else f"job {job_id}"
+            details.append(job + (f", task {task_id}" if task_id else ""))
         if accounting:
-            keys = ("failed", "exit_status", "maxvmem", "ru_wallclock", "hostname")
+            keys = summary_keys or tuple(accounting)
             shown = ", ".join(f"{k}={accounting[k]}" for k in keys if k in accounting)
             if shown:
                 details.append(f"accounting: {shown}")

@@ -21,18 +21,18 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FuturesTimeout
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from sheepdog_executor import pickling
 from sheepdog_executor.bundle import worker_bundle
 from sheepdog_executor.config import uses_config
 from sheepdog_executor.dispatch import CallFuture, Dispatcher
 from sheepdog_executor.environment import EnvironmentSync, HeadNode, SyncedEnvironment, stderr_progress
-from sheepdog_executor.errors import BrokenGridEngineExecutor, ConfigurationError, ExecutorShutDown
+from sheepdog_executor.errors import BrokenClusterExecutor, ConfigurationError, ExecutorShutDown
 from sheepdog_executor.jobs import JobManager
 from sheepdog_executor.jobscript import JobOptions, WorkerLaunch
 from sheepdog_executor.remote.reach import ROUTES_FILE
-from sheepdog_executor.scheduler import GridEngineScheduler, LocalScheduler, Scheduler
+from sheepdog_executor.scheduler import GridEngineOptions, GridEngineScheduler, LocalScheduler, Scheduler
 from sheepdog_executor.server import Endpoint
 from sheepdog_executor.sessiondir import make_session_dir, prepare_root
 from sheepdog_executor.shell import LocalShell, Shell, SSHShell, SSHTarget
@@ -248,16 +248,35 @@ class Session:
 
 
 class ClusterExecutor(Executor):
-    """A ``concurrent.futures.Executor`` whose calls run as workers of a batch scheduler."""
+    """A ``concurrent.futures.Executor`` whose calls run as workers of a batch scheduler.
+
+    The base of every cluster executor: it owns what all schedulers share (the SSH connection, the
+    task's set-up and interpreter, the executor's behaviour); a subclass names its scheduler
+    (``scheduler_class``) and passes that scheduler's own options (``scheduler_options``).
+    """
+
+    #: The scheduler this executor submits to (set by each subclass).
+    scheduler_class: ClassVar[type[Scheduler]]
 
     def __init__(
         self,
-        shell: Shell,
-        scheduler: Scheduler,
-        *,
         max_workers: int | None = None,
         initializer: Callable[..., object] | None = None,
         initargs: tuple[Any, ...] = (),
+        *,
+        scheduler_options: Any = None,
+        host: str | None = None,
+        user: str | None = None,
+        port: int | None = None,
+        key_filename: str | None = None,
+        ssh_config: str = "~/.ssh/config",
+        connect_timeout: float = 15.0,
+        command_setup: Sequence[str] | str = (),
+        job_name: str = "sheepdog",
+        working_directory: str | None = None,
+        setup: Sequence[str] | str = (),
+        setup_shell: str = "/bin/bash -l",
+        python: str = "python3",
         retries: int = 0,
         batch_window: float = 0.05,
         poll_interval: float = 2.0,
@@ -288,6 +307,15 @@ class ClusterExecutor(Executor):
                 f"disconnect_tolerance must be at least 10 (seconds), not {disconnect_tolerance!r}: "
                 "it is how long workers wait for this client before they give up and exit"
             )
+        job_options = JobOptions.from_options(
+            {
+                "job_name": job_name,
+                "working_directory": working_directory,
+                "setup": setup,
+                "setup_shell": setup_shell,
+                "python": python,
+            }
+        )
         self._max_workers = max_workers or DEFAULT_MAX_WORKERS
         self._progress = progress
         self._shutdown_lock = threading.Lock()
@@ -295,6 +323,7 @@ class ClusterExecutor(Executor):
         self._batch_ids = itertools.count(1)
         self._submit_batch = 0
         self._last_submit = 0.0
+        shell = _connect(host, user, port, key_filename, ssh_config, connect_timeout)
         init_blob = pickling.dumps((initializer, tuple(initargs))) if initializer is not None else None
         try:
             sync = EnvironmentSync.from_options(
@@ -302,7 +331,7 @@ class ClusterExecutor(Executor):
             )
             self._session = Session(
                 shell,
-                scheduler,
+                self.scheduler_class(shell, job_options, command_setup, scheduler_options),
                 max_workers=self._max_workers,
                 retries=retries,
                 initializer=init_blob,
@@ -394,7 +423,7 @@ class ClusterExecutor(Executor):
     def _check_open(self) -> None:
         broken = self._session.dispatcher.broken
         if broken is not None:
-            raise BrokenGridEngineExecutor(str(broken)) from broken
+            raise BrokenClusterExecutor(str(broken)) from broken
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
 
@@ -462,6 +491,8 @@ class GridEngineExecutor(ClusterExecutor):
     Options not given here come from the config file and environment (see ``config.py``).
     """
 
+    scheduler_class = GridEngineScheduler
+
     @uses_config
     def __init__(
         self,
@@ -469,65 +500,33 @@ class GridEngineExecutor(ClusterExecutor):
         initializer: Callable[..., object] | None = None,
         initargs: tuple[Any, ...] = (),
         *,
-        host: str | None = None,
-        user: str | None = None,
-        port: int | None = None,
-        key_filename: str | None = None,
-        ssh_config: str = "~/.ssh/config",
-        connect_timeout: float = 15.0,
         queue: str | None = None,
         resources: Mapping[str, str] | Sequence[str] | None = None,
         parallel_environment: str | None = None,
         slots: int = 1,
-        job_name: str = "sheepdog",
-        working_directory: str | None = None,
         qsub_args: Sequence[str] = (),
-        setup: Sequence[str] | str = (),
-        setup_shell: str = "/bin/bash -l",
-        python: str = "python3",
-        command_setup: Sequence[str] | str = (),
         **options: Any,
     ) -> None:
-        job_options = _job_options(
+        site = GridEngineOptions(
             queue=queue,
-            resources=resources,
+            resources=resources if resources is not None else {},
             parallel_environment=parallel_environment,
             slots=slots,
-            job_name=job_name,
-            working_directory=working_directory,
-            qsub_args=qsub_args,
-            setup=setup,
-            setup_shell=setup_shell,
-            python=python,
+            qsub_args=tuple(qsub_args),
         )
-        shell: Shell
-        if host is None:
-            shell = LocalShell()
-        else:
-            shell = SSHShell(
-                SSHTarget.resolve(
-                    host,
-                    user=user,
-                    port=port,
-                    key_filename=key_filename,
-                    config_path=ssh_config,
-                    connect_timeout=connect_timeout,
-                )
-            )
         super().__init__(
-            shell,
-            GridEngineScheduler(
-                shell, job_options, [command_setup] if isinstance(command_setup, str) else command_setup
-            ),
-            max_workers=max_workers,
-            initializer=initializer,
-            initargs=initargs,
+            max_workers,
+            initializer,
+            initargs,
+            scheduler_options=site,
             **options,
         )
 
 
 class LocalExecutor(ClusterExecutor):
     """The same executor with workers as local processes: no cluster and no SSH needed."""
+
+    scheduler_class = LocalScheduler
 
     def __init__(
         self,
@@ -536,39 +535,40 @@ class LocalExecutor(ClusterExecutor):
         initargs: tuple[Any, ...] = (),
         *,
         python: str = sys.executable,
-        setup: Sequence[str] | str = (),
-        setup_shell: str = "/bin/bash -l",
-        working_directory: str | None = None,
         **options: Any,
     ) -> None:
-        shell = LocalShell()
-        job_options = _job_options(
-            python=python, setup=setup, setup_shell=setup_shell, working_directory=working_directory
-        )
         options.setdefault("callback_address", "127.0.0.1")
         options.setdefault("poll_interval", 0.5)
         super().__init__(
-            shell,
-            LocalScheduler(shell, job_options),
-            max_workers=max_workers or (os.cpu_count() or 1),
-            initializer=initializer,
-            initargs=initargs,
+            max_workers or (os.cpu_count() or 1),
+            initializer,
+            initargs,
+            python=python,
             **options,
         )
 
 
-def _job_options(*, setup: Sequence[str] | str = (), slots: int = 1, **fields: Any) -> JobOptions:
-    if isinstance(setup, str):
-        setup = [setup]
-    if "setup_shell" in fields and not shlex.split(fields["setup_shell"] or ""):
-        raise ConfigurationError("setup_shell must name a shell, e.g. '/bin/bash -l' (the default) or 'bash'")
-    if slots < 1:
-        raise ConfigurationError("slots must be 1 or more")
-    if fields.get("parallel_environment") is None and slots != 1:
-        raise ConfigurationError("slots= needs parallel_environment= (e.g. 'smp') to request them")
-    if fields.get("resources") is None:
-        fields["resources"] = {}
-    return JobOptions(setup=tuple(setup), slots=slots, **fields)
+def _connect(
+    host: str | None,
+    user: str | None,
+    port: int | None,
+    key_filename: str | None,
+    ssh_config: str,
+    connect_timeout: float,
+) -> Shell:
+    """The shell to the head node: SSH, or this machine with ``host=None``."""
+    if host is None:
+        return LocalShell()
+    return SSHShell(
+        SSHTarget.resolve(
+            host,
+            user=user,
+            port=port,
+            key_filename=key_filename,
+            config_path=ssh_config,
+            connect_timeout=connect_timeout,
+        )
+    )
 
 
 def _name_of(fn: Callable[..., Any]) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 
 from sheepdog_executor.dispatch import Dispatcher, WorkItem
 from sheepdog_executor.errors import (
-    BrokenGridEngineExecutor,
+    BrokenClusterExecutor,
     ConnectionFailed,
     SchedulerError,
     WorkerError,
@@ -100,6 +100,7 @@ class JobManager:
         poll_interval: float,
         heartbeat_timeout: float,
         disconnect_tolerance: float = 600.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.scheduler = scheduler
         self.dispatcher = dispatcher
@@ -110,6 +111,7 @@ class JobManager:
         self.heartbeat_timeout = heartbeat_timeout
         self.disconnect_tolerance = disconnect_tolerance
         self.away = AwayClock()
+        self.clock = clock
         self.jobs: dict[str, Job] = {}
         self.submitted_jobs: list[str] = []
         self._jobs_lock = threading.Lock()
@@ -117,7 +119,9 @@ class JobManager:
         self._flush = False
         self._stopping = False
         self._failures = 0
-        self._last_poll = 0.0
+        self._last_poll = -float("inf")
+        self._max_array: int | None = None
+        self._array_limit_known = False
         self._thread = threading.Thread(target=self._run, name="sheepdog-jobs", daemon=True)
 
     # -- control from other threads --------------------------------------------------------
@@ -144,7 +148,7 @@ class JobManager:
         self._wait_gone(timeout)
 
     def _wait_gone(self, timeout: float, warn: bool = True) -> None:
-        deadline = time.monotonic() + timeout
+        deadline = self.clock() + timeout
         while True:
             with self._jobs_lock:
                 job_ids = list(self.jobs)
@@ -155,7 +159,7 @@ class JobManager:
                 for job_id in job_ids:
                     if job_id not in states:
                         self.jobs.pop(job_id, None)
-            if not states or time.monotonic() > deadline:
+            if not states or self.clock() > deadline:
                 if states and warn:
                     log.warning("jobs %s still listed by the scheduler after removal", list(states))
                 return
@@ -202,7 +206,7 @@ class JobManager:
                 unreachable = self.away.unreachable(str(exc))
                 if unreachable > 2 * self.disconnect_tolerance:
                     self.dispatcher.break_(
-                        BrokenGridEngineExecutor(
+                        BrokenClusterExecutor(
                             f"the cluster was unreachable for {unreachable:.0f} s (more than twice "
                             f"disconnect_tolerance, {self.disconnect_tolerance:.0f} s): {exc}"
                         )
@@ -212,15 +216,11 @@ class JobManager:
                 self._failures += 1
                 log.warning("job manager: %s", exc)
                 if self._failures >= 3:
-                    self.dispatcher.break_(
-                        BrokenGridEngineExecutor(f"the cluster can no longer be used: {exc}")
-                    )
+                    self.dispatcher.break_(BrokenClusterExecutor(f"the cluster can no longer be used: {exc}"))
                     return
             except Exception as exc:  # noqa: BLE001 - never die silently: fail loudly instead
                 log.exception("job manager failed")
-                self.dispatcher.break_(
-                    BrokenGridEngineExecutor(f"internal error in the job manager: {exc!r}")
-                )
+                self.dispatcher.break_(BrokenClusterExecutor(f"internal error in the job manager: {exc!r}"))
                 return
 
     def _step(self) -> None:
@@ -228,7 +228,7 @@ class JobManager:
         if pending and not self._flush and self.batch_window > 0:
             time.sleep(self.batch_window)  # let submissions that arrive close together share a job
         self._flush = False
-        now = time.monotonic()
+        now = self.clock()
         if now - self._last_poll >= self.poll_interval:  # one qstat per interval, however busy
             self._last_poll = now
             with self._jobs_lock:
@@ -236,13 +236,13 @@ class JobManager:
             states = self.scheduler.poll(job_ids) if job_ids else {}
             # a poll this slow means this client was cut off (or suspended) while it waited: the
             # workers could not reach it either; judge them next round, with a grace period
-            if not self.away.check_gap(time.monotonic() - now):
+            if not self.away.check_gap(self.clock() - now):
                 self._reconcile(states)
         self._scale()
 
     def _reconcile(self, states: JobStates) -> None:
         """Find workers that died and jobs that ended; forget finished jobs."""
-        now = time.monotonic()
+        now = self.clock()
         ended: list[Job] = []
         errored: list[Job] = []
         with self._jobs_lock:
@@ -281,7 +281,7 @@ class JobManager:
                         worker.job,
                         worker.task,
                         retry=True,
-                        make=functools.partial(
+                        make=self._error(
                             WorkerLost, f"the worker running this call on {worker.host} was lost: {why}"
                         ),
                     )
@@ -299,21 +299,21 @@ class JobManager:
                     make=self._start_failed,
                 )
 
-    def _start_failed(self, **details: Any) -> WorkerStartFailed:
+    def _start_failed(self, **details: Any) -> WorkerError:
         """Why a job's workers never reached us: a set-up line the task reported, or the usual suspects."""
         failed = setup_failure(details.get("stderr_tail", ""))
         if failed is not None:
-            return WorkerStartFailed(
+            return self._error(
+                WorkerStartFailed,
                 f"set-up line {failed.number} failed with exit status {failed.status}: {failed.line}\n"
                 "so no worker started and no call ran; fix or remove that line (setup=)",
-                **details,
-            )
-        return WorkerStartFailed(
+            )(**details)
+        return self._error(
+            WorkerStartFailed,
             "the job's workers ended without ever reaching this client: check the interpreter "
             "(python=), the set-up lines, and that the nodes can reach "
             f"{self.launch.url} (callback_address=)",
-            **details,
-        )
+        )(**details)
 
     def _fail_errored(self, job: Job) -> None:
         reason = self.scheduler.error_reason(job.id)
@@ -324,11 +324,12 @@ class JobManager:
         if items:
             self.dispatcher.fail_items(
                 items,
-                WorkerStartFailed(
-                    f"Grid Engine put the job in an error state, so its tasks can never start: {reason}; "
-                    "check the job options (working_directory=, queue=, resources=, qsub_args=)",
-                    job_id=job.id,
-                ),
+                self._error(
+                    WorkerStartFailed,
+                    f"{self.scheduler.name} holds the job in an error state, so its tasks can never "
+                    f"start: {reason}; "
+                    "check the job options (" + ", ".join(self.scheduler.option_names()) + ")",
+                )(job_id=job.id),
             )
 
     def _scale(self) -> None:
@@ -351,26 +352,13 @@ class JobManager:
             return
         wanted = min(self.max_workers, pending + held)
         if wanted > capacity and pending:
-            tasks = wanted - capacity
-            try:
-                job_id = self.scheduler.submit(self.launch, tasks)
-            except ConnectionFailed:
-                # the connection dropped during qsub: the job may exist; adopt it, never submit twice
-                with self._jobs_lock:
-                    known = set(self.submitted_jobs)
-                adopted = [j for j in self.scheduler.find_jobs(self.launch) if j not in known]
-                if not adopted:
-                    log.warning("qsub was cut off by a dropped connection before submitting; trying again")
-                    self._wake.set()
+            # arrays no bigger than the site allows (Grid Engine's max_aj_tasks, Slurm's MaxArraySize)
+            tasks, limit = wanted - capacity, self._array_limit()
+            while tasks > 0:
+                size = min(tasks, limit) if limit else tasks
+                if not self._submit(size, pending):
                     return
-                job_id = adopted[0]
-                log.warning("adopted job %s submitted before the SSH connection dropped", job_id)
-            log.info("submitted job %s with %d task(s) for %d pending call(s)", job_id, tasks, pending)
-            with self._jobs_lock:
-                self.jobs[job_id] = Job(
-                    job_id, tasks, alive={t: TaskState.QUEUED for t in range(1, tasks + 1)}
-                )
-                self.submitted_jobs.append(job_id)
+                tasks -= size
         elif not pending and not held and queued:
             fully_queued = [j for j, tasks in queued.items() if len(tasks) == self.jobs[j].tasks]
             if fully_queued:
@@ -378,6 +366,41 @@ class JobManager:
                 for job_id in fully_queued:
                     self.jobs[job_id].cancelled = True
                 self.scheduler.cancel(fully_queued)
+
+    def _submit(self, tasks: int, pending: int) -> bool:
+        """Submit one array job of ``tasks`` workers; False when a dropped connection cut the
+        submission off before the scheduler took it (the thread is woken to try again)."""
+        try:
+            job_id = self.scheduler.submit(self.launch, tasks)
+        except ConnectionFailed:
+            # the connection dropped during the submission: the job may exist; adopt it, never submit twice
+            with self._jobs_lock:
+                known = set(self.submitted_jobs)
+            adopted = [j for j in self.scheduler.find_jobs(self.launch) if j not in known]
+            if not adopted:
+                log.warning("a submission was cut off by a dropped connection before it was taken; retrying")
+                self._wake.set()
+                return False
+            job_id = adopted[0]
+            log.warning("adopted job %s submitted before the SSH connection dropped", job_id)
+        log.info("submitted job %s with %d task(s) for %d pending call(s)", job_id, tasks, pending)
+        with self._jobs_lock:
+            self.jobs[job_id] = Job(job_id, tasks, alive={t: TaskState.QUEUED for t in range(1, tasks + 1)})
+            self.submitted_jobs.append(job_id)
+        return True
+
+    def _array_limit(self) -> int | None:
+        """The site's largest array, asked once."""
+        if not self._array_limit_known:
+            self._max_array = self.scheduler.max_array_size()
+            self._array_limit_known = True
+        return self._max_array
+
+    def _error(self, kind: type[WorkerError], message: str) -> Callable[..., WorkerError]:
+        """A maker of ``kind`` errors worded for this scheduler (its name, its accounting fields)."""
+        return functools.partial(
+            kind, message, scheduler=self.scheduler.name, summary_keys=self.scheduler.summary_keys
+        )
 
     def _diagnose_later(
         self,
@@ -396,10 +419,10 @@ class JobManager:
 
         def diagnose() -> None:
             tail, record = "", dict[str, str]()
-            deadline = time.monotonic() + ACCOUNTING_WAIT_SECONDS
+            deadline = self.clock() + ACCOUNTING_WAIT_SECONDS
             try:
                 tail = self.scheduler.output_tail(self.launch, job_id, task_id)
-                while not record and time.monotonic() < deadline and not self._stopping:
+                while not record and self.clock() < deadline and not self._stopping:
                     record = self.scheduler.accounting(job_id, task_id)
                     if not record:
                         time.sleep(2)

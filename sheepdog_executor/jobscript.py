@@ -1,11 +1,17 @@
-"""Render the array job's script: Grid Engine options, the user's set-up lines, the worker launch."""
+"""The scheduler-neutral part of an array task's script: identity, set-up lines, the worker launch.
+
+Each scheduler module (``scheduler/gridengine.py``, ``scheduler/slurm.py``) writes its own directive
+lines and calls ``render_script`` with them, so what the body does (set-up, checks, the worker) is the
+same under every scheduler, and under ``LocalScheduler`` (``task_body``).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shlex
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 from sheepdog_executor.errors import ConfigurationError
@@ -42,6 +48,13 @@ def check_no_control_characters(option: str, value: Any, *, lines: bool = False)
             )
 
 
+def check_options(options: Any) -> None:
+    """Check every field of an options dataclass (``JobOptions``, a scheduler's own options): each
+    reaches the job script, whatever the scheduler, and none may break a line of it."""
+    for option in fields(options):
+        check_no_control_characters(option.name, getattr(options, option.name), lines=option.name == "setup")
+
+
 #: Exit status of a task whose set-up line failed (never 99 or 100: Grid Engine would requeue or
 #: hold the job).
 SETUP_FAILED_EXIT = 97
@@ -50,16 +63,10 @@ _SETUP_FAILED = re.compile(r"^sheepdog: set-up line (\d+) failed with exit statu
 
 @dataclass(frozen=True)
 class JobOptions:
-    """How each array task is requested and prepared on the cluster."""
+    """How each array task is prepared, whatever the scheduler (its own options live with it)."""
 
     job_name: str = "sheepdog"
-    queue: str | None = None
-    #: ``-l`` resources, e.g. ``{"h_vmem": "2G", "h_rt": "1:00:00"}`` or ``["h_vmem=2G"]``.
-    resources: Mapping[str, str] | Sequence[str] = field(default_factory=dict)
-    parallel_environment: str | None = None
-    slots: int = 1
     working_directory: str | None = None
-    qsub_args: Sequence[str] = ()
     #: Shell lines run before the worker: ``module load python``, ``source venv/bin/activate``, ...
     setup: Sequence[str] = ()
     #: The shell that runs the set-up lines: a login bash by default, so the site's profile
@@ -69,14 +76,22 @@ class JobOptions:
     python: str = "python3"
 
     def __post_init__(self) -> None:
-        # every option reaches the job script, whatever the scheduler: none may break a line of it
-        for option in fields(self):
-            check_no_control_characters(option.name, getattr(self, option.name), lines=option.name == "setup")
+        check_options(self)
+        if not shlex.split(self.setup_shell or ""):
+            raise ConfigurationError(
+                "setup_shell must name a shell, e.g. '/bin/bash -l' (the default) or 'bash'"
+            )
 
-    def resource_list(self) -> list[str]:
-        if isinstance(self.resources, Mapping):
-            return [f"{key}={value}" for key, value in self.resources.items()]
-        return list(self.resources)
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> JobOptions:
+        """The fields found in an executor's options (the others ignored); ``setup`` may be a line."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        found = {k: v for k, v in options.items() if k in names and v is not None}
+        if isinstance(found.get("setup"), str):
+            found["setup"] = [found["setup"]]
+        if "setup" in found:
+            found["setup"] = tuple(found["setup"])
+        return cls(**found)
 
 
 @dataclass(frozen=True)
@@ -182,26 +197,14 @@ def task_body(options: JobOptions, launch: WorkerLaunch) -> str:
     return with_setup(options, worker_command(options, launch))
 
 
-def render_gridengine(options: JobOptions, launch: WorkerLaunch, tasks: int) -> str:
-    """The script handed to ``qsub`` on stdin for an array job of ``tasks`` workers."""
-    q = shlex.quote
-    lines = [
-        "#!/bin/sh",
-        "#$ -S /bin/sh",
-        f"#$ -N {q(options.job_name)}",
-        f"#$ -t 1-{tasks}",
-        f"#$ -o {q(launch.output_path('$JOB_ID', '$TASK_ID', 'out'))}",
-        f"#$ -e {q(launch.output_path('$JOB_ID', '$TASK_ID', 'err'))}",
-    ]
-    if options.working_directory:
-        lines.append(f"#$ -wd {q(options.working_directory)}")
-    if options.queue:
-        lines.append(f"#$ -q {q(options.queue)}")
-    for resource in options.resource_list():
-        lines.append(f"#$ -l {q(resource)}")
-    if options.parallel_environment:
-        lines.append(f"#$ -pe {q(options.parallel_environment)} {int(options.slots)}")
-    if options.qsub_args:
-        lines.append("#$ " + " ".join(q(a) for a in options.qsub_args))
+def render_script(
+    directives: Sequence[str], job_id: str, task_id: str, options: JobOptions, launch: WorkerLaunch
+) -> str:
+    """A whole array-task script: the scheduler's ``directives`` (``#$ ...``, ``#SBATCH ...``), the
+    task's identity as ``SHEEPDOG_JOB_ID``/``SHEEPDOG_TASK_ID`` (the only names the worker reads;
+    ``job_id``/``task_id`` are shell expressions of the scheduler's own variables), then the body."""
+    lines = ["#!/bin/sh", *directives]
+    lines.append(f'SHEEPDOG_JOB_ID="{job_id}"; SHEEPDOG_TASK_ID="{task_id}"')
+    lines.append("export SHEEPDOG_JOB_ID SHEEPDOG_TASK_ID")
     lines.append(task_body(options, launch))
     return "\n".join(lines) + "\n"

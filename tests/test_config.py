@@ -159,7 +159,7 @@ def test_config_path_from_environment_must_exist(monkeypatch: pytest.MonkeyPatch
 
 def test_every_executor_option_is_configurable() -> None:
     """OPTIONS follows GridEngineExecutor's signature: a new option must be added there too."""
-    not_options = {"self", "shell", "scheduler", "initializer", "initargs", "host", "options"}
+    not_options = {"self", "scheduler_options", "initializer", "initargs", "host", "options"}
     parameters = set(inspect.signature(GridEngineExecutor.__init__).parameters)
     parameters |= set(inspect.signature(ClusterExecutor.__init__).parameters)
     assert set(OPTIONS) == parameters - not_options
@@ -219,8 +219,8 @@ def test_wired_executor_takes_its_options_from_the_config(
     monkeypatch.setenv("SHEEPDOG_JOB_NAME", "sheepdog-configured")
     executor = Configured(2, host=cell)
     try:
-        options = executor._session.scheduler.options
-        assert (options.queue, options.job_name) == ("all.q", "sheepdog-configured")
+        scheduler = executor._session.scheduler
+        assert (scheduler.site.queue, scheduler.options.job_name) == ("all.q", "sheepdog-configured")
         assert executor._max_workers == 2
         assert executor._session.dispatcher.retries == 1
         assert executor.submit(abs, -3).result(timeout=90) == 3

@@ -35,7 +35,7 @@ def test_delayed_graph(executor: GridEngineExecutor) -> None:
         return sum(values)
 
     def job_id() -> str:
-        return os.environ.get("JOB_ID", "")
+        return os.environ.get("SHEEPDOG_JOB_ID", "")
 
     parts = [dask.delayed(load)(part) for part in range(8)]
     grand = dask.delayed(sum)([dask.delayed(total)(part) for part in parts])

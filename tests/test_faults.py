@@ -30,7 +30,7 @@ def die_once(marker: str) -> tuple[str, int]:
     if not os.path.exists(marker):
         open(marker, "w").close()
         os.kill(os.getpid(), signal.SIGKILL)
-    return os.environ.get("SGE_TASK_ID", "?"), os.getpid()
+    return os.environ.get("SHEEPDOG_TASK_ID", "?"), os.getpid()
 
 
 def running_worker(executor: GridEngineExecutor, future: Future[Any]) -> tuple[str, int]:

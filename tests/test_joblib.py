@@ -37,14 +37,24 @@ class Rejected(ValueError):
 
 def where(x: int) -> tuple[int, str, int, int]:
     """x squared, and the Grid Engine job, array task and process that computed it."""
-    return x * x, os.environ.get("JOB_ID", ""), int(os.environ.get("SGE_TASK_ID", "0")), os.getpid()
+    return (
+        x * x,
+        os.environ.get("SHEEPDOG_JOB_ID", ""),
+        int(os.environ.get("SHEEPDOG_TASK_ID", "0")),
+        os.getpid(),
+    )
 
 
 def span(seconds: float) -> tuple[str, int, float, float]:
     """Sleep; say in which task, from when to when."""
     start = time.time()
     time.sleep(seconds)
-    return os.environ.get("JOB_ID", ""), int(os.environ.get("SGE_TASK_ID", "0")), start, time.time()
+    return (
+        os.environ.get("SHEEPDOG_JOB_ID", ""),
+        int(os.environ.get("SHEEPDOG_TASK_ID", "0")),
+        start,
+        time.time(),
+    )
 
 
 def reject_thirteen(x: int) -> int:
@@ -57,7 +67,7 @@ def fail_soon_or_nap(x: int) -> int:
     """Call 0 fails after a second (naming its job); the others would run for four minutes."""
     if x == 0:
         time.sleep(1)
-        raise Rejected("first", os.environ.get("JOB_ID", ""))
+        raise Rejected("first", os.environ.get("SHEEPDOG_JOB_ID", ""))
     time.sleep(240)
     return x
 

@@ -21,15 +21,21 @@ from sheepdog_executor.jobscript import (
     JobOptions,
     SetupFailure,
     WorkerLaunch,
-    render_gridengine,
     setup_failure,
     with_setup,
 )
 from sheepdog_executor.remote import protocol
-from sheepdog_executor.scheduler.base import TaskState
-from sheepdog_executor.scheduler.gridengine import GridEngineScheduler, parse_qacct, parse_qstat_xml
+from sheepdog_executor.scheduler.base import TaskState, session_of
+from sheepdog_executor.scheduler.gridengine import (
+    GridEngineOptions,
+    GridEngineScheduler,
+    parse_max_aj_tasks,
+    parse_qacct,
+    parse_qstat_j,
+    parse_qstat_xml,
+)
 from sheepdog_executor.sessiondir import unsafe_part
-from sheepdog_executor.shell import Completed, Shell
+from sheepdog_executor.shell import Completed, LocalShell, Shell
 
 SECRET = b"s" * 64
 
@@ -62,18 +68,16 @@ def test_request_headers_are_checked_without_the_body_and_junk_is_refused_quietl
 
 
 def test_job_script_has_options_and_no_secret() -> None:
-    options = JobOptions(
-        job_name="sweep",
+    options = JobOptions(job_name="sweep", setup=("module load python/3.11",), python="/opt/py/bin/python3")
+    site = GridEngineOptions(
         queue="long.q",
         resources={"h_vmem": "2G", "h_rt": "1:00:00"},
         parallel_environment="smp",
         slots=4,
-        setup=("module load python/3.11",),
-        python="/opt/py/bin/python3",
         qsub_args=("-P", "proj x"),
     )
     launch = WorkerLaunch("/home/u/.sheepdog-executor/s1", "http://10.0.0.5:4242")
-    script = render_gridengine(options, launch, 8)
+    script = GridEngineScheduler(LocalShell(), options, site=site).render(launch, 8)
     for line in (
         "#$ -N sweep",
         "#$ -t 1-8",
@@ -83,6 +87,7 @@ def test_job_script_has_options_and_no_secret() -> None:
         "#$ -pe smp 4",
         "#$ -P 'proj x'",
         "module load python/3.11",
+        'SHEEPDOG_JOB_ID="$JOB_ID"; SHEEPDOG_TASK_ID="$SGE_TASK_ID"',
     ):
         assert line in script
     # the set-up lines and the worker run in a login bash, whatever shell Grid Engine starts
@@ -122,6 +127,30 @@ def test_parse_qacct_and_qstat_j() -> None:
         "exit_status  137 (Killed)\nmaxvmem 1.2G\n"
     )
     assert record["failed"] == "100 : assumedly after job" and record["exit_status"] == "137 (Killed)"
+    fields = parse_qstat_j(
+        "==============\njob_number:                 11\nerror reason    1:          12/02/2026 10:00:00 "
+        "[1000:77]: error: can't chdir to /nonexistent: No such file or directory\n"
+        "scheduling info:            queue instance all.q@n1 dropped because it is full\n"
+    )
+    assert fields["job_number"] == ["11"]
+    assert fields["error reason"][0].endswith("can't chdir to /nonexistent: No such file or directory")
+    assert fields["scheduling info"] == ["queue instance all.q@n1 dropped because it is full"]
+    assert parse_max_aj_tasks("max_aj_instances 2000\nmax_aj_tasks 75000\n") == 75000
+    assert parse_max_aj_tasks("max_aj_tasks 0\n") is None
+
+
+def test_session_of_a_task_output_path() -> None:
+    root = "/h/.sheepdog-executor"
+    assert session_of(f"{root}/s1/task-$JOB_ID-$TASK_ID.out", root, "$JOB_ID", "$TASK_ID") == "s1"
+    assert session_of(f"{root}/s1/task-%A-%a.out", root, "%A", "%a") == "s1"
+    assert session_of(f"{root}/s1/task-%A-%a.out", root, "$JOB_ID", "$TASK_ID") is None
+    assert session_of(f"{root}/a/b/task-$JOB_ID-$TASK_ID.out", root, "$JOB_ID", "$TASK_ID") is None
+    assert session_of("/tmp/x.out", root, "$JOB_ID", "$TASK_ID") is None
+
+
+def test_grid_engine_options_are_checked() -> None:
+    with pytest.raises(ConfigurationError, match="slots= needs parallel_environment="):
+        GridEngineOptions(slots=4)
 
 
 def _qstat_j_element(job: str, owner: str, out: str) -> str:
@@ -214,7 +243,7 @@ def test_out_of_retries_fails_with_the_error_given() -> None:
     dispatcher.exchange("w1", [])
     retried, failed = dispatcher.retry_or_split(dispatcher.take_lost("w1"))
     assert not retried and len(failed) == 1
-    dispatcher.fail_items(failed, WorkerLost("gone", job_id="1", task_id=1))
+    dispatcher.fail_items(failed, WorkerLost("gone", job_id="1", task_id=1, scheduler="Grid Engine"))
     with pytest.raises(WorkerLost, match="Grid Engine job 1, task 1"):
         future.result(timeout=1)
     assert dispatcher.stats.snapshot()["batches"][0]["failed"] == 1
@@ -319,7 +348,9 @@ def test_control_characters_in_job_options_are_refused_naming_the_option(option:
 
 def test_a_tab_in_a_setup_line_is_indentation_not_an_injection() -> None:
     options = JobOptions(setup=("if true; then", "\techo ok", "fi"))
-    assert "\techo ok" in render_gridengine(options, WorkerLaunch("/s", "http://h:1"), 1)
+    assert "\techo ok" in GridEngineScheduler(LocalShell(), options).render(
+        WorkerLaunch("/s", "http://h:1"), 1
+    )
     with pytest.raises(ConfigurationError, match="^job_name="):
         JobOptions(job_name="a\tb")
 

@@ -306,8 +306,9 @@ class Heartbeat(threading.Thread):
 
 
 def worker_identity() -> dict[str, Any]:
-    job = os.environ.get("JOB_ID") or os.environ.get("SHEEPDOG_JOB_ID", "local")
-    task = os.environ.get("SGE_TASK_ID", os.environ.get("SHEEPDOG_TASK_ID", "1"))
+    # set by the job script of every scheduler (jobscript.render_script) and by LocalScheduler
+    job = os.environ.get("SHEEPDOG_JOB_ID") or "local"
+    task = os.environ.get("SHEEPDOG_TASK_ID", "1")
     task = task if task.isdigit() else "1"
     return {
         "job": job,

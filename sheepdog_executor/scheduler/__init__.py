@@ -1,7 +1,14 @@
-"""Schedulers turn a request for N workers into a job, and report and cancel its tasks."""
+"""Schedulers turn a request for N workers into array jobs, and report and cancel their tasks."""
 
-from sheepdog_executor.scheduler.base import Scheduler, TaskState
-from sheepdog_executor.scheduler.gridengine import GridEngineScheduler
+from sheepdog_executor.scheduler.base import Scheduler, SessionJob, TaskState
+from sheepdog_executor.scheduler.gridengine import GridEngineOptions, GridEngineScheduler
 from sheepdog_executor.scheduler.local import LocalScheduler
 
-__all__ = ["GridEngineScheduler", "LocalScheduler", "Scheduler", "TaskState"]
+__all__ = [
+    "GridEngineOptions",
+    "GridEngineScheduler",
+    "LocalScheduler",
+    "Scheduler",
+    "SessionJob",
+    "TaskState",
+]

@@ -1,12 +1,17 @@
-"""The interface every scheduler implements: submit, poll, cancel, account."""
+"""The interface every scheduler implements: submit, poll, cancel, account, explain."""
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import posixpath
 import shlex
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
+from sheepdog_executor.errors import SchedulerError
 from sheepdog_executor.jobscript import JobOptions, WorkerLaunch
 from sheepdog_executor.shell import Completed, Shell
 
@@ -14,7 +19,8 @@ from sheepdog_executor.shell import Completed, Shell
 class TaskState(enum.Enum):
     QUEUED = "queued"
     RUNNING = "running"
-    #: The scheduler holds the task in an error state (Grid Engine's ``Eqw``): it will never run.
+    #: The scheduler holds the task where it can never run (Grid Engine's ``Eqw``, a Slurm job
+    #: pending for a reason that will not go away): its calls fail with ``error_reason``.
     ERROR = "error"
 
 
@@ -22,30 +28,52 @@ class TaskState(enum.Enum):
 JobStates = dict[str, dict[int, TaskState]]
 
 
+@dataclass(frozen=True)
+class SessionJob:
+    """One of the user's jobs that runs our worker from a session directory."""
+
+    id: str
+    name: str
+    #: The session directory's name (under the session root).
+    session: str
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """A scheduler without options of its own."""
+
+
 class Scheduler(ABC):
-    """Turns a request for N workers into one array job, and reports on and removes its tasks."""
+    """Turns a request for N workers into array jobs, and reports on and removes their tasks.
 
-    name = "scheduler"
+    A new scheduler is one module with one subclass: the class attributes below, ``submit``,
+    ``poll``, ``cancel`` and, to explain failures, ``accounting``/``error_reason``/``session_jobs``.
+    """
 
-    def __init__(self, shell: Shell, options: JobOptions, command_setup: Sequence[str] = ()) -> None:
+    #: How users and messages name the scheduler ("Grid Engine", "Slurm").
+    name: ClassVar[str] = "scheduler"
+    #: The commands ``prepare`` expects on the head node.
+    commands: ClassVar[tuple[str, ...]] = ()
+    #: What to change when the commands are missing (after "add ... to PATH").
+    setup_hint: ClassVar[str] = ""
+    #: The options of the scheduler's own (a frozen dataclass), e.g. queue or partition.
+    Options: ClassVar[type] = NoOptions
+    #: The accounting fields worth showing in an error message, in order.
+    summary_keys: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(
+        self,
+        shell: Shell,
+        options: JobOptions,
+        command_setup: Sequence[str] | str = (),
+        site: Any = None,
+    ) -> None:
         self.shell = shell
         self.options = options
-        self.command_setup = list(command_setup)
+        self.command_setup = [command_setup] if isinstance(command_setup, str) else list(command_setup)
+        self.site = site if site is not None else self.Options()
 
-    def run(
-        self, command: str, *, stdin: bytes = b"", timeout: float = 120.0, retry: bool = True
-    ) -> Completed:
-        """Run a scheduler command on the head node, after the ``command_setup`` lines."""
-        script = "\n".join([*self.command_setup, command])
-        return self.shell.run(script, stdin=stdin, timeout=timeout, retry=retry)
-
-    def find_jobs(self, launch: WorkerLaunch) -> list[str]:
-        """Ids of the jobs the scheduler holds that run workers of this launch (session)."""
-        return []
-
-    def prepare(self) -> None:  # noqa: B027 - most schedulers need no check
-        """Check that the scheduler is usable from here; raise SchedulerError naming the fix."""
-
+    # -- what every scheduler does ----------------------------------------------------------------
     @abstractmethod
     def submit(self, launch: WorkerLaunch, tasks: int) -> str:
         """Start ``tasks`` workers as one array job; return its job id."""
@@ -58,9 +86,46 @@ class Scheduler(ABC):
     def cancel(self, job_ids: Collection[str]) -> None:
         """Remove these jobs, queued and running tasks alike."""
 
-    def error_reason(self, job_id: str) -> str:
-        """Why the scheduler put a job in its error state, as it says it."""
+    # -- with defaults ----------------------------------------------------------------------------
+    @classmethod
+    def site_options(cls, options: Mapping[str, Any]) -> Any:
+        """The scheduler's own options (its ``Options``) out of all of an executor's options;
+        raises ConfigurationError for a bad value."""
+        names = {f.name for f in dataclasses.fields(cls.Options)}
+        return cls.Options(**{k: v for k, v in options.items() if k in names and v is not None})
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        """The executor options that shape this scheduler's jobs, as a user writes them."""
+        return ["working_directory=", *(f"{f.name}=" for f in dataclasses.fields(cls.Options))]
+
+    def run(
+        self, command: str, *, stdin: bytes = b"", timeout: float = 120.0, retry: bool = True
+    ) -> Completed:
+        """Run a scheduler command on the head node, after the ``command_setup`` lines."""
+        script = "\n".join([*self.command_setup, command])
+        return self.shell.run(script, stdin=stdin, timeout=timeout, retry=retry)
+
+    def prepare(self) -> None:
+        """Check that the scheduler's commands are there; raise SchedulerError naming the fix."""
+        if not self.commands:
+            return
+        probe = "; ".join(f"command -v {c} >/dev/null || echo {c}" for c in self.commands)
+        missing = self.run(probe, timeout=60).stdout.split()
+        if missing:
+            raise SchedulerError(
+                f"{', '.join(missing)} not found on {self.shell.description} in a non-interactive "
+                f"shell; add {self.name}'s bin directory to PATH in the remote ~/.bashrc (before any "
+                f"'return if not interactive' line), or {self.setup_hint}"
+            )
+
+    def version(self) -> str:
+        """The scheduler's version as its commands print it ("" when unknown)."""
         return ""
+
+    def max_array_size(self) -> int | None:
+        """The most tasks one array job may have at this site (None: no known limit)."""
+        return None
 
     def cancel_task(self, job_id: str, task_id: int) -> None:
         """Remove one task of a job (a worker gone silent whose slot should be freed)."""
@@ -70,8 +135,45 @@ class Scheduler(ABC):
         """What the scheduler recorded about a finished task (exit status, failure, memory)."""
         return {}
 
+    def error_reason(self, job_id: str) -> str:
+        """Why the scheduler holds a job where it can never run, in its own words."""
+        return ""
+
+    def pending_reason(self, job_id: str) -> str:
+        """Why a job still waits in the queue, in the scheduler's words ("" when it does not say)."""
+        return ""
+
+    def inspect_command(self, job_id: str) -> str:
+        """The command that shows a user everything the scheduler knows about a job."""
+        return ""
+
+    def session_jobs(self, root: str) -> list[SessionJob]:
+        """The user's own jobs whose task output goes to a session directory under ``root``."""
+        return []
+
+    def find_jobs(self, launch: WorkerLaunch) -> list[str]:
+        """Ids of the user's jobs that run workers of this launch (session)."""
+        root, name = posixpath.split(launch.session_dir.rstrip("/"))
+        return [job.id for job in self.session_jobs(root) if job.session == name]
+
     def output_tail(self, launch: WorkerLaunch, job_id: str, task_id: int, limit: int = 3000) -> str:
         """The end of a task's stderr file."""
         path = launch.output_path(job_id, task_id, "err")
         done = self.run(f"tail -c {int(limit)} {shlex.quote(path)} 2>/dev/null", timeout=30)
         return done.stdout
+
+
+def session_of(path: str, root: str, job_id: str, task_id: str) -> str | None:
+    """The session name in a task output path as a job script wrote it (``root/NAME/task-...``),
+    with the scheduler's own placeholders ``job_id``/``task_id``; None when it is not ours."""
+    prefix, suffix = WorkerLaunch("SESSION", "").output_path(job_id, task_id, "out").split("SESSION")
+    start = f"{root.rstrip('/')}/{prefix}"
+    if not (path.startswith(start) and path.endswith(suffix) and len(path) > len(start) + len(suffix)):
+        return None
+    name = path[len(start) : len(path) - len(suffix)]
+    return name if plain_name(name) else None
+
+
+def plain_name(name: str) -> bool:
+    """A single, ordinary path component."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\n" not in name

@@ -1,39 +1,85 @@
-"""Grid Engine (SGE, Son of Grid Engine, UGE/AGE): qsub, qstat -xml, qdel, qacct."""
+"""Grid Engine (SGE, Son of Grid Engine, UGE/AGE): qsub, qstat -xml, qdel, qacct.
+
+Everything that names Grid Engine lives here: the ``#$`` directives and the options behind them,
+the parsing of ``qstat``/``qacct``/``qconf`` output, and the wording of its states.
+"""
 
 from __future__ import annotations
 
 import re
 import shlex
 import xml.etree.ElementTree as ET
-from collections.abc import Collection
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 
-from sheepdog_executor.errors import SchedulerError
-from sheepdog_executor.jobscript import WorkerLaunch, render_gridengine
-from sheepdog_executor.scheduler.base import JobStates, Scheduler, TaskState
+from sheepdog_executor.errors import ConfigurationError, SchedulerError
+from sheepdog_executor.jobscript import WorkerLaunch, check_options, render_script
+from sheepdog_executor.scheduler.base import JobStates, Scheduler, SessionJob, TaskState, session_of
 
 _TERSE_JOB_ID = re.compile(r"^(\d+)(?:\.\d+-\d+:\d+)?$")
+#: Grid Engine's pseudo variables in -o/-e paths (expanded by the execd, not by a shell).
+_JOB_VAR, _TASK_VAR = "$JOB_ID", "$TASK_ID"
+
+
+@dataclass(frozen=True)
+class GridEngineOptions:
+    """Grid Engine's own job options, in its words."""
+
+    queue: str | None = None
+    #: ``-l`` resources, e.g. ``{"h_vmem": "2G", "h_rt": "1:00:00"}`` or ``["h_vmem=2G"]``.
+    resources: Mapping[str, str] | Sequence[str] = field(default_factory=dict)
+    parallel_environment: str | None = None
+    slots: int = 1
+    qsub_args: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        check_options(self)
+        if self.slots < 1:
+            raise ConfigurationError("slots must be 1 or more")
+        if self.parallel_environment is None and self.slots != 1:
+            raise ConfigurationError("slots= needs parallel_environment= (e.g. 'smp') to request them")
+
+    def resource_list(self) -> list[str]:
+        if isinstance(self.resources, Mapping):
+            return [f"{key}={value}" for key, value in self.resources.items()]
+        return list(self.resources)
 
 
 class GridEngineScheduler(Scheduler):
     name = "Grid Engine"
     commands = ("qsub", "qstat", "qdel")
+    setup_hint = "pass command_setup=['. $SGE_ROOT/default/common/settings.sh']"
+    Options = GridEngineOptions
+    summary_keys = ("failed", "exit_status", "maxvmem", "ru_wallclock", "hostname")
+    site: GridEngineOptions
 
-    def prepare(self) -> None:
-        probe = "; ".join(f"command -v {c} >/dev/null || echo {c}" for c in self.commands)
-        missing = self.run(probe, timeout=60).stdout.split()
-        if missing:
-            raise SchedulerError(
-                f"{', '.join(missing)} not found on {self.shell.description} in a non-interactive "
-                "shell; add Grid Engine's bin directory to PATH in the remote ~/.bashrc (before any "
-                "'return if not interactive' line), or pass command_setup=['. /path/to/settings.sh']"
-            )
+    def render(self, launch: WorkerLaunch, tasks: int) -> str:
+        """The script handed to ``qsub`` on stdin for an array job of ``tasks`` workers."""
+        q = shlex.quote
+        options, site = self.options, self.site
+        lines = [
+            "#$ -S /bin/sh",
+            f"#$ -N {q(options.job_name)}",
+            f"#$ -t 1-{int(tasks)}",
+            f"#$ -o {q(launch.output_path(_JOB_VAR, _TASK_VAR, 'out'))}",
+            f"#$ -e {q(launch.output_path(_JOB_VAR, _TASK_VAR, 'err'))}",
+        ]
+        if options.working_directory:
+            lines.append(f"#$ -wd {q(options.working_directory)}")
+        if site.queue:
+            lines.append(f"#$ -q {q(site.queue)}")
+        for resource in site.resource_list():
+            lines.append(f"#$ -l {q(resource)}")
+        if site.parallel_environment:
+            lines.append(f"#$ -pe {q(site.parallel_environment)} {int(site.slots)}")
+        if site.qsub_args:
+            lines.append("#$ " + " ".join(q(a) for a in site.qsub_args))
+        return render_script(lines, "$JOB_ID", "$SGE_TASK_ID", options, launch)
 
     def submit(self, launch: WorkerLaunch, tasks: int) -> str:
-        script = render_gridengine(self.options, launch, tasks)
-        done = self.run("qsub -terse", stdin=script.encode(), retry=False)  # never submit twice
+        done = self.run("qsub -terse", stdin=self.render(launch, tasks).encode(), retry=False)
         match = _TERSE_JOB_ID.match(done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "")
-        if done.returncode != 0 or not match:
+        if done.returncode != 0 or not match:  # never retried: the job may exist (see find_jobs)
             raise SchedulerError(
                 f"qsub on {self.shell.description} failed (exit {done.returncode}): "
                 f"{(done.stderr or done.stdout).strip()}"
@@ -43,10 +89,7 @@ class GridEngineScheduler(Scheduler):
     def poll(self, job_ids: Collection[str]) -> JobStates:
         if not job_ids:
             return {}
-        done = self.run('qstat -xml -u "$(id -un)"', timeout=60)
-        if done.returncode != 0:
-            raise SchedulerError(f"qstat failed on {self.shell.description}: {done.stderr.strip()}")
-        return parse_qstat_xml(done.stdout, set(job_ids))
+        return parse_qstat_xml(self._own_jobs_xml(), set(job_ids))
 
     def cancel(self, job_ids: Collection[str]) -> None:
         if job_ids:
@@ -66,25 +109,50 @@ class GridEngineScheduler(Scheduler):
         details = self.run(f"qstat -j {shlex.quote(','.join(ids))} -xml 2>/dev/null", timeout=60)
         return [job for job in parse_qstat_j_xml(details.stdout) if job.owner == me.strip()]
 
-    def find_jobs(self, launch: WorkerLaunch) -> list[str]:
-        directory = launch.session_dir + "/"
-        return [job.id for job in self.own_jobs() if job.stdout_path.startswith(directory)]
-
-    def error_reason(self, job_id: str) -> str:
-        done = self.run(f"qstat -j {shlex.quote(job_id)} 2>/dev/null", timeout=60)
-        reasons = [
-            line.split(":", 1)[1].strip()
-            for line in done.stdout.splitlines()
-            if line.startswith("error reason")
-        ]
-        return "; ".join(dict.fromkeys(r.split("]: ", 1)[-1] for r in reasons)) or "no reason given"
-
     def cancel_task(self, job_id: str, task_id: int) -> None:
         self.run(f"qdel {shlex.quote(job_id)} -t {int(task_id)} >/dev/null 2>&1", timeout=60)
 
     def accounting(self, job_id: str, task_id: int) -> dict[str, str]:
         done = self.run(f"qacct -j {shlex.quote(job_id)} -t {int(task_id)} 2>/dev/null", timeout=60)
         return parse_qacct(done.stdout)
+
+    def version(self) -> str:
+        return self.run("qstat -help 2>&1 | head -n 1", timeout=30).stdout.strip()
+
+    def max_array_size(self) -> int | None:
+        done = self.run("qconf -sconf 2>/dev/null", timeout=30)
+        return parse_max_aj_tasks(done.stdout)
+
+    def error_reason(self, job_id: str) -> str:
+        reasons = self._job_fields(job_id).get("error reason", [])
+        return "; ".join(dict.fromkeys(r.split("]: ", 1)[-1] for r in reasons)) or "no reason given"
+
+    def pending_reason(self, job_id: str) -> str:
+        values = self._job_fields(job_id).get("scheduling info", [])
+        return "; ".join(v for v in values if v and "no messages available" not in v)
+
+    def inspect_command(self, job_id: str) -> str:
+        return f"qstat -j {job_id}"
+
+    def session_jobs(self, root: str) -> list[SessionJob]:
+        found = []
+        for job in self.own_jobs():
+            session = session_of(job.stdout_path, root, _JOB_VAR, _TASK_VAR)
+            if session is not None:
+                found.append(SessionJob(job.id, job.name, session))
+        return found
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _own_jobs_xml(self) -> str:
+        """``qstat -xml`` of the user's own jobs only."""
+        done = self.run('qstat -xml -u "$(id -un)"', timeout=60)
+        if done.returncode != 0:
+            raise SchedulerError(f"qstat failed on {self.shell.description}: {done.stderr.strip()}")
+        return done.stdout
+
+    def _job_fields(self, job_id: str) -> dict[str, list[str]]:
+        done = self.run(f"qstat -j {shlex.quote(job_id)} 2>/dev/null", timeout=60)
+        return parse_qstat_j(done.stdout)
 
 
 def _task_ids(text: str) -> list[int]:
@@ -117,6 +185,19 @@ def parse_qstat_xml(text: str, job_ids: set[str] | None) -> JobStates:
         for task in tasks:
             states.setdefault(job, {})[task] = state
     return states
+
+
+def parse_qstat_j(text: str) -> dict[str, list[str]]:
+    """The ``key: value`` lines of plain ``qstat -j JOB`` output, values per key (lowercased) in
+    order; ``error reason    1:`` and ``scheduling info:`` lines included."""
+    fields: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        key, colon, value = line.partition(":")
+        if not colon or line.startswith((" ", "\t")):
+            continue
+        key = re.sub(r"\s+\d+$", "", key.strip()).lower()  # "error reason    1" -> "error reason"
+        fields.setdefault(key, []).append(value.strip())
+    return fields
 
 
 def parse_qacct(text: str) -> dict[str, str]:
@@ -158,3 +239,11 @@ def parse_qstat_j_xml(text: str) -> list[JobInfo]:
         )
         for element in root.findall("./djob_info/element")
     ]
+
+
+def parse_max_aj_tasks(qconf_sconf: str) -> int | None:
+    """``max_aj_tasks`` from ``qconf -sconf`` (0 means no limit)."""
+    match = re.search(r"^max_aj_tasks\s+(\d+)\s*$", qconf_sconf, re.M)
+    if not match or int(match.group(1)) == 0:
+        return None
+    return int(match.group(1))

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import threading
 from collections.abc import Collection
+from typing import Any
 
 from sheepdog_executor.jobscript import WorkerLaunch, task_body
 from sheepdog_executor.scheduler.base import JobStates, Scheduler, TaskState
@@ -19,8 +20,8 @@ class LocalScheduler(Scheduler):
     name = "local processes"
     _job_numbers = itertools.count(1)
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._jobs: dict[str, dict[int, subprocess.Popen[bytes]]] = {}
         self._lock = threading.Lock()
 

@@ -1,0 +1,230 @@
+"""JobManager's scaling and reconciling against a fake scheduler with scripted states and a clock
+the test moves: fast, and each case exact (the cell tests cover the real schedulers)."""
+
+from __future__ import annotations
+
+import pickle
+import time
+from collections.abc import Collection
+from concurrent.futures import Future
+from typing import Any
+
+import pytest
+
+from sheepdog_executor.dispatch import CallFuture, Dispatcher
+from sheepdog_executor.errors import ConnectionFailed, WorkerLost, WorkerStartFailed
+from sheepdog_executor.jobs import JobManager
+from sheepdog_executor.jobscript import JobOptions, WorkerLaunch
+from sheepdog_executor.scheduler.base import JobStates, Scheduler, SessionJob, TaskState
+from sheepdog_executor.shell import LocalShell
+
+LAUNCH = WorkerLaunch("/home/u/.sheepdog-executor/s1", "http://127.0.0.1:1")
+
+
+class FakeScheduler(Scheduler):
+    """Jobs are numbers; the test sets each task's state in ``states`` and reads what was done."""
+
+    name = "Fake Engine"
+    summary_keys = ("exit",)
+
+    def __init__(self, max_array: int | None = None) -> None:
+        super().__init__(LocalShell(), JobOptions())
+        self.max_array = max_array
+        self.states: JobStates = {}
+        self.submitted: list[tuple[str, int]] = []
+        self.cancelled: list[str] = []
+        self.cancelled_tasks: list[tuple[str, int]] = []
+        self.cut_off = 0  # this many next submits drop the connection ...
+        self.cut_off_after_taking = False  # ... after the scheduler took the job, or before
+        self.reason = "queue gone"
+        self._next = 100
+
+    def submit(self, launch: WorkerLaunch, tasks: int) -> str:
+        self._next += 1
+        job = str(self._next)
+        if self.cut_off and not self.cut_off_after_taking:
+            self.cut_off -= 1
+            raise ConnectionFailed("connection dropped")
+        self.states[job] = {t: TaskState.QUEUED for t in range(1, tasks + 1)}
+        self.submitted.append((job, tasks))
+        if self.cut_off:
+            self.cut_off -= 1
+            raise ConnectionFailed("connection dropped")
+        return job
+
+    def poll(self, job_ids: Collection[str]) -> JobStates:
+        return {j: dict(self.states[j]) for j in job_ids if self.states.get(j)}
+
+    def cancel(self, job_ids: Collection[str]) -> None:
+        for job in job_ids:
+            self.cancelled.append(job)
+            self.states.pop(job, None)
+
+    def cancel_task(self, job_id: str, task_id: int) -> None:
+        self.cancelled_tasks.append((job_id, task_id))
+        self.states.get(job_id, {}).pop(task_id, None)
+
+    def session_jobs(self, root: str) -> list[SessionJob]:
+        return [SessionJob(job, "sheepdog", "s1") for job, _ in self.submitted]
+
+    def error_reason(self, job_id: str) -> str:
+        return self.reason
+
+    def accounting(self, job_id: str, task_id: int) -> dict[str, str]:
+        return {"exit": "137", "other": "x"}
+
+    def output_tail(self, launch: WorkerLaunch, job_id: str, task_id: int, limit: int = 3000) -> str:
+        return "Killed\n"
+
+    def max_array_size(self) -> int | None:
+        return self.max_array
+
+    def run_all(self, job: str) -> None:
+        self.states[job] = {t: TaskState.RUNNING for t in self.states[job]}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Rig:
+    """A dispatcher with calls, a fake scheduler and a JobManager driven step by step."""
+
+    def __init__(self, calls: int, *, max_workers: int = 4, max_array: int | None = None) -> None:
+        self.scheduler = FakeScheduler(max_array)
+        self.dispatcher = Dispatcher(retries=0, idle_timeout=60, python=(3, 11))
+        self.clock = Clock()
+        self.manager = JobManager(
+            self.scheduler,
+            self.dispatcher,
+            LAUNCH,
+            max_workers=max_workers,
+            batch_window=0,
+            poll_interval=2.0,
+            heartbeat_timeout=60.0,
+            clock=self.clock,
+        )
+        self.futures: list[Future[Any]] = [CallFuture() for _ in range(calls)]
+        payload = pickle.dumps(((-1,), {}))
+        self.dispatcher.add("f", pickle.dumps(abs), [("call", payload, f) for f in self.futures], 1, "abs")
+
+    def step(self, advance: float = 2.0) -> None:
+        """One turn of the job manager's thread, ``advance`` seconds after the last."""
+        self.clock.now += advance
+        self.manager._step()
+
+    def hello(self, job: str, task: int) -> str:
+        worker = f"{job}.{task}.1"
+        reply = self.dispatcher.hello({"worker": worker, "job": job, "task": task, "python": [3, 11, 0]})
+        assert "error" not in reply
+        return worker
+
+
+def test_submits_what_is_pending_up_to_max_workers_once() -> None:
+    rig = Rig(10, max_workers=4)
+    rig.step()
+    rig.step()  # the job is queued: its tasks count as capacity, nothing more is submitted
+    assert rig.scheduler.submitted == [("101", 4)]
+
+
+def test_arrays_are_split_at_the_sites_limit() -> None:
+    rig = Rig(7, max_workers=8, max_array=3)
+    rig.step()
+    assert [tasks for _, tasks in rig.scheduler.submitted] == [3, 3, 1]
+    assert rig.manager.submitted_jobs == ["101", "102", "103"]
+
+
+def test_a_job_in_error_state_fails_its_calls_with_the_schedulers_reason() -> None:
+    rig = Rig(2)
+    rig.step()
+    rig.scheduler.states["101"][1] = TaskState.ERROR
+    rig.scheduler.reason = "can't chdir to /nope"
+    rig.step()
+    with pytest.raises(WorkerStartFailed) as caught:
+        rig.futures[0].result(timeout=5)
+    message = str(caught.value)
+    assert "Fake Engine holds the job in an error state" in message and "can't chdir to /nope" in message
+    assert "working_directory=" in message and "Fake Engine job 101" in message
+    assert rig.scheduler.cancelled == ["101"]
+    assert rig.futures[1].exception(timeout=5) is not None
+
+
+def test_a_job_that_ends_without_any_worker_fails_the_pending_calls() -> None:
+    rig = Rig(2)
+    rig.step()
+    del rig.scheduler.states["101"]  # ended, and no task ever said hello
+    rig.step()
+    error = rig.futures[0].exception(timeout=10)
+    assert isinstance(error, WorkerStartFailed)
+    assert error.job_id == "101" and error.accounting["exit"] == "137" and "exit=137" in str(error)
+    assert "other=" not in str(error)  # only the scheduler's summary keys are shown
+    assert rig.scheduler.submitted == [("101", 2)]  # and no new job for calls that cannot start
+
+
+def test_a_cut_off_submission_that_was_taken_is_adopted_not_repeated() -> None:
+    rig = Rig(3)
+    rig.scheduler.cut_off, rig.scheduler.cut_off_after_taking = 1, True
+    rig.step()
+    rig.step()
+    assert rig.scheduler.submitted == [("101", 3)]
+    assert rig.manager.submitted_jobs == ["101"]
+
+
+def test_a_cut_off_submission_that_was_not_taken_is_tried_again() -> None:
+    rig = Rig(3)
+    rig.scheduler.cut_off = 1
+    rig.step()
+    assert rig.manager.submitted_jobs == []
+    rig.step()
+    assert rig.scheduler.submitted == [("102", 3)] and rig.manager.submitted_jobs == ["102"]
+
+
+def test_queued_jobs_nobody_needs_are_removed() -> None:
+    rig = Rig(1, max_workers=4)
+    rig.step()
+    assert rig.scheduler.submitted == [("101", 1)]
+    rig.futures[0].cancel()
+    rig.step()
+    assert rig.scheduler.cancelled == ["101"]
+
+
+def test_a_task_that_ends_under_its_worker_loses_its_call() -> None:
+    rig = Rig(1)
+    rig.step()
+    rig.scheduler.run_all("101")
+    worker = rig.hello("101", 1)
+    reply = rig.dispatcher.exchange(worker, [])
+    assert reply is not None and len(reply["items"]) == 1
+    rig.step()
+    del rig.scheduler.states["101"][1]  # killed: the scheduler no longer lists the task
+    rig.step()
+    error = rig.futures[0].exception(timeout=10)
+    assert isinstance(error, WorkerLost) and "its task ended without reporting" in str(error)
+    assert error.task_id == 1 and rig.scheduler.cancelled_tasks == []
+
+
+def test_a_silent_worker_is_lost_and_its_task_removed() -> None:
+    rig = Rig(1)
+    rig.step()
+    rig.scheduler.run_all("101")
+    worker = rig.hello("101", 1)
+    rig.dispatcher.exchange(worker, [])
+    rig.step(advance=61.0)  # no heartbeat for longer than heartbeat_timeout
+    error = rig.futures[0].exception(timeout=10)
+    assert isinstance(error, WorkerLost) and "no heartbeat for" in str(error)
+    assert rig.scheduler.cancelled_tasks == [("101", 1)]
+
+
+def test_the_scheduler_is_polled_once_per_interval() -> None:
+    rig = Rig(1)
+    polls: list[float] = []
+    poll = rig.scheduler.poll
+    rig.scheduler.poll = lambda ids: polls.append(rig.clock.now) or poll(ids)  # type: ignore[method-assign]
+    rig.step()  # submits; no job to poll yet
+    for advance in (0.5, 0.5, 1.0, 0.5, 1.5):
+        rig.step(advance)
+    assert polls == [rig.clock.now - 2.0, rig.clock.now]
