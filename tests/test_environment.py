@@ -88,6 +88,10 @@ def test_what_is_synced_and_the_key(tmp_path: Path) -> None:
 
 
 def test_options() -> None:
+    sync = EnvironmentSync.from_options("sync", add=["six==1.17.0"], exclude=["pytest"])
+    assert sync is not None and "six==1.17.0" in sync.spec.indexed
+    assert "pytest" not in {w.name for w in sync.spec.distributions}
+    assert sync.spec.key(NODE) != EnvironmentSpec(sync.spec.distributions).key(NODE)
     assert EnvironmentSync.from_options(None) is None
     with pytest.raises(ConfigurationError, match='environment="sync"'):
         EnvironmentSync.from_options("conda")
