@@ -335,6 +335,13 @@ class EnvironmentSync:
         """The environment for this spec under ``ROOT/envs``, built first if it is not there yet."""
         envs = f"{root}/envs"
         node = NodePython.from_probe(head.tool("probe", envs, timeout=60))
+        client = "{}.{}".format(*sys.version_info[:2])
+        if node.python.rsplit(".", 1)[0] != client:  # pickles would not travel; the pins would not fit
+            raise EnvironmentSyncFailed(
+                f'environment="sync" needs Python {client} on the nodes, as on this client; '
+                f"{head.python!r} there is Python {node.python} ({node.executable}): set python= "
+                f"(or a setup= line such as 'module load python/{client}') to a Python {client}"
+            )
         key = self.spec.key(node)
         path = f"{envs}/{key}"
         if key in node.ready:

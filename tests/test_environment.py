@@ -8,6 +8,7 @@ error for a distribution nobody can provide, and two builders at once.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -33,9 +34,9 @@ from sheepdog_executor.environment import (
     Wanted,
     client_distributions,
 )
-from sheepdog_executor.errors import ConfigurationError
+from sheepdog_executor.errors import ConfigurationError, EnvironmentSyncFailed
 from sheepdog_executor.jobscript import JobOptions
-from sheepdog_executor.shell import SSHShell, SSHTarget
+from sheepdog_executor.shell import LocalShell, SSHShell, SSHTarget
 
 REPO = Path(__file__).resolve().parent.parent
 NODE = NodePython("3.11.2", "cpython", "/usr/bin/python3", "linux-x86_64", "x86_64", ("glibc", "2.36"))
@@ -97,6 +98,25 @@ def test_options() -> None:
         EnvironmentSync.from_options("conda")
     with pytest.raises(ConfigurationError, match='need environment="sync"'):
         EnvironmentSync.from_options(None, exclude=["numpy"])
+
+
+def test_nodes_of_another_python_minor_version_are_refused_before_any_build(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    probe = {**dataclasses.asdict(NODE), "python": "3.9.2", "libc": list(NODE.libc), "ready": []}
+    calls: list[tuple[str, ...]] = []
+
+    def tool(self: HeadNode, *args: str, timeout: float = 0) -> dict[str, object]:
+        calls.append(args)
+        return probe
+
+    monkeypatch.setattr(HeadNode, "tool", tool)
+    head = HeadNode(LocalShell(), JobOptions())
+    with pytest.raises(
+        EnvironmentSyncFailed, match=r"needs Python 3\.\d+ on the nodes.*3\.9\.2.*set python="
+    ):
+        EnvironmentSync(EnvironmentSpec((Wanted("six", "1.17.0"),))).prepare(head, "/nowhere")
+    assert [args[0] for args in calls] == ["probe"]
 
 
 # -- on the cell ---------------------------------------------------------------------------------
