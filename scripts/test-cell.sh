@@ -3,10 +3,14 @@
 # OpenSSH sshd on 127.0.0.1:2222 with a test user, plus an ssh config alias "fear" for root.
 # Debian 12, run as root. Fast when everything is already up. See ../shared/notes/test-cluster.md.
 # --multi-host: also the multi-host cell of scripts/cell/multihost.sh (ssh alias "fear-multi").
+# --slurm: also the single-node Slurm of scripts/cell/slurm.sh (ssh alias "fear-slurm").
 set -euo pipefail
 MULTI_HOST=
+SLURM=
 args=()
-for arg in "$@"; do if [ "$arg" = --multi-host ]; then MULTI_HOST=1; else args+=("$arg"); fi; done
+for arg in "$@"; do
+  case "$arg" in --multi-host) MULTI_HOST=1 ;; --slurm) SLURM=1 ;; *) args+=("$arg") ;; esac
+done
 set -- "${args[@]+"${args[@]}"}"
 
 TEST_USER=${SHEEPDOG_TEST_USER:-sdtest}
@@ -171,3 +175,4 @@ if [ ! -f "$STATE_DIR/smoke-ok" ] || [ "${1:-}" = "--check" ]; then
 fi
 log "ready: ssh alias 'fear' -> $TEST_USER@127.0.0.1:$SSH_PORT, $SLOTS slots"
 [ -z "$MULTI_HOST" ] || bash "$(dirname "$0")/cell/multihost.sh" "$@"
+[ -z "$SLURM" ] || SHEEPDOG_TEST_SLOTS=$SLOTS bash "$(dirname "$0")/cell/slurm.sh"
