@@ -10,3 +10,23 @@ ruff check sheepdog_executor tests examples benchmarks
 ruff format --check sheepdog_executor tests examples benchmarks
 mypy sheepdog_executor
 python3 -m pytest "$@"
+
+# The other supported Pythons (a full run only, i.e. without arguments): the tests marked `pythons`
+# (the unit tests and a short cell subset) with a client of that version and the same version on
+# the nodes (scripts/test-cell.sh copies it to /opt/sheepdog-pythons). SHEEPDOG_TEST_PYTHONS=""
+# skips them. Each client venv is kept in /var/cache/sheepdog-test-clients and refreshed.
+[ $# -eq 0 ] || exit 0
+for version in ${SHEEPDOG_TEST_PYTHONS-3.10 3.13}; do
+  node_python=/opt/sheepdog-pythons/$version/bin/python$version
+  [ -x "$node_python" ] || { echo "$node_python is missing: run scripts/test-cell.sh" >&2; exit 1; }
+  venv=/var/cache/sheepdog-test-clients/$version
+  if [ ! -x "$venv/bin/python" ]; then
+    client=$(ls -d /root/.pyenv/versions/"$version".* 2>/dev/null | sort -V | tail -1)
+    [ -n "$client" ] || { echo "Python $version not found in /root/.pyenv/versions (pyenv install $version)" >&2; exit 1; }
+    "$client/bin/python$version" -m venv "$venv"
+  fi
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 \
+    | { grep -v -e '^WARNING' -e 'pip as the .root. user' || true; }
+  echo "== Python $version: tests marked pythons, nodes on $node_python"
+  PYTHONPATH="$PWD" SHEEPDOG_TEST_NODE_PYTHON="$node_python" "$venv/bin/python" -m pytest -q -m pythons
+done

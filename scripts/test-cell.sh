@@ -33,6 +33,7 @@ command -v ss >/dev/null || need+=(iproute2)
 [ -x /usr/bin/python3 ] || need+=(python3)
 /usr/bin/python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)  # tests install dask for the nodes
 [ -f /etc/profile.d/modules.sh ] || need+=(environment-modules)  # `module load` in setup= lines
+command -v patchelf >/dev/null || need+=(patchelf)  # the other Pythons' copies (below)
 if [ ${#need[@]} -gt 0 ]; then
   log "installing ${need[*]}"
   apt-get update -qq
@@ -104,6 +105,27 @@ cat > /etc/environment-modules/modules/sheepdog-python <<'MODULE'
 ## The test cell's Python (tests/test_setup_lines.py): `module load sheepdog-python`
 prepend-path PATH /opt/sheepdog-test-python/bin
 MODULE
+
+# --- the other Pythons CI runs a client on (scripts/run-tests.sh), the same minor on the nodes ------
+# pyenv's builds live under /root, which the test user cannot read: a copy in /opt, its libpython
+# found next to it ($ORIGIN) instead of under /root.
+for version in ${SHEEPDOG_TEST_PYTHONS-3.10 3.13}; do
+  dest=/opt/sheepdog-pythons/$version
+  [ -x "$dest/bin/python$version" ] && continue
+  src=$(ls -d /root/.pyenv/versions/"$version".* 2>/dev/null | sort -V | tail -1)
+  if [ -z "$src" ] || [ ! -x "$src/bin/python$version" ]; then
+    echo "Python $version not found in /root/.pyenv/versions: install it (pyenv install $version)," \
+      "or leave it out of SHEEPDOG_TEST_PYTHONS (now: ${SHEEPDOG_TEST_PYTHONS-3.10 3.13})" >&2
+    exit 1
+  fi
+  log "copying $src to $dest"
+  rm -rf "$dest.tmp"; mkdir -p "$dest.tmp"
+  tar -C "$src" --exclude="./lib/python$version/test" --exclude="./lib/python$version/site-packages/*" -cf - . \
+    | tar -C "$dest.tmp" -xf -
+  patchelf --set-rpath '$ORIGIN/../lib' "$dest.tmp/bin/python$version"
+  chmod -R a+rX "$dest.tmp"
+  mv -T "$dest.tmp" "$dest"
+done
 
 # --- test user and key -----------------------------------------------------------------------
 if ! id "$TEST_USER" >/dev/null 2>&1; then

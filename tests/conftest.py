@@ -18,6 +18,9 @@ import pytest
 from sheepdog_executor import GridEngineExecutor
 
 CELL_ALIAS = os.environ.get("SHEEPDOG_TEST_HOST", "fear")
+#: The interpreter on the nodes: the cell's python3 unless the client runs another minor version
+#: (scripts/run-tests.sh sets it to /opt/sheepdog-pythons/X.Y/bin/pythonX.Y for 3.10 and 3.13).
+NODE_PYTHON = os.environ.get("SHEEPDOG_TEST_NODE_PYTHON", "python3")
 
 
 def ssh(command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -74,6 +77,7 @@ def make_executor(cell: str) -> Iterator[Callable[..., GridEngineExecutor]]:
     def make(**options: Any) -> GridEngineExecutor:
         options.setdefault("max_workers", 8)
         options.setdefault("poll_interval", 0.5)
+        options.setdefault("python", NODE_PYTHON)
         executor = GridEngineExecutor(host=cell, **options)
         made.append(executor)
         return executor

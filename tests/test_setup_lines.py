@@ -60,6 +60,7 @@ def test_a_failing_line_fails_the_calls_quoting_it(
     assert "never" not in out
 
 
+@pytest.mark.pythons
 def test_local_executor_runs_setup_lines_the_same_way(tmp_path: Path) -> None:
     venv = tmp_path / "venv"
     made = os.system(f"{sys.executable} -m venv --without-pip {venv}")

@@ -37,6 +37,9 @@ from sheepdog_executor.scheduler.gridengine import (
 from sheepdog_executor.sessiondir import unsafe_part
 from sheepdog_executor.shell import Completed, LocalShell, Shell
 
+#: also run with Python 3.10 and 3.13 (scripts/run-tests.sh)
+pytestmark = pytest.mark.pythons
+
 SECRET = b"s" * 64
 
 
