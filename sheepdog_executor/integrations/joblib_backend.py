@@ -83,11 +83,15 @@ class ReusableExecutors:
         timer.name = "sheepdog-joblib-reuse"
         timer.daemon = True  # interpreter exit shuts the kept executors down (atexit)
         with self._lock:
-            kept = key in self._idle
-            if not kept:
-                self._idle[key] = (executor, timer)
-                timer.start()
-        if kept:
+            keep = key not in self._idle
+            if keep:
+                try:
+                    timer.start()
+                except RuntimeError:  # the interpreter is exiting: no new threads, no keeping
+                    keep = False
+                else:
+                    self._idle[key] = (executor, timer)
+        if not keep:
             _shut_down(executor)
 
     def shut_down(self) -> None:
