@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         installed: dict[str, str] = {}
         not_measured: dict[str, str] = {}
-        for peer in args.peers.split(","):
+        for peer in filter(None, args.peers.split(",")):
             names, check = PEERS[peer]
             try:
                 installed[peer] = install(remote.run, pinned(*names), check_import=check)
