@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers", default=",".join(PEERS))
     parser.add_argument("--settle", type=float, default=6.0, help="seconds to wait for an idle cell")
     args = parser.parse_args(argv)
+    unknown = set(filter(None, args.peers.split(","))) - set(PEERS)
+    if unknown:
+        parser.error(f"unknown peers {sorted(unknown)}: choose from {', '.join(PEERS)}")
     print(f"sheepdog_executor {package_revision()}: {args.calls:,} calls from nothing, {WORKERS} workers")
 
     remote = Remote(args.host)
