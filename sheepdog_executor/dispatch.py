@@ -1,28 +1,35 @@
 """The calls in flight: the queue of pending calls, which worker holds which, results to Futures.
 
-Shared by three threads: the user's (``add``), the endpoint's (``hello``/``exchange``/``heartbeat``)
-and the job manager's (``take_lost``, ``fail_items``). One lock guards the state; Futures are
-resolved outside it. A result counts only when it comes from the worker and attempt that hold the
-call, so a late or replayed result never resolves a Future twice.
+Four threads meet here: the user's (``add``), the endpoint's (``hello``/``exchange``/``heartbeat``),
+the job manager's (``take_lost``, ``fail_items``) and the results thread, which alone unpickles
+results and resolves Futures (as CPython's executor manager thread does), so that a user's
+done-callback never stalls the endpoint and its heartbeats. One lock guards the state; Futures are
+resolved outside it, each in its own ``try``, so that nothing can strand one.
+
+A call's arguments stay as the caller gave them until a worker takes the call; they are pickled then
+(as ``ProcessPoolExecutor`` pickles at its call queue), so pending calls cost no pickled copy, and a
+lost call is pickled again for its retry. A result counts only when it comes from the worker and
+attempt that hold the call, so a late or replayed result never resolves a Future twice.
 """
 
 from __future__ import annotations
 
 import collections
-import functools
-import itertools
 import logging
 import math
 import pickle
+import queue
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from sheepdog_executor import pickling
+from sheepdog_executor.callfuture import CallFuture
 from sheepdog_executor.errors import (
     BrokenClusterExecutor,
     PythonVersionMismatch,
@@ -41,36 +48,44 @@ MAX_BYTES_PER_REPLY = 16 * 1024 * 1024
 #: About this much work (by the calls' average duration) goes out in one reply.
 REPLY_SECONDS = 0.25
 
-
-class CallFuture(Future[Any]):
-    """A Future that tells the dispatcher when it is cancelled, so the call leaves the queue at once
-    (no worker, and no job, is ever needed just to skip it)."""
-
-    _on_cancel: Callable[[], None] | None = None
-
-    def cancel(self) -> bool:
-        cancelled = super().cancel()
-        if cancelled and self._on_cancel is not None:
-            self._on_cancel()
-        return cancelled
+#: WorkItem.state: waiting for a worker, held by one (or lost, being diagnosed), resolved.
+QUEUED, HELD, ENDED = 0, 1, 2
+NO_KWARGS: dict[str, Any] = {}
 
 
-@dataclass(eq=False)
 class WorkItem:
     """One call (or one chunk of a map) waiting for, or held by, a worker."""
 
-    id: int
-    future: Future[Any]
-    fn_key: str
-    kind: str  # "call" or "chunk"
-    payload: bytes
-    batch: int = 0
-    attempt: int = 0
-    worker: str | None = None
-    losses: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    #: Hand-outs whose reply never reached the worker: not runs, so they use up no retry.
-    undelivered: int = 0
+    __slots__ = ("id", "future", "fn_key", "kind", "args", "kwargs", "batch", "attempt", "worker",
+                 "losses", "undelivered", "state")  # fmt: skip
+
+    def __init__(
+        self,
+        id: int,
+        future: Future[Any],
+        fn_key: str,
+        kind: str,
+        args: Any,
+        kwargs: dict[str, Any] | None = None,
+        batch: int = 0,
+    ) -> None:
+        self.id = id
+        self.future = future
+        self.fn_key = fn_key
+        self.kind = kind  # "call": fn(*args, **kwargs); "chunk": args is a list of (args, kwargs)
+        self.args = args
+        self.kwargs = kwargs
+        self.batch = batch
+        self.attempt = 0
+        self.worker: str | None = None
+        self.losses: list[str] = []
+        #: Hand-outs whose reply never reached the worker: not runs, so they use up no retry.
+        self.undelivered = 0
+        self.state = QUEUED
+
+    def arguments(self) -> Any:
+        """What the worker's ``run_item`` unpickles for this item."""
+        return (self.args, self.kwargs) if self.kind == "call" else self.args
 
 
 @dataclass(eq=False)
@@ -82,12 +97,16 @@ class Worker:
     task: int
     host: str
     last_seen: float
-    items: set[int] = field(default_factory=set)
+    items: dict[int, WorkItem] = field(default_factory=dict)
     functions_sent: set[str] = field(default_factory=set)
     idle_since: float | None = None
     calls_done: int = 0
     #: The route it reached this client by ("direct", "tunnel", ...).
     route: str = ""
+
+
+#: What the results thread resolves: (item, worker's result tuple) or (item, an error to set).
+Outcome = tuple[WorkItem, Any]
 
 
 class Dispatcher:
@@ -116,47 +135,84 @@ class Dispatcher:
         self._python = python
         self._echo_output = echo_output
         self._lock = threading.Lock()
-        self._ids = itertools.count(1)
+        self._next_id = 1
         self._pending: deque[WorkItem] = deque()
         self._stale = 0  # entries of _pending whose call was cancelled (skipped when reached)
-        self._items: dict[int, WorkItem] = {}  # every call not yet resolved
+        self._unresolved = 0  # calls added whose Future is not resolved yet
         self._functions: dict[str, bytes] = {}
         self._function_users: dict[str, int] = {}
+        #: id(fn) -> (fn, key, pickle) while calls of fn are outstanding: fn is pickled once.
+        self._by_identity: dict[int, tuple[Any, str, bytes]] = {}
         self.workers: dict[str, Worker] = {}
         self.stats = Stats()
         self.tasks_seen: set[tuple[str, int]] = set()  # (job, task) that ever said hello
         self.broken: BaseException | None = None
         self.stopping = False
+        self._outcomes: queue.SimpleQueue[list[Outcome] | None] = queue.SimpleQueue()
+        self._results_thread = threading.Thread(
+            target=self._resolve_loop, name="sheepdog-results", daemon=True
+        )
         #: Called (from any thread) when there is new work or the state changed; set by the owner.
         self.on_change: Callable[[], None] = lambda: None
         self.on_work: Callable[[], None] = lambda: None
 
+    # -- life ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the results thread."""
+        self._results_thread.start()
+
+    def close(self) -> None:
+        """Resolve what the results thread still holds, then end it (joined)."""
+        if self._results_thread.is_alive():
+            self._outcomes.put(None)
+            self._results_thread.join()
+
     # -- the user's side --------------------------------------------------------------------
+    def function_key(self, fn: Callable[..., Any]) -> tuple[str, bytes]:
+        """(key, pickle) of ``fn``: pickled once while calls of it are outstanding."""
+        known = self._by_identity.get(id(fn))
+        if known is not None and known[0] is fn:
+            return known[1], known[2]
+        key, blob = pickling.dump_function(fn)
+        with self._lock:
+            self._by_identity.setdefault(id(fn), (fn, key, blob))
+        return key, blob
+
     def add(
         self,
-        fn_key: str,
-        fn_blob: bytes,
-        calls: Iterable[tuple[str, bytes, Future[Any]]],
+        fn: Callable[..., Any],
+        kind: str,
+        arguments: Sequence[tuple[Any, dict[str, Any] | None]],
+        futures: Sequence[Future[Any]],
         batch: int = 0,
         label: str = "",
     ) -> None:
-        """Queue calls of one function: (kind, pickled arguments, future) each, as part of ``batch``."""
+        """Queue calls of ``fn`` as part of ``batch``: (args, kwargs) and a Future each. A "chunk"
+        is a list of (args, kwargs) with kwargs None; it is pickled only when a worker takes it."""
+        key, blob = self.function_key(fn)
+        count = len(futures)
         with self._lock:
             if self.broken is not None:
                 raise BrokenClusterExecutor(str(self.broken)) from self.broken
-            self._functions.setdefault(fn_key, fn_blob)
-            count = 0
-            for kind, payload, future in calls:
-                item = WorkItem(next(self._ids), future, fn_key, kind, payload, batch)
-                self._items[item.id] = item
-                self._pending.append(item)
-                if isinstance(future, CallFuture):
-                    future._on_cancel = functools.partial(self._forget_cancelled, item)
-                self._function_users[fn_key] = self._function_users.get(fn_key, 0) + 1
-                count += 1
-            self.stats.queued(batch, label or f"batch {batch}", count)
-        self.on_work()
-        self.on_change()
+            was_short = len(self._pending) - self._stale == 0 or self._unresolved < self.max_workers
+            self._functions.setdefault(key, blob)
+            self._by_identity.setdefault(id(fn), (fn, key, blob))
+            self._function_users[key] = self._function_users.get(key, 0) + count
+            first = self._next_id
+            self._next_id += count
+            pending = self._pending
+            for i, (args, kwargs) in enumerate(arguments):
+                future = futures[i]
+                item = WorkItem(first + i, future, key, kind, args, kwargs, batch)
+                if type(future) is CallFuture:
+                    future._on_cancel = self._forget_cancelled
+                    future._item = item
+                pending.append(item)
+            self._unresolved += count
+        self.stats.queued(batch, label or f"batch {batch}", count)
+        if was_short:  # otherwise the workers are busy and the job manager already has enough to do
+            self.on_work()
+            self.on_change()
 
     def snapshot(self) -> dict[str, Any]:
         """Batches, recent errors and live workers, JSON-able (for the status page and progress)."""
@@ -182,14 +238,19 @@ class Dispatcher:
         }
 
     def counts(self) -> tuple[int, int]:
-        """(calls waiting for a worker, calls held by workers)."""
+        """(calls waiting for a worker, calls taken by workers and not resolved yet)."""
         with self._lock:
             pending = len(self._pending) - self._stale
-            return pending, len(self._items) - pending
+            return pending, self._unresolved - pending
 
     def outstanding(self) -> int:
+        return self._unresolved
+
+    @property
+    def _items(self) -> dict[int, WorkItem]:
+        """The calls workers hold, by id (for tests that act as a worker)."""
         with self._lock:
-            return len(self._items)
+            return {i: item for w in self.workers.values() for i, item in w.items.items()}
 
     # -- the endpoint's side ----------------------------------------------------------------
     def hello(self, message: dict[str, Any]) -> dict[str, Any]:
@@ -243,69 +304,62 @@ class Dispatcher:
     def _exchange(
         self, worker_id: str, results: list[tuple[Any, ...]], fatal: bytes | None
     ) -> dict[str, Any] | None:
-        delivered = []
+        delivered: list[Outcome] = []
         with self._lock:
             worker = self.workers.get(worker_id)
             if worker is None:
                 return {"stop": True}
             worker.last_seen = time.monotonic()
+            held = worker.items
             for result in results:
-                item_id, attempt = result[0], result[1]
-                item = self._items.get(item_id)
-                if item is None or item.worker != worker_id or item.attempt != attempt:
+                item = held.get(result[0])
+                if item is None or item.attempt != result[1]:
                     continue  # late, duplicate or replayed
-                del self._items[item_id]
-                worker.items.discard(item_id)
+                del held[result[0]]
+                item.state = ENDED
                 worker.calls_done += 1
-                self._release_function(item.fn_key)
+                self._observe(result[5])
                 delivered.append((item, result))
             # A worker asks for work only once it has run everything it was given: calls it still
             # holds never reached it (the reply was lost with its connection). Queue them again.
-            for item_id in sorted(worker.items, reverse=True):
-                item = self._items[item_id]
+            for item_id in sorted(held, reverse=True):
+                item = held[item_id]
                 item.worker = None
+                item.state = QUEUED
                 item.undelivered += 1
                 self._pending.appendleft(item)
                 self.stats.requeued(item.batch)
                 log.warning("call %d never reached worker %s; queued again", item.id, worker_id)
-            if worker.items:
-                worker.items.clear()
+            if held:
+                held.clear()
                 self.on_work()
-        for item, result in delivered:
-            self._observe(result[5])
-            item.seconds = result[5]
-        ends = []
-        for item, result in delivered:
-            ok, data, stdout = result[2], result[3], result[4]
-            stderr = result[6] if len(result) > 6 and type(result[6]) is str else ""
-            error_text = _resolve(item.future, ok, data, stdout, stderr, self._echo_output)
-            ends.append((item.batch, "failed" if error_text else "done", item.seconds, error_text, True))
-        self.stats.ended_many(ends)
+        if delivered:
+            self._outcomes.put(delivered)  # one hand-over per exchange: the results thread resolves
         if fatal is not None:
             self._initializer_failed(fatal)
             return {"stop": True}
-        if delivered:
-            self.on_change()
-        with self._lock:
-            if self.stopping or self.broken is not None:
-                return self._stop(worker)
-            batch = self._take(worker)
-            if batch:
-                worker.idle_since = None
-                functions = {
-                    k: self._functions[k] for k in {i.fn_key for i in batch} if k not in worker.functions_sent
-                }
-                worker.functions_sent.update(functions)
-                return {
-                    "items": [(i.id, i.attempt, i.fn_key, i.kind, i.payload) for i in batch],
-                    "functions": functions,
-                }
-            now = time.monotonic()
-            if worker.idle_since is None:
-                worker.idle_since = now
-            if now - worker.idle_since >= self.idle_timeout:
-                return self._stop(worker)
-            return None
+        failed: list[Outcome] = []
+        try:
+            with self._lock:
+                if self.stopping or self.broken is not None:
+                    return self._stop(worker)
+                batch = self._take(worker, failed)
+                if batch:
+                    worker.idle_since = None
+                    functions = {
+                        k: self._functions[k] for k in {i[2] for i in batch} if k not in worker.functions_sent
+                    }
+                    worker.functions_sent.update(functions)
+                    return {"items": batch, "functions": functions}
+                now = time.monotonic()
+                if worker.idle_since is None:
+                    worker.idle_since = now
+                if now - worker.idle_since >= self.idle_timeout:
+                    return self._stop(worker)
+                return None
+        finally:
+            if failed:
+                self._outcomes.put(failed)
 
     def _stop(self, worker: Worker) -> dict[str, Any] | None:
         if worker.items:
@@ -315,12 +369,19 @@ class Dispatcher:
         return {"stop": True}
 
     def _forget_cancelled(self, item: WorkItem) -> None:
+        """A queued call's Future was cancelled: it leaves the books now (its queue entry is
+        skipped when reached)."""
         with self._lock:
-            if self._items.get(item.id) is not item or item.worker is not None:
-                return
-            del self._items[item.id]
+            if item.state != QUEUED:
+                return  # taken meanwhile, or already accounted for
+            item.state = ENDED
+            item.future._item = None  # type: ignore[attr-defined]
             self._release_function(item.fn_key)
             self._stale += 1
+            self._unresolved -= 1
+            if self._stale == len(self._pending):
+                self._pending.clear()
+                self._stale = 0
         self.stats.ended(item.batch, "cancelled", was_running=False)
         self.on_change()
 
@@ -328,45 +389,104 @@ class Dispatcher:
         average = self.call_seconds
         self.call_seconds = seconds if average is None else 0.8 * average + 0.2 * seconds
 
-    def _take(self, worker: Worker) -> list[WorkItem]:
+    def _take(self, worker: Worker, failed: list[Outcome]) -> list[tuple[Any, ...]]:
         """Guided self-scheduling: a share of the pending calls for each of the workers expected,
         shrinking as the queue drains, and never more than about REPLY_SECONDS of work. Until a
-        call's duration is known, one call: long calls then spread over all workers."""
-        expected = max(len(self.workers), min(self.max_workers, len(self._items)))
+        call's duration is known, one call: long calls then spread over all workers. Returns the
+        calls as they go on the wire, their arguments pickled now; a call whose arguments do not
+        pickle goes to ``failed``."""
+        expected = max(len(self.workers), min(self.max_workers, self._unresolved))
         share = math.ceil((len(self._pending) - self._stale) / (2 * expected))
         seconds = self.call_seconds
         by_time = 1 if seconds is None else int(REPLY_SECONDS / max(seconds, 1e-6))
         want = max(1, min(MAX_ITEMS_PER_REPLY, share, by_time))
-        batch: list[WorkItem] = []
+        batch: list[tuple[Any, ...]] = []
+        taken: list[WorkItem] = []
         size = 0
-        while self._pending and len(batch) < want and (not batch or size < MAX_BYTES_PER_REPLY):
-            item = self._pending.popleft()
-            if self._items.get(item.id) is not item:  # cancelled while queued
+        pending, held = self._pending, worker.items
+        while pending and len(batch) < want and size < MAX_BYTES_PER_REPLY:
+            item = pending.popleft()
+            if item.state != QUEUED:  # cancelled while queued
                 self._stale -= 1
                 continue
             if item.attempt == 0 and not item.future.set_running_or_notify_cancel():
-                del self._items[item.id]
+                item.state = ENDED  # cancelled just now: its own cancel() finds it taken
                 self._release_function(item.fn_key)
+                self._unresolved -= 1
                 self.stats.ended(item.batch, "cancelled", was_running=False)
+                continue
+            item.future._item = None  # type: ignore[attr-defined]  # no cycle once it left the queue
+            try:
+                payload = pickling.dumps(item.arguments())
+            except Exception as exc:  # noqa: BLE001 - the call's own error, as ProcessPoolExecutor's
+                item.state = ENDED
+                self._release_function(item.fn_key)
+                self.stats.started(item.batch, worker.host)
+                failed.append((item, exc))
                 continue
             item.attempt += 1
             item.worker = worker.id
-            worker.items.add(item.id)
-            batch.append(item)
-            size += len(item.payload)
-        for batch_id, count in collections.Counter(item.batch for item in batch).items():
+            item.state = HELD
+            held[item.id] = item
+            batch.append((item.id, item.attempt, item.fn_key, item.kind, payload))
+            taken.append(item)
+            size += len(payload)
+        for batch_id, count in collections.Counter(item.batch for item in taken).items():
             self.stats.started(batch_id, worker.host, count)
         return batch
 
-    def _release_function(self, key: str) -> None:
-        self._function_users[key] -= 1
-        if not self._function_users[key]:
-            del self._function_users[key]
-            self._functions.pop(key, None)
+    def _release_function(self, key: str, count: int = 1) -> None:
+        users = self._function_users[key] - count
+        if users:
+            self._function_users[key] = users
+            return
+        del self._function_users[key]
+        self._functions.pop(key, None)
+        for fn_id in [i for i, known in self._by_identity.items() if known[1] == key]:
+            del self._by_identity[fn_id]
 
     def _initializer_failed(self, fatal: bytes) -> None:
         _, tb = pickle.loads(fatal)
         self.break_(BrokenClusterExecutor(f"the initializer failed on a worker, so no call can run:\n{tb}"))
+
+    # -- the results thread -------------------------------------------------------------------
+    def _resolve_loop(self) -> None:
+        while True:
+            outcomes = self._outcomes.get()
+            if outcomes is None:
+                return
+            self.resolve(outcomes)
+            del outcomes  # nothing here keeps a result alive while waiting for the next
+
+    def resolve(self, outcomes: list[Outcome]) -> None:
+        """Resolve each Future in its own ``try``: one that fails cannot strand the others; the
+        failure breaks the executor (which fails every call still on the books) and fails it too."""
+        ends = []
+        released: collections.Counter[str] = collections.Counter()
+        for item, outcome in outcomes:
+            try:
+                if isinstance(outcome, BaseException):
+                    _set_exception(item.future, outcome)
+                    error: str | None = f"{type(outcome).__name__}: {outcome}"
+                else:
+                    ok, data, stdout = outcome[2], outcome[3], outcome[4]
+                    stderr = outcome[6] if len(outcome) > 6 and type(outcome[6]) is str else ""
+                    error = _resolve(item.future, ok, data, stdout, stderr, self._echo_output)
+                ends.append((item.batch, "failed" if error else "done", seconds_of(outcome), error, True))
+            except BaseException as exc:  # noqa: BLE001 - a bug must break the executor, not hang it
+                log.exception("resolving a call failed")
+                broken = BrokenClusterExecutor(f"internal error while resolving a result: {exc!r}")
+                _set_exception(item.future, broken)
+                ends.append((item.batch, "failed", 0.0, str(broken), True))
+                self.break_(broken)
+            if not isinstance(outcome, BaseException):
+                released[item.fn_key] += 1
+        self.stats.ended_many(ends)
+        with self._lock:
+            for key, count in released.items():
+                self._release_function(key, count)
+            self._unresolved -= len(outcomes)
+        self.on_change()
 
     # -- the job manager's side ------------------------------------------------------------
     def take_lost(self, worker_id: str) -> list[WorkItem]:
@@ -375,7 +495,8 @@ class Dispatcher:
             worker = self.workers.pop(worker_id, None)
             if worker is None:
                 return []
-            items = [self._items[i] for i in sorted(worker.items) if i in self._items]
+            items = [worker.items[i] for i in sorted(worker.items)]
+            worker.items.clear()
             for item in items:
                 item.worker = None
                 item.losses.append(f"{worker.job}.{worker.task}")
@@ -385,7 +506,10 @@ class Dispatcher:
     def take_pending(self) -> list[WorkItem]:
         """Take every call still waiting for a worker out of the queue."""
         with self._lock:
-            items = [item for item in self._pending if self._items.get(item.id) is item]
+            items = [item for item in self._pending if item.state == QUEUED]
+            for item in items:
+                item.state = HELD  # off the queue: only fail_items or retry_or_split ends it now
+                item.future._item = None  # type: ignore[attr-defined]
             self._pending.clear()
             self._stale = 0
         return items
@@ -405,6 +529,7 @@ class Dispatcher:
                     failed.append(item)
             for item in reversed(retried):
                 log.warning("call %d lost (%s); running it again", item.id, ", ".join(item.losses))
+                item.state = QUEUED
                 self._pending.appendleft(item)
                 self.stats.requeued(item.batch)
         if retried:
@@ -413,18 +538,24 @@ class Dispatcher:
         return retried, failed
 
     def fail_items(self, items: list[WorkItem], error: BaseException) -> None:
-        """Resolve these calls (taken out with ``take_*``) with ``error``."""
+        """Resolve these calls (taken out with ``take_*``) with ``error``; each in its own try."""
         with self._lock:
-            items = [item for item in items if self._items.pop(item.id, None) is not None]
+            items = [item for item in items if item.state != ENDED]
             for item in items:
+                item.state = ENDED
                 self._release_function(item.fn_key)
         text = f"{type(error).__name__}: {error}"
         for item in items:
-            if item.future.running() or item.future.set_running_or_notify_cancel():
-                self.stats.ended(item.batch, "failed", error=text, was_running=item.attempt > 0)
-                _set_exception(item.future, error)
-            else:
-                self.stats.ended(item.batch, "cancelled", was_running=False)
+            try:
+                if item.future.running() or item.future.set_running_or_notify_cancel():
+                    self.stats.ended(item.batch, "failed", error=text, was_running=item.attempt > 0)
+                    _set_exception(item.future, error)
+                else:
+                    self.stats.ended(item.batch, "cancelled", was_running=False)
+            except Exception:  # noqa: BLE001 - the others must still end
+                log.exception("failing call %d", item.id)
+        with self._lock:
+            self._unresolved -= len(items)
         self.on_change()
 
     def fail_pending(self, error: BaseException) -> None:
@@ -432,25 +563,34 @@ class Dispatcher:
         self.fail_items(self.take_pending(), error)
 
     def fail_all(self, error: BaseException) -> None:
-        """Fail every unresolved call, held by a worker or not."""
+        """Fail every unresolved call, held by a worker or not (results already in the results
+        thread's hands are resolved by it)."""
         with self._lock:
-            items = list(self._items.values())
+            items = [item for item in self._pending if item.state == QUEUED]
             self._pending.clear()
             self._stale = 0
             for worker in self.workers.values():
+                items.extend(worker.items.values())
                 worker.items.clear()
         self.fail_items(items, error)
 
     def cancel_pending(self) -> None:
-        """Cancel every call no worker has taken yet."""
-        items = self.take_pending()
+        """Cancel every call no worker has taken yet (a lost call queued for its retry is running,
+        as far as its Future is concerned: it stays)."""
         with self._lock:
+            items = [item for item in self._pending if item.state == QUEUED and item.attempt == 0]
             for item in items:
-                del self._items[item.id]
+                item.state = ENDED
+                item.future._item = None  # type: ignore[attr-defined]
                 self._release_function(item.fn_key)
+            kept = [item for item in self._pending if item.state == QUEUED and item.attempt > 0]
+            self._pending = deque(kept)
+            self._stale = 0
         for item in items:
             item.future.cancel()
-            self.stats.ended(item.batch, "cancelled", was_running=False)
+        self.stats.ended_many([(item.batch, "cancelled", 0.0, None, False) for item in items])
+        with self._lock:
+            self._unresolved -= len(items)
         self.on_change()
 
     def break_(self, error: BaseException) -> None:
@@ -464,6 +604,10 @@ class Dispatcher:
         with self._lock:
             self.stopping = True
         self.on_work()
+
+
+def seconds_of(outcome: Any) -> float:
+    return 0.0 if isinstance(outcome, BaseException) else float(outcome[5])
 
 
 def _set_exception(future: Future[Any], error: BaseException) -> None:

@@ -7,6 +7,7 @@ executor that is garbage-collected or still open at interpreter exit still remov
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import itertools
@@ -25,8 +26,9 @@ from typing import Any, ClassVar, TypeVar
 
 from sheepdog_executor import pickling
 from sheepdog_executor.bundle import worker_bundle
+from sheepdog_executor.callfuture import CallFuture
 from sheepdog_executor.config import uses_config
-from sheepdog_executor.dispatch import CallFuture, Dispatcher
+from sheepdog_executor.dispatch import NO_KWARGS, Dispatcher
 from sheepdog_executor.environment import EnvironmentSync, HeadNode, SyncedEnvironment, stderr_progress
 from sheepdog_executor.errors import BrokenClusterExecutor, ConfigurationError, ExecutorShutDown
 from sheepdog_executor.jobs import JobManager
@@ -95,6 +97,7 @@ class Session:
         self._close_done = threading.Event()
         self._empty = threading.Condition()
         self.dispatcher.on_change = self._changed
+        self.dispatcher.start()
         secret = secrets.token_hex(32).encode()
         scheduler.prepare()
         # refused if another user could replace it (canonical path, created 0700 if missing)
@@ -189,6 +192,7 @@ class Session:
         endpoint = getattr(self, "endpoint", None)
         if endpoint is not None:
             endpoint.stop()
+        self.dispatcher.close()
         self._remove_session_dir()
 
     def _remove_session_dir(self) -> None:
@@ -208,7 +212,9 @@ class Session:
         }
 
     def _changed(self) -> None:
-        self.jobs.wake()
+        jobs = getattr(self, "jobs", None)  # None while the session is still being set up
+        if jobs is not None:
+            jobs.wake()
         with self._empty:
             self._empty.notify_all()
 
@@ -243,6 +249,7 @@ class Session:
         except Exception as exc:  # noqa: BLE001 - teardown goes on; say what may be left
             log.warning("could not remove jobs %s: %s", list(self.jobs.jobs), exc)
         self.endpoint.stop()
+        self.dispatcher.close()
         self._remove_session_dir()
         self.shell.close()
 
@@ -322,6 +329,7 @@ class ClusterExecutor(Executor):
         self._shutdown = False
         self._batch_ids = itertools.count(1)
         self._submit_batch = 0
+        self._submit_label = ""
         self._last_submit = 0.0
         shell = _connect(host, user, port, key_filename, ssh_config, connect_timeout)
         init_blob = pickling.dumps((initializer, tuple(initargs))) if initializer is not None else None
@@ -359,16 +367,16 @@ class ClusterExecutor(Executor):
     # -- submitting ---------------------------------------------------------------------------
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         future: Future[T] = CallFuture()
-        key, blob = pickling.dump_function(fn)
-        payload = pickling.dumps((args, kwargs))
         with self._shutdown_lock:
             self._check_open()
             now = time.monotonic()
             if now - self._last_submit > SUBMIT_BATCH_SECONDS:
                 self._submit_batch = next(self._batch_ids)
+                self._submit_label = f"submit({_name_of(fn)})"
             self._last_submit = now
-            label = f"submit({_name_of(fn)})"
-            self._session.dispatcher.add(key, blob, [("call", payload, future)], self._submit_batch, label)
+            self._session.dispatcher.add(
+                fn, "call", ((args, kwargs),), (future,), self._submit_batch, self._submit_label
+            )
         return future
 
     def map(
@@ -377,47 +385,71 @@ class ClusterExecutor(Executor):
         *iterables: Iterable[Any],
         timeout: float | None = None,
         chunksize: int = 1,
+        buffersize: int | None = None,
     ) -> Iterator[T]:
-        """Like ``Executor.map``; all calls of one map go out together, as one array job."""
+        """Like ``Executor.map`` (Python 3.14's, on every Python): all calls of one map go out
+        together, as one array job; with ``buffersize``, at most that many calls (chunks with
+        ``chunksize``) are submitted ahead of the results consumed, so any iterable, endless
+        ones included, is mapped in bounded memory."""
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
+        if buffersize is not None and not isinstance(buffersize, int):
+            raise TypeError("buffersize must be an integer or None")
+        if buffersize is not None and buffersize < 1:
+            raise ValueError("buffersize must be None or > 0")
         end_time = None if timeout is None else timeout + time.monotonic()
-        key, blob = pickling.dump_function(fn)
+        calls: Iterator[tuple[Any, Any]]  # (args, kwargs) of a call, or (list of those, None) of a chunk
         argument_sets = zip(*iterables)  # noqa: B905 - as Executor.map
-        calls: list[tuple[str, bytes, Future[Any]]] = []
-        total = 0
         if chunksize == 1:
-            for args in argument_sets:
-                calls.append(("call", pickling.dumps((args, {})), CallFuture()))
+            kind, calls = "call", ((args, NO_KWARGS) for args in argument_sets)
         else:
-            while chunk := list(itertools.islice(argument_sets, chunksize)):
-                total += len(chunk)
-                calls.append(
-                    (
-                        "chunk",
-                        pickling.dumps([(args, {}) for args in chunk]),
-                        CallFuture(),
-                    )
-                )
+            chunks = iter(lambda: [(a, NO_KWARGS) for a in itertools.islice(argument_sets, chunksize)], [])
+            kind, calls = "chunk", ((chunk, None) for chunk in chunks)
         with self._shutdown_lock:
             self._check_open()
             batch = next(self._batch_ids)
             self._last_submit = 0.0  # the next submit starts a batch of its own
-            self._session.dispatcher.add(key, blob, calls, batch, f"map({_name_of(fn)})")
-        self._session.jobs.wake(flush=True)
-        futures = [future for _, _, future in calls]
-        results = _ordered_results(futures, end_time)
-        flat = itertools.chain.from_iterable(results) if chunksize > 1 else results
-        return self._with_progress(flat, total or len(calls), f"map({_name_of(fn)})")
+        label = f"map({_name_of(fn)})"
+        refill: Callable[[], Future[Any] | None] | None = None
+        if buffersize is None:
+            arguments = list(calls)
+            futures = self._queue(fn, kind, arguments, batch, label)
+            total: int | None = len(arguments) if chunksize == 1 else sum(len(a) for a, _ in arguments)
+            del arguments
+        else:
+            futures = self._queue(fn, kind, list(itertools.islice(calls, buffersize)), batch, label)
+            total = None
+            executor = weakref.ref(self)
 
-    def _with_progress(self, results: Iterator[T], total: int, desc: str) -> Iterator[T]:
+            def refill() -> Future[Any] | None:
+                """One more call for each result consumed, while the executor lives (as 3.14's)."""
+                alive = executor()
+                call = next(calls, None) if alive is not None else None
+                if alive is None or call is None:
+                    return None
+                return alive._queue(fn, kind, [call], batch, label)[0]
+
+        self._session.jobs.wake(flush=True)
+        results = _ordered_results(futures, end_time, refill)
+        return self._with_progress(_flatten(results) if chunksize > 1 else results, total, label)
+
+    def _queue(
+        self, fn: Callable[..., Any], kind: str, arguments: list[Any], batch: int, label: str
+    ) -> list[Future[Any]]:
+        futures: list[Future[Any]] = [CallFuture() for _ in arguments]
+        with self._shutdown_lock:
+            self._check_open()
+            self._session.dispatcher.add(fn, kind, arguments, futures, batch, label)
+        return futures
+
+    def _with_progress(self, results: Iterator[T], total: int | None, desc: str) -> Iterator[T]:
         """``results`` behind a progress bar on stderr, as the ``progress`` option says."""
         if self._progress is False:
             return results
         from sheepdog_executor.integrations.progress import progress
 
         auto = self._progress is None
-        delay = AUTO_PROGRESS_SECONDS if auto and total <= AUTO_PROGRESS_CALLS else 0.0
+        delay = AUTO_PROGRESS_SECONDS if auto and (total or 0) <= AUTO_PROGRESS_CALLS else 0.0
         return progress(results, total, desc, disable=None if auto else False, delay=delay)
 
     def _check_open(self) -> None:
@@ -575,21 +607,39 @@ def _name_of(fn: Callable[..., Any]) -> str:
     return str(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__)
 
 
-def _ordered_results(futures: list[Future[T]], end_time: float | None) -> Iterator[T]:
-    """Yield results in order; on timeout, error or abandonment cancel the rest (as CPython does)."""
+def _ordered_results(
+    futures: list[Future[T]], end_time: float | None, refill: Callable[[], Future[T] | None] | None
+) -> Iterator[T]:
+    """Yield results in order; on timeout, error or abandonment cancel the rest (as CPython does).
+    Holds no reference to a result it yielded; with ``refill``, submits one more call before each
+    result is awaited (``buffersize``)."""
+    pending = collections.deque(futures)
+    del futures
     try:
-        futures.reverse()
-        while futures:
-            future = futures.pop()
-            if end_time is None:
-                yield future.result()
-            else:
-                remaining = end_time - time.monotonic()
-                try:
-                    yield future.result(max(remaining, 0))
-                except FuturesTimeout:
-                    future.cancel()
-                    raise
+        while pending:
+            if refill is not None and (more := refill()) is not None:
+                pending.append(more)
+                del more
+            yield _result_or_cancel(pending.popleft(), end_time)
     finally:
-        for future in futures:
+        for future in pending:
             future.cancel()
+
+
+def _result_or_cancel(future: Future[T], end_time: float | None) -> T:
+    try:
+        try:
+            return future.result(None if end_time is None else max(end_time - time.monotonic(), 0))
+        except FuturesTimeout:
+            future.cancel()
+            raise
+    finally:
+        del future  # no reference to the result from this frame's traceback either
+
+
+def _flatten(chunks: Iterator[list[T]]) -> Iterator[T]:
+    """The results of each chunk in order, each list emptied as it goes (no reference kept)."""
+    for chunk in chunks:
+        chunk.reverse()
+        while chunk:
+            yield chunk.pop()

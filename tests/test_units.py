@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import pickle
 import subprocess
 import threading
 import time
@@ -12,6 +11,7 @@ from typing import Any
 
 import cloudpickle
 import pytest
+from conftest import wait_until
 
 from sheepdog_executor import ConfigurationError, GridEngineExecutor, LocalExecutor, pickling
 from sheepdog_executor.dispatch import Dispatcher
@@ -216,8 +216,9 @@ def _hello(dispatcher: Dispatcher, name: str) -> None:
 
 def test_late_or_replayed_results_never_resolve_twice() -> None:
     dispatcher = Dispatcher(retries=1, idle_timeout=60, python=(3, 11), max_workers=2)
+    dispatcher.start()
     future: Future[Any] = Future()
-    dispatcher.add("f", pickle.dumps(abs), [("call", pickle.dumps(((-1,), {})), future)])
+    dispatcher.add(abs, "call", [((-1,), {})], [future])
     _hello(dispatcher, "w1")
     reply = dispatcher.exchange("w1", [])
     assert reply is not None and len(reply["items"]) == 1
@@ -235,13 +236,15 @@ def test_late_or_replayed_results_never_resolve_twice() -> None:
     assert future.result(timeout=1) == "fresh"
     # a replay of the same result changes nothing
     dispatcher.exchange("w2", [_result(item_id, attempt + 1, "replayed")])
-    assert future.result() == "fresh" and dispatcher.outstanding() == 0
+    assert future.result() == "fresh"
+    wait_until(lambda: dispatcher.outstanding() == 0, 5, "the call to leave the books")
 
 
 def test_out_of_retries_fails_with_the_error_given() -> None:
     dispatcher = Dispatcher(retries=0, idle_timeout=60, python=(3, 11))
+    dispatcher.start()
     future: Future[Any] = Future()
-    dispatcher.add("f", pickle.dumps(abs), [("call", pickle.dumps(((-1,), {})), future)])
+    dispatcher.add(abs, "call", [((-1,), {})], [future])
     _hello(dispatcher, "w1")
     dispatcher.exchange("w1", [])
     retried, failed = dispatcher.retry_or_split(dispatcher.take_lost("w1"))
@@ -254,8 +257,9 @@ def test_out_of_retries_fails_with_the_error_given() -> None:
 
 def test_python_mismatch_fails_pending_calls() -> None:
     dispatcher = Dispatcher(python=(3, 11))
+    dispatcher.start()
     future: Future[Any] = Future()
-    dispatcher.add("f", pickle.dumps(abs), [("call", pickle.dumps(((-1,), {})), future)])
+    dispatcher.add(abs, "call", [((-1,), {})], [future])
     reply = dispatcher.hello({"worker": "w", "job": "1", "task": 1, "host": "n", "python": [3, 9, 1]})
     assert "Python 3.9.1" in reply["error"]
     assert "3.9.1" in str(future.exception(timeout=1))
@@ -263,8 +267,9 @@ def test_python_mismatch_fails_pending_calls() -> None:
 
 def test_calls_whose_reply_was_lost_are_queued_again() -> None:
     dispatcher = Dispatcher(retries=0, idle_timeout=60, python=(3, 11))
+    dispatcher.start()
     future: Future[Any] = Future()
-    dispatcher.add("f", pickle.dumps(abs), [("call", pickle.dumps(((-1,), {})), future)])
+    dispatcher.add(abs, "call", [((-1,), {})], [future])
     _hello(dispatcher, "w1")
     lost_reply = dispatcher.exchange("w1", [])
     assert lost_reply is not None and len(lost_reply["items"]) == 1
@@ -277,11 +282,12 @@ def test_calls_whose_reply_was_lost_are_queued_again() -> None:
 
 
 def test_a_cancelled_call_leaves_the_queue_at_once() -> None:
-    from sheepdog_executor.dispatch import CallFuture
+    from sheepdog_executor.callfuture import CallFuture
 
     dispatcher = Dispatcher(python=(3, 11))
+    dispatcher.start()
     futures = [CallFuture() for _ in range(3)]
-    dispatcher.add("f", pickle.dumps(abs), [("call", pickle.dumps(((-1,), {})), f) for f in futures])
+    dispatcher.add(abs, "call", [((-1,), {})] * 3, futures)
     assert futures[1].cancel() and futures[1].cancel()  # twice: counted once
     assert dispatcher.counts() == (2, 0) and dispatcher.outstanding() == 2
     _hello(dispatcher, "w1")

@@ -86,11 +86,17 @@ def _all_futures(items: Iterable[Any]) -> bool:
 
 
 def _counted(items: Iterable[T], bar: Bar) -> Iterator[T]:
-    """Yield ``items``, counting each as it arrives; close the bar (and ``items``) however it ends."""
+    """Yield ``items``, counting each as it arrives; close the bar (and ``items``) however it ends.
+    Keeps no reference to an item it yielded (a map's big result is freed once the caller drops it)."""
+    iterator = iter(items)
     try:
-        for item in items:
+        while True:
+            try:
+                box = [next(iterator)]
+            except StopIteration:
+                return
             bar.update(1)
-            yield item
+            yield box.pop()
     finally:
         bar.close()
         close = getattr(items, "close", None)
