@@ -36,6 +36,10 @@ class CallFuture(Future[Any]):
     #: Told (with the queued call) when a call still waiting for a worker is cancelled.
     _on_cancel: Any = None
     _item: Any = None
+    #: What the call wrote on the node (set by the dispatcher when there is any).
+    remote_stdout = ""
+    remote_stderr = ""
+    remote_output = ""
 
     def __init__(self) -> None:  # Future.__init__ would build the condition now
         self._state = PENDING

@@ -37,7 +37,7 @@ from sheepdog_executor.errors import (
     RemoteTraceback,
 )
 from sheepdog_executor.remote.compat import add_note
-from sheepdog_executor.stats import Stats
+from sheepdog_executor.stats import Stats, Tally
 from sheepdog_executor.tracebacks import restore_source
 
 log = logging.getLogger("sheepdog_executor")
@@ -417,7 +417,7 @@ class Dispatcher:
                 continue
             item.future._item = None  # type: ignore[attr-defined]  # no cycle once it left the queue
             try:
-                payload = pickling.dumps(item.arguments())
+                payload = _dumps_arguments(item)
             except Exception as exc:  # noqa: BLE001 - the call's own error, as ProcessPoolExecutor's
                 item.state = ENDED
                 self._release_function(item.fn_key)
@@ -461,27 +461,31 @@ class Dispatcher:
     def resolve(self, outcomes: list[Outcome]) -> None:
         """Resolve each Future in its own ``try``: one that fails cannot strand the others; the
         failure breaks the executor (which fails every call still on the books) and fails it too."""
-        ends = []
+        tally: dict[int, Tally] = {}
         released: collections.Counter[str] = collections.Counter()
+        echo = self._echo_output
         for item, outcome in outcomes:
+            seconds = 0.0
             try:
-                if isinstance(outcome, BaseException):
+                if isinstance(outcome, BaseException):  # e.g. its arguments did not pickle
                     _set_exception(item.future, outcome)
                     error: str | None = f"{type(outcome).__name__}: {outcome}"
                 else:
-                    ok, data, stdout = outcome[2], outcome[3], outcome[4]
+                    released[item.fn_key] += 1
+                    seconds = outcome[5]
                     stderr = outcome[6] if len(outcome) > 6 and type(outcome[6]) is str else ""
-                    error = _resolve(item.future, ok, data, stdout, stderr, self._echo_output)
-                ends.append((item.batch, "failed" if error else "done", seconds_of(outcome), error, True))
+                    error = _resolve(item.future, outcome[2], outcome[3], outcome[4], stderr, echo)
             except BaseException as exc:  # noqa: BLE001 - a bug must break the executor, not hang it
                 log.exception("resolving a call failed")
                 broken = BrokenClusterExecutor(f"internal error while resolving a result: {exc!r}")
                 _set_exception(item.future, broken)
-                ends.append((item.batch, "failed", 0.0, str(broken), True))
+                error = str(broken)
                 self.break_(broken)
-            if not isinstance(outcome, BaseException):
-                released[item.fn_key] += 1
-        self.stats.ended_many(ends)
+            counts = tally.get(item.batch)
+            if counts is None:
+                counts = tally[item.batch] = Tally()
+            counts.add(seconds, error)
+        self.stats.ended_tallies(tally)
         with self._lock:
             for key, count in released.items():
                 self._release_function(key, count)
@@ -606,8 +610,20 @@ class Dispatcher:
         self.on_work()
 
 
-def seconds_of(outcome: Any) -> float:
-    return 0.0 if isinstance(outcome, BaseException) else float(outcome[5])
+_SCALARS = (int, float, str, bytes, bool, type(None))
+
+
+def _dumps_arguments(item: WorkItem) -> bytes:
+    """Pickle a call's arguments; a call of a few scalars (most of a big map's) takes the C
+    pickler directly, everything else ``pickling.dumps``."""
+    args = item.args
+    if item.kind == "call" and not item.kwargs and type(args) is tuple and len(args) <= 8:
+        for arg in args:
+            if type(arg) not in _SCALARS:
+                break
+        else:
+            return pickle.dumps((args, NO_KWARGS), protocol=pickling.PICKLE_PROTOCOL)
+    return pickling.dumps(item.arguments())
 
 
 def _set_exception(future: Future[Any], error: BaseException) -> None:
@@ -620,9 +636,10 @@ def _set_exception(future: Future[Any], error: BaseException) -> None:
 
 def _resolve(future: Future[Any], ok: bool, data: bytes, stdout: str, stderr: str, echo: bool) -> str | None:
     """Resolve a Future from a worker's result; return the error's text when the call failed."""
-    future.remote_stdout = stdout  # type: ignore[attr-defined]
-    future.remote_stderr = stderr  # type: ignore[attr-defined]
-    future.remote_output = stdout + stderr  # type: ignore[attr-defined]
+    if stdout or stderr or type(future) is not CallFuture:  # a CallFuture's are "" by default
+        future.remote_stdout = stdout  # type: ignore[attr-defined]
+        future.remote_stderr = stderr  # type: ignore[attr-defined]
+        future.remote_output = stdout + stderr  # type: ignore[attr-defined]
     if echo:
         for text, stream in ((stdout, sys.stdout), (stderr, sys.stderr)):
             if text:

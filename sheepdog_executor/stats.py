@@ -55,6 +55,27 @@ class BatchStats:
         }
 
 
+class Tally:
+    """Calls of one batch that ran and ended, added up before they reach ``Stats`` at once."""
+
+    __slots__ = ("done", "failed", "seconds_total", "seconds_max", "errors")
+
+    def __init__(self) -> None:
+        self.done = self.failed = 0
+        self.seconds_total = self.seconds_max = 0.0
+        self.errors: list[str] = []
+
+    def add(self, seconds: float, error: str | None) -> None:
+        if error is None:
+            self.done += 1
+        else:
+            self.failed += 1
+            self.errors.append(error)
+        self.seconds_total += seconds
+        if seconds > self.seconds_max:
+            self.seconds_max = seconds
+
+
 class Stats:
     """Thread-safe counters per batch and the last errors."""
 
@@ -119,6 +140,22 @@ class Stats:
                     self._errors.append({"batch": batch, "time": time.time(), "error": error[-2000:]})
                 if stats.queued == 0 and stats.running == 0:
                     stats.finished = time.time()
+
+    def ended_tallies(self, tallies: dict[int, Tally]) -> None:
+        """Calls that ran and ended, added up per batch (the results thread's one update per reply)."""
+        with self._lock:
+            for batch, tally in tallies.items():
+                stats = self._batch(batch)
+                stats.running -= tally.done + tally.failed
+                stats.done += tally.done
+                stats.failed += tally.failed
+                stats.seconds_total += tally.seconds_total
+                stats.seconds_max = max(stats.seconds_max, tally.seconds_max)
+                now = time.time()
+                for error in tally.errors[-RECENT_ERRORS:]:
+                    self._errors.append({"batch": batch, "time": now, "error": error[-2000:]})
+                if stats.queued == 0 and stats.running == 0:
+                    stats.finished = now
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:

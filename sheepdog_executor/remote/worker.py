@@ -187,20 +187,37 @@ class Capture:
         """(stdout, stderr) of the last call: their last ``OUTPUT_LIMIT`` bytes each."""
         return _tail(self._files[0]), _tail(self._files[1])
 
+    def mark(self) -> tuple[int, int]:
+        """Where stdout and stderr are now: many calls share one capture, each its own stretch."""
+        _flush_std()
+        return os.lseek(self._files[0], 0, os.SEEK_CUR), os.lseek(self._files[1], 0, os.SEEK_CUR)
+
+    def since(self, mark: tuple[int, int]) -> tuple[str, str, tuple[int, int]]:
+        """(stdout, stderr) written since ``mark`` (their last ``OUTPUT_LIMIT`` bytes each), and
+        the mark of now."""
+        now = self.mark()
+        return _tail(self._files[0], mark[0], now[0]), _tail(self._files[1], mark[1], now[1]), now
+
 
 def _flush_std() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (AttributeError, OSError, ValueError):
-            pass
+    try:
+        sys.stdout.flush()
+    except (AttributeError, OSError, ValueError):
+        pass
+    try:
+        sys.stderr.flush()
+    except (AttributeError, OSError, ValueError):
+        pass
 
 
-def _tail(fd: int) -> str:
-    size = os.fstat(fd).st_size
-    start = max(0, size - OUTPUT_LIMIT)
-    text = os.pread(fd, size - start, start).decode("utf-8", errors="replace")
-    return f"[... {start} bytes left out]\n{text}" if start else text
+def _tail(fd: int, begin: int = 0, end: int | None = None) -> str:
+    """The last ``OUTPUT_LIMIT`` bytes of ``fd`` between ``begin`` and ``end`` (its size)."""
+    end = os.fstat(fd).st_size if end is None else end
+    if end <= begin:
+        return ""
+    start = max(begin, end - OUTPUT_LIMIT)
+    text = os.pread(fd, end - start, start).decode("utf-8", errors="replace")
+    return f"[... {start - begin} bytes left out]\n{text}" if start > begin else text
 
 
 def _where() -> str:
@@ -222,31 +239,54 @@ def explain_missing_module(error: BaseException, what: str) -> None:
 def run_item(
     fn: Callable[..., Any], kind: str, payload: bytes, capture: Capture
 ) -> tuple[bool, bytes, str, str]:
-    """Run one call (or one chunk of calls); return (ok, pickled value or error, stdout, stderr).
+    """Run one call (or one chunk of calls); return (ok, pickled value or error, stdout, stderr)."""
+    with capture:
+        ok, data = call(fn, kind, payload)
+    return (ok, data, *capture.tails())
+
+
+def run_items(
+    items: list[tuple[int, int, str, str, bytes]],
+    functions: dict[str, Callable[..., Any]],
+    capture: Capture,
+) -> list[tuple[int, int, bool, bytes, str, float, str]]:
+    """Run a reply's calls under one capture (entering it costs a dozen system calls: per call, it
+    would cost more than a small call itself); each call's output is its own stretch of it."""
+    results = []
+    with capture:
+        mark = capture.mark()
+        for item_id, attempt, fn_key, kind, payload in items:
+            started = time.perf_counter()
+            ok, data = call(functions[fn_key], kind, payload)
+            out, err, mark = capture.since(mark)
+            results.append((item_id, attempt, ok, data, out, time.perf_counter() - started, err))
+    return results
+
+
+def call(fn: Callable[..., Any], kind: str, payload: bytes) -> tuple[bool, bytes]:
+    """Run one call (or one chunk of calls); return (ok, pickled value or error).
 
     Whatever the call raises, BaseException included (KeyboardInterrupt, SystemExit), is the call's
     result, as with ProcessPoolExecutor: only the worker's death is a lost worker."""
-    with capture:
+    try:
         try:
-            try:
-                arguments = pickle.loads(payload)
-            except BaseException as exc:
-                explain_missing_module(exc, "an argument of the call could not be unpickled")
-                raise
-            try:
-                if kind == "chunk":
-                    value: Any = [fn(*args, **kwargs) for args, kwargs in arguments]
-                else:
-                    args, kwargs = arguments
-                    value = fn(*args, **kwargs)
-            except BaseException as exc:
-                if not getattr(exc, "__notes__", None):
-                    explain_missing_module(exc, "the call failed to import a module")
-                raise
-            ok, data = True, _dump_value(value)
-        except BaseException as exc:  # noqa: BLE001 - all of it goes back to the client
-            ok, data = False, _dump_error(exc)
-    return (ok, data, *capture.tails())
+            arguments = pickle.loads(payload)
+        except BaseException as exc:
+            explain_missing_module(exc, "an argument of the call could not be unpickled")
+            raise
+        try:
+            if kind == "chunk":
+                value: Any = [fn(*args, **kwargs) for args, kwargs in arguments]
+            else:
+                args, kwargs = arguments
+                value = fn(*args, **kwargs)
+        except BaseException as exc:
+            if not getattr(exc, "__notes__", None):
+                explain_missing_module(exc, "the call failed to import a module")
+            raise
+        return True, _dump_value(value)
+    except BaseException as exc:  # noqa: BLE001 - all of it goes back to the client
+        return False, _dump_error(exc)
 
 
 def load_function(blob: bytes) -> Callable[..., Any]:
@@ -270,7 +310,12 @@ def load_function(blob: bytes) -> Callable[..., Any]:
         return unloadable
 
 
+_PLAIN = (int, float, str, bytes, bool, type(None))
+
+
 def _dump_value(value: Any) -> bytes:
+    if type(value) in _PLAIN:  # the C pickler is several times faster than cloudpickle's
+        return pickle.dumps(value, protocol=protocol.PICKLE_PROTOCOL)
     import cloudpickle
 
     return cloudpickle.dumps(value, protocol=protocol.PICKLE_PROTOCOL)
@@ -366,10 +411,8 @@ def serve(url: str, secret_file: str, fingerprint: str | None = None) -> int:
                 return 0
             for key, blob in reply.get("functions", {}).items():
                 functions[key] = load_function(blob)
-            for item_id, attempt, fn_key, kind, payload in reply.get("items", []):
-                started = time.perf_counter()
-                ok, data, out, err = run_item(functions[fn_key], kind, payload, capture)
-                results.append((item_id, attempt, ok, data, out, time.perf_counter() - started, err))
+            if reply.get("items"):
+                results = run_items(reply["items"], functions, capture)
     finally:
         # joined, not abandoned: a daemon thread inside an SSL call while the interpreter shuts
         # down can crash it (SIGBUS seen here), which would look like a lost task
