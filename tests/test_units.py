@@ -6,6 +6,7 @@ import hashlib
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
@@ -209,14 +210,28 @@ def _result(item_id: int, attempt: int, value: Any) -> tuple[Any, ...]:
     return (item_id, attempt, True, cloudpickle.dumps(value), "", 0.001)
 
 
+@pytest.fixture
+def make_dispatcher() -> Iterator[Callable[..., Dispatcher]]:
+    """Dispatchers with their results thread running, each closed (the thread joined) after."""
+    made: list[Dispatcher] = []
+
+    def make(**options: Any) -> Dispatcher:
+        made.append(Dispatcher(**options))
+        made[-1].start()
+        return made[-1]
+
+    yield make
+    for dispatcher in made:
+        dispatcher.close()
+
+
 def _hello(dispatcher: Dispatcher, name: str) -> None:
     reply = dispatcher.hello({"worker": name, "job": "1", "task": 1, "host": "n1", "python": [3, 11, 0]})
     assert "error" not in reply
 
 
-def test_late_or_replayed_results_never_resolve_twice() -> None:
-    dispatcher = Dispatcher(retries=1, idle_timeout=60, python=(3, 11), max_workers=2)
-    dispatcher.start()
+def test_late_or_replayed_results_never_resolve_twice(make_dispatcher: Callable[..., Dispatcher]) -> None:
+    dispatcher = make_dispatcher(retries=1, idle_timeout=60, python=(3, 11), max_workers=2)
     future: Future[Any] = Future()
     dispatcher.add(abs, "call", [((-1,), {})], [future])
     _hello(dispatcher, "w1")
@@ -240,9 +255,8 @@ def test_late_or_replayed_results_never_resolve_twice() -> None:
     wait_until(lambda: dispatcher.outstanding() == 0, 5, "the call to leave the books")
 
 
-def test_out_of_retries_fails_with_the_error_given() -> None:
-    dispatcher = Dispatcher(retries=0, idle_timeout=60, python=(3, 11))
-    dispatcher.start()
+def test_out_of_retries_fails_with_the_error_given(make_dispatcher: Callable[..., Dispatcher]) -> None:
+    dispatcher = make_dispatcher(retries=0, idle_timeout=60, python=(3, 11))
     future: Future[Any] = Future()
     dispatcher.add(abs, "call", [((-1,), {})], [future])
     _hello(dispatcher, "w1")
@@ -255,9 +269,8 @@ def test_out_of_retries_fails_with_the_error_given() -> None:
     assert dispatcher.stats.snapshot()["batches"][0]["failed"] == 1
 
 
-def test_python_mismatch_fails_pending_calls() -> None:
-    dispatcher = Dispatcher(python=(3, 11))
-    dispatcher.start()
+def test_python_mismatch_fails_pending_calls(make_dispatcher: Callable[..., Dispatcher]) -> None:
+    dispatcher = make_dispatcher(python=(3, 11))
     future: Future[Any] = Future()
     dispatcher.add(abs, "call", [((-1,), {})], [future])
     reply = dispatcher.hello({"worker": "w", "job": "1", "task": 1, "host": "n", "python": [3, 9, 1]})
@@ -265,9 +278,8 @@ def test_python_mismatch_fails_pending_calls() -> None:
     assert "3.9.1" in str(future.exception(timeout=1))
 
 
-def test_calls_whose_reply_was_lost_are_queued_again() -> None:
-    dispatcher = Dispatcher(retries=0, idle_timeout=60, python=(3, 11))
-    dispatcher.start()
+def test_calls_whose_reply_was_lost_are_queued_again(make_dispatcher: Callable[..., Dispatcher]) -> None:
+    dispatcher = make_dispatcher(retries=0, idle_timeout=60, python=(3, 11))
     future: Future[Any] = Future()
     dispatcher.add(abs, "call", [((-1,), {})], [future])
     _hello(dispatcher, "w1")
@@ -281,11 +293,10 @@ def test_calls_whose_reply_was_lost_are_queued_again() -> None:
     assert future.result(timeout=1) == 1
 
 
-def test_a_cancelled_call_leaves_the_queue_at_once() -> None:
+def test_a_cancelled_call_leaves_the_queue_at_once(make_dispatcher: Callable[..., Dispatcher]) -> None:
     from sheepdog_executor.callfuture import CallFuture
 
-    dispatcher = Dispatcher(python=(3, 11))
-    dispatcher.start()
+    dispatcher = make_dispatcher(python=(3, 11))
     futures = [CallFuture() for _ in range(3)]
     dispatcher.add(abs, "call", [((-1,), {})] * 3, futures)
     assert futures[1].cancel() and futures[1].cancel()  # twice: counted once
