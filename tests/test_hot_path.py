@@ -56,6 +56,7 @@ def local() -> Iterator[Callable[..., LocalExecutor]]:
         executor.shutdown(wait=True, cancel_futures=True)
 
 
+@pytest.mark.pythons  # CallFuture builds on Future's internals: checked on every Python
 def test_a_result_that_fails_to_resolve_strands_no_other_future(
     local: Callable[..., LocalExecutor], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -75,6 +76,7 @@ def test_a_result_that_fails_to_resolve_strands_no_other_future(
     assert not not_done, f"{len(not_done)} of 20 futures never ended"
 
 
+@pytest.mark.pythons
 @pytest.mark.parametrize("progress", [False, True])
 def test_map_keeps_no_reference_to_a_yielded_result(
     local: Callable[..., LocalExecutor], progress: bool
@@ -88,6 +90,7 @@ def test_map_keeps_no_reference_to_a_yielded_result(
         assert wr() is None
 
 
+@pytest.mark.pythons
 def test_arguments_are_pickled_when_a_worker_takes_the_call(local: Callable[..., LocalExecutor]) -> None:
     """Issue 9.4: no pickled copy is made at submit; an argument that cannot be pickled fails its
     own call (as with ProcessPoolExecutor), the others run."""
@@ -99,6 +102,7 @@ def test_arguments_are_pickled_when_a_worker_takes_the_call(local: Callable[...,
     assert good.result(timeout=60) == 3
 
 
+@pytest.mark.pythons
 def test_buffersize_bounds_the_calls_submitted_ahead(local: Callable[..., LocalExecutor]) -> None:
     """Issue 13: map(..., buffersize=N) over an endless iterator submits at most N calls ahead."""
     executor = local(max_workers=2)
@@ -112,6 +116,7 @@ def test_buffersize_bounds_the_calls_submitted_ahead(local: Callable[..., LocalE
         executor.map(plus_one, [1], buffersize=0)
 
 
+@pytest.mark.pythons
 def test_buffersize_with_chunks_and_a_finite_iterable(local: Callable[..., LocalExecutor]) -> None:
     executor = local(max_workers=2)
     assert list(executor.map(plus_one, range(1000), chunksize=7, buffersize=3)) == list(range(1, 1001))
