@@ -23,7 +23,7 @@ import numpy
 import sdenvpkg
 
 from sheepdog_executor import GridEngineExecutor
-from sheepdog_executor.environment import client_distributions
+from sheepdog_executor.distributions import client_distributions
 from sheepdog_executor.errors import EnvironmentSyncFailed
 
 #: A port nothing listens on: the head node's pip gets "connection refused" at once.

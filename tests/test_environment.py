@@ -25,15 +25,8 @@ from conftest import ssh
 
 from sheepdog_executor.cli import main
 from sheepdog_executor.config import CONFIG_ENV
-from sheepdog_executor.environment import (
-    EnvironmentSpec,
-    EnvironmentSync,
-    HeadNode,
-    NodePython,
-    SyncedEnvironment,
-    Wanted,
-    client_distributions,
-)
+from sheepdog_executor.distributions import EnvironmentSpec, NodePython, Wanted, client_distributions
+from sheepdog_executor.environment import EnvironmentSync, HeadNode, SyncedEnvironment
 from sheepdog_executor.errors import ConfigurationError, EnvironmentSyncFailed
 from sheepdog_executor.jobscript import JobOptions
 from sheepdog_executor.shell import LocalShell, SSHShell, SSHTarget
