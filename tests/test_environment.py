@@ -153,7 +153,8 @@ def env_root(cell: str) -> Iterator[str]:
     home = ssh('printf %s "$HOME"').stdout.strip()
     root = f"{home}/.sheepdog-test-env-{os.getpid()}-{int(time.time())}"
     yield root
-    ssh(f"rm -rf {shlex.quote(root)} >/dev/null 2>&1 &")  # in the background: nothing waits for it
+    # in the background (its own session, or the end of the ssh session ends it): nothing waits for it
+    ssh(f"nohup setsid rm -rf {shlex.quote(root)} >/dev/null 2>&1 </dev/null &")
 
 
 def _client(venv: Path, cell: str, root: str, scenario: str) -> dict[str, object]:
