@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -64,6 +65,7 @@ def test_what_is_synced_and_the_key(tmp_path: Path) -> None:
     (project / "mine" / "__init__.py").write_text("X = 1\n")
     _dist(site, "plain", ["plain/__init__.py"])
     _dist(site, "no-modules", ["../../bin/tool"])
+    _dist(site, "pip", ["pip/__init__.py"])  # never synced: the environment has its own
     _dist(
         site,
         "mine",
@@ -71,10 +73,10 @@ def test_what_is_synced_and_the_key(tmp_path: Path) -> None:
         {"url": f"file://{project}", "dir_info": {"editable": True}},
     )
     wanted = {w.name: w for w in client_distributions([str(site)])}
-    assert set(wanted) == {"plain", "mine"}
+    assert set(wanted) == {"plain", "mine", "pip"}
     assert wanted["plain"].source is None and wanted["mine"].source == str(project)
     spec = EnvironmentSpec.from_client(exclude=["Plain"], path=[str(site)])
-    assert [w.name for w in spec.distributions] == ["mine"]
+    assert [w.name for w in spec.distributions] == ["mine"]  # not pip, not the excluded one
     key = spec.key(NODE)
     assert EnvironmentSpec.from_client(exclude=["plain"], path=[str(site)]).key(NODE) == key
     os.utime(project / "mine" / "__init__.py", ns=(1, 1))  # the project changed: a new environment
@@ -157,18 +159,19 @@ def env_root(cell: str) -> Iterator[str]:
     ssh(f"nohup setsid rm -rf {shlex.quote(root)} >/dev/null 2>&1 </dev/null &")
 
 
-def _client(venv: Path, cell: str, root: str, scenario: str) -> dict[str, object]:
+def _client(venv: Path, cell: str, root: str, scenario: str) -> tuple[dict[str, object], str]:
+    """Run env_client.py in the client venv (progress lines on): its JSON answer and its stderr."""
     done = subprocess.run(
         [str(venv / "bin" / "python"), str(REPO / "tests" / "env_client.py"), cell, root, scenario],
         capture_output=True,
         text=True,
         timeout=280,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={**os.environ, "PYTHONPATH": str(REPO), "ENV_CLIENT_PROGRESS": "1"},
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
+    return result, done.stderr
 
 
 def _check_synced(result: dict[str, object], mode: str) -> None:
@@ -187,17 +190,24 @@ def _check_synced(result: dict[str, object], mode: str) -> None:
 
 @pytest.mark.cluster
 def test_sync_from_the_index(client_venv: Path, cell: str, env_root: str) -> None:
-    _check_synced(_client(client_venv, cell, f"{env_root}/online", "run"), "index")
+    result, progress = _client(client_venv, cell, f"{env_root}/online", "run")
+    _check_synced(result, "index")
+    assert "sheepdog-executor: building a wheel of sdenvpkg 0.1.0" in progress
+    assert "on the head node from the package index" in progress
 
 
 @pytest.mark.cluster
 def test_sync_through_the_upload_path(client_venv: Path, cell: str, env_root: str) -> None:
-    _check_synced(_client(client_venv, cell, f"{env_root}/offline", "offline"), "wheels")
+    result, progress = _client(client_venv, cell, f"{env_root}/offline", "offline")
+    _check_synced(result, "wheels")
+    assert re.search(r"sheepdog-executor: downloading \d+ wheel\(s\) for cp311", progress)
+    assert re.search(r"sheepdog-executor: uploading \d+ wheel\(s\), [\d.]+ MB", progress)
+    assert "on the head node from the uploaded wheels" in progress
 
 
 @pytest.mark.cluster
 def test_a_distribution_nobody_can_provide(client_venv: Path, cell: str, env_root: str) -> None:
-    result = _client(client_venv, cell, f"{env_root}/online", "unprovidable")
+    result, _ = _client(client_venv, cell, f"{env_root}/online", "unprovidable")
     assert result["type"] == "EnvironmentSyncFailed"
     error = str(result["error"])
     assert "cannot provide sheepdog-no-such-dist 1.0" in error
@@ -252,6 +262,33 @@ def test_cleanup_lists_and_removes_environments(
     assert main(["cleanup", cell]) == 0
     out = capsys.readouterr().out
     assert f"environment {synced.key}: 1 distributions, built " in out and "--envs removes it" in out
+    assert ssh(f"test -x {synced.python}").returncode == 0
+
+    # while a build holds its lock, --envs leaves it alone
+    hold = (
+        "import fcntl, sys; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+        "print('held', flush=True); sys.stdin.read()"
+    )
+    holder = subprocess.Popen(
+        [
+            "ssh",
+            "-o",
+            "BatchMode=yes",
+            cell,
+            f"python3 -c {shlex.quote(hold)} {shlex.quote(synced.path + '.lock')}",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        assert main(["cleanup", cell, "--envs"]) == 0
+        assert f"kept environment {synced.key}: it is being built" in capsys.readouterr().out
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()  # the holder reads EOF, exits, and the lock goes with it
+        holder.wait(timeout=30)
     assert ssh(f"test -x {synced.python}").returncode == 0
 
     assert main(["cleanup", cell, "--envs"]) == 0
