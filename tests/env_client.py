@@ -4,15 +4,19 @@ the editable local package ``sdenvpkg``, none of which the nodes have).
 Usage: python env_client.py HOST SESSION_ROOT SCENARIO. Prints one JSON line.
 SCENARIO: "run" (dask.compute and a map of the local package, then a second executor that reuses the
 environment); "offline" (the same, with the head node's pip pointed at a closed port); "unprovidable"
-(a distribution no index has is installed here: the executor must not start).
+(a distribution no index has is installed here: the executor must not start); "race" (two
+executors start at once and need the same environment).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,8 +27,11 @@ import numpy
 import sdenvpkg
 
 from sheepdog_executor import GridEngineExecutor
-from sheepdog_executor.distributions import client_distributions
+from sheepdog_executor.distributions import EnvironmentSpec, NodePython, client_distributions
+from sheepdog_executor.environment import HeadNode
 from sheepdog_executor.errors import EnvironmentSyncFailed
+from sheepdog_executor.jobscript import JobOptions
+from sheepdog_executor.shell import SSHShell, SSHTarget
 
 #: A port nothing listens on: the head node's pip gets "connection refused" at once.
 CLOSED_INDEX = "http://127.0.0.1:9/simple"
@@ -46,6 +53,58 @@ def where_things_are() -> dict[str, str]:
         "numpy": numpy.__version__,
         "sdenvpkg": sdenvpkg.__file__,
     }
+
+
+def toolz_version() -> str:
+    import toolz
+
+    return str(toolz.__version__)
+
+
+def race(host: str, root: str, options: dict[str, Any]) -> list[dict[str, Any]]:
+    """Two executors start at once and need the same (small) environment. The environment's lock is
+    held here until both have found it missing (each has made its upload directory), so the
+    second surely meets the first's build in progress."""
+    options["environment_exclude"] = [d.name for d in client_distributions() if d.name != "toolz"]
+    envs = f"{root}/envs"
+    shell = SSHShell(SSHTarget.resolve(host))
+    node = NodePython.from_probe(HeadNode(shell, JobOptions()).tool("probe", envs))
+    key = EnvironmentSpec.from_client(exclude=options["environment_exclude"]).key(node)
+    hold = (
+        "import fcntl, sys; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+        "print('held', flush=True); sys.stdin.read()"
+    )
+    command = f"mkdir -p {envs} && python3 -c {shlex.quote(hold)} {envs}/{key}.lock"
+    holder = subprocess.Popen(
+        ["ssh", "-o", "BatchMode=yes", host, command],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    seen: list[dict[str, Any]] = []
+
+    def start() -> None:
+        with GridEngineExecutor(**options) as executor:
+            assert executor.environment is not None
+            mine = {"built": executor.environment.built, "path": executor.environment.path}
+            mine["toolz"] = executor.submit(toolz_version).result()
+            seen.append(mine)
+
+    threads = [threading.Thread(target=start) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 120
+    while shell.run(f"ls -d {envs}/.staging-* 2>/dev/null | wc -l").stdout.strip() != "2":
+        assert time.monotonic() < deadline, "the two executors did not both reach the build"
+        time.sleep(0.2)
+    assert holder.stdin is not None
+    holder.stdin.close()  # the lock goes: one builds, the other waits for it, then uses its build
+    holder.wait()
+    for thread in threads:
+        thread.join()
+    shell.close()
+    return seen
 
 
 def main(host: str, root: str, scenario: str) -> dict[str, Any]:
@@ -75,6 +134,8 @@ def main(host: str, root: str, scenario: str) -> dict[str, Any]:
         except EnvironmentSyncFailed as exc:
             return {"error": str(exc), "type": type(exc).__name__, "seconds": time.monotonic() - started}
         return {"error": None}
+    if scenario == "race":
+        return {"race": race(host, root, options)}
     started = time.monotonic()
     with GridEngineExecutor(**options) as executor:
         first_start = time.monotonic() - started

@@ -16,7 +16,6 @@ import re
 import shlex
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +26,7 @@ from conftest import ssh
 from sheepdog_executor.cli import main
 from sheepdog_executor.config import CONFIG_ENV
 from sheepdog_executor.distributions import EnvironmentSpec, NodePython, Wanted, client_distributions
-from sheepdog_executor.environment import EnvironmentSync, HeadNode, SyncedEnvironment
+from sheepdog_executor.environment import EnvironmentSync, HeadNode
 from sheepdog_executor.errors import ConfigurationError, EnvironmentSyncFailed
 from sheepdog_executor.jobscript import JobOptions
 from sheepdog_executor.shell import LocalShell, SSHShell, SSHTarget
@@ -215,28 +214,18 @@ def test_a_distribution_nobody_can_provide(client_venv: Path, cell: str, env_roo
 
 
 @pytest.mark.cluster
-def test_two_builders_at_once_build_one_environment(cell: str, env_root: str) -> None:
-    spec = EnvironmentSpec((Wanted("six", "1.17.0"),))
-    results: list[SyncedEnvironment | BaseException] = []
-
-    def build() -> None:
-        shell = SSHShell(SSHTarget.resolve(cell))
-        try:
-            results.append(EnvironmentSync(spec).prepare(HeadNode(shell, JobOptions()), f"{env_root}/race"))
-        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
-            results.append(exc)
-        finally:
-            shell.close()
-
-    threads = [threading.Thread(target=build) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert all(isinstance(r, SyncedEnvironment) for r in results), results
-    assert sorted(r.built for r in results if isinstance(r, SyncedEnvironment)) == [False, True]
+def test_two_executors_starting_at_once_build_one_environment(
+    client_venv: Path, cell: str, env_root: str
+) -> None:
+    result, progress = _client(client_venv, cell, f"{env_root}/race", "race")
+    race = result["race"]
+    assert isinstance(race, list) and len(race) == 2
+    assert sorted(r["built"] for r in race) == [False, True]
+    assert race[0]["path"] == race[1]["path"] and race[0]["toolz"] == race[1]["toolz"]
+    # the second found the environment missing, waited for the first's lock, then used its build
+    assert "was built meanwhile by another client; using it" in progress
     listing = ssh(f"ls -A {shlex.quote(env_root)}/race/envs").stdout.split()
-    assert [n for n in listing if not n.endswith(".lock")] == [results[0].key]  # type: ignore[union-attr]
+    assert [n for n in listing if not n.endswith(".lock")] == [race[0]["path"].rsplit("/", 1)[1]]
 
 
 @pytest.mark.cluster
