@@ -33,6 +33,7 @@ import tornado.web
 
 from sheepdog_executor.dispatch import Dispatcher
 from sheepdog_executor.errors import ConfigurationError
+from sheepdog_executor.httpserver import HTTPServer
 from sheepdog_executor.remote import protocol
 
 log = logging.getLogger("sheepdog_executor")
@@ -268,7 +269,7 @@ class Endpoint:
         #: More (pattern, handler, kwargs) for the Application, e.g. the status page's.
         self._routes = list(routes)
         self._loop: tornado.ioloop.IOLoop | None = None
-        self._server: tornado.httpserver.HTTPServer | None = None
+        self._server: HTTPServer | None = None
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="sheepdog-endpoint", daemon=True)
@@ -312,7 +313,7 @@ class Endpoint:
                     "(or callback_port= to a free port), or use callback='tunnel'"
                 ) from exc
             self.port = sockets[0].getsockname()[1]
-            self._server = tornado.httpserver.HTTPServer(
+            self._server = HTTPServer(
                 app,
                 ssl_options=self._ssl,
                 max_body_size=SMALL_BODY_LIMIT,  # raised per request for /work

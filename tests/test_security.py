@@ -7,15 +7,18 @@ from __future__ import annotations
 import hashlib
 import http.client
 import io
+import json
 import logging
 import os
 import pickle
 import pwd
+import resource
 import shlex
 import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -503,6 +506,91 @@ def test_unicode_digits_and_non_ascii_in_headers_get_4xx_and_no_traceback(
     loud = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
     assert not loud, [r.getMessage() for r in loud]
     assert list(executor.map(square, range(4), timeout=120)) == [0, 1, 4, 9]
+
+
+#: A client with ``ulimit -n 1024``: prints its endpoint's URL, waits for a line on stdin (the flood
+#: is on), runs a map and prints its results.
+FD_LIMITED_CLIENT = """
+import json, resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+from sheepdog_executor import GridEngineExecutor
+def square(x):
+    return x * x
+with GridEngineExecutor(host=sys.argv[1], max_workers=4, poll_interval=0.5, progress=False) as executor:
+    print(json.dumps({"url": executor._session.launch.url}), flush=True)
+    sys.stdin.readline()
+    print(json.dumps({"results": list(executor.map(square, range(20), timeout=240))}), flush=True)
+"""
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def test_out_of_file_descriptors_the_endpoint_backs_off_quietly_and_a_map_completes(
+    cell: str, tmp_path: Path
+) -> None:
+    """1,100 connections that never send a byte, against a client limited to 1,024 descriptors:
+    accepting pauses instead of spinning, one warning instead of a traceback per turn, the silent
+    connections are closed after ``FIRST_REQUEST_SECONDS`` and a map then completes."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    stderr = (tmp_path / "stderr").open("wb")
+    child = subprocess.Popen(
+        [sys.executable, "-c", FD_LIMITED_CLIENT, cell],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+    )
+    flood: list[socket.socket] = []
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        url = urllib.parse.urlsplit(json.loads(child.stdout.readline())["url"])
+        address = (url.hostname or "127.0.0.1", url.port or 80)
+
+        def stderr_head() -> str:  # a client that spews may have written hundreds of MB
+            with (tmp_path / "stderr").open("rb") as handle:
+                return handle.read(1 << 16).decode(errors="replace")
+
+        def out_of_descriptors() -> bool:
+            text = stderr_head()
+            return "out of file descriptors" in text or "Too many open files" in text
+
+        def flood_some() -> bool:
+            """Open 50 more connections (never a byte sent), up to 1,500; True once the client
+            has run out of descriptors."""
+            if len(flood) < 1500:
+                for _ in range(50):
+                    sock = socket.socket()
+                    sock.setblocking(False)
+                    sock.connect_ex(address)
+                    flood.append(sock)
+            return out_of_descriptors()
+
+        wait_for(flood_some, what="the client to run out of descriptors")
+        before, started = cpu_seconds(child.pid), time.monotonic()
+        time.sleep(5)  # a window to measure what the client does while it cannot accept
+        used = (cpu_seconds(child.pid) - before) / (time.monotonic() - started)
+        spewed = stderr_head()
+        assert "Traceback" not in spewed and len(spewed) < 4096, spewed[:3000]  # one warning at most
+        assert used < 0.1, f"the client used {used:.0%} of a CPU while out of descriptors"
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        line = child.stdout.readline()
+        assert line, (tmp_path / "stderr").read_text()[-3000:]
+        assert json.loads(line)["results"] == [x * x for x in range(20)]
+        assert child.wait(timeout=120) == 0
+    finally:
+        for sock in flood:
+            sock.close()
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        stderr.close()
+    text = (tmp_path / "stderr").read_text()
+    assert text.count("out of file descriptors") <= 2 and "Traceback" not in text and len(text) < 4096, text
 
 
 # -- the secret ---------------------------------------------------------------------------------
