@@ -18,7 +18,7 @@ from sheepdog_executor.errors import (
     WorkerLost,
     WorkerStartFailed,
 )
-from sheepdog_executor.executor import ClusterExecutor, GridEngineExecutor, LocalExecutor
+from sheepdog_executor.executor import ClusterExecutor, GridEngineExecutor, LocalExecutor, SlurmExecutor
 
 __version__ = "0.1.0"
 
@@ -37,6 +37,7 @@ __all__ = [
     "RemoteTraceback",
     "SchedulerError",
     "SheepdogError",
+    "SlurmExecutor",
     "UnknownHostKey",
     "WorkerError",
     "WorkerLost",

@@ -38,6 +38,8 @@ class Option:
     kind: type | str
     #: The values a string option may take, when only a few are valid.
     choices: tuple[str, ...] = ()
+    #: The scheduler whose executor alone takes the option (its ``Scheduler.name``); "" for all.
+    scheduler: str = ""
 
     @property
     def scalar(self) -> bool:
@@ -58,7 +60,9 @@ class Option:
         }[self.kind]
 
 
-#: Every option of GridEngineExecutor that a file or the environment may set (not callables, not host).
+GRID_ENGINE, SLURM = "Grid Engine", "Slurm"
+
+#: Every option of the executors that a file or the environment may set (not callables, not host).
 OPTIONS: dict[str, Option] = {
     "max_workers": Option(int),
     # SSH
@@ -67,18 +71,29 @@ OPTIONS: dict[str, Option] = {
     "key_filename": Option(str),
     "ssh_config": Option(str),
     "connect_timeout": Option(float),
-    # the jobs
-    "queue": Option(str),
-    "resources": Option("resources"),
-    "parallel_environment": Option(str),
-    "slots": Option(int),
+    # the jobs, under any scheduler
     "job_name": Option(str),
     "working_directory": Option(str),
-    "qsub_args": Option("args"),
     "setup": Option("lines"),
     "setup_shell": Option(str),
     "python": Option(str),
     "command_setup": Option("lines"),
+    # the jobs, Grid Engine
+    "queue": Option(str, scheduler=GRID_ENGINE),
+    "resources": Option("resources", scheduler=GRID_ENGINE),
+    "parallel_environment": Option(str, scheduler=GRID_ENGINE),
+    "slots": Option(int, scheduler=GRID_ENGINE),
+    "qsub_args": Option("args", scheduler=GRID_ENGINE),
+    # the jobs, Slurm
+    "partition": Option(str, scheduler=SLURM),
+    "account": Option(str, scheduler=SLURM),
+    "qos": Option(str, scheduler=SLURM),
+    "time": Option(str, scheduler=SLURM),
+    "mem": Option(str, scheduler=SLURM),
+    "cpus_per_task": Option(int, scheduler=SLURM),
+    "gres": Option(str, scheduler=SLURM),
+    "constraint": Option(str, scheduler=SLURM),
+    "sbatch_args": Option("args", scheduler=SLURM),
     # the executor
     "retries": Option(int),
     "batch_window": Option(float),
@@ -182,7 +197,13 @@ def uses_config(init: F) -> F:
         self = arguments.pop(self_name)
         if var_keyword is not None:
             arguments.update(arguments.pop(var_keyword, {}))
-        return init(self, **resolve_options(arguments.get("host"), arguments))
+        resolved = resolve_options(arguments.get("host"), arguments)
+        # a [default] table may hold options of several schedulers: each executor takes its own
+        scheduler = getattr(getattr(type(self), "scheduler_class", None), "name", "")
+        for name in [n for n in resolved if n not in arguments and n in OPTIONS]:
+            if scheduler and OPTIONS[name].scheduler not in ("", scheduler):
+                del resolved[name]
+        return init(self, **resolved)
 
     return wrapper  # type: ignore[return-value]
 

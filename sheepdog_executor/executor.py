@@ -1,4 +1,4 @@
-"""The public executors: ``GridEngineExecutor`` and ``LocalExecutor``.
+"""The public executors: ``GridEngineExecutor``, ``SlurmExecutor`` and ``LocalExecutor``.
 
 An executor owns a ``Session``: the shell to the head node, the scheduler, the endpoint, the dispatcher
 and the job manager. The session, not the executor, is what threads and finalizers hold, so an
@@ -34,7 +34,14 @@ from sheepdog_executor.errors import BrokenClusterExecutor, ConfigurationError, 
 from sheepdog_executor.jobs import JobManager
 from sheepdog_executor.jobscript import JobOptions, WorkerLaunch
 from sheepdog_executor.remote.reach import ROUTES_FILE
-from sheepdog_executor.scheduler import GridEngineOptions, GridEngineScheduler, LocalScheduler, Scheduler
+from sheepdog_executor.scheduler import (
+    GridEngineOptions,
+    GridEngineScheduler,
+    LocalScheduler,
+    Scheduler,
+    SlurmOptions,
+    SlurmScheduler,
+)
 from sheepdog_executor.server import Endpoint
 from sheepdog_executor.sessiondir import make_session_dir, prepare_root
 from sheepdog_executor.shell import LocalShell, Shell, SSHShell, SSHTarget
@@ -553,6 +560,50 @@ class GridEngineExecutor(ClusterExecutor):
             scheduler_options=site,
             **options,
         )
+
+
+class SlurmExecutor(ClusterExecutor):
+    """Run calls as Slurm array jobs (``sbatch --array``), submitted over SSH (or locally with
+    ``host=None``).
+
+    The same executor as ``GridEngineExecutor``; the jobs are shaped by Slurm's own options, named as
+    sbatch names them: ``partition``, ``account``, ``qos``, ``time``, ``mem``, ``cpus_per_task``,
+    ``gres``, ``constraint``, and ``sbatch_args`` for anything else. Options not given here come
+    from the config file and environment (see ``config.py``).
+    """
+
+    scheduler_class = SlurmScheduler
+
+    @uses_config
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple[Any, ...] = (),
+        *,
+        partition: str | None = None,
+        account: str | None = None,
+        qos: str | None = None,
+        time: str | None = None,
+        mem: str | None = None,
+        cpus_per_task: int = 1,
+        gres: str | None = None,
+        constraint: str | None = None,
+        sbatch_args: Sequence[str] = (),
+        **options: Any,
+    ) -> None:
+        site = SlurmOptions(
+            partition=partition,
+            account=account,
+            qos=qos,
+            time=time,
+            mem=mem,
+            cpus_per_task=cpus_per_task,
+            gres=gres,
+            constraint=constraint,
+            sbatch_args=tuple(sbatch_args) if not isinstance(sbatch_args, str) else sbatch_args,
+        )
+        super().__init__(max_workers, initializer, initargs, scheduler_options=site, **options)
 
 
 class LocalExecutor(ClusterExecutor):

@@ -11,16 +11,19 @@ import textwrap
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from sheepdog_executor import GridEngineExecutor
+from sheepdog_executor import ClusterExecutor, GridEngineExecutor, SlurmExecutor
 
 CELL_ALIAS = os.environ.get("SHEEPDOG_TEST_HOST", "fear")
 #: The interpreter on the nodes: the cell's python3 unless the client runs another minor version
 #: (scripts/run-tests.sh sets it to /opt/sheepdog-pythons/X.Y/bin/pythonX.Y for 3.10 and 3.13).
 NODE_PYTHON = os.environ.get("SHEEPDOG_TEST_NODE_PYTHON", "python3")
+#: The ssh alias of the Slurm test cluster (scripts/test-cell.sh --slurm).
+SLURM_ALIAS = os.environ.get("SHEEPDOG_TEST_SLURM_HOST", "fear-slurm")
 
 
 def ssh(command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -118,3 +121,95 @@ def node_packages(cell: str) -> str:
     if done.returncode != 0:
         pytest.fail(f"could not install {NODE_PACKAGES} for the cell's python3:\n{done.stderr[-2000:]}")
     return f"export PYTHONPATH={shlex.quote(done.stdout.strip().splitlines()[-1])}"
+
+
+def slurm_ssh(command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run a command on the Slurm cluster's head node with OpenSSH."""
+    return subprocess.run(
+        ["ssh", "-o", "BatchMode=yes", SLURM_ALIAS, command],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def slurm_jobs(job_ids: list[str] | set[str]) -> dict[str, list[str]]:
+    """job id -> states (one per task) of these jobs as squeue shows them now."""
+    out = slurm_ssh('squeue -h -r -u "$(id -un)" -o "%F %T"').stdout
+    found: dict[str, list[str]] = {}
+    for line in out.splitlines():
+        job, _, state = line.partition(" ")
+        if job in job_ids:
+            found.setdefault(job, []).append(state)
+    return found
+
+
+@pytest.fixture(scope="session")
+def slurm_cell() -> str:
+    """The ssh alias of the Slurm test cluster; skip (or fail in CI) when it is not up."""
+    try:
+        done = slurm_ssh("sinfo -h -o %t", timeout=30)
+        up = done.returncode == 0 and bool(done.stdout.strip())
+    except (OSError, subprocess.TimeoutExpired):
+        up = False
+    if not up:
+        message = f"Slurm test cluster '{SLURM_ALIAS}' unreachable: run scripts/test-cell.sh --slurm as root"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return SLURM_ALIAS
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A real test cluster of one scheduler: its ssh alias, its executor, how to list its jobs."""
+
+    scheduler: str
+    alias: str
+    executor: type[ClusterExecutor]
+    jobs: Callable[[set[str]], dict[str, list[str]]]
+    #: Options that make a job the scheduler holds where it can never start, and what it then says.
+    never_starts: dict[str, Any]
+    never_starts_reason: str
+
+
+@pytest.fixture(params=["gridengine", "slurm"])
+def cluster(request: pytest.FixtureRequest) -> Cluster:
+    """Each real scheduler in turn (tests that use it run on both)."""
+    if request.param == "gridengine":
+        return Cluster(
+            "gridengine",
+            request.getfixturevalue("cell"),
+            GridEngineExecutor,
+            our_jobs,
+            {"working_directory": "/nonexistent/dir"},
+            "/nonexistent/dir",
+        )
+    return Cluster(
+        "slurm",
+        request.getfixturevalue("slurm_cell"),
+        SlurmExecutor,
+        slurm_jobs,
+        {"partition": "short", "time": "5"},  # more than its MaxTime: PartitionTimeLimit (or Config)
+        "Partition",
+    )
+
+
+@pytest.fixture
+def make_any_executor(cluster: Cluster) -> Iterator[Callable[..., ClusterExecutor]]:
+    """``make_executor`` on each real scheduler in turn."""
+    made: list[ClusterExecutor] = []
+
+    def make(**options: Any) -> ClusterExecutor:
+        options.setdefault("max_workers", 8)
+        options.setdefault("poll_interval", 0.5)
+        executor = cluster.executor(host=cluster.alias, **options)
+        made.append(executor)
+        return executor
+
+    yield make
+    for executor in made:
+        executor.shutdown(wait=True, cancel_futures=True)
+        left = cluster.jobs(set(executor.job_ids))
+        assert not left, f"jobs left on {cluster.scheduler} after shutdown: {left}"

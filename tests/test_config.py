@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from sheepdog_executor import ConfigurationError, GridEngineExecutor
+from sheepdog_executor import ConfigurationError, GridEngineExecutor, SlurmExecutor
 from sheepdog_executor.config import (
     CONFIG_ENV,
     OPTIONS,
@@ -115,7 +115,7 @@ def test_bad_environment_values_name_the_variable(
             r"'max_worker' in \[hosts.\"fear\"\]; did you mean 'max_workers'",
         ),
         ('[hosts."fear"]\nhost = "x"\n', r"the host is the table's name"),
-        ("[default]\nzzz = 1\n", r"unknown option 'zzz' .*known options: batch_window, "),
+        ("[default]\nzzz = 1\n", r"unknown option 'zzz' .*known options: account, batch_window, "),
         ('queue = "all.q"\n', r"unknown table or key 'queue' at the top level"),
         ("[defaults]\n", r"unknown table or key 'defaults'"),
         ('[default]\nmax_workers = "8"\n', r"max_workers in \[default\] must be an integer, not '8'"),
@@ -158,11 +158,34 @@ def test_config_path_from_environment_must_exist(monkeypatch: pytest.MonkeyPatch
 
 
 def test_every_executor_option_is_configurable() -> None:
-    """OPTIONS follows GridEngineExecutor's signature: a new option must be added there too."""
+    """OPTIONS follows the executors' signatures: a new option must be added there too, tagged with
+    the scheduler whose executor alone takes it."""
     not_options = {"self", "scheduler_options", "initializer", "initargs", "host", "options"}
-    parameters = set(inspect.signature(GridEngineExecutor.__init__).parameters)
-    parameters |= set(inspect.signature(ClusterExecutor.__init__).parameters)
-    assert set(OPTIONS) == parameters - not_options
+    shared = set(inspect.signature(ClusterExecutor.__init__).parameters) - not_options
+    for executor in (GridEngineExecutor, SlurmExecutor):
+        own = set(inspect.signature(executor.__init__).parameters) - not_options - shared
+        tagged = {
+            name for name, option in OPTIONS.items() if option.scheduler == executor.scheduler_class.name
+        }
+        assert own == tagged, executor
+    assert {name for name, option in OPTIONS.items() if not option.scheduler} == shared
+
+
+def test_each_executor_takes_its_own_options_from_a_shared_default_table(
+    config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config.write_text('[default]\nqueue = "all.q"\npartition = "debug"\nretries = 2\n')
+    seen: dict[str, dict[str, Any]] = {}
+
+    def record(self: ClusterExecutor, *args: Any, **options: Any) -> None:
+        seen[type(self).__name__] = options
+
+    monkeypatch.setattr(ClusterExecutor, "__init__", record)
+    GridEngineExecutor(host="h")
+    SlurmExecutor(host="h")
+    assert seen["GridEngineExecutor"]["retries"] == seen["SlurmExecutor"]["retries"] == 2
+    assert seen["GridEngineExecutor"]["scheduler_options"].queue == "all.q"
+    assert seen["SlurmExecutor"]["scheduler_options"].partition == "debug"
 
 
 class _Recorder:

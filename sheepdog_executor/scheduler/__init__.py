@@ -3,6 +3,7 @@
 from sheepdog_executor.scheduler.base import Scheduler, SessionJob, TaskState
 from sheepdog_executor.scheduler.gridengine import GridEngineOptions, GridEngineScheduler
 from sheepdog_executor.scheduler.local import LocalScheduler
+from sheepdog_executor.scheduler.slurm import SlurmOptions, SlurmScheduler
 
 __all__ = [
     "GridEngineOptions",
@@ -10,5 +11,7 @@ __all__ = [
     "LocalScheduler",
     "Scheduler",
     "SessionJob",
+    "SlurmOptions",
+    "SlurmScheduler",
     "TaskState",
 ]

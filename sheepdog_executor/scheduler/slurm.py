@@ -1,0 +1,252 @@
+"""Slurm: sbatch --array, squeue, scancel, sacct, scontrol.
+
+Everything that names Slurm lives here: its options (on sbatch's command line, quoted by the shell),
+the parsing of ``squeue``/``sacct``/``scontrol`` output, and which pending reasons mean a job can
+never start.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+from sheepdog_executor.errors import ConfigurationError, SchedulerError
+from sheepdog_executor.jobscript import WorkerLaunch, check_options, render_script
+from sheepdog_executor.scheduler.base import JobStates, Scheduler, SessionJob, TaskState, session_of
+
+#: sbatch's placeholders in --output/--error: the array's job id and the task's index.
+_JOB_VAR, _TASK_VAR = "%A", "%a"
+_PARSABLE_JOB_ID = re.compile(r"^(\d+)(?:;\S+)?$")
+#: ``squeue`` fields, one line per task: array job id, task index, state, reason, name, stdout.
+_SQUEUE_FORMAT = "ArrayJobID:|,ArrayTaskID:|,State:|,Reason:|,Name:|,STDOUT:"
+_SACCT_FIELDS = ("JobID", "State", "ExitCode", "MaxRSS", "Elapsed", "NodeList", "ReqMem", "Timelimit")
+#: Pending reasons after which a job never starts by itself: its calls fail with the reason.
+NEVER_STARTS = {
+    "ReqNodeNotAvail": "a node the job needs is down, drained or reserved",
+    "PartitionTimeLimit": "time= is longer than the partition allows",
+    "PartitionNodeLimit": "the job asks for more nodes than the partition allows",
+    "PartitionConfig": "the partition cannot run a job of this shape (cpus_per_task=, mem=, gres=)",
+    "BadConstraints": "no node has the features, memory or CPUs asked (constraint=, mem=, cpus_per_task=)",
+    "InvalidAccount": "the account= is not valid for you",
+    "InvalidQOS": "the qos= is not valid for you",
+    "AccountNotAllowed": "the partition does not accept this account=",
+    "QOSNotAllowed": "the partition does not accept this qos=",
+    "JobHeldAdmin": "an administrator holds the job",
+    "JobHeldUser": "the job is held (scontrol hold)",
+    "DependencyNeverSatisfied": "a dependency of the job can never be satisfied",
+    "launch failed requeued held": "the job failed to launch and Slurm holds it",
+}
+_ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED", "COMPLETING", "CONFIGURING"}
+
+
+@dataclass(frozen=True)
+class SlurmOptions:
+    """Slurm's own job options, as sbatch names them (``cpus_per_task`` is ``--cpus-per-task``)."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    #: Wall time per task, in sbatch's forms: ``"30"`` (minutes), ``"1:00:00"``, ``"2-00:00:00"``.
+    time: str | None = None
+    #: Memory per node (per task here), e.g. ``"4G"``.
+    mem: str | None = None
+    cpus_per_task: int = 1
+    gres: str | None = None
+    constraint: str | None = None
+    sbatch_args: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        check_options(self)
+        if isinstance(self.cpus_per_task, bool) or not isinstance(self.cpus_per_task, int):
+            raise ConfigurationError(f"cpus_per_task must be an integer, not {self.cpus_per_task!r}")
+        if self.cpus_per_task < 1:
+            raise ConfigurationError("cpus_per_task must be 1 or more")
+        if isinstance(self.sbatch_args, str):
+            raise ConfigurationError('sbatch_args must be a list of arguments, e.g. ["--exclusive"]')
+        if self.time is not None and not re.fullmatch(r"(\d+-)?\d+(:\d+){0,2}", str(self.time)):
+            raise ConfigurationError(
+                f"time={self.time!r} is not a Slurm time: minutes, [D-]H:MM:SS or MM:SS (e.g. '1:00:00')"
+            )
+
+    def arguments(self) -> list[str]:
+        """The sbatch arguments these options stand for."""
+        found = [
+            ("--partition", self.partition),
+            ("--account", self.account),
+            ("--qos", self.qos),
+            ("--time", self.time),
+            ("--mem", self.mem),
+            ("--gres", self.gres),
+            ("--constraint", self.constraint),
+        ]
+        arguments = [f"{flag}={value}" for flag, value in found if value is not None]
+        if self.cpus_per_task != 1:
+            arguments.append(f"--cpus-per-task={int(self.cpus_per_task)}")
+        return arguments + list(self.sbatch_args)
+
+
+class SlurmScheduler(Scheduler):
+    name = "Slurm"
+    commands = ("sbatch", "squeue", "scancel")
+    setup_hint = "pass command_setup=['module load slurm'] (whatever your site uses)"
+    Options = SlurmOptions
+    summary_keys = ("State", "ExitCode", "MaxRSS", "ReqMem", "Elapsed", "Timelimit", "NodeList")
+    site: SlurmOptions
+
+    def render(self, launch: WorkerLaunch) -> str:
+        """The script handed to ``sbatch`` on stdin (its options are on sbatch's command line)."""
+        return render_script([], "$SLURM_ARRAY_JOB_ID", "$SLURM_ARRAY_TASK_ID", self.options, launch)
+
+    def sbatch_command(self, launch: WorkerLaunch, tasks: int) -> str:
+        """The sbatch command line for an array job of ``tasks`` workers."""
+        arguments = [
+            "sbatch",
+            "--parsable",
+            f"--job-name={self.options.job_name}",
+            f"--array=1-{int(tasks)}",
+            f"--output={launch.output_path(_JOB_VAR, _TASK_VAR, 'out')}",
+            f"--error={launch.output_path(_JOB_VAR, _TASK_VAR, 'err')}",
+            "--ntasks=1",
+        ]
+        if self.options.working_directory:
+            arguments.append(f"--chdir={self.options.working_directory}")
+        arguments += self.site.arguments()
+        return " ".join(shlex.quote(a) for a in arguments)
+
+    def submit(self, launch: WorkerLaunch, tasks: int) -> str:
+        command = self.sbatch_command(launch, tasks)
+        done = self.run(command, stdin=self.render(launch).encode(), retry=False)
+        lines = done.stdout.strip().splitlines()
+        match = _PARSABLE_JOB_ID.match(lines[-1].strip() if lines else "")
+        if done.returncode != 0 or not match:  # never retried: the job may exist (see find_jobs)
+            raise SchedulerError(
+                f"sbatch on {self.shell.description} failed (exit {done.returncode}): "
+                f"{(done.stderr or done.stdout).strip()}"
+            )
+        return match.group(1)
+
+    def poll(self, job_ids: Collection[str]) -> JobStates:
+        if not job_ids:
+            return {}
+        wanted = set(job_ids)
+        states: JobStates = {}
+        for job, task, state, reason, _, _ in self._own_tasks():
+            if job in wanted and task is not None:
+                states.setdefault(job, {})[task] = task_state(state, reason)
+        return states
+
+    def cancel(self, job_ids: Collection[str]) -> None:
+        if job_ids:
+            self.run("scancel " + " ".join(shlex.quote(j) for j in job_ids) + " >/dev/null 2>&1", timeout=60)
+
+    def cancel_task(self, job_id: str, task_id: int) -> None:
+        self.run(f"scancel {shlex.quote(f'{job_id}_{int(task_id)}')} >/dev/null 2>&1", timeout=60)
+
+    def accounting(self, job_id: str, task_id: int) -> dict[str, str]:
+        fields = ",".join(_SACCT_FIELDS)
+        job = shlex.quote(f"{job_id}_{int(task_id)}")
+        done = self.run(f"sacct -n -P -j {job} -o {fields} 2>/dev/null", timeout=60)
+        return parse_sacct(done.stdout, f"{job_id}_{int(task_id)}")
+
+    def version(self) -> str:
+        return self.run("sbatch --version 2>&1 | head -n 1", timeout=30).stdout.strip()
+
+    def max_array_size(self) -> int | None:
+        done = self.run("scontrol show config 2>/dev/null", timeout=30)
+        return parse_max_array_size(done.stdout)
+
+    def error_reason(self, job_id: str) -> str:
+        reasons = [r for j, _, _, r, _, _ in self._own_tasks() if j == job_id and r not in ("", "None")]
+        reason = reasons[0] if reasons else ""
+        return describe_reason(reason) if reason else "no reason given"
+
+    def pending_reason(self, job_id: str) -> str:
+        reasons = [r for j, _, s, r, _, _ in self._own_tasks() if j == job_id and s == "PENDING"]
+        return describe_reason(reasons[0]) if reasons and reasons[0] != "None" else ""
+
+    def inspect_command(self, job_id: str) -> str:
+        return f"scontrol show job {job_id}"
+
+    def session_jobs(self, root: str) -> list[SessionJob]:
+        found: dict[str, SessionJob] = {}
+        for job, task, _, _, name, stdout in self._own_tasks():
+            session = session_of(stdout, root, _JOB_VAR, _TASK_VAR) or session_of(
+                stdout, root, job, "N/A" if task is None else str(task)
+            )
+            if session is not None and job not in found:
+                found[job] = SessionJob(job, name, session)
+        return list(found.values())
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _own_tasks(self) -> list[tuple[str, int | None, str, str, str, str]]:
+        """Every task of the user's own jobs: (array job id, task index, state, reason, name, stdout)."""
+        done = self.run(f'squeue -h -r -u "$(id -un)" -O {shlex.quote(_SQUEUE_FORMAT)}', timeout=60)
+        if done.returncode != 0:
+            raise SchedulerError(f"squeue failed on {self.shell.description}: {done.stderr.strip()}")
+        return parse_squeue(done.stdout)
+
+
+def parse_squeue(text: str) -> list[tuple[str, int | None, str, str, str, str]]:
+    """Lines of ``squeue -O ArrayJobID:|,ArrayTaskID:|,State:|,Reason:|,Name:|,STDOUT:``."""
+    rows = []
+    for line in text.splitlines():
+        parts = [p.strip() for p in line.split("|")]
+        if len(parts) < 6 or not parts[0].isdigit():
+            continue
+        job, task, state, reason, name = parts[:5]
+        stdout = "|".join(parts[5:])
+        rows.append((job, int(task) if task.isdigit() else None, state, reason, name, stdout))
+    return rows
+
+
+def task_state(state: str, reason: str) -> TaskState:
+    """Our view of a Slurm state (``PENDING``, ``RUNNING``, ...) and its pending reason."""
+    if state == "PENDING" or state.startswith("REQUEUE"):
+        return TaskState.ERROR if never_starts(reason) else TaskState.QUEUED
+    return TaskState.RUNNING
+
+
+def never_starts(reason: str) -> bool:
+    """Whether a job pending for this reason waits for something that will not come by itself."""
+    head = reason.split(",")[0].strip()
+    return head in NEVER_STARTS or bool(re.fullmatch(r"(Assoc|QOS)\w*PerJob\w*Limit", head))
+
+
+def describe_reason(reason: str) -> str:
+    """A pending reason with what it means, e.g. ``PartitionTimeLimit (time= is longer ...)``."""
+    meaning = NEVER_STARTS.get(reason.split(",")[0].strip())
+    return f"{reason} ({meaning})" if meaning else reason
+
+
+def parse_sacct(text: str, task: str) -> dict[str, str]:
+    """The record of one array task (``JOB_TASK``) from ``sacct -n -P -o JobID,State,...``: the
+    task's own line, with the largest MaxRSS of its steps. Empty while the task has not ended."""
+    record: dict[str, str] = {}
+    rss = 0
+    for line in text.splitlines():
+        values = dict(zip(_SACCT_FIELDS, line.split("|"), strict=False))
+        job_id = values.get("JobID", "")
+        if job_id == task:
+            record = {k: v for k, v in values.items() if k != "JobID" and v}
+        elif job_id.startswith(task + "."):
+            rss = max(rss, _bytes(values.get("MaxRSS", "")))
+    if not record or record.get("State", "").split()[0] in _ACTIVE_STATES:
+        return {}
+    if rss:
+        record["MaxRSS"] = f"{rss / 2**20:.0f}M"
+    return record
+
+
+def _bytes(size: str) -> int:
+    match = re.fullmatch(r"([\d.]+)([KMGT]?)", size.strip())
+    if not match:
+        return 0
+    return int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2) or " "))
+
+
+def parse_max_array_size(scontrol_config: str) -> int | None:
+    """The largest array this site takes: indices run below ``MaxArraySize``, ours start at 1."""
+    match = re.search(r"^MaxArraySize\s*=\s*(\d+)\s*$", scontrol_config, re.M)
+    return int(match.group(1)) - 1 if match and int(match.group(1)) > 1 else None
