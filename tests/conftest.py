@@ -172,6 +172,8 @@ class Cluster:
     #: Options that make a job the scheduler holds where it can never start, and what it then says.
     never_starts: dict[str, Any]
     never_starts_reason: str
+    #: The accounting field, and how its value starts, for a task whose worker got SIGKILL.
+    killed: tuple[str, str]
 
 
 @pytest.fixture(params=["gridengine", "slurm"])
@@ -193,6 +195,7 @@ def cluster(request: pytest.FixtureRequest) -> Cluster:
         slurm_jobs,
         {"partition": "short", "time": "5"},  # more than its MaxTime: PartitionTimeLimit (or Config)
         "Partition",
+        ("ExitCode", "0:9"),
     )
 
 
@@ -204,6 +207,7 @@ def make_any_executor(cluster: Cluster) -> Iterator[Callable[..., ClusterExecuto
     def make(**options: Any) -> ClusterExecutor:
         options.setdefault("max_workers", 8)
         options.setdefault("poll_interval", 0.5)
+        options.setdefault("python", NODE_PYTHON)
         executor = cluster.executor(host=cluster.alias, **options)
         made.append(executor)
         return executor

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import pytest
 from conftest import our_jobs, ssh
 
-from sheepdog_executor import GridEngineExecutor, RemoteTraceback
+from sheepdog_executor import ClusterExecutor, GridEngineExecutor, RemoteTraceback
 
 pytestmark = pytest.mark.cluster
 
@@ -38,21 +38,21 @@ def where_and_when(seconds: float) -> tuple[str, int, float, float]:
 
 
 @pytest.mark.pythons
-def test_submit_and_map_of_1000_in_order(make_executor: Callable[..., GridEngineExecutor]) -> None:
-    executor = make_executor()
+def test_submit_and_map_of_1000_in_order(make_any_executor: Callable[..., ClusterExecutor]) -> None:
+    executor = make_any_executor()
     assert executor.submit(square, 7).result(timeout=60) == 49
     assert list(executor.map(square, range(1000), timeout=120)) == [x * x for x in range(1000)]
     assert list(executor.map(power, range(50), range(50), chunksize=7)) == [x**x for x in range(50)]
 
 
-def test_keyword_arguments(make_executor: Callable[..., GridEngineExecutor]) -> None:
-    executor = make_executor()
+def test_keyword_arguments(make_any_executor: Callable[..., ClusterExecutor]) -> None:
+    executor = make_any_executor()
     assert executor.submit(power, 3, exponent=3, offset=1).result(timeout=60) == 28
 
 
 @pytest.mark.pythons
-def test_exception_carries_remote_traceback(make_executor: Callable[..., GridEngineExecutor]) -> None:
-    executor = make_executor()
+def test_exception_carries_remote_traceback(make_any_executor: Callable[..., ClusterExecutor]) -> None:
+    executor = make_any_executor()
     future = executor.submit(divide, 1, 0)
     with pytest.raises(ZeroDivisionError) as info:
         future.result(timeout=60)
@@ -66,8 +66,8 @@ def test_exception_carries_remote_traceback(make_executor: Callable[..., GridEng
         next(results)
 
 
-def test_closures_and_lambdas(make_executor: Callable[..., GridEngineExecutor]) -> None:
-    executor = make_executor()
+def test_closures_and_lambdas(make_any_executor: Callable[..., ClusterExecutor]) -> None:
+    executor = make_any_executor()
     factor = 3
 
     def scaled(x: int) -> int:
@@ -78,8 +78,8 @@ def test_closures_and_lambdas(make_executor: Callable[..., GridEngineExecutor]) 
     assert list(executor.map(lambda x, y: x - y, [5, 6], [1, 2])) == [4, 4]
 
 
-def test_ten_megabyte_argument_and_result(make_executor: Callable[..., GridEngineExecutor]) -> None:
-    executor = make_executor()
+def test_ten_megabyte_argument_and_result(make_any_executor: Callable[..., ClusterExecutor]) -> None:
+    executor = make_any_executor()
     blob = os.urandom(10 * 1024 * 1024)
     assert executor.submit(len, blob).result(timeout=120) == len(blob)
     big = executor.submit(bytes, 10 * 1024 * 1024).result(timeout=120)
@@ -203,9 +203,9 @@ def interrupted(kind: str) -> None:
 
 @pytest.mark.pythons
 def test_base_exceptions_come_back_as_the_calls_own(
-    make_executor: Callable[..., GridEngineExecutor],
+    make_any_executor: Callable[..., ClusterExecutor],
 ) -> None:
-    executor = make_executor(max_workers=1, retries=2)
+    executor = make_any_executor(max_workers=1, retries=2)
     interrupt = executor.submit(interrupted, "KeyboardInterrupt").exception(timeout=60)
     exit_ = executor.submit(interrupted, "SystemExit").exception(timeout=60)
     assert type(interrupt) is KeyboardInterrupt and interrupt.args == ("stop here",)

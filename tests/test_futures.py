@@ -11,9 +11,15 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import our_jobs
+from conftest import our_jobs, slurm_jobs
 
-from sheepdog_executor import BrokenGridEngineExecutor, ClusterExecutor, GridEngineExecutor, LocalExecutor
+from sheepdog_executor import (
+    BrokenGridEngineExecutor,
+    ClusterExecutor,
+    GridEngineExecutor,
+    LocalExecutor,
+    SlurmExecutor,
+)
 
 
 def slow(seconds: float, value: Any = None) -> Any:
@@ -33,7 +39,13 @@ def failing_initializer() -> None:
     raise ValueError("no database here")
 
 
-@pytest.fixture(params=["local", pytest.param("cell", marks=pytest.mark.cluster)])
+@pytest.fixture(
+    params=[
+        "local",
+        pytest.param("cell", marks=pytest.mark.cluster),
+        pytest.param("slurm", marks=pytest.mark.cluster),
+    ]
+)
 def make(request: pytest.FixtureRequest) -> Iterator[Callable[..., ClusterExecutor]]:
     made: list[ClusterExecutor] = []
 
@@ -41,6 +53,8 @@ def make(request: pytest.FixtureRequest) -> Iterator[Callable[..., ClusterExecut
         options.setdefault("max_workers", 2)
         if request.param == "local":
             executor: ClusterExecutor = LocalExecutor(**options)
+        elif request.param == "slurm":
+            executor = SlurmExecutor(host=request.getfixturevalue("slurm_cell"), poll_interval=0.5, **options)
         else:
             cell = request.getfixturevalue("cell")
             executor = GridEngineExecutor(host=cell, poll_interval=0.5, **options)
@@ -52,6 +66,8 @@ def make(request: pytest.FixtureRequest) -> Iterator[Callable[..., ClusterExecut
         executor.shutdown(wait=True, cancel_futures=True)
         if isinstance(executor, GridEngineExecutor):
             assert not our_jobs(set(executor.job_ids))
+        if isinstance(executor, SlurmExecutor):
+            assert not slurm_jobs(set(executor.job_ids))
 
 
 def test_cancel_before_start_never_runs(make: Callable[..., ClusterExecutor]) -> None:

@@ -1,0 +1,166 @@
+"""Slurm: fast tests of the parsing and the sbatch line, then what only Slurm does, on the real one."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from conftest import slurm_jobs, wait_until
+
+from sheepdog_executor import ConfigurationError, SlurmExecutor, WorkerLost, WorkerStartFailed
+from sheepdog_executor.jobscript import JobOptions, WorkerLaunch
+from sheepdog_executor.scheduler.base import TaskState
+from sheepdog_executor.scheduler.slurm import (
+    SlurmOptions,
+    SlurmScheduler,
+    parse_max_array_size,
+    parse_sacct,
+    parse_squeue,
+    task_state,
+)
+from sheepdog_executor.shell import LocalShell
+
+SQUEUE = """\
+41|1|RUNNING|None|sheepdog|/h/.sheepdog-executor/s1/task-%A-%a.out
+41|2|PENDING|Resources|sheepdog|/h/.sheepdog-executor/s1/task-%A-%a.out
+42|N/A|PENDING|PartitionTimeLimit|other|/h/slurm-42.out
+"""
+
+
+def test_squeue_lines_and_states() -> None:
+    rows = parse_squeue(SQUEUE)
+    assert [(job, task, state) for job, task, state, *_ in rows] == [
+        ("41", 1, "RUNNING"),
+        ("41", 2, "PENDING"),
+        ("42", None, "PENDING"),
+    ]
+    assert task_state("RUNNING", "None") is TaskState.RUNNING
+    assert task_state("COMPLETING", "None") is TaskState.RUNNING
+    assert task_state("PENDING", "Resources") is TaskState.QUEUED
+    assert task_state("PENDING", "Priority") is TaskState.QUEUED
+    for reason in (
+        "PartitionTimeLimit",
+        "ReqNodeNotAvail, UnavailableNodes:n3",
+        "QOSMaxWallDurationPerJobLimit",
+    ):
+        assert task_state("PENDING", reason) is TaskState.ERROR, reason
+
+
+def test_sacct_record_of_a_task_with_its_steps() -> None:
+    text = (
+        "7_3|OUT_OF_MEMORY|0:125||00:00:04|n1|50M|01:00:00\n"
+        "7_3.batch|OUT_OF_MEMORY|0:125|521548K|00:00:04|n1||\n"
+        "7_3.extern|COMPLETED|0:0|1024K|00:00:04|n1||\n"
+    )
+    record = parse_sacct(text, "7_3")
+    assert record["State"] == "OUT_OF_MEMORY" and record["ExitCode"] == "0:125"
+    assert record["MaxRSS"] == "509M" and record["ReqMem"] == "50M"
+    assert parse_sacct("7_3|RUNNING|0:0||00:00:04|n1|50M|01:00:00\n", "7_3") == {}  # not over yet
+    assert parse_sacct("", "7_3") == {}
+
+
+def test_sbatch_line_carries_the_options_quoted() -> None:
+    site = SlurmOptions(
+        partition="short",
+        account="proj x",
+        qos="high",
+        time="1:00:00",
+        mem="4G",
+        cpus_per_task=4,
+        gres="gpu:1",
+        constraint="avx2",
+        sbatch_args=("--exclusive",),
+    )
+    scheduler = SlurmScheduler(LocalShell(), JobOptions(job_name="sweep", working_directory="/w"), site=site)
+    launch = WorkerLaunch("/h/s1", "http://10.0.0.5:4242")
+    line = scheduler.sbatch_command(launch, 8)
+    for part in (
+        "--array=1-8",
+        "--job-name=sweep",
+        "--output=/h/s1/task-%A-%a.out",
+        "--chdir=/w",
+        "--partition=short",
+        "'--account=proj x'",
+        "--time=1:00:00",
+        "--mem=4G",
+        "--cpus-per-task=4",
+        "--gres=gpu:1",
+        "--constraint=avx2",
+        "--exclusive",
+    ):
+        assert part in line.split(" ") or part in line, part
+    script = scheduler.render(launch)
+    assert 'SHEEPDOG_JOB_ID="$SLURM_ARRAY_JOB_ID"; SHEEPDOG_TASK_ID="$SLURM_ARRAY_TASK_ID"' in script
+    assert parse_max_array_size("MaxArraySize            = 1001\n") == 1000
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"time": "an hour"}, "is not a Slurm time"),
+        ({"cpus_per_task": 0}, "cpus_per_task must be 1 or more"),
+        ({"sbatch_args": "--exclusive"}, "sbatch_args must be a list"),
+        ({"partition": "short\n#SBATCH --x"}, "partition= contains the control character"),
+    ],
+)
+def test_bad_slurm_options_are_refused_before_connecting(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        SlurmExecutor(host="no-such-host.invalid", **options)
+
+
+# -- on the real Slurm --------------------------------------------------------------------------------
+def _task() -> tuple[str, str]:
+    return os.environ.get("SHEEPDOG_JOB_ID", ""), os.environ.get("SHEEPDOG_TASK_ID", "")
+
+
+def _hog(megabytes: int) -> int:
+    block = bytearray(megabytes * 2**20)
+    time.sleep(30)
+    return len(block)
+
+
+@pytest.fixture
+def make_slurm(slurm_cell: str) -> Any:
+    made: list[SlurmExecutor] = []
+
+    def make(**options: Any) -> SlurmExecutor:
+        options.setdefault("max_workers", 4)
+        options.setdefault("poll_interval", 0.5)
+        executor = SlurmExecutor(host=slurm_cell, job_name="sd-slurm-test", **options)
+        made.append(executor)
+        return executor
+
+    yield make
+    for executor in made:
+        executor.shutdown(wait=True, cancel_futures=True)
+        assert not slurm_jobs(set(executor.job_ids)), "jobs left on Slurm after shutdown"
+
+
+@pytest.mark.cluster
+def test_a_job_slurm_can_never_start_fails_its_calls_with_the_reason(
+    make_slurm: Callable[..., SlurmExecutor],
+) -> None:
+    executor = make_slurm(partition="short", time="10")  # longer than the partition's MaxTime
+    future = executor.submit(_task)
+    with pytest.raises(WorkerStartFailed, match=r"Slurm holds the job in an error state.*Partition"):
+        future.result(timeout=60)
+    wait_until(lambda: not slurm_jobs(set(executor.job_ids)), 30, "the held job removed")
+
+
+@pytest.mark.cluster
+def test_a_task_over_its_memory_is_lost_with_sacct_saying_why(
+    make_slurm: Callable[..., SlurmExecutor],
+) -> None:
+    executor = make_slurm(mem="100M", max_workers=1)
+    job, task = executor.submit(_task).result(timeout=60)
+    assert job == executor.job_ids[0] and task == "1"
+    with pytest.raises(WorkerLost) as caught:
+        executor.submit(_hog, 600).result(timeout=120)
+    error = caught.value
+    assert f"Slurm job {error.job_id}, task 1" in str(error)
+    # killed for its memory: signal 9 (OUT_OF_MEMORY where cgroups enforce it), MaxRSS above ReqMem
+    assert error.accounting["ExitCode"].endswith(":9") or error.accounting["State"] == "OUT_OF_MEMORY"
+    assert error.accounting["ReqMem"] == "100M" and "MaxRSS=" in str(error)
