@@ -13,7 +13,10 @@ import json
 import sys
 import time
 
-from sheepdog_executor import GridEngineExecutor
+from sheepdog_executor import ClusterExecutor, GridEngineExecutor, SlurmExecutor
+
+EXECUTORS: dict[str, type[ClusterExecutor]] = {"gridengine": GridEngineExecutor, "slurm": SlurmExecutor}
+Executor = EXECUTORS[sys.argv[3] if len(sys.argv) > 3 else "gridengine"]
 
 
 def slow(seconds: float) -> float:
@@ -21,22 +24,24 @@ def slow(seconds: float) -> float:
     return seconds
 
 
-def start(host: str) -> tuple[GridEngineExecutor, object]:
-    executor = GridEngineExecutor(host=host, max_workers=3, poll_interval=0.5)
+def start(host: str) -> tuple[ClusterExecutor, object]:
+    executor = Executor(host=host, max_workers=3, poll_interval=0.5)
     results = executor.map(slow, [120.0] * 6)
     while len(executor._session.dispatcher.workers) < 3:  # every task runs a call
         time.sleep(0.2)
     print(json.dumps({"jobs": executor.job_ids}), flush=True)
+    sys.stdin.readline()  # the test has seen the jobs on the cell
     return executor, results
 
 
 def main(mode: str, host: str) -> None:
     if mode in ("ctrl-c", "raise"):
-        with GridEngineExecutor(host=host, max_workers=3, poll_interval=0.5) as executor:
+        with Executor(host=host, max_workers=3, poll_interval=0.5) as executor:
             results = executor.map(slow, [120.0] * 6)
             while len(executor._session.dispatcher.workers) < 3:
                 time.sleep(0.2)
             print(json.dumps({"jobs": executor.job_ids}), flush=True)
+            sys.stdin.readline()  # the test has seen the jobs on the cell
             if mode == "raise":
                 raise RuntimeError("boom in the with body")
             list(results)  # Ctrl-C arrives here

@@ -187,6 +187,7 @@ def cluster(request: pytest.FixtureRequest) -> Cluster:
             our_jobs,
             {"working_directory": "/nonexistent/dir"},
             "/nonexistent/dir",
+            ("exit_status", "137"),
         )
     return Cluster(
         "slurm",

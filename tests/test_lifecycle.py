@@ -11,16 +11,20 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import our_jobs
+from conftest import Cluster
 
 pytestmark = pytest.mark.cluster
 
 CHILD = Path(__file__).with_name("child_map.py")
 
 
-def start_child(mode: str, cell: str) -> tuple[subprocess.Popen[str], list[str]]:
+def start_child(mode: str, cluster: Cluster) -> tuple[subprocess.Popen[str], list[str]]:
     child = subprocess.Popen(
-        [sys.executable, str(CHILD), mode, cell], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, str(CHILD), mode, cluster.alias, cluster.scheduler],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     assert child.stdout is not None
     line = child.stdout.readline()
@@ -28,21 +32,24 @@ def start_child(mode: str, cell: str) -> tuple[subprocess.Popen[str], list[str]]
         child.kill()
         raise AssertionError(f"child failed: {child.stderr.read() if child.stderr else ''}")
     jobs = json.loads(line)["jobs"]
-    assert jobs and our_jobs(set(jobs)), "the child's tasks should be on the cell"
+    assert jobs and cluster.jobs(set(jobs)), "the child's tasks should be on the cell"
+    assert child.stdin is not None
+    child.stdin.write("go\n")  # now the child goes on (and removes them)
+    child.stdin.flush()
     return child, jobs
 
 
-def wait_gone(jobs: list[str], within: float) -> float:
+def wait_gone(cluster: Cluster, jobs: list[str], within: float) -> float:
     start = time.monotonic()
-    while our_jobs(set(jobs)):
+    while cluster.jobs(set(jobs)):
         assert time.monotonic() - start < within, f"jobs {jobs} still on the cell after {within} s"
         time.sleep(0.5)
     return time.monotonic() - start
 
 
 @pytest.mark.parametrize("mode", ["ctrl-c", "raise", "exit"])
-def test_child_leaves_no_jobs(cell: str, mode: str) -> None:
-    child, jobs = start_child(mode, cell)
+def test_child_leaves_no_jobs(cluster: Cluster, mode: str) -> None:
+    child, jobs = start_child(mode, cluster)
     if mode == "ctrl-c":
         child.send_signal(signal.SIGINT)
     try:
@@ -54,15 +61,15 @@ def test_child_leaves_no_jobs(cell: str, mode: str) -> None:
     if mode == "raise":
         assert "boom in the with body" in stderr
     # the child removed its jobs before it exited
-    assert not our_jobs(set(jobs))
+    assert not cluster.jobs(set(jobs))
 
 
-def test_garbage_collected_executor_removes_its_jobs(cell: str) -> None:
-    child, jobs = start_child("gc", cell)
+def test_garbage_collected_executor_removes_its_jobs(cluster: Cluster) -> None:
+    child, jobs = start_child("gc", cluster)
     try:
         assert child.stdout is not None
         assert json.loads(child.stdout.readline()) == {"collected": True}
-        wait_gone(jobs, within=30)
+        wait_gone(cluster, jobs, within=30)
         assert child.poll() is None  # removed by the finalizer, not by the process ending
     finally:
         child.kill()
