@@ -3,7 +3,6 @@ the test moves: fast, and each case exact (the cell tests cover the real schedul
 
 from __future__ import annotations
 
-import pickle
 import time
 from collections.abc import Collection
 from concurrent.futures import Future
@@ -109,8 +108,7 @@ class Rig:
             clock=self.clock,
         )
         self.futures: list[Future[Any]] = [CallFuture() for _ in range(calls)]
-        payload = pickle.dumps(((-1,), {}))
-        self.dispatcher.add("f", pickle.dumps(abs), [("call", payload, f) for f in self.futures], 1, "abs")
+        self.dispatcher.add(abs, "call", [((-1,), {})] * calls, self.futures, 1, "abs")
 
     def step(self, advance: float = 2.0) -> None:
         """One turn of the job manager's thread, ``advance`` seconds after the last."""
