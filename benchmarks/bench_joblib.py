@@ -23,6 +23,7 @@ repetition on the 2-core test machine)
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 import xml.etree.ElementTree as ET
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                 seen[mode].append((searched, scored, jobs, busy))
                 print(
                     f"  {mode:<34} run {repeat + 1}: grid search {searched:5.1f} s, "
-                    f"cross_val_score {scored:5.1f} s, {jobs} jobs, {busy} slots busy before"
+                    f"cross_val_score {scored:5.1f} s, {jobs} jobs, {busy} busy, load {os.getloadavg()[0]:.1f}"
                 )
         report(seen)
     finally:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import statistics
 import time
 import xml.etree.ElementTree as ET
@@ -119,7 +120,10 @@ def main(argv: list[str] | None = None) -> int:
                 seen[who].append(total)
                 phases[who].append(parts)
                 shown = ", ".join(f"{k} {v:.2f}" for k, v in parts.items())
-                print(f"  {who:<18} run {repeat + 1}: {total:6.2f} s ({shown}); {busy} slots busy before")
+                load = os.getloadavg()[0]
+                print(
+                    f"  {who:<18} run {repeat + 1}: {total:6.2f} s ({shown}); {busy} slots busy, load {load:.1f}"
+                )
         report(seen, phases, not_measured, args.calls)
     finally:
         remote.close()
