@@ -115,9 +115,10 @@ def main(argv: list[str] | None = None) -> int:
                     raise AssertionError(f"{mode} computed other scores: {best} {scores}")
                 jobs = jobs_named(remote, name) if mode.startswith("gridengine") else 0
                 seen[mode].append((searched, scored, jobs, busy))
+                load = os.getloadavg()[0]
                 print(
                     f"  {mode:<34} run {repeat + 1}: grid search {searched:5.1f} s, "
-                    f"cross_val_score {scored:5.1f} s, {jobs} jobs, {busy} busy, load {os.getloadavg()[0]:.1f}"
+                    f"cross_val_score {scored:5.1f} s, {jobs} jobs, {busy} busy, load {load:.1f}"
                 )
         report(seen)
     finally:

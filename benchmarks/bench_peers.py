@@ -121,9 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                 phases[who].append(parts)
                 shown = ", ".join(f"{k} {v:.2f}" for k, v in parts.items())
                 load = os.getloadavg()[0]
-                print(
-                    f"  {who:<18} run {repeat + 1}: {total:6.2f} s ({shown}); {busy} slots busy, load {load:.1f}"
-                )
+                print(f"  {who:<18} run {repeat + 1}: {total:6.2f} s ({shown}); {busy} busy, load {load:.1f}")
         report(seen, phases, not_measured, args.calls)
     finally:
         remote.close()
