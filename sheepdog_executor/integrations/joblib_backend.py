@@ -122,7 +122,8 @@ def shutdown_reusable_executors() -> None:
 
 
 class GridEngineBackend(AutoBatchingMixin, ParallelBackendBase):
-    """A joblib backend over one ``GridEngineExecutor`` per ``Parallel`` session.
+    """A joblib backend over one ``GridEngineExecutor`` per ``Parallel`` session, taken from and
+    given back to ``ReusableExecutors`` so that back-to-back sessions share one (and its workers).
 
     Auto-batching as for loky: a round trip costs milliseconds once workers run, close to loky's,
     so joblib's 0.2-2 s batches hide it (the executor spreads a batch's calls over the workers by
