@@ -164,3 +164,24 @@ def test_a_task_over_its_memory_is_lost_with_sacct_saying_why(
     # killed for its memory: signal 9 (OUT_OF_MEMORY where cgroups enforce it), MaxRSS above ReqMem
     assert error.accounting["ExitCode"].endswith(":9") or error.accounting["State"] == "OUT_OF_MEMORY"
     assert error.accounting["ReqMem"] == "100M" and "MaxRSS=" in str(error)
+
+
+@pytest.mark.cluster
+def test_joblib_backend_slurm(slurm_cell: str) -> None:
+    import joblib
+
+    options = {"host": slurm_cell, "max_workers": 2, "poll_interval": 0.5, "job_name": "sd-slurm-joblib"}
+    with joblib.parallel_config(backend="slurm", **options):
+        out = joblib.Parallel()(joblib.delayed(_task)() for _ in range(4))
+    assert len(out) == 4 and all(job.isdigit() and task.isdigit() for job, task in out)
+    jobs = {job for job, _ in out}
+    wait_until(lambda: not slurm_jobs(jobs), 60, "the joblib session's jobs to end")
+
+
+@pytest.mark.cluster
+def test_dask_computes_on_slurm(make_slurm: Callable[..., SlurmExecutor], node_packages: str) -> None:
+    import dask
+
+    executor = make_slurm(setup=[node_packages], max_workers=2)
+    total = dask.delayed(sum)([dask.delayed(abs)(-i) for i in range(5)])
+    assert dask.compute(total, scheduler=executor)[0] == 10

@@ -23,6 +23,8 @@ log = logging.getLogger("sheepdog_executor")
 
 #: The name to give joblib: ``joblib.parallel_config(backend="gridengine", host=...)``.
 JOBLIB_BACKEND = "gridengine"
+#: The same for ``SlurmExecutor``: ``joblib.parallel_config(backend="slurm", host=...)``.
+SLURM_JOBLIB_BACKEND = "slurm"
 
 
 def _gridengine_backend(**options: Any) -> Any:
@@ -32,11 +34,18 @@ def _gridengine_backend(**options: Any) -> Any:
     return GridEngineBackend(**options)
 
 
+def _slurm_backend(**options: Any) -> Any:
+    from sheepdog_executor.integrations.joblib_backend import SlurmBackend
+
+    return SlurmBackend(**options)
+
+
 def _register_with_joblib() -> None:
     try:
         from joblib.parallel import register_parallel_backend
 
         register_parallel_backend(JOBLIB_BACKEND, _gridengine_backend)
+        register_parallel_backend(SLURM_JOBLIB_BACKEND, _slurm_backend)
     except Exception as exc:  # noqa: BLE001 - never break the user's import of joblib
         log.warning("could not register the joblib backend %r: %s", JOBLIB_BACKEND, exc)
 

@@ -37,9 +37,9 @@ from typing import Any
 import joblib
 from joblib.parallel import AutoBatchingMixin, FallbackToBackend, ParallelBackendBase, SequentialBackend
 
-from sheepdog_executor import ClusterExecutor, GridEngineExecutor
+from sheepdog_executor import ClusterExecutor, GridEngineExecutor, SlurmExecutor
 from sheepdog_executor.config import resolve_options
-from sheepdog_executor.integrations import JOBLIB_BACKEND
+from sheepdog_executor.integrations import JOBLIB_BACKEND, SLURM_JOBLIB_BACKEND
 
 log = logging.getLogger("sheepdog_executor")
 
@@ -61,9 +61,9 @@ class ReusableExecutors:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._idle: dict[Hashable, tuple[GridEngineExecutor, threading.Timer]] = {}
+        self._idle: dict[Hashable, tuple[ClusterExecutor, threading.Timer]] = {}
 
-    def take(self, key: Hashable) -> GridEngineExecutor | None:
+    def take(self, key: Hashable) -> ClusterExecutor | None:
         """The idle executor kept for these options, now the caller's; None if there is none."""
         with self._lock:
             kept = self._idle.pop(key, None)
@@ -76,7 +76,7 @@ class ReusableExecutors:
             return None
         return executor
 
-    def keep(self, key: Hashable, executor: GridEngineExecutor, seconds: float) -> None:
+    def keep(self, key: Hashable, executor: ClusterExecutor, seconds: float) -> None:
         """Keep ``executor`` for the next call with these options, for ``seconds``; if one is kept
         already, shut this one down instead."""
         timer = threading.Timer(seconds, self._expire, (key, executor))
@@ -102,7 +102,7 @@ class ReusableExecutors:
             timer.cancel()
             _shut_down(executor)
 
-    def _expire(self, key: Hashable, executor: GridEngineExecutor) -> None:
+    def _expire(self, key: Hashable, executor: ClusterExecutor) -> None:
         with self._lock:
             mine = key in self._idle and self._idle[key][0] is executor
             if mine:
@@ -132,6 +132,8 @@ class GridEngineBackend(AutoBatchingMixin, ParallelBackendBase):
     the calls slow, so their durations are left out of its estimate.
     """
 
+    #: The executor each ``Parallel`` session runs on.
+    executor_class: type[ClusterExecutor] = GridEngineExecutor
     default_n_jobs = -1
     supports_retrieve_callback = True  # so return_as="generator" and timeout= work
     supports_inner_max_num_threads = False
@@ -144,7 +146,7 @@ class GridEngineBackend(AutoBatchingMixin, ParallelBackendBase):
         super().__init__(nesting_level=nesting_level, inner_max_num_threads=inner_max_num_threads, **options)
         self._lock = threading.Lock()
         self._options: dict[str, Any] = dict(options)
-        self._executor: GridEngineExecutor | None = None
+        self._executor: ClusterExecutor | None = None
         self._callbacks: ThreadPoolExecutor | None = None
         self._in_callback = threading.local()
         self._warm_since: float | None = None
@@ -236,22 +238,26 @@ class GridEngineBackend(AutoBatchingMixin, ParallelBackendBase):
         self._warm_since = None
 
     # -- helpers ------------------------------------------------------------------------------
-    def _executor_now(self) -> GridEngineExecutor:
+    def _executor_now(self) -> ClusterExecutor:
         with self._lock:
             if not self._open:
                 raise RuntimeError("this joblib session is over")
             if self._executor is None:
                 options = {**self._options, "max_workers": self._workers}
-                reused = _reusable.take(_options_key(options)) if self._reuse else None
+                reused = _reusable.take(self._key(options)) if self._reuse else None
                 if reused is not None:
                     workers = len(reused.status().get("workers") or ())
                     log.debug("joblib: reusing the executor of jobs %s (%d workers)", reused.job_ids, workers)
                     if workers:
                         self._warm_since = time.time()  # its batches need not wait for a cold start
-                self._executor = reused or GridEngineExecutor(**options)
+                self._executor = reused or self.executor_class(**options)
             return self._executor
 
-    def _keep_or_shut_down(self, executor: GridEngineExecutor) -> None:
+    def _key(self, options: Mapping[str, Any]) -> Hashable:
+        """What a kept executor is found by: its class and its options."""
+        return (self.executor_class.__name__, _options_key(options))
+
+    def _keep_or_shut_down(self, executor: ClusterExecutor) -> None:
         """At the end of a call: keep the executor warm for the next call with the same options
         (while its workers stay up, ``idle_timeout``), or shut it down."""
         options = {**self._options, "max_workers": self._workers}
@@ -260,10 +266,10 @@ class GridEngineBackend(AutoBatchingMixin, ParallelBackendBase):
             return
         resolved = resolve_options(options.get("host"), options)
         _reusable.keep(
-            _options_key(options), executor, float(resolved.get("idle_timeout", DEFAULT_IDLE_TIMEOUT))
+            self._key(options), executor, float(resolved.get("idle_timeout", DEFAULT_IDLE_TIMEOUT))
         )
 
-    def _close(self, stop: Callable[[GridEngineExecutor], None]) -> None:
+    def _close(self, stop: Callable[[ClusterExecutor], None]) -> None:
         """End the session: no new executor, ``stop`` the current one, join the callback thread."""
         with self._lock:
             self._open = False
@@ -349,20 +355,28 @@ def _options_key(options: Mapping[str, Any]) -> Hashable:
     return frozen(dict(options))
 
 
-def _shut_down(executor: GridEngineExecutor) -> None:
+def _shut_down(executor: ClusterExecutor) -> None:
     """Every call has ended: shut down, which removes the jobs."""
     executor.shutdown(wait=True)
 
 
-def _stop_now(executor: GridEngineExecutor) -> None:
+def _stop_now(executor: ClusterExecutor) -> None:
     """Leave the executor as on an error in its ``with`` body: running calls stop, jobs go, at once."""
     error = RuntimeError("joblib aborted the Parallel call")
     executor.__exit__(type(error), error, None)
 
 
+class SlurmBackend(GridEngineBackend):
+    """The same backend over ``SlurmExecutor``: ``joblib.parallel_config(backend="slurm", ...)``."""
+
+    executor_class = SlurmExecutor
+
+
 def register() -> None:
-    """Make ``backend="gridengine"`` available to joblib (importing this module does it too)."""
+    """Make ``backend="gridengine"`` and ``"slurm"`` available to joblib (importing this module does
+    it too)."""
     joblib.register_parallel_backend(JOBLIB_BACKEND, GridEngineBackend)
+    joblib.register_parallel_backend(SLURM_JOBLIB_BACKEND, SlurmBackend)
 
 
 register()
