@@ -78,9 +78,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command == "doctor":
         explicit = {"python": args.python, "callback_address": args.callback_address}
-        return Doctor(args.host, {k: v for k, v in explicit.items() if v is not None}, args.timeout).run()
+        explicit = {k: v for k, v in explicit.items() if v is not None}
+        return Doctor(args.host, explicit, args.timeout, scheduler=args.scheduler).run()
     if args.command == "cleanup":
-        return cleanup(args.host, dry_run=args.dry_run, force=args.force, envs=args.envs)
+        return cleanup(
+            args.host, dry_run=args.dry_run, force=args.force, envs=args.envs, choice=args.scheduler
+        )
     parser.print_help()
     return 2
 
@@ -102,6 +105,7 @@ def _parser() -> argparse.ArgumentParser:
         "failure and say what to change. Options come from the config file and SHEEPDOG_* variables.",
     )
     doctor.add_argument("host", metavar="HOST", help="host name or ~/.ssh/config alias of the head node")
+    _scheduler_argument(doctor)
     doctor.add_argument("--python", metavar="PY", help="the interpreter on the nodes (python=)")
     doctor.add_argument(
         "--callback-address", metavar="ADDR", help="address of this machine the nodes connect to"
@@ -116,6 +120,7 @@ def _parser() -> argparse.ArgumentParser:
         "client is gone, and session directories left without a client.",
     )
     clean.add_argument("host", metavar="HOST", help="host name or ~/.ssh/config alias of the head node")
+    _scheduler_argument(clean)
     clean.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     clean.add_argument(
         "--force",
@@ -128,6 +133,15 @@ def _parser() -> argparse.ArgumentParser:
         help='also remove the environments of environment="sync" (rebuilt when next needed)',
     )
     return parser
+
+
+def _scheduler_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--scheduler",
+        choices=("auto", "gridengine", "slurm"),
+        default="auto",
+        help="the head node's scheduler (auto: the one whose commands it has; Grid Engine if both)",
+    )
 
 
 # -- shared -------------------------------------------------------------------------------------
@@ -150,11 +164,37 @@ def _command_setup(options: Mapping[str, Any]) -> list[str]:
     return [command_setup] if isinstance(command_setup, str) else list(command_setup)
 
 
-def _executor_class() -> type[ClusterExecutor]:
-    """The executor (and so the scheduler) the commands check and clean up after."""
-    from sheepdog_executor.executor import GridEngineExecutor
+def _executors() -> dict[str, type[ClusterExecutor]]:
+    """The executors the commands know, by the name ``--scheduler`` takes."""
+    from sheepdog_executor.executor import GridEngineExecutor, SlurmExecutor
 
-    return GridEngineExecutor
+    return {"gridengine": GridEngineExecutor, "slurm": SlurmExecutor}
+
+
+def detect_executor(
+    shell: Shell, options: Mapping[str, Any], choice: str
+) -> tuple[type[ClusterExecutor], str]:
+    """The executor for ``--scheduler`` ``choice``; with "auto", the one whose submit command the head
+    node has (Grid Engine when it has both). Returns it and a note on how it was chosen."""
+    executors = _executors()
+    if choice != "auto":
+        return executors[choice], ""
+    probe = "; ".join(
+        f"command -v {cls.scheduler_class.commands[0]} >/dev/null && echo {name}"
+        for name, cls in executors.items()
+    )
+    found = shell.run("\n".join([*_command_setup(options), probe]), timeout=60).stdout.split()
+    if len(found) > 1:
+        return executors[found[0]], f"{' and '.join(found)} found, checking {found[0]} (--scheduler chooses)"
+    return executors[found[0] if found else "gridengine"], ""
+
+
+def _own_options(options: Mapping[str, Any], cls: type[ClusterExecutor]) -> dict[str, Any]:
+    """``options`` without those of other schedulers' executors (a shared [default] table has them)."""
+    from sheepdog_executor.config import OPTIONS
+
+    name = cls.scheduler_class.name
+    return {k: v for k, v in options.items() if k not in OPTIONS or OPTIONS[k].scheduler in ("", name)}
 
 
 def _scheduler(
@@ -168,7 +208,8 @@ def executor_default(option: str) -> Any:
     """An executor's own default for an option: its signature is where defaults are written."""
     from sheepdog_executor.executor import ClusterExecutor
 
-    for cls in (_executor_class(), ClusterExecutor):
+    classes: list[type[ClusterExecutor]] = [*_executors().values(), ClusterExecutor]
+    for cls in classes:
         parameter = inspect.signature(cls.__init__).parameters.get(option)
         if parameter is not None and parameter.default is not parameter.empty:
             return parameter.default
@@ -196,15 +237,21 @@ class Doctor:
     CheckFailed; they run in order and the first failure ends the run."""
 
     def __init__(
-        self, host: str, explicit: Mapping[str, Any], timeout: float, out: TextIO | None = None
+        self,
+        host: str,
+        explicit: Mapping[str, Any],
+        timeout: float,
+        out: TextIO | None = None,
+        scheduler: str = "auto",
     ) -> None:
         self.host = host
+        self.choice = scheduler
         self.explicit = dict(explicit)
         self.timeout = timeout
         self.out = out or sys.stdout
         self.options: dict[str, Any] = {}
         self.job_options = JobOptions()
-        self.executor_class = _executor_class()
+        self.executor_class = _executors()["gridengine" if scheduler == "auto" else scheduler]
         self.shell: SSHShell | None = None
         self.scheduler: Scheduler | None = None
 
@@ -245,7 +292,6 @@ class Doctor:
         try:
             self.options = resolve_options(self.host, self.explicit)
             self.job_options = JobOptions.from_options(self.options)
-            self.executor_class.scheduler_class.site_options(self.options)
         except ConfigurationError as exc:
             raise CheckFailed(str(exc), "correct the file or variable named above") from exc
         used = [env_name(k) for k in environment_options()]
@@ -287,8 +333,12 @@ class Doctor:
 
     def check_scheduler(self) -> str:
         assert self.shell is not None
+        self.executor_class, note = detect_executor(self.shell, self.options, self.choice)
         cls = self.executor_class.scheduler_class
-        self.scheduler = _scheduler(self.shell, self.options, self.job_options, cls)
+        try:
+            self.scheduler = _scheduler(self.shell, self.options, self.job_options, cls)
+        except ConfigurationError as exc:
+            raise CheckFailed(str(exc), "correct the file or variable named above") from exc
         try:
             self.scheduler.prepare()
         except SchedulerError as exc:
@@ -298,7 +348,8 @@ class Doctor:
                 f'command_setup = ["..."] under [hosts."{self.host}"] in {config_path()}',
             ) from exc
         version = self.scheduler.version()
-        return f"{', '.join(cls.commands)} found ({version or 'version unknown'})"
+        found = f"{', '.join(cls.commands)} found ({version or 'version unknown'})"
+        return found + (f"; {note}" if note else "")
 
     def check_python(self) -> str:
         assert self.shell is not None
@@ -363,7 +414,11 @@ class Doctor:
                 'firewall between nodes and head node blocks it, or use callback = "direct" with a '
                 "--callback-address of this machine the nodes can reach"
             )
-        options = {**self.options, "max_workers": 1, "callback": route.mode}
+        options = {
+            **_own_options(self.options, self.executor_class),
+            "max_workers": 1,
+            "callback": route.mode,
+        }
         started = time.monotonic()
         try:
             executor = self.executor_class(host=self.host, **options)
@@ -508,7 +563,13 @@ class SessionDir:
 
 
 def cleanup(
-    host: str, *, dry_run: bool = False, force: bool = False, envs: bool = False, out: TextIO | None = None
+    host: str,
+    *,
+    dry_run: bool = False,
+    force: bool = False,
+    envs: bool = False,
+    out: TextIO | None = None,
+    choice: str = "auto",
 ) -> int:
     """Remove what clients that died left on ``host``; return the exit status."""
     out = out or sys.stdout
@@ -519,7 +580,8 @@ def cleanup(
         print(f"error: {exc}", file=out)
         return 1
     try:
-        scheduler = _scheduler(shell, options, JobOptions(), _executor_class().scheduler_class)
+        executor_class, _ = detect_executor(shell, options, choice)
+        scheduler = _scheduler(shell, options, JobOptions(), executor_class.scheduler_class)
         scheduler.prepare()
         root = _session_root(shell, options)
         jobs: list[SessionJob] = scheduler.session_jobs(root)

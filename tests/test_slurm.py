@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import slurm_jobs, wait_until
 
 from sheepdog_executor import ConfigurationError, SlurmExecutor, WorkerLost, WorkerStartFailed
+from sheepdog_executor.cli import main
 from sheepdog_executor.jobscript import JobOptions, WorkerLaunch
 from sheepdog_executor.scheduler.base import TaskState
 from sheepdog_executor.scheduler.slurm import (
@@ -185,3 +191,38 @@ def test_dask_computes_on_slurm(make_slurm: Callable[..., SlurmExecutor], node_p
     executor = make_slurm(setup=[node_packages], max_workers=2)
     total = dask.delayed(sum)([dask.delayed(abs)(-i) for i in range(5)])
     assert dask.compute(total, scheduler=executor)[0] == 10
+
+
+@pytest.mark.cluster
+def test_doctor_checks_a_slurm_head_node(slurm_cell: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["doctor", slurm_cell, "--scheduler", "slurm", "--timeout", "60"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "sbatch, squeue, scancel found (slurm-wlm 22.05" in out
+    assert f"all checks passed: SlurmExecutor(host='{slurm_cell}') should work" in out
+
+
+@pytest.mark.cluster
+def test_cleanup_removes_the_slurm_job_of_a_killed_client(
+    slurm_cell: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    child = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("child_map.py")), "raise", slurm_cell, "slurm"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        jobs = set(json.loads(child.stdout.readline())["jobs"])
+        assert slurm_jobs(jobs)
+    finally:
+        child.kill()  # SIGKILL: nothing of the client removes anything
+        child.wait()
+    code = main(["cleanup", slurm_cell, "--scheduler", "slurm"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert re.search(
+        rf"removed \S+: job {next(iter(jobs))} \(sheepdog\) and the directory; its client is gone", out
+    )
+    wait_until(lambda: not slurm_jobs(jobs), 30, "the dead client's jobs removed")
