@@ -17,7 +17,10 @@ executor shares one paramiko connection, so neither pays for connecting per comm
 shared: before each measurement the script waits (``--settle`` seconds at most) for other jobs to
 leave it, and prints the slots that were busy anyway.
 
-Run: ``python benchmarks/bench_map.py [--host fear] [--calls 10000] [--quick]``
+With ``--scheduler slurm`` (host default ``fear-slurm``) the same figures for ``SlurmExecutor``, and
+the baselines are a bare ``sbatch --wait --wrap true`` and ``sbatch --wait --array=1-200``.
+
+Run: ``python benchmarks/bench_map.py [--scheduler gridengine|slurm] [--host fear] [--calls 10000] [--quick]``
 """
 
 from __future__ import annotations
@@ -40,12 +43,19 @@ from typing import Any
 import cloudpickle
 
 import sheepdog_executor
-from sheepdog_executor import GridEngineExecutor
+from sheepdog_executor import ClusterExecutor, GridEngineExecutor, SlurmExecutor
 
 WORKERS = 8
 COLD_TARGET_S = 4.0  # for 10,000 calls
 WARM_TARGET_CPS = 5000.0
 LATENCY_MARGIN_S = 0.5
+
+
+#: The executor measured and the bare command it is compared with (``--scheduler``).
+EXECUTORS: dict[str, type[ClusterExecutor]] = {"gridengine": GridEngineExecutor, "slurm": SlurmExecutor}
+BARE = {"gridengine": "qsub -sync y -b y /bin/true", "slurm": "sbatch --wait --wrap true"}
+Executor: type[ClusterExecutor] = GridEngineExecutor
+bare = BARE["gridengine"]
 
 
 def f(x: int) -> int:
@@ -62,8 +72,9 @@ def check(results: list[Any], calls: int) -> None:
 class Remote:
     """Commands on the cell with OpenSSH over one multiplexed connection (ControlMaster)."""
 
-    def __init__(self, host: str) -> None:
+    def __init__(self, host: str, scheduler: str = "gridengine") -> None:
         self.host = host
+        self.slurm = scheduler == "slurm"
         self._dir = tempfile.mkdtemp(prefix="sdbench-")
         self._options = [
             "-o",
@@ -92,13 +103,25 @@ class Remote:
         return elapsed
 
     def qsub_sync(self, tasks: int = 1) -> float:
-        """A bare qsub -sync y of /bin/true (an array of ``tasks`` when more than one)."""
+        """A bare qsub -sync y of /bin/true (an array of ``tasks`` when more than one); with Slurm, a
+        bare sbatch --wait of true."""
+        if self.slurm:
+            array = f" --array=1-{tasks}" if tasks > 1 else ""
+            options = f"--wait{array} -J {self.job_name} -o /dev/null -e /dev/null"
+            return self.timed(f"sbatch {options} --wrap true >/dev/null")
         array = f" -t 1-{tasks}" if tasks > 1 else ""
         options = f"-sync y{array} -b y -N {self.job_name} -o /dev/null -e /dev/null"
         return self.timed(f"qsub {options} /bin/true >/dev/null")
 
     def busy(self) -> tuple[int, int]:
         """(slots of running jobs, pending tasks) on the cell, of any user; (-1, -1) if unknown."""
+        if self.slurm:
+            listed = self.run('squeue -h -r -o "%T %C"', timeout=60)
+            if listed.returncode != 0:
+                return -1, -1
+            rows = [line.split() for line in listed.stdout.splitlines() if line.strip()]
+            running = sum(int(cpus) for state, cpus in rows if state != "PENDING")
+            return running, sum(1 for state, _ in rows if state == "PENDING")
         done = self.run('qstat -xml -u "*"', timeout=60)
         if done.returncode != 0:
             return -1, -1
@@ -121,7 +144,8 @@ class Remote:
 
     def close(self) -> None:
         try:
-            self.run(f"qdel {self.job_name} >/dev/null 2>&1; true", timeout=60)  # left by an interruption
+            cancel = "scancel -n" if self.slurm else "qdel"
+            self.run(f"{cancel} {self.job_name} >/dev/null 2>&1; true", timeout=60)  # left by an interruption
         finally:
             argv = ["ssh", *self._options, "-O", "exit", self.host]
             subprocess.run(argv, capture_output=True, timeout=30, check=False)
@@ -129,12 +153,12 @@ class Remote:
 
 
 # -- the measurements ------------------------------------------------------------------------------
-def tasks_started(executor: GridEngineExecutor) -> int:
+def tasks_started(executor: ClusterExecutor) -> int:
     """Array tasks whose worker reached this client (private state: this is a benchmark)."""
     return len(getattr(getattr(executor._session, "dispatcher", None), "tasks_seen", ()))
 
 
-def live_workers(executor: GridEngineExecutor) -> int | None:
+def live_workers(executor: ClusterExecutor) -> int | None:
     """Workers that said hello and did not stop yet (private state: this is a benchmark)."""
     workers = getattr(getattr(executor._session, "dispatcher", None), "workers", None)
     return None if workers is None else len(workers)
@@ -143,7 +167,7 @@ def live_workers(executor: GridEngineExecutor) -> int | None:
 def cold_map(host: str, calls: int) -> tuple[float, dict[str, float], int]:
     """Create an executor, map ``calls`` trivial calls, shut it down: total, phases, tasks started."""
     start = time.perf_counter()
-    executor = GridEngineExecutor(host=host, max_workers=WORKERS)
+    executor = Executor(host=host, max_workers=WORKERS)
     created = time.perf_counter()
     with executor:
         results = executor.map(f, range(calls))
@@ -170,7 +194,7 @@ def warm_throughput(host: str, calls: int, repeats: int) -> tuple[list[float], l
     time spent in the map() call itself (pickling and queueing, before any call goes out)."""
     rates, queueing = [], []
     # A long idle_timeout keeps the warm workers alive between the warm-up and the timed maps.
-    with GridEngineExecutor(host=host, max_workers=WORKERS, idle_timeout=60) as executor:
+    with Executor(host=host, max_workers=WORKERS, idle_timeout=60) as executor:
         warmup = 4 * WORKERS * 100
         check(list(executor.map(f, range(warmup))), warmup)
         deadline = time.monotonic() + 60
@@ -194,7 +218,7 @@ def warm_throughput(host: str, calls: int, repeats: int) -> tuple[list[float], l
 
 def single_call_latency(host: str) -> float:
     """Submit to result of one call on a fresh executor: no worker alive, a job must be scheduled."""
-    with GridEngineExecutor(host=host, max_workers=WORKERS) as executor:
+    with Executor(host=host, max_workers=WORKERS) as executor:
         start = time.perf_counter()
         value = executor.submit(f, 41).result()
         elapsed = time.perf_counter() - start
@@ -319,12 +343,12 @@ def report(fig: Figures) -> None:
         (
             f"executor single-call latency (median of {len(fig.latency)})",
             seconds(latency),
-            f"<= qsub + {LATENCY_MARGIN_S} s {verdict(latency <= qsub + LATENCY_MARGIN_S)}",
-            f"{latency - qsub:+.2f} s vs qsub -sync y ({latency / qsub:.2f}x its time)",
+            f"<= bare + {LATENCY_MARGIN_S} s {verdict(latency <= qsub + LATENCY_MARGIN_S)}",
+            f"{latency - qsub:+.2f} s vs {bare} ({latency / qsub:.2f}x its time)",
         ),
-        (f"qsub -sync y -b y /bin/true (median of {len(fig.qsub_sync)})", seconds(qsub), "baseline", ""),
+        (f"{bare} (median of {len(fig.qsub_sync)})", seconds(qsub), "baseline", ""),
         (
-            f"qsub -sync y -t 1-{fig.array_tasks} -b y /bin/true",
+            f"{bare}, array of {fig.array_tasks}",
             f"{rate:.1f} tasks/s",
             "baseline",
             f"{fig.array_s:.1f} s for {fig.array_tasks} tasks; {n:,} calls would take {seconds(projected)}",
@@ -354,7 +378,7 @@ def report(fig: Figures) -> None:
             print("-" * (sum(widths) + 6 + max(len(r[3]) for r in rows)))
     print()
     print(
-        f"runs (s): cold {runs(fig.cold)}; latency {runs(fig.latency)}; qsub -sync y {runs(fig.qsub_sync)}; "
+        f"runs (s): cold {runs(fig.cold)}; latency {runs(fig.latency)}; bare {runs(fig.qsub_sync)}; "
         f"pool chunksize=1 {runs(fig.pool.get(1, []))}, =100 {runs(fig.pool.get(100, []))}; "
         f"warm calls/s {runs(fig.warm_cps, 0)}"
     )
@@ -369,7 +393,8 @@ def report(fig: Figures) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--host", default="fear", help="ssh host (or ~/.ssh/config alias) of the cell")
+    parser.add_argument("--scheduler", choices=sorted(EXECUTORS), default="gridengine", help="which executor")
+    parser.add_argument("--host", help="ssh host (or ~/.ssh/config alias) of the cell (fear, fear-slurm)")
     parser.add_argument("--calls", type=int, default=10000, help="calls of the cold map and the pool maps")
     parser.add_argument("--warm-calls", type=int, default=50000, help="calls of each warm map")
     parser.add_argument("--array-tasks", type=int, default=200, help="tasks of the bare qsub array")
@@ -378,15 +403,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (about a minute)")
     args = parser.parse_args(argv)
+    global Executor, bare
+    Executor, bare = EXECUTORS[args.scheduler], BARE[args.scheduler]
+    args.host = args.host or {"gridengine": "fear", "slurm": "fear-slurm"}[args.scheduler]
     if __name__ != "__main__":  # imported, not run: still send f to the workers by value
         cloudpickle.register_pickle_by_value(sys.modules[__name__])
     cold_runs, warm_runs, latency_runs, pool_runs = (1, 1, 3, 1) if args.quick else (3, 2, 5, 3)
     settle = args.settle if args.settle is not None else (2.0 if args.quick else 6.0)
 
-    print(f"sheepdog_executor: {package_revision()}")
+    print(f"sheepdog_executor: {package_revision()}; {Executor.__name__} on {args.host}")
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs here, load {os.getloadavg()[0]:.2f}")
     fig = Figures(calls=args.calls, warm_calls=args.warm_calls, array_tasks=args.array_tasks)
-    remote = Remote(args.host)
+    remote = Remote(args.host, args.scheduler)
     began = time.perf_counter()
 
     def measuring(phase: str, title: str) -> None:
@@ -412,12 +440,12 @@ def main(argv: list[str] | None = None) -> int:
         fig.warm_cps, fig.warm_queueing = warm_throughput(args.host, args.warm_calls, warm_runs)
         took(start)
         for i in range(latency_runs):  # interleaved: both see the same cell
-            measuring("latency", f"single-call latency {i + 1}/{latency_runs}, executor then qsub -sync y")
+            measuring("latency", f"single-call latency {i + 1}/{latency_runs}, executor then {bare}")
             start = time.perf_counter()
             fig.latency.append(single_call_latency(args.host))
             fig.qsub_sync.append(remote.qsub_sync())
             took(start)
-        measuring("array", f"qsub -sync y array of {args.array_tasks} tasks")
+        measuring("array", f"{bare} array of {args.array_tasks} tasks")
         start = time.perf_counter()
         fig.array_s = remote.qsub_sync(args.array_tasks)
         took(start)
