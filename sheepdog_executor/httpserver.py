@@ -3,9 +3,12 @@
 * Out of file descriptors (``EMFILE``/``ENFILE``), Tornado's accept handler raises, the listening
   socket stays readable and the IOLoop spins, logging a traceback per turn. Here accepting pauses
   instead, with a growing delay (up to a second), and one warning per minute says so.
-* A connection that has not sent a request's headers within ``FIRST_REQUEST_SECONDS`` of being
-  accepted is closed, so that idle ("half-open") connections cannot hold the descriptors the workers
-  need. Keep-alive connections of workers, once they sent a request, are not affected.
+* A connection that has not authenticated a request (see ``trust``) within
+  ``FIRST_REQUEST_SECONDS`` of being accepted is closed, and of such connections at most
+  ``MAX_SILENT_CONNECTIONS`` are kept (the oldest is closed for each new one): connections of people
+  without the secret, idle or not, cannot hold the descriptors the workers need nor make the client
+  hold more than that many header blocks (16 KiB each). A worker's keep-alive connection is trusted
+  from its first signed request on and never closed for this.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import errno
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import tornado.httpserver
@@ -24,8 +28,10 @@ import tornado.iostream
 
 log = logging.getLogger("sheepdog_executor")
 
-#: How long a new connection may stay silent before its first request's headers are in.
+#: How long a new connection may go without an authenticated request.
 FIRST_REQUEST_SECONDS = 10.0
+#: How many connections without an authenticated request are kept at most (the oldest goes first).
+MAX_SILENT_CONNECTIONS = 256
 #: At most one warning about running out of descriptors per this many seconds.
 WARN_INTERVAL_SECONDS = 60.0
 _OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -91,32 +97,19 @@ class _Accepting:
             self.loop.remove_handler(self.sock)
 
 
-class _Marks(tornado.httputil.HTTPMessageDelegate):
-    """Passes a request on, noting on its stream that a request arrived (see ``HTTPServer``)."""
-
-    def __init__(self, inner: tornado.httputil.HTTPMessageDelegate, stream: Any) -> None:
-        self.inner, self.stream = inner, stream
-
-    def headers_received(
-        self,
-        start_line: tornado.httputil.RequestStartLine | tornado.httputil.ResponseStartLine,
-        headers: tornado.httputil.HTTPHeaders,
-    ) -> Awaitable[None] | None:
-        self.stream.sheepdog_requested = True
-        return self.inner.headers_received(start_line, headers)
-
-    def data_received(self, chunk: bytes) -> Awaitable[None] | None:
-        return self.inner.data_received(chunk)
-
-    def finish(self) -> None:
-        self.inner.finish()
-
-    def on_connection_close(self) -> None:
-        self.inner.on_connection_close()
+def trust(stream: Any) -> None:
+    """Exempt a connection from the deadline and the cap: it carried an authenticated request."""
+    stream.sheepdog_trusted = True
 
 
 class HTTPServer(tornado.httpserver.HTTPServer):
-    """``tornado.httpserver.HTTPServer`` with the accept back-off and the first-request deadline."""
+    """``tornado.httpserver.HTTPServer`` with the accept back-off, and the deadline and the cap for
+    connections that have not authenticated a request."""
+
+    def initialize(self, *args: Any, **kwargs: Any) -> None:
+        super().initialize(*args, **kwargs)
+        #: Connections accepted in the last ``FIRST_REQUEST_SECONDS``, oldest first.
+        self._silent: OrderedDict[int, tornado.iostream.IOStream] = OrderedDict()
 
     def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
         for sock in sockets:
@@ -125,18 +118,14 @@ class HTTPServer(tornado.httpserver.HTTPServer):
 
     def handle_stream(self, stream: tornado.iostream.IOStream, address: tuple[Any, ...]) -> None:
         super().handle_stream(stream, address)
-        tornado.ioloop.IOLoop.current().call_later(FIRST_REQUEST_SECONDS, _close_if_silent, stream)
+        silent = self._silent
+        silent[id(stream)] = stream
+        while len(silent) > MAX_SILENT_CONNECTIONS:
+            oldest = silent.popitem(last=False)[1]
+            if not getattr(oldest, "sheepdog_trusted", False):
+                oldest.close()  # closing a closed stream does nothing
+        tornado.ioloop.IOLoop.current().call_later(FIRST_REQUEST_SECONDS, self._deadline, stream)
 
-    def start_request(
-        self, server_conn: object, request_conn: tornado.httputil.HTTPConnection
-    ) -> tornado.httputil.HTTPMessageDelegate:
-        delegate = super().start_request(server_conn, request_conn)
-        stream = getattr(request_conn, "stream", None)
-        if stream is None or getattr(stream, "sheepdog_requested", False):
-            return delegate  # a keep-alive connection that was marked already: nothing more to do
-        return _Marks(delegate, stream)
-
-
-def _close_if_silent(stream: tornado.iostream.IOStream) -> None:
-    if not getattr(stream, "sheepdog_requested", False) and not stream.closed():
-        stream.close()
+    def _deadline(self, stream: tornado.iostream.IOStream) -> None:
+        if self._silent.pop(id(stream), None) is not None and not getattr(stream, "sheepdog_trusted", False):
+            stream.close()

@@ -31,6 +31,7 @@ import tornado.locks
 import tornado.netutil
 import tornado.web
 
+from sheepdog_executor import httpserver
 from sheepdog_executor.dispatch import Dispatcher
 from sheepdog_executor.errors import ConfigurationError
 from sheepdog_executor.httpserver import HTTPServer
@@ -100,6 +101,7 @@ class _Signed(_Quiet):
         if auth is None or not self.endpoint.fresh_nonce(auth.nonce):
             self.endpoint.refused += 1
             raise tornado.web.HTTPError(403)
+        httpserver.trust(connection.stream)  # type: ignore[union-attr]
         if length > self.body_limit():
             raise tornado.web.HTTPError(413)
         self.nonce, self._digest, self._length = auth.nonce, auth.digest, length

@@ -21,6 +21,7 @@ from typing import Any
 
 import tornado.web
 
+from sheepdog_executor import httpserver
 from sheepdog_executor.server import _Quiet
 
 #: Placeholders in the page: the per-response CSP nonce and the first snapshot (no wait for a poll).
@@ -86,9 +87,11 @@ class _StatusHandler(_Quiet):
         if presented is not None:
             if not self.page.valid(presented):
                 raise tornado.web.HTTPError(403)
+            httpserver.trust(self.request.connection.stream)  # type: ignore[union-attr]
             return True
         if not self.page.valid(self.get_cookie(self.page.cookie_name)):
             raise tornado.web.HTTPError(403)
+        httpserver.trust(self.request.connection.stream)  # type: ignore[union-attr]
         return False
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:

@@ -34,7 +34,7 @@ from conftest import ssh
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sheepdog_executor import ConfigurationError, GridEngineExecutor, WorkerStartFailed, server
+from sheepdog_executor import ConfigurationError, GridEngineExecutor, WorkerStartFailed, httpserver, server
 from sheepdog_executor.remote import protocol, worker
 
 pytestmark = pytest.mark.cluster
@@ -508,10 +508,39 @@ def test_unicode_digits_and_non_ascii_in_headers_get_4xx_and_no_traceback(
     assert list(executor.map(square, range(4), timeout=120)) == [0, 1, 4, 9]
 
 
-#: A client with ``ulimit -n 1024``: prints its endpoint's URL, waits for a line on stdin (the flood
-#: is on), runs a map and prints its results.
+def test_silent_connections_beyond_the_cap_are_closed_oldest_first(
+    make_executor: Callable[..., GridEngineExecutor],
+) -> None:
+    """Connections that send nothing are unauthenticated: at most ``MAX_SILENT_CONNECTIONS`` are
+    kept (each could hold a partial header block), the oldest closed for each new one."""
+    executor = make_executor()
+    client = Client(executor)
+    cap = httpserver.MAX_SILENT_CONNECTIONS
+    silent = [socket.create_connection((client.host, client.port), timeout=10) for _ in range(cap + 40)]
+    try:
+        for sock in silent:
+            sock.setblocking(False)
+
+        def closed_by_the_endpoint(sock: socket.socket) -> bool:
+            try:
+                return sock.recv(1) == b""
+            except BlockingIOError:
+                return False
+
+        # well before FIRST_REQUEST_SECONDS: these are closed because of the cap, not the deadline
+        wait_for(lambda: all(map(closed_by_the_endpoint, silent[:40])), timeout=5, what="the oldest closed")
+        assert not any(map(closed_by_the_endpoint, silent[-cap:]))
+        assert list(executor.map(square, range(10), timeout=120)) == [x * x for x in range(10)]
+    finally:
+        for sock in silent:
+            sock.close()
+
+
+#: A client with ``ulimit -n 1024``: prints its endpoint's URL; on a first line on stdin uses up all
+#: its descriptors (as leaking user code would) and says how many; on a second frees them, runs a map
+#: and prints its results.
 FD_LIMITED_CLIENT = """
-import json, resource, sys
+import json, os, resource, sys
 resource.setrlimit(resource.RLIMIT_NOFILE, (1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 from sheepdog_executor import GridEngineExecutor
 def square(x):
@@ -519,6 +548,15 @@ def square(x):
 with GridEngineExecutor(host=sys.argv[1], max_workers=4, poll_interval=0.5, progress=False) as executor:
     print(json.dumps({"url": executor._session.launch.url}), flush=True)
     sys.stdin.readline()
+    hogged = []
+    try:
+        while True:
+            hogged.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError:
+        print(json.dumps({"hogged": len(hogged)}), flush=True)
+    sys.stdin.readline()
+    for fd in hogged:
+        os.close(fd)
     print(json.dumps({"results": list(executor.map(square, range(20), timeout=240))}), flush=True)
 """
 
@@ -531,9 +569,10 @@ def cpu_seconds(pid: int) -> float:
 def test_out_of_file_descriptors_the_endpoint_backs_off_quietly_and_a_map_completes(
     cell: str, tmp_path: Path
 ) -> None:
-    """1,100 connections that never send a byte, against a client limited to 1,024 descriptors:
-    accepting pauses instead of spinning, one warning instead of a traceback per turn, the silent
-    connections are closed after ``FIRST_REQUEST_SECONDS`` and a map then completes."""
+    """A client limited to 1,024 descriptors: 1,100 connections that never send a byte do not use
+    them up (at most ``MAX_SILENT_CONNECTIONS`` are kept); when its own code has used them all up,
+    accepting pauses instead of spinning, with one warning instead of a traceback per turn; a map
+    then completes."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
     stderr = (tmp_path / "stderr").open("wb")
@@ -544,46 +583,50 @@ def test_out_of_file_descriptors_the_endpoint_backs_off_quietly_and_a_map_comple
         stderr=stderr,
         text=True,
     )
-    flood: list[socket.socket] = []
+    connections: list[socket.socket] = []
+
+    def stderr_head() -> str:  # a client that spews may write hundreds of MB
+        with (tmp_path / "stderr").open("rb") as handle:
+            return handle.read(1 << 16).decode(errors="replace")
+
+    def connect(count: int) -> None:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(address)
+            connections.append(sock)
+
+    def quiet_and_idle() -> None:
+        """The client neither spins nor writes tracebacks (measured over 3 s)."""
+        before, started = cpu_seconds(child.pid), time.monotonic()
+        time.sleep(3)
+        used = (cpu_seconds(child.pid) - before) / (time.monotonic() - started)
+        spewed = stderr_head()
+        assert "Traceback" not in spewed and len(spewed) < 4096, spewed[:3000]  # one warning at most
+        assert used < 0.1, f"the client used {used:.0%} of a CPU"
+
     try:
         assert child.stdout is not None and child.stdin is not None
         url = urllib.parse.urlsplit(json.loads(child.stdout.readline())["url"])
         address = (url.hostname or "127.0.0.1", url.port or 80)
-
-        def stderr_head() -> str:  # a client that spews may have written hundreds of MB
-            with (tmp_path / "stderr").open("rb") as handle:
-                return handle.read(1 << 16).decode(errors="replace")
-
-        def out_of_descriptors() -> bool:
-            text = stderr_head()
-            return "out of file descriptors" in text or "Too many open files" in text
-
-        def flood_some() -> bool:
-            """Open 50 more connections (never a byte sent), up to 1,500; True once the client
-            has run out of descriptors."""
-            if len(flood) < 1500:
-                for _ in range(50):
-                    sock = socket.socket()
-                    sock.setblocking(False)
-                    sock.connect_ex(address)
-                    flood.append(sock)
-            return out_of_descriptors()
-
-        wait_for(flood_some, what="the client to run out of descriptors")
-        before, started = cpu_seconds(child.pid), time.monotonic()
-        time.sleep(5)  # a window to measure what the client does while it cannot accept
-        used = (cpu_seconds(child.pid) - before) / (time.monotonic() - started)
-        spewed = stderr_head()
-        assert "Traceback" not in spewed and len(spewed) < 4096, spewed[:3000]  # one warning at most
-        assert used < 0.1, f"the client used {used:.0%} of a CPU while out of descriptors"
+        # 1,100 connections that send nothing (in steps the listen backlog takes)
+        wait_for(lambda: connect(50) or len(connections) >= 1100, what="1,100 connections")
+        wait_for(lambda: len(os.listdir(f"/proc/{child.pid}/fd")) > 200, what="connections accepted")
+        quiet_and_idle()
+        # the client's own code takes every descriptor; new connections find it out of them
+        child.stdin.write("hog\n")
+        child.stdin.flush()
+        assert json.loads(child.stdout.readline())["hogged"] > 0
+        wait_for(lambda: connect(5) or "out of file descriptors" in stderr_head(), what="the warning")
+        quiet_and_idle()
         child.stdin.write("go\n")
         child.stdin.flush()
         line = child.stdout.readline()
-        assert line, (tmp_path / "stderr").read_text()[-3000:]
+        assert line, stderr_head()[-3000:]
         assert json.loads(line)["results"] == [x * x for x in range(20)]
         assert child.wait(timeout=120) == 0
     finally:
-        for sock in flood:
+        for sock in connections:
             sock.close()
         if child.poll() is None:
             child.kill()
