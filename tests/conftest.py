@@ -174,6 +174,20 @@ class Cluster:
     never_starts_reason: str
     #: The accounting field, and how its value starts, for a task whose worker got SIGKILL.
     killed: tuple[str, str]
+    #: The command another user of the account would type to remove one task ({job}, {task}), and
+    #: the accounting field and how its value starts then.
+    delete_task: str
+    deleted: tuple[str, str]
+
+    def ssh(self, command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run a command on this cluster's head node with OpenSSH."""
+        return subprocess.run(
+            ["ssh", "-o", "BatchMode=yes", self.alias, command],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
 
 
 @pytest.fixture(params=["gridengine", "slurm"])
@@ -188,6 +202,8 @@ def cluster(request: pytest.FixtureRequest) -> Cluster:
             {"working_directory": "/nonexistent/dir"},
             "/nonexistent/dir",
             ("exit_status", "137"),
+            "qdel {job} -t {task}",
+            ("failed", "100"),
         )
     return Cluster(
         "slurm",
@@ -197,6 +213,8 @@ def cluster(request: pytest.FixtureRequest) -> Cluster:
         {"partition": "short", "time": "5"},  # more than its MaxTime: PartitionTimeLimit (or Config)
         "Partition",
         ("ExitCode", "0:9"),
+        "scancel {job}_{task}",
+        ("State", "CANCELLED"),
     )
 
 

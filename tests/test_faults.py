@@ -60,14 +60,17 @@ def test_worker_killed_with_sigkill_fails_with_accounting(
     assert time.monotonic() - started < 45
 
 
-def test_task_deleted_by_someone_else(make_executor: Callable[..., GridEngineExecutor]) -> None:
-    executor = make_executor(max_workers=1)
+def test_task_deleted_by_someone_else(
+    cluster: Cluster, make_any_executor: Callable[..., ClusterExecutor]
+) -> None:
+    executor = make_any_executor(max_workers=1)
     future = executor.submit(slow, 300)
     job, task = running_worker(executor, future)
-    ssh(f"qdel {job} -t {task}")
+    cluster.ssh(cluster.delete_task.format(job=job, task=task))
     error = future.exception(timeout=60)
     assert isinstance(error, WorkerLost) and error.job_id == job
-    assert "failed" in error.accounting and error.accounting["failed"] != "0"
+    key, start = cluster.deleted
+    assert error.accounting.get(key, "").startswith(start), error.accounting
 
 
 def test_task_over_its_walltime(make_executor: Callable[..., GridEngineExecutor]) -> None:
