@@ -1,4 +1,4 @@
-"""sheepdog-executor: a concurrent.futures Executor that runs calls as Grid Engine array jobs."""
+"""sheepdog-executor: a concurrent.futures Executor that runs calls as Grid Engine or Slurm array jobs."""
 
 from sheepdog_executor import integrations as _integrations  # noqa: F401 - joblib's "gridengine" backend, registered lazily
 from sheepdog_executor.errors import (

@@ -29,7 +29,7 @@ from sheepdog_executor.scheduler.base import JobStates, Scheduler, TaskState
 
 log = logging.getLogger("sheepdog_executor")
 
-#: How long a failed task's accounting record may take to appear (Grid Engine flushes it lazily).
+#: How long a failed task's accounting record may take to appear (schedulers write it lazily).
 ACCOUNTING_WAIT_SECONDS = 20.0
 #: A gap this much longer than expected in the job manager's own loop means this process was
 #: suspended (SIGSTOP, a laptop's sleep) or starved: workers are not judged on the silence it caused.
@@ -229,7 +229,7 @@ class JobManager:
             time.sleep(self.batch_window)  # let submissions that arrive close together share a job
         self._flush = False
         now = self.clock()
-        if now - self._last_poll >= self.poll_interval:  # one qstat per interval, however busy
+        if now - self._last_poll >= self.poll_interval:  # one poll per interval, however busy
             self._last_poll = now
             with self._jobs_lock:
                 job_ids = list(self.jobs)
@@ -342,7 +342,7 @@ class JobManager:
             queued: dict[str, list[int]] = {}
             for job in self.jobs.values():
                 for task, state in job.alive.items():
-                    # a task whose worker said hello runs, whatever the last (possibly stale) qstat said
+                    # a task whose worker said hello runs, whatever the last (possibly stale) poll said
                     if state is TaskState.QUEUED and (job.id, task) not in seen:
                         queued.setdefault(job.id, []).append(task)
                         capacity += 1
