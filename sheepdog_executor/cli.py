@@ -15,7 +15,6 @@ import inspect
 import io
 import logging
 import re
-import secrets
 import shlex
 import socket
 import sys
@@ -41,6 +40,7 @@ from sheepdog_executor.jobscript import JobOptions, WorkerLaunch, with_setup
 from sheepdog_executor.liveness import probe_client
 from sheepdog_executor.scheduler import Scheduler, SessionJob, TaskState
 from sheepdog_executor.scheduler.base import plain_name
+from sheepdog_executor.sessiondir import make_session_dir, prepare_root
 from sheepdog_executor.shell import Shell, SSHShell, SSHTarget
 
 if TYPE_CHECKING:
@@ -459,7 +459,11 @@ class Doctor:
         Returns (version or None, node, job id, stderr of the job)."""
         assert self.shell is not None
         shell = self.shell
-        probe_dir = f"{_session_root(shell, self.options)}/doctor-{_stamp()}"
+        session_root = str(self.options.get("session_root", executor_default("session_root")))
+        try:  # as the executor makes its session directory: the probe runs from it too
+            probe_dir = make_session_dir(shell, prepare_root(shell, session_root), prefix="doctor-")
+        except ConfigurationError as exc:
+            raise CheckFailed(str(exc), "set session_root= to a directory only you can write") from exc
         launch = WorkerLaunch(probe_dir, "doctor-probe")
         scheduler = _scheduler(
             shell,
@@ -538,10 +542,6 @@ class Doctor:
         return f"test job {job_id} ran, but no answer came back {how} within {self.timeout:.0f} s" + (
             f"; stderr of the task:\n{tail}" if tail else ""
         )
-
-
-def _stamp() -> str:
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
 
 
 def _probe_bundle() -> bytes:

@@ -72,10 +72,11 @@ def prepare_root(shell: Shell, session_root: str) -> str:
     return root
 
 
-def make_session_dir(shell: Shell, root: str) -> str:
-    """Create a new session directory under the canonical ``root``, mode 0700, failing if anything
-    exists there already; check that it is a real directory the user owns. Return its path."""
-    path = f"{root.rstrip('/')}/{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
+def make_session_dir(shell: Shell, root: str, prefix: str = "") -> str:
+    """Create a new session directory (``PREFIX``, a time stamp, random hex) under the canonical
+    ``root``, mode 0700, failing if anything exists there already; check that it is a real directory
+    the user owns. Return its path."""
+    path = f"{root.rstrip('/')}/{prefix}{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
     q = shlex.quote(path)
     done = shell.run(
         f'mkdir -m 700 -- {q} && [ ! -L {q} ] && [ "$(stat -c "%u %a" -- {q})" = "$(id -u) 700" ]',

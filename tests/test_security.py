@@ -12,6 +12,7 @@ import logging
 import os
 import pickle
 import pwd
+import re
 import resource
 import shlex
 import shutil
@@ -34,7 +35,14 @@ from conftest import ssh
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sheepdog_executor import ConfigurationError, GridEngineExecutor, WorkerStartFailed, httpserver, server
+from sheepdog_executor import (
+    ConfigurationError,
+    GridEngineExecutor,
+    WorkerStartFailed,
+    cli,
+    httpserver,
+    server,
+)
 from sheepdog_executor.remote import protocol, worker
 
 pytestmark = pytest.mark.cluster
@@ -812,3 +820,14 @@ def test_adopting_a_cut_off_qsub_reads_only_the_users_own_jobs(
     assert any("qstat -xml -u" in c for c in commands) and not any('qstat -j "*"' in c for c in commands)
     assert ssh(f"qrls {job}").returncode == 0
     assert future.result(timeout=120) == 9
+
+
+def test_doctor_refuses_a_session_root_another_user_could_change(
+    cell: str, shared_tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The doctor's test job runs from a directory under the session root as well."""
+    monkeypatch.setenv("SHEEPDOG_SESSION_ROOT", str(shared_tmp / "shared"))
+    assert cli.main(["doctor", cell]) != 0
+    out = capsys.readouterr().out
+    assert re.search(r"FAIL +python .*session_root=.* is not safe", out), out
+    assert [p.name for p in (shared_tmp / "shared").iterdir()] == ["mine"]
