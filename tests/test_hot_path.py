@@ -126,12 +126,12 @@ def test_buffersize_with_chunks_and_a_finite_iterable(local: Callable[..., Local
 def test_a_blocking_done_callback_loses_no_worker(make_executor: Callable[..., GridEngineExecutor]) -> None:
     """Issue 9.7: done-callbacks run on the results thread, so one that blocks for twice the
     heartbeat timeout delays no heartbeat: the worker running another call is not lost."""
-    executor = make_executor(max_workers=2, heartbeat=0.5, heartbeat_timeout=3.0, poll_interval=0.5)
-    long_call = executor.submit(slow, 9.0, "survived")
+    executor = make_executor(max_workers=2, heartbeat=0.5, heartbeat_timeout=4.0, poll_interval=0.5)
+    long_call = executor.submit(slow, 12.0, "survived")
     wait_until(long_call.running, 60, "the long call to start")
     blocking = threading.Event()
     quick = executor.submit(slow, 1.0, "quick")
-    quick.add_done_callback(lambda _: (blocking.set(), time.sleep(6.0)))
+    quick.add_done_callback(lambda _: (blocking.set(), time.sleep(8.0)))
     assert long_call.result(timeout=120) == "survived"
     assert blocking.is_set() and quick.result() == "quick"
 
