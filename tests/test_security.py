@@ -444,14 +444,17 @@ def rss() -> int:
     raise AssertionError("no VmRSS in /proc/self/status")
 
 
-@pytest.mark.parametrize("tls", [False, True], ids=["http", "tls"])
+@pytest.mark.parametrize(
+    ("tls", "callback"), [(False, "direct"), (True, "direct"), (True, "tunnel")], ids=["http", "tls", "relay"]
+)
 def test_gigabyte_bodies_with_a_made_up_signature_cost_the_client_no_memory(
-    make_executor: Callable[..., GridEngineExecutor], tls: bool
+    make_executor: Callable[..., GridEngineExecutor], tls: bool, callback: str
 ) -> None:
     """Four connections each declare and send 1 GiB to /work behind an auth header of the right shape
     and a fresh timestamp: the endpoint refuses them from the headers and never holds their bodies;
-    a map running meanwhile is unaffected."""
-    executor = make_executor(tls=tls)
+    a map running meanwhile is unaffected. Through the relay on the head node, too (the bytes then
+    cross the client's SSH connection)."""
+    executor = make_executor(tls=tls, callback=callback)
     client = Client(executor)
     list(executor.map(square, range(4), timeout=120))  # warm: workers up, buffers allocated
     zeros, gigabyte, limit = bytes(1 << 20), 1 << 30, 32 * 1024 * 1024
