@@ -17,6 +17,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import pickle
 import socket
 import ssl
 import threading
@@ -45,6 +46,51 @@ LONG_POLL_SECONDS = 20.0
 
 #: Body cap of /hello and /heartbeat (and of anything else): their messages are tiny.
 SMALL_BODY_LIMIT = 64 * 1024
+#: A worker sends a pickled result larger than this (or one that would take its /work body past
+#: it) to /part in pieces of at most this size, joined here: results of any size travel, and no
+#: request carries more than this. Read when an Endpoint is made (tests make it smaller).
+RESULT_PART_BYTES = 64 * 1024 * 1024
+#: Parts of a result whose worker never sent the rest (it died meanwhile) are dropped after this.
+PARTS_KEPT_SECONDS = 3600.0
+
+
+class ResultParts:
+    """Results that arrive in parts (``/part``), joined into one buffer each until the worker's
+    ``/work`` names them: client memory is the pickled result's size, plus one part in flight."""
+
+    def __init__(self) -> None:
+        #: (worker, item, attempt) -> (buffer, {offset: length received}, last part's time)
+        self._results: dict[tuple[str, int, int], tuple[bytearray, dict[int, int], float]] = {}
+
+    def add(self, worker: str, item: int, attempt: int, offset: int, total: int, data: bytes) -> bool:
+        """Keep one part; False when it does not fit the result it belongs to."""
+        now = time.monotonic()
+        key = (worker, item, attempt)
+        if key not in self._results:
+            self._results = {k: v for k, v in self._results.items() if now - v[2] < PARTS_KEPT_SECONDS}
+            self._results[key] = (bytearray(total), {}, now)
+        buffer, received, _ = self._results[key]
+        if len(buffer) != total or offset + len(data) > total:
+            return False
+        buffer[offset : offset + len(data)] = data
+        received[offset] = len(data)  # a part sent again (its answer was lost) counts once
+        self._results[key] = (buffer, received, now)
+        return True
+
+    def join(self, worker: str, result: Any) -> Any:
+        """``result`` with its value joined from its parts when it says it was sent in parts
+        (field 7: the pickled size), or with an error saying what did not arrive."""
+        if len(result) < 8 or type(result[7]) is not int or result[7] <= 0:
+            return result
+        total = result[7]
+        buffer, received, _ = self._results.pop((worker, result[0], result[1]), (bytearray(), {}, 0.0))
+        if len(buffer) == total and sum(received.values()) == total:
+            return (*result[:3], buffer, *result[4:7])
+        text = (
+            f"sheepdog: the call's result ({total} bytes pickled) reached the client incomplete "
+            f"({sum(received.values())} bytes)"
+        )
+        return (result[0], result[1], False, pickle.dumps((None, text)), *result[4:7])
 
 
 class _Quiet(tornado.web.RequestHandler):
@@ -170,6 +216,15 @@ def _is_result(result: Any) -> bool:
     return True
 
 
+def _is_part(message: dict[str, Any]) -> bool:
+    fields = [message.get(name) for name in ("item", "attempt", "offset", "total")]
+    return (
+        _is_worker(message)
+        and all(type(value) is int and value >= 0 for value in fields)
+        and type(message.get("data")) is bytes
+    )
+
+
 def _is_work(message: dict[str, Any]) -> bool:
     results = message.get("results", [])
     return (
@@ -184,7 +239,23 @@ def _is_work(message: dict[str, Any]) -> bool:
 class _Hello(_Signed):
     def post(self) -> None:
         self.authenticate(_is_hello)
-        self.reply(self.endpoint.dispatcher.hello(self.message))
+        reply = self.endpoint.dispatcher.hello(self.message)
+        self.reply({**reply, "part_bytes": self.endpoint.part_bytes})
+
+
+@tornado.web.stream_request_body
+class _Part(_Signed):
+    """One part of a result too large for one request (see ``RESULT_PART_BYTES``)."""
+
+    def body_limit(self) -> int:
+        return self.endpoint.part_bytes + SMALL_BODY_LIMIT
+
+    def post(self) -> None:
+        self.authenticate(_is_part)
+        m = self.message
+        parts = self.endpoint.parts
+        kept = parts.add(m["worker"], m["item"], m["attempt"], m["offset"], m["total"], m["data"])
+        self.reply({"kept": kept})
 
 
 @tornado.web.stream_request_body
@@ -209,7 +280,8 @@ class _Work(_Signed):
         self.authenticate(_is_work)
         dispatcher = self.endpoint.dispatcher
         worker = self.message["worker"]
-        reply = dispatcher.exchange(worker, list(self.message.get("results", [])), self.message.get("fatal"))
+        results = [self.endpoint.parts.join(worker, r) for r in self.message.get("results", [])]
+        reply = dispatcher.exchange(worker, results, self.message.get("fatal"))
         deadline = time.monotonic() + LONG_POLL_SECONDS
         # stop waiting when the worker's connection is gone (a dropped tunnel, a killed task):
         # calls handed to a reply nobody reads would wait for a worker that never gets them
@@ -262,6 +334,9 @@ class Endpoint:
         self.secret = secret
         #: Largest /work body (a worker's results); other paths take at most ``SMALL_BODY_LIMIT``.
         self.max_body_size = max_body_size
+        #: Results larger than this come in parts of this size (told to workers in /hello).
+        self.part_bytes = RESULT_PART_BYTES
+        self.parts = ResultParts()
         self.refused = 0
         #: Called after the endpoint stopped, e.g. to close the tunnel that reaches it.
         self.on_stop: list[Callable[[], None]] = []
@@ -301,6 +376,7 @@ class Endpoint:
                     (r"/hello", _Hello, {"endpoint": self}),
                     (r"/work", _Work, {"endpoint": self}),
                     (r"/heartbeat", _Heartbeat, {"endpoint": self}),
+                    (r"/part", _Part, {"endpoint": self}),
                     *self._routes,
                 ],
                 default_handler_class=_NotFound,

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import pytest
 from conftest import our_jobs, ssh
 
-from sheepdog_executor import ClusterExecutor, GridEngineExecutor, RemoteTraceback
+from sheepdog_executor import ClusterExecutor, GridEngineExecutor, RemoteTraceback, server
 
 pytestmark = pytest.mark.cluster
 
@@ -84,6 +84,29 @@ def test_ten_megabyte_argument_and_result(make_any_executor: Callable[..., Clust
     assert executor.submit(len, blob).result(timeout=120) == len(blob)
     big = executor.submit(bytes, 10 * 1024 * 1024).result(timeout=120)
     assert big == bytes(10 * 1024 * 1024)
+
+
+def test_results_larger_than_a_part_travel_in_parts(
+    make_executor: Callable[..., GridEngineExecutor],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(server, "RESULT_PART_BYTES", 1024 * 1024)  # 64 MiB by default
+    caplog.set_level(logging.DEBUG, logger="sheepdog_executor")
+    executor = make_executor(max_workers=2)
+    size = 5 * 1024 * 1024 + 3
+    assert executor.submit(bytes, size).result(timeout=120) == bytes(size)
+    parts = [r for r in caplog.records if "POST /part" in r.getMessage()]
+    assert len(parts) == 6 and all(" 200 " in r.getMessage() for r in parts)
+    # results that only together pass the part size: those that would pass it go in parts
+    assert list(executor.map(bytes, [700_000] * 6, timeout=120)) == [bytes(700_000)] * 6
+
+
+def test_a_result_over_one_gibibyte(make_executor: Callable[..., GridEngineExecutor]) -> None:
+    executor = make_executor(max_workers=1)
+    size = 1100 * 1024 * 1024
+    result = executor.submit(bytes, size).result(timeout=240)
+    assert len(result) == size and result.count(0) == size
 
 
 def test_max_workers_is_respected_on_the_cell(make_executor: Callable[..., GridEngineExecutor]) -> None:

@@ -35,6 +35,7 @@ from sheepdog_executor.scheduler.gridengine import (
     parse_qstat_j,
     parse_qstat_xml,
 )
+from sheepdog_executor.server import ResultParts
 from sheepdog_executor.sessiondir import unsafe_part
 from sheepdog_executor.shell import Completed, LocalShell, Shell
 
@@ -411,3 +412,20 @@ def test_setup_lines_run_in_order_and_stop_at_the_first_failure(
     done = subprocess.run(["/bin/sh", "-c", script], capture_output=True, text=True, check=False, timeout=30)
     assert (done.stdout, setup_failure(done.stderr)) == (stdout, failure)
     assert done.returncode == (0 if failure is None else SETUP_FAILED_EXIT)
+
+
+def test_result_parts_are_joined_once_each_and_a_missing_one_is_an_error() -> None:
+    parts = ResultParts()
+    value = pickle.dumps(b"abcdefghij")
+    total = len(value)
+    for offset in [*range(0, total, 8), 8]:  # a part sent again (its answer lost) counts once
+        assert parts.add("w", 1, 1, offset, total, value[offset : offset + 8])
+    assert not parts.add("w", 1, 1, 16, total, b"x" * 64)  # past the end
+    joined = parts.join("w", (1, 1, True, b"", "out", 0.5, "err", total))
+    assert pickle.loads(joined[3]) == b"abcdefghij" and joined[4:] == ("out", 0.5, "err")
+    assert parts.add("w", 2, 1, 0, total, value[:8])
+    failed = parts.join("w", (2, 1, True, b"", "", 0.1, "", total))
+    assert failed[2] is False
+    assert pickle.loads(failed[3])[1].endswith(
+        f"({total} bytes pickled) reached the client incomplete (8 bytes)"
+    )

@@ -289,6 +289,29 @@ def call(fn: Callable[..., Any], kind: str, payload: bytes) -> tuple[bool, bytes
         return False, _dump_error(exc)
 
 
+def send_in_parts(
+    channel: Channel, worker_id: str, results: list[tuple[Any, ...]], part_bytes: int
+) -> list[tuple[Any, ...]]:
+    """Send the pickled values that would make the /work body larger than ``part_bytes`` to /part,
+    in pieces of at most that size; their results then carry the pickled size (field 7) instead."""
+    inline = 0
+    sent: list[tuple[Any, ...]] = []
+    for result in results:
+        data = result[3]
+        if inline + len(data) <= part_bytes:
+            inline += len(data)
+            sent.append(result)
+            continue
+        view = memoryview(data)
+        for offset in range(0, len(data), part_bytes):
+            part = {"worker": worker_id, "item": result[0], "attempt": result[1], "offset": offset}
+            channel.call(
+                "/part", {**part, "total": len(data), "data": bytes(view[offset : offset + part_bytes])}
+            )
+        sent.append((*result[:3], b"", *result[4:7], len(data)))
+    return sent
+
+
 def load_function(blob: bytes) -> Callable[..., Any]:
     """Unpickle a function; one that cannot be loaded here becomes a function raising why."""
     try:
@@ -402,9 +425,12 @@ def serve(url: str, secret_file: str, fingerprint: str | None = None) -> int:
     heartbeat.start()
     functions: dict[str, Callable[..., Any]] = {}
     capture = Capture()
-    results: list[tuple[int, int, bool, bytes, str, float, str]] = []
+    results: list[tuple[Any, ...]] = []
+    part_bytes = hello.get("part_bytes")
     try:
         while True:
+            if part_bytes:
+                results = send_in_parts(channel, worker_id, results, part_bytes)
             reply = channel.call("/work", {"worker": worker_id, "results": results})
             results = []
             if reply.get("stop"):
