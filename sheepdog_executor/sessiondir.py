@@ -26,7 +26,8 @@ def unsafe_part(uid: int, root: str, modes: list[tuple[int, int]]) -> str | None
     by nobody else; an ancestor must be the user's or root's, and writable by others only if sticky
     (like ``/tmp``, where nobody can rename what is not theirs)."""
     path = root
-    for depth, (owner, mode) in enumerate(modes):
+    for depth, (owner, full_mode) in enumerate(modes):
+        mode = full_mode & 0o7777
         writable = mode & _GROUP_OR_OTHERS_WRITE
         if depth == 0 and owner != uid:
             return f"{path} is owned by uid {owner}, not by you (uid {uid})"
@@ -40,6 +41,22 @@ def unsafe_part(uid: int, root: str, modes: list[tuple[int, int]]) -> str | None
     return None
 
 
+def owner_and_mode(ls_line: str) -> tuple[int, int]:
+    """(owner uid, mode bits with the directory bit) from a line of ``ls -ldn`` (POSIX, unlike
+    ``stat``'s options): ``drwxrwxrwt 2 0 0 ...`` -> (0, 0o41777)."""
+    fields = ls_line.split()
+    if len(fields) < 3 or len(fields[0]) < 10 or not fields[2].isdigit() or not fields[2].isascii():
+        raise ValueError(f"unexpected ls -ldn output {ls_line!r}")
+    text = fields[0]
+    mode = 0o40000 if text[0] == "d" else 0
+    for index, char in enumerate(text[1:10]):
+        if char not in "-ST":  # r, w, x, or s/t (set-id or sticky, and executable)
+            mode |= 1 << (8 - index)
+    if text[9] in "tT":
+        mode |= _STICKY
+    return int(fields[2]), mode
+
+
 def prepare_root(shell: Shell, session_root: str) -> str:
     """Create ``session_root`` on the head node if missing (mode 0700) and return its canonical path
     (``~`` expanded, symbolic links resolved); ConfigurationError if another user could change it."""
@@ -51,7 +68,7 @@ def prepare_root(shell: Shell, session_root: str) -> str:
         f"r={quoted}\n"
         'id -u\n[ -d "$r" ] || mkdir -p -m 700 -- "$r" || exit 3\n'
         'p=$(cd -P -- "$r" && pwd) || exit 3\necho "$p"\n'
-        'while :; do stat -L -c "%u %a" -- "$p" || exit 3; [ "$p" = / ] && break; p=$(dirname -- "$p"); done'
+        'while :; do ls -ldn -- "$p" || exit 3; [ "$p" = / ] && break; p=$(dirname -- "$p"); done'
     )
     done = shell.run(script, timeout=60)
     lines = done.stdout.splitlines()
@@ -61,7 +78,12 @@ def prepare_root(shell: Shell, session_root: str) -> str:
             f"{(done.stderr or done.stdout).strip()}; set session_root= to a directory you own"
         )
     uid, root = int(lines[0]), lines[1]
-    modes = [(int(owner), int(mode, 8)) for owner, mode in (line.split() for line in lines[2:])]
+    try:
+        modes = [owner_and_mode(line) for line in lines[2:]]
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"session_root={session_root!r}: cannot read its mode on {shell.description}: {exc}"
+        ) from exc
     why = unsafe_part(uid, root, modes)
     if why is not None:
         raise ConfigurationError(
@@ -78,11 +100,13 @@ def make_session_dir(shell: Shell, root: str, prefix: str = "") -> str:
     the user owns. Return its path."""
     path = f"{root.rstrip('/')}/{prefix}{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
     q = shlex.quote(path)
-    done = shell.run(
-        f'mkdir -m 700 -- {q} && [ ! -L {q} ] && [ "$(stat -c "%u %a" -- {q})" = "$(id -u) 700" ]',
-        timeout=60,
-    )
-    if done.returncode != 0:
+    done = shell.run(f"mkdir -m 700 -- {q} && [ ! -L {q} ] && id -u && ls -ldn -- {q}", timeout=60)
+    lines = done.stdout.splitlines()
+    try:
+        made = len(lines) == 2 and owner_and_mode(lines[1]) == (int(lines[0]), 0o40700)
+    except ValueError:
+        made = False
+    if done.returncode != 0 or not made:
         raise ConfigurationError(
             f"could not create the session directory {path} as a new directory of mode 700 owned by you "
             f"({(done.stderr or 'something else is there').strip()}); check session_root= ({root})"

@@ -37,7 +37,7 @@ from sheepdog_executor.scheduler.gridengine import (
     parse_qstat_xml,
 )
 from sheepdog_executor.server import ResultParts
-from sheepdog_executor.sessiondir import unsafe_part
+from sheepdog_executor.sessiondir import owner_and_mode, unsafe_part
 from sheepdog_executor.shell import Completed, LocalShell, Shell
 
 #: also run with Python 3.10 and 3.13 (scripts/run-tests.sh)
@@ -430,3 +430,11 @@ def test_result_parts_are_joined_once_each_and_a_missing_one_is_an_error() -> No
     assert pickle.loads(failed[3])[1].endswith(
         f"({total} bytes pickled) reached the client incomplete (8 bytes)"
     )
+
+
+def test_owner_and_mode_are_read_from_ls() -> None:
+    assert owner_and_mode("drwxrwxrwt 12 0 0 4096 Dec  2 13:00 /tmp") == (0, 0o41777)
+    assert owner_and_mode("drwx------+ 2 1001 1001 4096 Dec  2 13:00 /x") == (1001, 0o40700)
+    assert owner_and_mode("drwxrwx--T 2 1002 1002 40 Dec  2 13:00 /y") == (1002, 0o41770)
+    with pytest.raises(ValueError):
+        owner_and_mode("ls: cannot access '/z': No such file or directory")
