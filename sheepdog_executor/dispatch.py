@@ -78,7 +78,7 @@ class WorkItem:
         self.batch = batch
         self.attempt = 0
         self.worker: str | None = None
-        self.losses: list[str] = []
+        self.losses: tuple[str, ...] = ()  # the workers lost while holding it (rare: no list per call)
         #: Hand-outs whose reply never reached the worker: not runs, so they use up no retry.
         self.undelivered = 0
         self.state = QUEUED
@@ -162,10 +162,12 @@ class Dispatcher:
         self._results_thread.start()
 
     def close(self) -> None:
-        """Resolve what the results thread still holds, then end it (joined)."""
+        """Resolve what the results thread still holds, then end it (joined, unless this is that
+        thread: a done-callback that shuts the executor down)."""
         if self._results_thread.is_alive():
             self._outcomes.put(None)
-            self._results_thread.join()
+            if threading.current_thread() is not self._results_thread:
+                self._results_thread.join()
 
     # -- the user's side --------------------------------------------------------------------
     def function_key(self, fn: Callable[..., Any]) -> tuple[str, bytes]:
@@ -461,6 +463,8 @@ class Dispatcher:
     def resolve(self, outcomes: list[Outcome]) -> None:
         """Resolve each Future in its own ``try``: one that fails cannot strand the others; the
         failure breaks the executor (which fails every call still on the books) and fails it too."""
+        with self._lock:  # off the books first: a done-callback may wait until nothing is outstanding
+            self._unresolved -= len(outcomes)
         tally: dict[int, Tally] = {}
         released: collections.Counter[str] = collections.Counter()
         echo = self._echo_output
@@ -489,7 +493,6 @@ class Dispatcher:
         with self._lock:
             for key, count in released.items():
                 self._release_function(key, count)
-            self._unresolved -= len(outcomes)
         self.on_change()
 
     # -- the job manager's side ------------------------------------------------------------
@@ -503,7 +506,7 @@ class Dispatcher:
             worker.items.clear()
             for item in items:
                 item.worker = None
-                item.losses.append(f"{worker.job}.{worker.task}")
+                item.losses += (f"{worker.job}.{worker.task}",)
         self.on_change()
         return items
 
