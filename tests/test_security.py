@@ -519,13 +519,26 @@ def test_unicode_digits_and_non_ascii_in_headers_get_4xx_and_no_traceback(
     assert list(executor.map(square, range(4), timeout=120)) == [0, 1, 4, 9]
 
 
-def test_silent_connections_beyond_the_cap_are_closed_oldest_first(
-    make_executor: Callable[..., GridEngineExecutor],
+def test_unauthenticated_connections_are_capped_and_closed_after_a_deadline(
+    make_executor: Callable[..., GridEngineExecutor], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Connections that send nothing are unauthenticated: at most ``MAX_SILENT_CONNECTIONS`` are
-    kept (each could hold a partial header block), the oldest closed for each new one."""
+    """Connections without an authenticated request: at most ``MAX_SILENT_CONNECTIONS`` are kept
+    (the oldest closed for each new one), and each is closed ``FIRST_REQUEST_SECONDS`` after it was
+    accepted (6 s here instead of 10); one that made a signed request stays open."""
+    monkeypatch.setattr(httpserver, "FIRST_REQUEST_SECONDS", 6.0)
     executor = make_executor()
     client = Client(executor)
+    trusted = client.connect()
+    heartbeat = protocol.dumps({"worker": "nobody"})
+
+    def signed_heartbeat() -> int:
+        header, _ = protocol.sign_request(client.secret, "POST", "/heartbeat", heartbeat)
+        trusted.request("POST", "/heartbeat", body=heartbeat, headers={AUTH: header})
+        response = trusted.getresponse()
+        response.read()
+        return response.status
+
+    assert signed_heartbeat() == 200
     cap = httpserver.MAX_SILENT_CONNECTIONS
     silent = [socket.create_connection((client.host, client.port), timeout=10) for _ in range(cap + 40)]
     try:
@@ -538,11 +551,14 @@ def test_silent_connections_beyond_the_cap_are_closed_oldest_first(
             except BlockingIOError:
                 return False
 
-        # well before FIRST_REQUEST_SECONDS: these are closed because of the cap, not the deadline
-        wait_for(lambda: all(map(closed_by_the_endpoint, silent[:40])), timeout=5, what="the oldest closed")
+        # before the deadline: these are closed because of the cap
+        wait_for(lambda: all(map(closed_by_the_endpoint, silent[:40])), timeout=3, what="the oldest closed")
         assert not any(map(closed_by_the_endpoint, silent[-cap:]))
+        wait_for(lambda: all(map(closed_by_the_endpoint, silent)), timeout=20, what="the deadline")
+        assert signed_heartbeat() == 200  # the same connection, still open
         assert list(executor.map(square, range(10), timeout=120)) == [x * x for x in range(10)]
     finally:
+        trusted.close()
         for sock in silent:
             sock.close()
 
