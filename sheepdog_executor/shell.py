@@ -286,6 +286,7 @@ class SSHShell(Shell):
         log.debug("%s$ %s", self.target.alias, command)
         attempts = 2 if retry else 1
         for attempt in range(attempts):
+            transport = None
             try:
                 transport = self._usable_transport()
                 channel = transport.open_session(timeout=timeout)
@@ -299,10 +300,21 @@ class SSHShell(Shell):
                 channel.close()
                 return Completed(command, code, out.decode(errors="replace"), err.decode(errors="replace"))
             except (paramiko.SSHException, EOFError, OSError) as exc:
+                if transport is not None and (isinstance(exc, TimeoutError) or "Timeout" in str(exc)):
+                    # no answer in time: the connection may be dead without knowing it (the laptop
+                    # went offline, or changed networks); the next command opens a new one
+                    self._drop(transport)
                 if attempt == attempts - 1 or self._closed:
                     raise ConnectionFailed(f"command on {self.description} failed: {exc}") from exc
                 # the next attempt re-opens the connection if it is down (not merely a failed channel)
         raise AssertionError("unreachable")
+
+    def _drop(self, transport: Any) -> None:
+        """Close the connection of ``transport`` if it is still the current one."""
+        with self._lock:
+            if self._client is not None and self._client.get_transport() is transport:
+                log.warning("SSH connection to %s does not answer; closing it", self.description)
+                self._client.close()
 
     def put(self, path: str, data: bytes, mode: int = 0o600) -> None:
         transport = self._usable_transport()
