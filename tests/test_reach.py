@@ -6,11 +6,16 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from sheepdog_executor.dispatch import Dispatcher
+from sheepdog_executor.errors import BrokenGridEngineExecutor, ConnectionFailed
+from sheepdog_executor.jobs import JobManager
+from sheepdog_executor.jobscript import WorkerLaunch
 from sheepdog_executor.remote import worker
 from sheepdog_executor.remote.reach import Reach
 from sheepdog_executor.server import Endpoint
@@ -56,3 +61,35 @@ def test_a_worker_gives_up_once_the_client_was_away_longer_than_the_tolerance(tm
     reach.set_tolerance(1.0)
     with pytest.raises(worker.ClientUnreachable, match="unreachable for [12] s"):
         worker.Channel(reach, SECRET).call("/heartbeat", {"worker": "w"})
+
+
+class _Unreachable:
+    """A scheduler whose head node never answers."""
+
+    def __getattr__(self, name: str) -> Any:
+        def fail(*args: Any, **kwargs: Any) -> Any:
+            raise ConnectionFailed("cannot reach the head node (the test says so)")
+
+        return fail
+
+
+def test_the_client_gives_up_on_a_cluster_unreachable_for_twice_the_tolerance() -> None:
+    dispatcher = Dispatcher()
+    future: Future[Any] = Future()
+    dispatcher.add("f", b"", [("call", b"", future)])
+    manager = JobManager(
+        _Unreachable(),  # type: ignore[arg-type]
+        dispatcher,
+        WorkerLaunch("/nowhere", "http://127.0.0.1:1"),
+        max_workers=1,
+        batch_window=0,
+        poll_interval=0.05,
+        heartbeat_timeout=60,
+        disconnect_tolerance=0.5,
+    )
+    manager.start()
+    try:
+        with pytest.raises(BrokenGridEngineExecutor, match=r"unreachable for 1 s \(more than twice"):
+            future.result(timeout=30)
+    finally:
+        manager.stop(grace=0, timeout=0)

@@ -167,6 +167,12 @@ for node in "${NODES[@]}"; do
   fi
 done
 
+# a queue instance left in an error state (a host that died under a job) takes no jobs until cleared
+if sge "$HEAD" qstat -f 2>/dev/null | grep -q '^all\.q@.* E *$'; then
+  log "clearing error states of all.q"
+  sge "$HEAD" qmod -c 'all.q' >/dev/null 2>&1 || true
+fi
+
 # --- sshd on the head node: the test user, with the cell's environment ----------------------------
 cat > "$STATE/sshd_config" <<CFG
 Port 22
