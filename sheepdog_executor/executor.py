@@ -185,8 +185,14 @@ class Session:
             f"{self.session_dir}/endpoint", f"{self.endpoint.scheme}://{host}:{port}\n".encode(), 0o600
         )
 
-    def _tunnel_moved(self, host: str, port: int) -> None:
-        """The relay was re-made elsewhere (its port was taken): workers learn it from the routes file."""
+    def _tunnel_moved(self, host: str, port: int, moved: bool) -> None:
+        """The tunnel was re-made, perhaps elsewhere (its port was taken): workers learn it from the
+        routes file, and get time to come back before their silence counts."""
+        jobs = getattr(self, "jobs", None)
+        if jobs is not None:
+            jobs.away.mark_back()
+        if not moved:
+            return
         self.routes = [
             (label, *((host, port) if label == "tunnel" else (h, p))) for label, h, p in self.routes
         ]

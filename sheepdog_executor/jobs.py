@@ -34,6 +34,9 @@ ACCOUNTING_WAIT_SECONDS = 20.0
 #: A gap this much longer than expected in the job manager's own loop means this process was
 #: suspended (SIGSTOP, a laptop's sleep) or starved: workers are not judged on the silence it caused.
 PAUSE_SECONDS = 15.0
+#: After this client was away, workers get this long on top of heartbeat_timeout to reach it again
+#: (a request stuck on a dead route times out first).
+COMEBACK_SECONDS = 60.0
 
 
 class AwayClock:
@@ -69,6 +72,10 @@ class AwayClock:
             return False
         self.came_back(excess)
         return True
+
+    def mark_back(self) -> None:
+        """A way back was re-made (SSH, tunnel): the workers need time to find it."""
+        self.back_at = time.monotonic()
 
     def came_back(self, absence: float) -> None:
         self.back_at = time.monotonic()
@@ -260,7 +267,9 @@ class JobManager:
                 worker.job in self.jobs and worker.task not in self.jobs[worker.job].alive
             )
             # silence while this client itself was away (offline, suspended) says nothing of a worker
-            silent = now - max(worker.last_seen, self.away.back_at) > self.heartbeat_timeout
+            silent = now - worker.last_seen > self.heartbeat_timeout and (
+                now - self.away.back_at > self.heartbeat_timeout + COMEBACK_SECONDS
+            )
             if gone or silent:
                 why = (
                     "its task ended without reporting"

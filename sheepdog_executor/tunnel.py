@@ -80,10 +80,10 @@ class Route:
         return self.port if self.mode == "direct" else 0
 
     def open(
-        self, shell: Shell, endpoint: Endpoint, on_moved: Callable[[str, int], None] | None = None
+        self, shell: Shell, endpoint: Endpoint, on_moved: Callable[[str, int, bool], None] | None = None
     ) -> list[tuple[str, str, int]]:
         """The routes the workers may take, best first: (label, host, port) each. A tunnel is closed
-        when the endpoint stops; ``on_moved(host, port)`` is called when its relay moved."""
+        when the endpoint stops; ``on_moved(host, port, moved)`` is called each time it was re-made."""
         routes = []
         if self.mode == "direct":
             routes.append(("direct", self.address, endpoint.port))
@@ -194,7 +194,7 @@ class Tunnel:
         shell: SSHShell,
         local_port: int,
         local_host: str = "127.0.0.1",
-        on_moved: Callable[[str, int], None] | None = None,
+        on_moved: Callable[[str, int, bool], None] | None = None,
     ) -> None:
         self._shell = shell
         self._local = (local_host, local_port)
@@ -332,8 +332,8 @@ class Tunnel:
                     _quietly(old.close)
                 log.info("tunnel re-opened: relay %s:%d", self.host, self.port)
                 complained = False
-                if (self.host, self.port) != before and self._on_moved is not None:
-                    self._on_moved(self.host, self.port)
+                if self._on_moved is not None:
+                    self._on_moved(self.host, self.port, (self.host, self.port) != before)
             except Exception as exc:  # noqa: BLE001 - try again on the next round
                 if not complained:
                     log.warning("could not re-open the tunnel (will keep trying): %s", exc)
