@@ -53,11 +53,12 @@ class AwayClock:
         self.last_absence = 0.0
         self._since: float | None = None
 
-    def unreachable(self, why: str) -> float:
-        """An SSH command failed; return for how long the cluster has been unreachable."""
+    def unreachable(self, why: str, since: float) -> float:
+        """An SSH command that started at ``since`` failed; return for how long the cluster has
+        been unreachable."""
         now = time.monotonic()
         if self._since is None:
-            self._since = now
+            self._since = since
             log.warning("the cluster is unreachable (%s); waiting for it to come back", why)
         return now - self._since
 
@@ -203,6 +204,7 @@ class JobManager:
             self.away.check_gap(time.monotonic() - before - self.poll_interval)
             if self._stopping:
                 return
+            started = time.monotonic()
             try:
                 self._step()
                 self._failures = 0
@@ -210,7 +212,7 @@ class JobManager:
             except ConnectionFailed as exc:
                 # the laptop is offline, or asleep: the workers wait for it (disconnect_tolerance);
                 # this side waits twice as long before it gives up on the cluster
-                unreachable = self.away.unreachable(str(exc))
+                unreachable = self.away.unreachable(str(exc), since=started)
                 if unreachable > 2 * self.disconnect_tolerance:
                     self.dispatcher.break_(
                         BrokenClusterExecutor(
@@ -241,6 +243,7 @@ class JobManager:
             with self._jobs_lock:
                 job_ids = list(self.jobs)
             states = self.scheduler.poll(job_ids) if job_ids else {}
+            self.away.reached()  # before judging anyone: back after SSH failures means a grace period
             # a poll this slow means this client was cut off (or suspended) while it waited: the
             # workers could not reach it either; judge them next round, with a grace period
             if not self.away.check_gap(self.clock() - now):
