@@ -46,7 +46,8 @@ class AwayClock:
     own loop that only a suspended process (SIGSTOP, a sleeping laptop) shows.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
         #: When the client was last back; workers' silence before that is not theirs.
         self.back_at = 0.0
         #: How long the last absence lasted (seconds).
@@ -56,7 +57,7 @@ class AwayClock:
     def unreachable(self, why: str, since: float) -> float:
         """An SSH command that started at ``since`` failed; return for how long the cluster has
         been unreachable."""
-        now = time.monotonic()
+        now = self._clock()
         if self._since is None:
             self._since = since
             log.warning("the cluster is unreachable (%s); waiting for it to come back", why)
@@ -64,7 +65,7 @@ class AwayClock:
 
     def reached(self) -> None:
         if self._since is not None:
-            self.came_back(time.monotonic() - self._since)
+            self.came_back(self._clock() - self._since)
             self._since = None
 
     def check_gap(self, excess: float) -> bool:
@@ -76,10 +77,10 @@ class AwayClock:
 
     def mark_back(self) -> None:
         """A way back was re-made (SSH, tunnel): the workers need time to find it."""
-        self.back_at = time.monotonic()
+        self.back_at = self._clock()
 
     def came_back(self, absence: float) -> None:
-        self.back_at = time.monotonic()
+        self.back_at = self._clock()
         self.last_absence = absence
         log.warning("this client was away from the cluster for %.0f s; back now", absence)
 
@@ -118,7 +119,7 @@ class JobManager:
         self.poll_interval = poll_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.disconnect_tolerance = disconnect_tolerance
-        self.away = AwayClock()
+        self.away = AwayClock(clock)
         self.clock = clock
         self.jobs: dict[str, Job] = {}
         self.submitted_jobs: list[str] = []
@@ -198,17 +199,16 @@ class JobManager:
     # -- the thread ---------------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stopping:
-            before = time.monotonic()
+            before = self.clock()
             self._wake.wait(self.poll_interval)
             self._wake.clear()
-            self.away.check_gap(time.monotonic() - before - self.poll_interval)
+            self.away.check_gap(self.clock() - before - self.poll_interval)
             if self._stopping:
                 return
-            started = time.monotonic()
+            started = self.clock()
             try:
                 self._step()
                 self._failures = 0
-                self.away.reached()
             except ConnectionFailed as exc:
                 # the laptop is offline, or asleep: the workers wait for it (disconnect_tolerance);
                 # this side waits twice as long before it gives up on the cluster
@@ -243,7 +243,10 @@ class JobManager:
             with self._jobs_lock:
                 job_ids = list(self.jobs)
             states = self.scheduler.poll(job_ids) if job_ids else {}
-            self.away.reached()  # before judging anyone: back after SSH failures means a grace period
+            # back after SSH failures (only an answer of the cluster says so): a grace period,
+            # granted before anyone is judged
+            if job_ids:
+                self.away.reached()
             # a poll this slow means this client was cut off (or suspended) while it waited: the
             # workers could not reach it either; judge them next round, with a grace period
             if not self.away.check_gap(self.clock() - now):
@@ -395,6 +398,7 @@ class JobManager:
                 return False
             job_id = adopted[0]
             log.warning("adopted job %s submitted before the SSH connection dropped", job_id)
+        self.away.reached()
         log.info("submitted job %s with %d task(s) for %d pending call(s)", job_id, tasks, pending)
         with self._jobs_lock:
             self.jobs[job_id] = Job(job_id, tasks, alive={t: TaskState.QUEUED for t in range(1, tasks + 1)})
