@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up (idempotently) and start the local test cell: a single-node Son of Grid Engine cell and an
 # OpenSSH sshd on 127.0.0.1:2222 with a test user, plus an ssh config alias "fear" for root.
-# Debian 12, run as root. Fast when everything is already up. See ../shared/notes/test-cluster.md.
+# Debian 12, run as root. Fast when everything is already up. Pitfalls it works around: docs/test-cell.rst.
 # --multi-host: also the multi-host cell of scripts/cell/multihost.sh (ssh alias "fear-multi").
 # --slurm: also the single-node Slurm of scripts/cell/slurm.sh (ssh alias "fear-slurm").
 set -euo pipefail
@@ -62,7 +62,8 @@ fi
 . $CELL_DIR/common/settings.sh
 
 # --- cell configuration (once) ---------------------------------------------------------------
-if [ ! -f "$STATE_DIR/configured-$SLOTS" ]; then
+# the slot count the cell was last configured with; a different SHEEPDOG_TEST_SLOTS reconfigures it
+if [ "$(cat "$STATE_DIR/configured-slots" 2>/dev/null)" != "$SLOTS" ]; then
   log "configuring the cell ($SLOTS slots)"
   tmp=$(mktemp -d)
   for _ in $(seq 1 20); do   # the fresh master may refuse for a moment
@@ -87,7 +88,8 @@ if [ ! -f "$STATE_DIR/configured-$SLOTS" ]; then
          -e 's/^load_adjustment_decay_time .*/load_adjustment_decay_time 0:0:0/' $tmp/sconf
   qconf -Msconf $tmp/sconf >/dev/null
   rm -rf $tmp
-  touch "$STATE_DIR/configured-$SLOTS"
+  rm -f "$STATE_DIR"/configured-[0-9]*  # markers of older versions of this script
+  echo "$SLOTS" > "$STATE_DIR/configured-slots"
 fi
 
 if ! listening 6445; then
@@ -158,6 +160,7 @@ UsePAM no
 PermitRootLogin no
 AllowTcpForwarding yes
 Subsystem sftp internal-sftp
+MaxStartups 200:30:400
 PidFile $STATE_DIR/sshd.pid
 CFG
 if ! listening "$SSH_PORT"; then
