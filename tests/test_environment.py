@@ -54,6 +54,10 @@ def _dist(site: Path, name: str, files: list[str], direct_url: dict[str, object]
     info.mkdir(parents=True)
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
     (info / "RECORD").write_text("".join(f"{f},,\n" for f in files))
+    for file in files:  # importlib_metadata (a backport dask imports) lists only files that exist
+        if not file.startswith(".."):
+            (site / file).parent.mkdir(parents=True, exist_ok=True)
+            (site / file).touch()
     if direct_url is not None:
         (info / "direct_url.json").write_text(json.dumps(direct_url))
 
