@@ -158,12 +158,13 @@ def test_one_map_is_one_array_job(make_executor: Callable[..., GridEngineExecuto
 
 
 def test_submit_after_shutdown_raises(cell: str) -> None:
+    before = set(threading.enumerate())  # threads of earlier tests' executors are not this one's
     executor = GridEngineExecutor(host=cell, max_workers=2, poll_interval=0.5)
     assert executor.submit(square, 2).result(timeout=60) == 4
     executor.shutdown()
     with pytest.raises(RuntimeError, match="after shutdown"):
         executor.submit(square, 3)
-    threads = [t.name for t in threading.enumerate() if t.name.startswith("sheepdog")]
+    threads = [t.name for t in set(threading.enumerate()) - before if t.name.startswith("sheepdog")]
     assert threads == []
     assert not our_jobs(set(executor.job_ids))
     assert ssh(f"test -e {executor.session_dir} && echo left || echo gone").stdout.strip() == "gone"
