@@ -9,7 +9,9 @@ python3 -m pip install -q -e '.[test]' 2>&1 | { grep -v -e '^WARNING' -e 'pip as
 ruff check sheepdog_executor tests examples benchmarks
 ruff format --check sheepdog_executor tests examples benchmarks
 mypy sheepdog_executor
-python3 -m pytest "$@"
+# The cells share two cores with everything else on the machine: a failed test runs once more, and
+# pytest's summary counts every rerun, so a flaky test still shows.
+python3 -m pytest --reruns 1 --reruns-delay 5 "$@"
 
 # The other supported Pythons (a full run only, i.e. without arguments): the tests marked `pythons`
 # (the unit tests and a short cell subset) with a client of that version and the same version on
@@ -28,5 +30,5 @@ for version in ${SHEEPDOG_TEST_PYTHONS-3.10 3.13}; do
   "$venv/bin/python" -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 \
     | { grep -v -e '^WARNING' -e 'pip as the .root. user' || true; }
   echo "== Python $version: tests marked pythons, nodes on $node_python"
-  PYTHONPATH="$PWD" SHEEPDOG_TEST_NODE_PYTHON="$node_python" "$venv/bin/python" -m pytest -q -m pythons
+  PYTHONPATH="$PWD" SHEEPDOG_TEST_NODE_PYTHON="$node_python" "$venv/bin/python" -m pytest -q --reruns 1 --reruns-delay 5 -m pythons
 done
