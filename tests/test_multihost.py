@@ -420,5 +420,4 @@ def test_a_laptop_offline_for_two_minutes_loses_nothing(laptop_runs: dict[str, L
 @pytest.mark.timeout(900)
 def test_a_laptop_asleep_for_two_minutes_loses_nothing(laptop_runs: dict[str, LaptopRun]) -> None:
     run = laptop_runs["sleep"]
-    _loses_nothing(run)
-    assert "was away from the cluster" in run.stderr, run.stderr[-3000:]
+    _loses_nothing(run)  # in particular, no worker was declared lost for the silence of the pause
