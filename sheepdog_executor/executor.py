@@ -104,7 +104,6 @@ class Session:
         self._close_done = threading.Event()
         self._empty = threading.Condition()
         self.dispatcher.on_change = self._changed
-        self.dispatcher.start()
         secret = secrets.token_hex(32).encode()
         scheduler.prepare()
         # refused if another user could replace it (canonical path, created 0700 if missing)
@@ -118,6 +117,7 @@ class Session:
         # a new 0700 directory of the user's, or an error
         self.session_dir = make_session_dir(shell, root)
         try:
+            self.dispatcher.start()  # inside: a set-up that fails from here on closes it again
             shell.put(f"{self.session_dir}/secret", secret, 0o600)
             bundle = worker_bundle()
             shell.put(f"{self.session_dir}/bundle.zip", bundle, 0o600)

@@ -438,3 +438,16 @@ def test_owner_and_mode_are_read_from_ls() -> None:
     assert owner_and_mode("drwxrwx--T 2 1002 1002 40 Dec  2 13:00 /y") == (1002, 0o41770)
     with pytest.raises(ValueError):
         owner_and_mode("ls: cannot access '/z': No such file or directory")
+
+
+def test_a_set_up_that_fails_leaves_no_thread_behind(tmp_path: Any) -> None:
+    """An executor whose set-up is refused (here: a session root others could write) ends every
+    thread it started: the results thread used to outlive it."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    before = set(threading.enumerate())
+    with pytest.raises(ConfigurationError, match="session_root"):
+        LocalExecutor(max_workers=1, session_root=str(shared))
+    left = [t.name for t in set(threading.enumerate()) - before if t.name.startswith("sheepdog")]
+    assert left == []
