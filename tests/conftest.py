@@ -10,9 +10,9 @@ import sys
 import textwrap
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -26,15 +26,20 @@ NODE_PYTHON = os.environ.get("SHEEPDOG_TEST_NODE_PYTHON", "python3")
 SLURM_ALIAS = os.environ.get("SHEEPDOG_TEST_SLURM_HOST", "fear-slurm")
 
 
-def ssh(command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """Run a command on the cell with OpenSSH (independent of the code under test)."""
+def ssh_to(alias: str, command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run a command on a test cluster's head node with OpenSSH (independent of the code under test)."""
     return subprocess.run(
-        ["ssh", "-o", "BatchMode=yes", CELL_ALIAS, command],
+        ["ssh", "-o", "BatchMode=yes", alias, command],
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
     )
+
+
+def ssh(command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run a command on the cell with OpenSSH."""
+    return ssh_to(CELL_ALIAS, command, timeout)
 
 
 def our_jobs(job_ids: list[str] | set[str]) -> dict[str, list[str]]:
@@ -56,38 +61,59 @@ def wait_until(predicate: Callable[[], Any], within: float, what: str) -> None:
         time.sleep(0.2)
 
 
-@pytest.fixture(scope="session")
-def cell() -> str:
-    """The ssh alias of the test cell; skip (or fail in CI) when it is not up."""
+def require_up(alias: str, probe: str, up_if: Callable[[str], bool], what: str, start: str) -> str:
+    """``alias`` when ``probe`` succeeds there with an output that ``up_if`` accepts; otherwise skip
+    (or fail in CI), saying that the command ``start`` brings ``what`` up."""
     try:
-        done = ssh("qstat -f", timeout=30)
-        up = done.returncode == 0 and "all.q@" in done.stdout
+        done = ssh_to(alias, probe, timeout=30)
+        up = done.returncode == 0 and up_if(done.stdout)
     except (OSError, subprocess.TimeoutExpired):
         up = False
     if not up:
-        message = f"test cell '{CELL_ALIAS}' unreachable: run scripts/test-cell.sh as root"
+        message = f"{what} '{alias}' unreachable: run {start} as root"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
-    return CELL_ALIAS
+    return alias
 
 
-@pytest.fixture
-def make_executor(cell: str) -> Iterator[Callable[..., GridEngineExecutor]]:
-    """Factory for executors on the cell; each is shut down (and its jobs checked gone) after."""
-    made: list[GridEngineExecutor] = []
+E = TypeVar("E", bound=ClusterExecutor)
 
-    def make(**options: Any) -> GridEngineExecutor:
-        options.setdefault("max_workers", 8)
-        options.setdefault("poll_interval", 0.5)
-        options.setdefault("python", NODE_PYTHON)
-        executor = GridEngineExecutor(host=cell, **options)
+
+def executor_factory(
+    executor_class: type[E], host: str, **defaults: Any
+) -> Generator[Callable[..., E], None, list[E]]:
+    """The body of a fixture that yields a factory of executors on ``host`` (with ``defaults`` for
+    options not given), shuts down every executor made after the test, and returns them (to check
+    that their jobs are gone): ``made = yield from executor_factory(...)``."""
+    made: list[E] = []
+
+    def make(**options: Any) -> E:
+        executor = executor_class(
+            host=host, **{"max_workers": 8, "poll_interval": 0.5, **defaults, **options}
+        )
         made.append(executor)
         return executor
 
     yield make
     for executor in made:
         executor.shutdown(wait=True, cancel_futures=True)
+    return made
+
+
+@pytest.fixture(scope="session")
+def cell() -> str:
+    """The ssh alias of the test cell; skip (or fail in CI) when it is not up."""
+    return require_up(
+        CELL_ALIAS, "qstat -f", lambda out: "all.q@" in out, "test cell", "scripts/test-cell.sh"
+    )
+
+
+@pytest.fixture
+def make_executor(cell: str) -> Iterator[Callable[..., GridEngineExecutor]]:
+    """Factory for executors on the cell; each is shut down (and its jobs checked gone) after."""
+    made = yield from executor_factory(GridEngineExecutor, cell, python=NODE_PYTHON)
+    for executor in made:
         left = our_jobs(set(executor.job_ids))
         assert not left, f"jobs left on the cell after shutdown: {left}"
 
@@ -125,13 +151,7 @@ def node_packages(cell: str) -> str:
 
 def slurm_ssh(command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run a command on the Slurm cluster's head node with OpenSSH."""
-    return subprocess.run(
-        ["ssh", "-o", "BatchMode=yes", SLURM_ALIAS, command],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return ssh_to(SLURM_ALIAS, command, timeout)
 
 
 def slurm_jobs(job_ids: list[str] | set[str]) -> dict[str, list[str]]:
@@ -148,17 +168,13 @@ def slurm_jobs(job_ids: list[str] | set[str]) -> dict[str, list[str]]:
 @pytest.fixture(scope="session")
 def slurm_cell() -> str:
     """The ssh alias of the Slurm test cluster; skip (or fail in CI) when it is not up."""
-    try:
-        done = slurm_ssh("sinfo -h -o %t", timeout=30)
-        up = done.returncode == 0 and bool(done.stdout.strip())
-    except (OSError, subprocess.TimeoutExpired):
-        up = False
-    if not up:
-        message = f"Slurm test cluster '{SLURM_ALIAS}' unreachable: run scripts/test-cell.sh --slurm as root"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return SLURM_ALIAS
+    return require_up(
+        SLURM_ALIAS,
+        "sinfo -h -o %t",
+        lambda out: bool(out.strip()),
+        "Slurm test cluster",
+        "scripts/test-cell.sh --slurm",
+    )
 
 
 @dataclass(frozen=True)
@@ -181,13 +197,7 @@ class Cluster:
 
     def ssh(self, command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """Run a command on this cluster's head node with OpenSSH."""
-        return subprocess.run(
-            ["ssh", "-o", "BatchMode=yes", self.alias, command],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
+        return ssh_to(self.alias, command, timeout)
 
 
 @pytest.fixture(params=["gridengine", "slurm"])
@@ -221,18 +231,7 @@ def cluster(request: pytest.FixtureRequest) -> Cluster:
 @pytest.fixture
 def make_any_executor(cluster: Cluster) -> Iterator[Callable[..., ClusterExecutor]]:
     """``make_executor`` on each real scheduler in turn."""
-    made: list[ClusterExecutor] = []
-
-    def make(**options: Any) -> ClusterExecutor:
-        options.setdefault("max_workers", 8)
-        options.setdefault("poll_interval", 0.5)
-        options.setdefault("python", NODE_PYTHON)
-        executor = cluster.executor(host=cluster.alias, **options)
-        made.append(executor)
-        return executor
-
-    yield make
+    made = yield from executor_factory(cluster.executor, cluster.alias, python=NODE_PYTHON)
     for executor in made:
-        executor.shutdown(wait=True, cancel_futures=True)
         left = cluster.jobs(set(executor.job_ids))
         assert not left, f"jobs left on {cluster.scheduler} after shutdown: {left}"

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import wait_until
+from conftest import executor_factory, require_up, ssh_to, wait_until
 
 from sheepdog_executor import GridEngineExecutor
 from sheepdog_executor.errors import WorkerLost
@@ -42,9 +42,7 @@ KEY = "/root/.ssh/sheepdog_test_ed25519"
 
 def mssh(command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run a command on the multi-host cell's head node with OpenSSH."""
-    return subprocess.run(
-        ["ssh", "-o", "BatchMode=yes", ALIAS, command], capture_output=True, text=True, timeout=timeout
-    )
+    return ssh_to(ALIAS, command, timeout)
 
 
 def jobs_named(name: str) -> list[str]:
@@ -63,33 +61,19 @@ def where(x: int, seconds: float = 0.0) -> tuple[int, str]:
 @pytest.fixture(scope="module")
 def multi_cell() -> str:
     """The ssh alias of the multi-host cell; skip (or fail in CI) when it is not up."""
-    try:
-        out = mssh("qstat -f", timeout=30).stdout
-        up = all(f"all.q@{node}" in out for node in NODES)
-    except (OSError, subprocess.TimeoutExpired):
-        up = False
-    if not up:
-        message = f"multi-host cell '{ALIAS}' unreachable: run scripts/test-cell.sh --multi-host as root"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return ALIAS
+    return require_up(
+        ALIAS,
+        "qstat -f",
+        lambda out: all(f"all.q@{node}" in out for node in NODES),
+        "multi-host cell",
+        "scripts/test-cell.sh --multi-host",
+    )
 
 
 @pytest.fixture
 def make_multi(multi_cell: str) -> Iterator[Callable[..., GridEngineExecutor]]:
-    made: list[GridEngineExecutor] = []
     name = f"mh-{uuid.uuid4().hex[:6]}"
-
-    def make(**options: Any) -> GridEngineExecutor:
-        options = {"max_workers": 8, "poll_interval": 0.5, "job_name": name, **options}
-        executor = GridEngineExecutor(host=multi_cell, **options)
-        made.append(executor)
-        return executor
-
-    yield make
-    for executor in made:
-        executor.shutdown(wait=True, cancel_futures=True)
+    yield from executor_factory(GridEngineExecutor, multi_cell, job_name=name)
     wait_until(lambda: not jobs_named(name), 60, "the tests' jobs gone from qstat")
 
 
