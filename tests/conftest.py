@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -75,6 +76,12 @@ def require_up(alias: str, probe: str, up_if: Callable[[str], bool], what: str, 
             pytest.fail(message)
         pytest.skip(message)
     return alias
+
+
+def require_netns() -> None:
+    """Skip unless this process can make network namespaces and veth links (root, iproute2)."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2 for network namespaces")
 
 
 E = TypeVar("E", bound=ClusterExecutor)

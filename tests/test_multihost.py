@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import executor_factory, require_up, ssh_to, wait_until
+from conftest import executor_factory, require_netns, require_up, ssh_to, wait_until
 
 from sheepdog_executor import GridEngineExecutor
 from sheepdog_executor.errors import WorkerLost
@@ -185,8 +184,7 @@ def _ip(*args: str) -> None:
 
 @pytest.fixture(scope="module")
 def head_only_client(multi_cell: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HeadOnlyClient]:
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("needs root and iproute2 for network namespaces")
+    require_netns()
     tag = uuid.uuid4().hex[:6]
     netns, outer, inner = f"mhc-{tag}", f"mho{tag}", f"mhi{tag}"
     subnet = f"10.98.{int(tag[:2], 16)}"

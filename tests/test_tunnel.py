@@ -13,7 +13,6 @@ import json
 import os
 import random
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import our_jobs, ssh, wait_until
+from conftest import our_jobs, require_netns, ssh, wait_until
 
 from sheepdog_executor import GridEngineExecutor
 from sheepdog_executor.dispatch import Dispatcher
@@ -163,8 +162,7 @@ def _start_sshd(directory: Path, address: str, forwarding: bool) -> tuple[subpro
 
 @pytest.fixture(scope="module")
 def isolated(cell: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Isolated]:
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("needs root and iproute2 for network namespaces")
+    require_netns()
     tag = uuid.uuid4().hex[:6]
     netns, outer, inner = f"sdt-{tag}", f"sdta{tag}", f"sdtb{tag}"
     table = str(random.randint(30000, 39999))
