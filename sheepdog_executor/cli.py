@@ -98,14 +98,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sheepdog-executor {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is done (debug)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    doctor = commands.add_parser(
+    doctor = _host_command(
+        commands,
         "doctor",
         help="check SSH, the scheduler, the nodes' Python and the way back to this client",
         description="Check, in order, what an executor on HOST needs; stop at the first "
         "failure and say what to change. Options come from the config file and SHEEPDOG_* variables.",
     )
-    doctor.add_argument("host", metavar="HOST", help="host name or ~/.ssh/config alias of the head node")
-    _scheduler_argument(doctor)
     doctor.add_argument("--python", metavar="PY", help="the interpreter on the nodes (python=)")
     doctor.add_argument(
         "--callback-address", metavar="ADDR", help="address of this machine the nodes connect to"
@@ -113,14 +112,13 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument(
         "--timeout", type=float, default=90.0, metavar="S", help="seconds a test job may take (90)"
     )
-    clean = commands.add_parser(
+    clean = _host_command(
+        commands,
         "cleanup",
         help="remove jobs and session directories left by clients that died",
         description="Remove your jobs that run a sheepdog worker from a session directory whose "
         "client is gone, and session directories left without a client.",
     )
-    clean.add_argument("host", metavar="HOST", help="host name or ~/.ssh/config alias of the head node")
-    _scheduler_argument(clean)
     clean.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     clean.add_argument(
         "--force",
@@ -135,13 +133,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _scheduler_argument(parser: argparse.ArgumentParser) -> None:
+def _host_command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str, description: str
+) -> argparse.ArgumentParser:
+    """A subcommand that works on one head node: its HOST and --scheduler arguments."""
+    parser = commands.add_parser(name, help=help, description=description)
+    parser.add_argument("host", metavar="HOST", help="host name or ~/.ssh/config alias of the head node")
     parser.add_argument(
         "--scheduler",
         choices=("auto", "gridengine", "slurm"),
         default="auto",
         help="the head node's scheduler (auto: the one whose commands it has; Grid Engine if both)",
     )
+    return parser
 
 
 # -- shared -------------------------------------------------------------------------------------
