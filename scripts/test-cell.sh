@@ -13,13 +13,12 @@ for arg in "$@"; do
 done
 set -- "${args[@]+"${args[@]}"}"
 
-TEST_USER=${SHEEPDOG_TEST_USER:-sdtest}
+. "$(dirname "${BASH_SOURCE[0]}")/cell/common.sh"  # TEST_USER, OTHER_USER, KEY, sshd_config, ssh_alias
 SSH_PORT=${SHEEPDOG_TEST_PORT:-2222}
 SLOTS=${SHEEPDOG_TEST_SLOTS:-8}
 SGE_ROOT=/var/lib/gridengine
 CELL_DIR=$SGE_ROOT/default
 STATE_DIR=/var/lib/sheepdog-test-cell
-KEY=/root/.ssh/sheepdog_test_ed25519
 log() { printf '[test-cell] %s\n' "$*" >&2; }
 
 [ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
@@ -143,26 +142,13 @@ grep -qF "$(cut -d' ' -f2 "$KEY.pub")" "$home/.ssh/authorized_keys" 2>/dev/null 
 chown "$TEST_USER:$TEST_USER" "$home/.ssh/authorized_keys"; chmod 600 "$home/.ssh/authorized_keys"
 
 # --- a second user, for tests of what another user of the head node can do (never logs in) ------
-OTHER_USER=${SHEEPDOG_TEST_OTHER_USER:-sdother}
 if ! id "$OTHER_USER" >/dev/null 2>&1; then
   log "creating user $OTHER_USER"
   useradd -m -s /bin/bash "$OTHER_USER"
 fi
 
 # --- sshd on loopback ------------------------------------------------------------------------
-cat > "$STATE_DIR/sshd_config" <<CFG
-Port $SSH_PORT
-ListenAddress 127.0.0.1
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-PubkeyAuthentication yes
-UsePAM no
-PermitRootLogin no
-AllowTcpForwarding yes
-Subsystem sftp internal-sftp
-MaxStartups 200:30:400
-PidFile $STATE_DIR/sshd.pid
-CFG
+sshd_config "$SSH_PORT" 127.0.0.1 "$STATE_DIR/sshd.pid" > "$STATE_DIR/sshd_config"
 if ! listening "$SSH_PORT"; then
   log "starting sshd on 127.0.0.1:$SSH_PORT"
   mkdir -p /run/sshd
@@ -172,22 +158,7 @@ if ! listening "$SSH_PORT"; then
 fi
 
 # --- root's ssh config alias and known_hosts -------------------------------------------------
-touch /root/.ssh/config /root/.ssh/known_hosts; chmod 600 /root/.ssh/config
-if ! grep -q '^# >>> sheepdog-executor test cell' /root/.ssh/config; then
-  cat >> /root/.ssh/config <<CFG
-# >>> sheepdog-executor test cell >>>
-Host fear sheepdog-test-cell
-    HostName 127.0.0.1
-    Port $SSH_PORT
-    User $TEST_USER
-    IdentityFile $KEY
-    IdentitiesOnly yes
-# <<< sheepdog-executor test cell <<<
-CFG
-fi
-if ! ssh-keygen -F "[127.0.0.1]:$SSH_PORT" -f /root/.ssh/known_hosts >/dev/null; then
-  ssh-keyscan -p "$SSH_PORT" -t ed25519 127.0.0.1 2>/dev/null >> /root/.ssh/known_hosts
-fi
+ssh_alias "test cell" "fear sheepdog-test-cell" 127.0.0.1 "$SSH_PORT"
 
 # --- smoke check: the test user can submit over ssh --------------------------------------------
 if [ ! -f "$STATE_DIR/smoke-ok" ] || [ "${1:-}" = "--check" ]; then

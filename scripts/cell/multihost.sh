@@ -11,8 +11,7 @@
 # Stop: bash scripts/cell/multihost.sh --stop (ends its daemons and removes namespaces and links).
 set -euo pipefail
 
-TEST_USER=${SHEEPDOG_TEST_USER:-sdtest}
-KEY=/root/.ssh/sheepdog_test_ed25519
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # TEST_USER, KEY, sshd_config, ssh_alias
 SGE_ROOT=/var/lib/gridengine
 CELL=multi
 CELL_DIR=$SGE_ROOT/$CELL
@@ -174,20 +173,7 @@ if sge "$HEAD" qstat -f 2>/dev/null | grep -q '^all\.q@.* E *$'; then
 fi
 
 # --- sshd on the head node: the test user, with the cell's environment ----------------------------
-cat > "$STATE/sshd_config" <<CFG
-Port 22
-ListenAddress 0.0.0.0
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-PubkeyAuthentication yes
-UsePAM no
-PermitRootLogin no
-AllowTcpForwarding yes
-MaxStartups 200:30:400
-SetEnv SGE_ROOT=$SGE_ROOT SGE_CELL=$CELL SGE_QMASTER_PORT=$QPORT SGE_EXECD_PORT=$EPORT
-Subsystem sftp internal-sftp
-PidFile $STATE/sshd.pid
-CFG
+sshd_config 22 0.0.0.0 "$STATE/sshd.pid" "SetEnv ${SGE_ENV[*]}" > "$STATE/sshd_config"
 if ! listening "$HEAD" 22; then
   log "starting sshd on $HEAD (${ADDR[$HEAD]}:22)"
   mkdir -p /run/sshd
@@ -195,22 +181,7 @@ if ! listening "$HEAD" 22; then
   wait_port "$HEAD" 22 || { echo "sshd did not start on $HEAD" >&2; exit 1; }
 fi
 
-touch /root/.ssh/config /root/.ssh/known_hosts; chmod 600 /root/.ssh/config
-if ! grep -q '^# >>> sheepdog-executor multi-host cell' /root/.ssh/config; then
-  cat >> /root/.ssh/config <<CFG
-# >>> sheepdog-executor multi-host cell >>>
-Host fear-multi
-    HostName ${ADDR[$HEAD]}
-    Port 22
-    User $TEST_USER
-    IdentityFile $KEY
-    IdentitiesOnly yes
-# <<< sheepdog-executor multi-host cell <<<
-CFG
-fi
-if ! ssh-keygen -F "${ADDR[$HEAD]}" -f /root/.ssh/known_hosts >/dev/null; then
-  ssh-keyscan -t ed25519 "${ADDR[$HEAD]}" 2>/dev/null >> /root/.ssh/known_hosts
-fi
+ssh_alias "multi-host cell" fear-multi "${ADDR[$HEAD]}" 22
 
 # --- smoke check: both execution hosts are up, seen over ssh as the test user ----------------------
 if [ ! -f "$STATE/smoke-ok" ] || [ "${1:-}" = "--check" ]; then

@@ -5,11 +5,9 @@
 # after it made the test user, sshd and root's ssh config. Debian 12, as root. Pitfalls met: at the end.
 set -euo pipefail
 
-TEST_USER=${SHEEPDOG_TEST_USER:-sdtest}
-OTHER_USER=${SHEEPDOG_OTHER_USER:-sdother}
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # TEST_USER, OTHER_USER, KEY, ssh_alias
 SSH_PORT=${SHEEPDOG_TEST_PORT:-2222}
 SLOTS=${SHEEPDOG_TEST_SLOTS:-8}
-KEY=/root/.ssh/sheepdog_test_ed25519
 STATE_DIR=/var/lib/sheepdog-test-cell
 CONF=/etc/slurm
 DB_PASS_FILE=$STATE_DIR/slurmdbd-db-password
@@ -148,18 +146,7 @@ wait_for "sinfo -h -n localhost -o %t | grep -Eq '^(idle|mix|alloc)'" 150 \
   || { echo "the Slurm node is not up: $(sinfo -h -N -o '%N %t %E')" >&2; exit 1; }
 
 # --- root's ssh alias --------------------------------------------------------------------------------
-if ! grep -q '^# >>> sheepdog-executor slurm cell' /root/.ssh/config; then
-  cat >> /root/.ssh/config <<CFG
-# >>> sheepdog-executor slurm cell >>>
-Host fear-slurm
-    HostName 127.0.0.1
-    Port $SSH_PORT
-    User $TEST_USER
-    IdentityFile $KEY
-    IdentitiesOnly yes
-# <<< sheepdog-executor slurm cell <<<
-CFG
-fi
+ssh_alias "slurm cell" fear-slurm 127.0.0.1 "$SSH_PORT"  # the same sshd as "fear": its key is known
 
 # --- smoke check: the test user submits over ssh and sacct answers ------------------------------------
 if [ ! -f "$STATE_DIR/slurm-smoke-ok" ] || [ -n "$changed" ]; then
