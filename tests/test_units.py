@@ -17,7 +17,7 @@ from conftest import wait_until
 
 from sheepdog_executor import ConfigurationError, GridEngineExecutor, LocalExecutor, pickling
 from sheepdog_executor.dispatch import Dispatcher
-from sheepdog_executor.errors import PicklingFailed, WorkerLost
+from sheepdog_executor.errors import PicklingFailed, SchedulerError, WorkerLost
 from sheepdog_executor.jobscript import (
     SETUP_FAILED_EXIT,
     JobOptions,
@@ -27,7 +27,7 @@ from sheepdog_executor.jobscript import (
     with_setup,
 )
 from sheepdog_executor.remote import protocol
-from sheepdog_executor.scheduler.base import TaskState, session_of
+from sheepdog_executor.scheduler.base import Scheduler, TaskState, session_of
 from sheepdog_executor.scheduler.gridengine import (
     GridEngineOptions,
     GridEngineScheduler,
@@ -36,6 +36,7 @@ from sheepdog_executor.scheduler.gridengine import (
     parse_qstat_j,
     parse_qstat_xml,
 )
+from sheepdog_executor.scheduler.slurm import SlurmScheduler
 from sheepdog_executor.server import ResultParts
 from sheepdog_executor.sessiondir import owner_and_mode, unsafe_part
 from sheepdog_executor.shell import Completed, LocalShell, Shell
@@ -206,6 +207,30 @@ def test_adopting_jobs_asks_only_for_the_users_own_jobs() -> None:
     empty = ScriptedShell([("id -un", "me\n<job_info><queue_info/></job_info>")])
     assert GridEngineScheduler(empty, JobOptions()).find_jobs(WorkerLaunch(session, "x")) == []
     assert len(empty.commands) == 1  # no qstat -j at all without jobs
+
+
+@pytest.mark.parametrize(
+    ("scheduler_class", "command", "printed"),
+    [(GridEngineScheduler, "qsub", "42.1-3:1"), (SlurmScheduler, "sbatch", "42;sheepdog")],
+)
+def test_submit_reads_the_job_id_or_says_what_the_command_said(
+    scheduler_class: type[Scheduler], command: str, printed: str
+) -> None:
+    """The job id from the last line the submit command prints; when it fails or prints no id, a
+    SchedulerError with its exit status and what it said."""
+    launch = WorkerLaunch("/h/s1", "http://h:1")
+
+    def submit(fake: str) -> str:
+        scheduler = scheduler_class(LocalShell(), JobOptions(), command_setup=f"{command}() {{ {fake}; }}")
+        return scheduler.submit(launch, 3)
+
+    assert submit(f"cat >/dev/null; echo notice; echo '{printed}'") == "42"
+    with pytest.raises(SchedulerError, match=rf"^{command} on .* failed \(exit 1\): denied$"):
+        submit("cat >/dev/null; echo denied >&2; return 1")
+    with pytest.raises(SchedulerError, match=rf"^{command} on .* failed \(exit 0\): no id here$"):
+        submit("cat >/dev/null; echo no id here")
+    with pytest.raises(SchedulerError, match=rf"^{command} on .* failed \(exit 0\): $"):
+        submit("cat >/dev/null")
 
 
 def _result(item_id: int, attempt: int, value: Any) -> tuple[Any, ...]:
