@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import posixpath
+import re
 import shlex
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Mapping, Sequence
@@ -105,6 +106,20 @@ class Scheduler(ABC):
         """Run a scheduler command on the head node, after the ``command_setup`` lines."""
         script = "\n".join([*self.command_setup, command])
         return self.shell.run(script, stdin=stdin, timeout=timeout, retry=retry)
+
+    def submit_script(self, command: str, script: str, job_id: re.Pattern[str]) -> str:
+        """Run the submit ``command`` with the job ``script`` on stdin and return the id that
+        ``job_id`` finds on the last line it prints; if it fails or prints no id, SchedulerError with
+        what it said. Never retried: the job may exist all the same (see ``find_jobs``)."""
+        done = self.run(command, stdin=script.encode(), retry=False)
+        lines = done.stdout.strip().splitlines()
+        match = job_id.match(lines[-1].strip() if lines else "")
+        if done.returncode != 0 or not match:
+            raise SchedulerError(
+                f"{command.split()[0]} on {self.shell.description} failed (exit {done.returncode}): "
+                f"{(done.stderr or done.stdout).strip()}"
+            )
+        return match.group(1)
 
     def prepare(self) -> None:
         """Check that the scheduler's commands are there; raise SchedulerError naming the fix."""

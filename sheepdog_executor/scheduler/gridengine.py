@@ -77,14 +77,7 @@ class GridEngineScheduler(Scheduler):
         return render_script(lines, "$JOB_ID", "$SGE_TASK_ID", options, launch)
 
     def submit(self, launch: WorkerLaunch, tasks: int) -> str:
-        done = self.run("qsub -terse", stdin=self.render(launch, tasks).encode(), retry=False)
-        match = _TERSE_JOB_ID.match(done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "")
-        if done.returncode != 0 or not match:  # never retried: the job may exist (see find_jobs)
-            raise SchedulerError(
-                f"qsub on {self.shell.description} failed (exit {done.returncode}): "
-                f"{(done.stderr or done.stdout).strip()}"
-            )
-        return match.group(1)
+        return self.submit_script("qsub -terse", self.render(launch, tasks), _TERSE_JOB_ID)
 
     def poll(self, job_ids: Collection[str]) -> JobStates:
         if not job_ids:

@@ -116,16 +116,7 @@ class SlurmScheduler(Scheduler):
         return " ".join(shlex.quote(a) for a in arguments)
 
     def submit(self, launch: WorkerLaunch, tasks: int) -> str:
-        command = self.sbatch_command(launch, tasks)
-        done = self.run(command, stdin=self.render(launch).encode(), retry=False)
-        lines = done.stdout.strip().splitlines()
-        match = _PARSABLE_JOB_ID.match(lines[-1].strip() if lines else "")
-        if done.returncode != 0 or not match:  # never retried: the job may exist (see find_jobs)
-            raise SchedulerError(
-                f"sbatch on {self.shell.description} failed (exit {done.returncode}): "
-                f"{(done.stderr or done.stdout).strip()}"
-            )
-        return match.group(1)
+        return self.submit_script(self.sbatch_command(launch, tasks), self.render(launch), _PARSABLE_JOB_ID)
 
     def poll(self, job_ids: Collection[str]) -> JobStates:
         if not job_ids:
