@@ -167,12 +167,12 @@ class HeadOnlyClient:
     home: Path
     alias: str
 
-    def start(self, script: str, *args: str) -> subprocess.Popen[str]:
+    def start(self, script: str, *args: str, stderr: Any = subprocess.PIPE) -> subprocess.Popen[str]:
         env = {**os.environ, "HOME": str(self.home), "PYTHONPATH": os.pathsep.join(sys.path)}
         return subprocess.Popen(
             ["ip", "netns", "exec", self.netns, sys.executable, "-c", script, *args],
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=stderr,
             text=True,
             env=env,
         )
@@ -277,9 +277,9 @@ def test_the_cell_is_really_several_hosts(multi_cell: str) -> None:
 
 LAPTOP_CLIENT = textwrap.dedent(
     """
-    import json, logging, sys, threading, time
+    import json, logging, sys, threading, time, traceback
     from sheepdog_executor import GridEngineExecutor
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(threadName)s %(levelname)s %(message)s")
     logging.getLogger("sheepdog_executor").setLevel(logging.INFO)
 
     def call(i, path):
@@ -299,10 +299,14 @@ LAPTOP_CLIENT = textwrap.dedent(
         threading.Thread(target=started, daemon=True).start()
         connection = executor._session.shell.transport()
         results = executor.map(call, range(calls), [path] * calls, timeout=1200)
+        gathered = []
         try:
-            report["ok"] = list(results) == list(range(calls))
-        except Exception as exc:
-            report["error"] = f"{type(exc).__name__}: {exc}"
+            gathered.extend(results)
+            report["ok"] = gathered == list(range(calls))
+        except Exception:
+            report["error"] = traceback.format_exc()
+            report["gathered"] = len(gathered)
+            report["workers"] = executor.status()["workers"]
         report["jobs"] = executor.job_ids
         report["ssh_remade"] = executor._session.shell.transport() is not connection
     print(json.dumps(report), flush=True)
@@ -322,7 +326,9 @@ class LaptopRun:
 
 
 @pytest.fixture(scope="module")
-def laptop_runs(head_only_client: HeadOnlyClient) -> Iterator[dict[str, LaptopRun]]:
+def laptop_runs(
+    head_only_client: HeadOnlyClient, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, LaptopRun]]:
     """Two maps of 2,000 calls of 0.5 s at once: one client's network goes down for 120 s, the
     other client is suspended (SIGSTOP) for 120 s; each report, stderr and side effects on the cell."""
     home = mssh("printf %s $HOME").stdout
@@ -332,13 +338,18 @@ def laptop_runs(head_only_client: HeadOnlyClient) -> Iterator[dict[str, LaptopRu
     names = {kind: f"mhl{kind[0]}-{tag}" for kind in paths}
     args = {kind: [names[kind], path, str(LAPTOP_CALLS)] for kind, path in paths.items()}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    # the clients' logs stay after the run, for a failure's post-mortem
+    logs = {kind: tmp_path_factory.mktemp("laptop") / f"{kind}-{tag}.log" for kind in paths}
+    log_files = {kind: path.open("w") for kind, path in logs.items()}
     clients = {
         # offline: in the namespace linked to the head node only; asleep: on this machine
-        "offline": head_only_client.start(LAPTOP_CLIENT, head_only_client.alias, *args["offline"]),
+        "offline": head_only_client.start(
+            LAPTOP_CLIENT, head_only_client.alias, *args["offline"], stderr=log_files["offline"]
+        ),
         "sleep": subprocess.Popen(
             [sys.executable, "-c", LAPTOP_CLIENT, ALIAS, *args["sleep"]],
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=log_files["sleep"],
             text=True,
             env=env,
         ),
@@ -350,7 +361,7 @@ def laptop_runs(head_only_client: HeadOnlyClient) -> Iterator[dict[str, LaptopRu
         for kind, client in clients.items():
             assert client.stdout is not None
             started = client.stdout.readline().strip()
-            assert started == "started", client.stderr.read() if client.stderr else ""
+            assert started == "started", f"{kind}: {logs[kind]}:\n{logs[kind].read_text()[-3000:]}"
             if kind == "offline":
                 subprocess.run([*link, "down"], check=True)
             else:
@@ -364,7 +375,8 @@ def laptop_runs(head_only_client: HeadOnlyClient) -> Iterator[dict[str, LaptopRu
                 clients[kind].send_signal(signal.SIGCONT)
         runs = {}
         for kind, client in clients.items():
-            out, err = client.communicate(timeout=900)
+            out, _ = client.communicate(timeout=900)
+            err = f"{logs[kind]}:\n" + logs[kind].read_text()
             lines = [line for line in out.splitlines() if line.startswith("{")]
             assert lines, f"{kind}: no report (exit {client.returncode}):\n{err[-3000:]}"
             effects = mssh(f"cat {paths[kind]}").stdout.split()
@@ -376,6 +388,8 @@ def laptop_runs(head_only_client: HeadOnlyClient) -> Iterator[dict[str, LaptopRu
             client.send_signal(signal.SIGCONT)
             client.kill()
             client.wait()
+        for handle in log_files.values():
+            handle.close()
         mssh("rm -f " + " ".join(paths.values()))
         left = [job for name in names.values() for job in jobs_named(name)]
         if left:  # a client killed here leaves its workers waiting for it (disconnect_tolerance)
@@ -383,22 +397,14 @@ def laptop_runs(head_only_client: HeadOnlyClient) -> Iterator[dict[str, LaptopRu
 
 
 def _loses_nothing(run: LaptopRun) -> None:
-    assert run.report.get("ok") is True, (run.report, run.stderr[-3000:])
+    assert run.report.get("ok") is True, (run.report, run.stderr.splitlines()[0], run.stderr[-3000:])
     counts = collections.Counter(run.side_effects)
     assert sorted(counts) == sorted(str(i) for i in range(LAPTOP_CALLS)), "a call never ran"
     assert max(counts.values()) == 1, [i for i, n in counts.items() if n > 1][:20]  # none ran twice
     assert not jobs_named(run.name)
 
 
-#: The two-minute outages are opt-in (SHEEPDOG_TEST_LAPTOP=1): on the shared 2-core CI machine the
-#: offline one failed its first attempt in a clean run, and its cause is not yet found.
-laptop = pytest.mark.skipif(
-    os.environ.get("SHEEPDOG_TEST_LAPTOP") != "1", reason="laptop outage tests: set SHEEPDOG_TEST_LAPTOP=1"
-)
-
-
 @multihost
-@laptop
 @pytest.mark.timeout(900)  # the shared two-minute outages and 2,000 calls run in the first one's set-up
 def test_a_laptop_offline_for_two_minutes_loses_nothing(laptop_runs: dict[str, LaptopRun]) -> None:
     run = laptop_runs["offline"]
@@ -407,7 +413,6 @@ def test_a_laptop_offline_for_two_minutes_loses_nothing(laptop_runs: dict[str, L
 
 
 @multihost
-@laptop
 @pytest.mark.timeout(900)
 def test_a_laptop_asleep_for_two_minutes_loses_nothing(laptop_runs: dict[str, LaptopRun]) -> None:
     run = laptop_runs["sleep"]
