@@ -21,7 +21,6 @@ import pickle
 import queue
 import sys
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -30,6 +29,7 @@ from typing import Any
 
 from sheepdog_executor import pickling
 from sheepdog_executor.callfuture import CallFuture
+from sheepdog_executor.clock import awake_or_asleep
 from sheepdog_executor.errors import (
     BrokenClusterExecutor,
     PythonVersionMismatch,
@@ -218,7 +218,7 @@ class Dispatcher:
 
     def snapshot(self) -> dict[str, Any]:
         """Batches, recent errors and live workers, JSON-able (for the status page and progress)."""
-        now = time.monotonic()
+        now = awake_or_asleep()
         with self._lock:
             workers = [
                 {
@@ -271,7 +271,7 @@ class Dispatcher:
             )
             self.fail_pending(error)
             return {"error": str(error)}
-        worker = Worker(str(message["worker"]), job, task, str(message.get("host", "?")), time.monotonic())
+        worker = Worker(str(message["worker"]), job, task, str(message.get("host", "?")), awake_or_asleep())
         worker.route = str(message.get("route", ""))[:40]
         with self._lock:
             if self.stopping:
@@ -289,7 +289,7 @@ class Dispatcher:
         with self._lock:
             worker = self.workers.get(worker_id)
             if worker is not None:
-                worker.last_seen = time.monotonic()
+                worker.last_seen = awake_or_asleep()
             return worker is not None
 
     def exchange(
@@ -311,7 +311,7 @@ class Dispatcher:
             worker = self.workers.get(worker_id)
             if worker is None:
                 return {"stop": True}
-            worker.last_seen = time.monotonic()
+            worker.last_seen = awake_or_asleep()
             held = worker.items
             for result in results:
                 item = held.get(result[0])
@@ -353,7 +353,7 @@ class Dispatcher:
                     }
                     worker.functions_sent.update(functions)
                     return {"items": batch, "functions": functions}
-                now = time.monotonic()
+                now = awake_or_asleep()
                 if worker.idle_since is None:
                     worker.idle_since = now
                 if now - worker.idle_since >= self.idle_timeout:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sheepdog_executor.clock import awake_or_asleep
 from sheepdog_executor.dispatch import Dispatcher, WorkItem
 from sheepdog_executor.errors import (
     BrokenClusterExecutor,
@@ -46,7 +47,7 @@ class AwayClock:
     own loop that only a suspended process (SIGSTOP, a sleeping laptop) shows.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = awake_or_asleep) -> None:
         self._clock = clock
         #: When the client was last back; workers' silence before that is not theirs.
         self.back_at = 0.0
@@ -109,7 +110,7 @@ class JobManager:
         poll_interval: float,
         heartbeat_timeout: float,
         disconnect_tolerance: float = 600.0,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = awake_or_asleep,
     ) -> None:
         self.scheduler = scheduler
         self.dispatcher = dispatcher

@@ -3,6 +3,7 @@ the test moves: fast, and each case exact (the cell tests cover the real schedul
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Collection
 from concurrent.futures import Future
@@ -10,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from sheepdog_executor.clock import awake_or_asleep
 from sheepdog_executor.dispatch import CallFuture, Dispatcher
 from sheepdog_executor.errors import ConnectionFailed, WorkerLost, WorkerStartFailed
 from sheepdog_executor.jobs import JobManager
@@ -84,7 +86,7 @@ class FakeScheduler(Scheduler):
 
 class Clock:
     def __init__(self) -> None:
-        self.now = time.monotonic()
+        self.now = awake_or_asleep()  # the dispatcher's clock: workers' last_seen
 
     def __call__(self) -> float:
         return self.now
@@ -226,3 +228,28 @@ def test_the_scheduler_is_polled_once_per_interval() -> None:
     for advance in (0.5, 0.5, 1.0, 0.5, 1.5):
         rig.step(advance)
     assert polls == [rig.clock.now - 2.0, rig.clock.now]
+
+
+def test_silence_is_judged_on_a_clock_that_counts_the_laptops_sleep() -> None:
+    """time.monotonic stops while a laptop is suspended: after an hour asleep its workers' hour of
+    silence would look like a second, and the client could not say how long it was away."""
+    if hasattr(time, "CLOCK_BOOTTIME"):  # Linux
+        assert abs(awake_or_asleep() - time.clock_gettime(time.CLOCK_BOOTTIME)) < 1.0
+    assert inspect.signature(JobManager).parameters["clock"].default is awake_or_asleep
+
+
+def test_after_a_sleep_longer_than_the_tolerance_lost_workers_say_so() -> None:
+    rig = Rig(1)
+    rig.manager.disconnect_tolerance = 600.0
+    rig.step()
+    rig.scheduler.run_all("101")
+    worker = rig.hello("101", 1)
+    assert rig.dispatcher.exchange(worker, []) is not None
+    rig.step()
+    rig.clock.now += 700.0  # asleep; meanwhile the worker gave up and its task ended
+    del rig.scheduler.states["101"][1]
+    rig.manager.away.check_gap(700.0 - rig.manager.poll_interval)  # what the thread's loop measures
+    rig.step(advance=0.0)  # awake: the pause seen, judged with its length
+    error = rig.futures[0].exception(timeout=10)
+    assert isinstance(error, WorkerLost), error
+    assert "unreachable for 698 s" in str(error) and "disconnect_tolerance (600 s)" in str(error), str(error)
