@@ -10,18 +10,20 @@ from __future__ import annotations
 import collections
 import json
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 from conftest import executor_factory, require_netns, require_up, ssh_to, wait_until
@@ -60,13 +62,16 @@ def where(x: int, seconds: float = 0.0) -> tuple[int, str]:
 @pytest.fixture(scope="module")
 def multi_cell() -> str:
     """The ssh alias of the multi-host cell; skip (or fail in CI) when it is not up."""
-    return require_up(
+    alias = require_up(
         ALIAS,
         "qstat -f",
         lambda out: all(f"all.q@{node}" in out for node in NODES),
         "multi-host cell",
         "scripts/test-cell.sh --multi-host",
     )
+    if not _usable():  # a host killed by an earlier run left its queue in an error state
+        _revive_cell()
+    return alias
 
 
 @pytest.fixture
@@ -105,8 +110,34 @@ def _kill_node(node: str) -> None:
                 pass
 
 
+def _queues() -> dict[str, tuple[int, str]]:
+    """Each execution host's queue: its free slots and its states ("" when usable; "E" an error)."""
+    queues = dict.fromkeys(NODES, (0, "gone"))
+    for line in mssh("qstat -f").stdout.splitlines():
+        fields = line.split()
+        if len(fields) >= 5 and fields[0].startswith("all.q@") and fields[0][6:] in queues:
+            _, used, total = (int(n) for n in fields[2].split("/"))
+            queues[fields[0][6:]] = (total - used, " ".join(fields[5:]))
+    return queues
+
+
+def _usable() -> bool:
+    return not any(states for _, states in _queues().values())
+
+
 def _revive_cell() -> None:
-    subprocess.run(["bash", str(CELL_SCRIPT)], check=True, capture_output=True, timeout=120)
+    """Bring a killed node's execd back and wait until both queues take jobs again. The execd reports
+    the tasks that died with it only once it is back, and Grid Engine may then put its queue in an
+    error state (E, "job N's failure at host"): the cell script clears that, as an admin would."""
+    settled_since = None
+    deadline = time.monotonic() + 120
+    while True:
+        subprocess.run(["bash", str(CELL_SCRIPT)], check=True, capture_output=True, timeout=120)
+        settled_since = (settled_since or time.monotonic()) if _usable() else None
+        if settled_since is not None and time.monotonic() - settled_since > 10:
+            return
+        assert time.monotonic() < deadline, mssh("qstat -f -explain E").stdout
+        time.sleep(2)
 
 
 @multihost
@@ -331,6 +362,8 @@ def laptop_runs(
 ) -> Iterator[dict[str, LaptopRun]]:
     """Two maps of 2,000 calls of 0.5 s at once: one client's network goes down for 120 s, the
     other client is suspended (SIGSTOP) for 120 s; each report, stderr and side effects on the cell."""
+    # both maps need all 16 slots: an earlier test's dead node must be back, its queue usable
+    wait_until(lambda: _usable() and min(free for free, _ in _queues().values()) >= 8, 180, "16 free slots")
     home = mssh("printf %s $HOME").stdout
     tag = uuid.uuid4().hex[:6]
     paths = {kind: f"{home}/.cache/sheepdog-tests/laptop-{kind}-{tag}.txt" for kind in ("offline", "sleep")}
@@ -354,14 +387,17 @@ def laptop_runs(
             env=env,
         ),
     }
+    stdout = {kind: Lines(client.stdout) for kind, client in clients.items() if client.stdout}
     link = ["ip", "-n", head_only_client.netns, "link", "set", head_only_client.link]
     try:
         # each outage starts as soon as its map runs, and lasts OUTAGE_SECONDS
         ends = {}
         for kind, client in clients.items():
-            assert client.stdout is not None
-            started = client.stdout.readline().strip()
-            assert started == "started", f"{kind}: {logs[kind]}:\n{logs[kind].read_text()[-3000:]}"
+            started = stdout[kind].next(timeout=300)
+            assert started == "started", (
+                f"{kind}: the map did not start within 300 s ({started!r}); {mssh('qstat -f').stdout}\n"
+                f"{logs[kind]}:\n{logs[kind].read_text()[-3000:]}"
+            )
             if kind == "offline":
                 subprocess.run([*link, "down"], check=True)
             else:
@@ -375,9 +411,9 @@ def laptop_runs(
                 clients[kind].send_signal(signal.SIGCONT)
         runs = {}
         for kind, client in clients.items():
-            out, _ = client.communicate(timeout=900)
+            client.wait(timeout=900)
             err = f"{logs[kind]}:\n" + logs[kind].read_text()
-            lines = [line for line in out.splitlines() if line.startswith("{")]
+            lines = [line for line in stdout[kind].rest() if line.startswith("{")]
             assert lines, f"{kind}: no report (exit {client.returncode}):\n{err[-3000:]}"
             effects = mssh(f"cat {paths[kind]}").stdout.split()
             runs[kind] = LaptopRun(names[kind], json.loads(lines[-1]), err, effects)
@@ -394,6 +430,35 @@ def laptop_runs(
         left = [job for name in names.values() for job in jobs_named(name)]
         if left:  # a client killed here leaves its workers waiting for it (disconnect_tolerance)
             mssh("qdel " + " ".join(left))
+
+
+class Lines:
+    """A child's stdout, line by line, read by a thread of its own: a wait for a line can time out,
+    and no line is lost between a wait and the last read (``communicate`` after ``readline`` loses
+    what ``readline`` buffered)."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            self._lines.put(line.rstrip("\n"))
+        self._lines.put(None)
+
+    def next(self, timeout: float) -> str | None:
+        """The next line; None at the end or when none came within ``timeout``."""
+        try:
+            return self._lines.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def rest(self) -> list[str]:
+        """Every line still to come, up to the end (call once the child has exited)."""
+        lines = []
+        while (line := self._lines.get(timeout=30)) is not None:
+            lines.append(line)
+        return lines
 
 
 def _loses_nothing(run: LaptopRun) -> None:
