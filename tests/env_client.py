@@ -5,7 +5,8 @@ Usage: python env_client.py HOST SESSION_ROOT SCENARIO. Prints one JSON line.
 SCENARIO: "run" (dask.compute and a map of the local package, then a second executor that reuses the
 environment); "offline" (the same, with the head node's pip pointed at a closed port); "unprovidable"
 (a distribution no index has is installed here: the executor must not start); "race" (two
-executors start at once and need the same environment).
+executors start at once and need the same environment); "vcs" (only ``sdvcspkg``, which the test
+installed from a git repository it then removed, is synced: a call on the nodes imports it).
 """
 
 from __future__ import annotations
@@ -52,6 +53,21 @@ def where_things_are() -> dict[str, str]:
         "dask": dask.__version__,
         "numpy": numpy.__version__,
         "sdenvpkg": sdenvpkg.__file__,
+    }
+
+
+def vcs_package() -> dict[str, str]:
+    """Where this Python has ``sdvcspkg`` from, its version and its commit's value."""
+    import importlib.metadata
+    import socket
+
+    import sdvcspkg
+
+    return {
+        "version": importlib.metadata.version("sdvcspkg"),
+        "value": sdvcspkg.VALUE,
+        "file": sdvcspkg.__file__,
+        "host": socket.gethostname(),
     }
 
 
@@ -136,6 +152,13 @@ def main(host: str, root: str, scenario: str) -> dict[str, Any]:
         return {"error": None}
     if scenario == "race":
         return {"race": race(host, root, options)}
+    if scenario == "vcs":
+        options["environment_exclude"] = [d.name for d in client_distributions() if d.name != "sdvcspkg"]
+        with GridEngineExecutor(**options) as executor:
+            assert executor.environment is not None
+            synced = executor.environment
+            node = executor.submit(vcs_package).result()
+        return {"path": synced.path, "built": synced.built, "node": node, "client": vcs_package()}
     started = time.monotonic()
     with GridEngineExecutor(**options) as executor:
         first_start = time.monotonic() - started

@@ -3,7 +3,8 @@
 Unit tests of what is synced and how wheels are chosen, then the real thing on the cell (whose nodes
 have neither dask, numpy nor the test's own package): a client venv made here, an environment built
 on the cell from the index, again through the upload path with the head node's index unreachable, the
-error for a distribution nobody can provide, and two builders at once.
+error for a distribution nobody can provide, two builders at once, and a package installed from a git
+repository that is gone (on the multi-host cell, whose head node has its own /tmp).
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import shlex
 import subprocess
 import sys
 import time
+import uuid
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ssh
+from conftest import require_up, ssh, ssh_to
 
 from sheepdog_executor.cli import main
 from sheepdog_executor.config import CONFIG_ENV
@@ -125,6 +128,69 @@ PACKAGE = {
     "sdenvpkg/__init__.py": '"""The test\'s own package, installed editable in the client venv."""\n\n\n'
     "def triple(x: int) -> int:\n    return 3 * x\n",
 }
+
+
+def git_installed(tmp: Path, python: str = sys.executable, keep: bool = False) -> tuple[Path, str, str]:
+    """A package ``sdvcspkg`` committed to a git repository under ``tmp``, installed with ``pip install
+    --target SITE git+file://REPO`` (a value of its own in the commit), and the repository removed: only
+    the installed files are left (unless ``keep``). SITE, the value and the commit."""
+    repo, site, value = tmp / "sdvcspkg-repo", tmp / "site", uuid.uuid4().hex
+    (repo / "sdvcspkg").mkdir(parents=True)
+    (repo / "pyproject.toml").write_text(
+        PACKAGE["pyproject.toml"].replace("sdenvpkg", "sdvcspkg").replace("0.1.0", "0.2.0")
+    )
+    (repo / "sdvcspkg" / "__init__.py").write_text(f"VALUE = {value!r}\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "sdvcspkg 0.2.0"]):
+        subprocess.run([*git, *args], check=True, timeout=30)
+    commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
+    pip = [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps"]
+    subprocess.run([*pip, "--target", str(site), f"git+file://{repo}"], check=True, timeout=300)
+    if not keep:
+        subprocess.run(["rm", "-rf", str(repo)], check=True)
+    return site, value, commit.strip()
+
+
+def test_a_distribution_installed_from_git_ships_as_installed(tmp_path: Path) -> None:
+    site, value, commit = git_installed(tmp_path)
+    (wanted,) = client_distributions([str(site)])
+    assert (wanted.name, wanted.version) == ("sdvcspkg", "0.2.0")
+    assert commit in wanted.digest  # another commit, another environment
+    spec = EnvironmentSpec((wanted,))
+    assert spec.indexed == [] and spec.local == [wanted]
+    # the repository is gone: the wheel is made of the files installed here
+    (wheel,) = EnvironmentSync(spec)._local_wheels(NODE, str(tmp_path))
+    assert os.path.basename(wheel) == "sdvcspkg-0.2.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        assert "sdvcspkg/__init__.py" in names and "sdvcspkg-0.2.0.dist-info/RECORD" in names
+        assert not [n for n in names if n.endswith(".pyc") or "direct_url" in n or "INSTALLER" in n]
+    target = tmp_path / "installed"
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps"]
+    subprocess.run([*pip, "--no-index", "--target", str(target), wheel], check=True, timeout=120)
+    check = "import sdvcspkg; print(sdvcspkg.VALUE)"
+    done = subprocess.run(
+        [sys.executable, "-c", check],
+        env={**os.environ, "PYTHONPATH": str(target)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert done.stdout.strip() == value
+
+
+def test_a_git_install_whose_files_are_not_all_here_is_built_from_its_commit(tmp_path: Path) -> None:
+    site, value, commit = git_installed(tmp_path, keep=True)
+    (site / "sdvcspkg" / "__init__.py").unlink()  # its RECORD names a file that is gone
+    repo = tmp_path / "sdvcspkg-repo"
+    (repo / "sdvcspkg" / "__init__.py").write_text("VALUE = 'a later commit'\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    subprocess.run([*git, "commit", "-qam", "later"], check=True, timeout=30)
+    (wanted,) = client_distributions([str(site)])
+    assert wanted.source == f"git+file://{repo}@{commit}"
+    (wheel,) = EnvironmentSync(EnvironmentSpec((wanted,)))._local_wheels(NODE, str(tmp_path))
+    with zipfile.ZipFile(wheel) as archive:  # pip built it from the repository at the installed commit
+        assert archive.read("sdvcspkg/__init__.py").decode() == f"VALUE = {value!r}\n"
 
 
 @pytest.fixture(scope="session")
@@ -304,3 +370,42 @@ def test_the_environment_comes_from_the_interpreter_the_setup_lines_give(cell: s
     marker = json.loads(ssh(f"cat {synced.path}/.sheepdog-env.json").stdout)
     assert marker["python"] == "/opt/sheepdog-test-python/bin/python3"
     assert ssh(f"{synced.python} -c 'import six; print(six.__version__)'").stdout.strip() == "1.17.0"
+
+
+@pytest.mark.cluster
+@pytest.mark.multihost
+def test_sync_ships_a_distribution_installed_from_git(client_venv: Path, tmp_path: Path) -> None:
+    """Installed from a git repository the head node cannot reach (on this machine's /tmp, which is
+    not the multi-host cell's, and removed before the executor starts): the nodes import it all the
+    same, at the installed commit."""
+    alias = require_up(
+        "fear-multi",
+        "qstat -f",
+        lambda out: "all.q@mh-node1" in out,
+        "multi-host cell",
+        "scripts/test-cell.sh --multi-host",
+    )
+    site, value, commit = git_installed(tmp_path, str(client_venv / "bin" / "python"))
+    home = ssh_to(alias, 'printf %s "$HOME"').stdout.strip()
+    root = f"{home}/.sheepdog-test-env-vcs-{os.getpid()}-{int(time.time())}"
+    try:
+        done = subprocess.run(
+            [str(client_venv / "bin" / "python"), str(REPO / "tests" / "env_client.py"), alias, root, "vcs"],
+            capture_output=True,
+            text=True,
+            timeout=280,
+            env={**os.environ, "PYTHONPATH": f"{REPO}:{site}", "ENV_CLIENT_PROGRESS": "1"},
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+    finally:
+        ssh_to(alias, f"nohup setsid rm -rf {shlex.quote(root)} >/dev/null 2>&1 </dev/null &")
+    assert f"building a wheel of sdvcspkg 0.2.0 from the files installed here (git commit {commit[:12]})" in (
+        done.stderr
+    )
+    node, client = result["node"], result["client"]
+    assert client["file"].startswith(str(site)) and client["value"] == value
+    assert (node["version"], node["value"]) == ("0.2.0", value)
+    assert node["file"].startswith(result["path"] + "/lib/") and node["host"].startswith("mh-node")
+    assert result["built"] is True
