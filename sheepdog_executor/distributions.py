@@ -3,19 +3,26 @@ environment, and the wheels the nodes' Python accepts.
 
 Every distribution installed here that provides importable modules is wanted at the version
 installed here; one installed from a local path, in editable mode or from version control (the
-user's own project) is built into a wheel here (``Wanted.source``). The key of an environment hashes
-what it holds and the nodes' interpreter, so equal content on the same interpreter is built once.
+user's own project) is built into a wheel here (``Wanted.source``); one from version control is
+made of its installed files (``installed_wheel``), so that neither the head node nor this client
+needs to reach its repository again. The key of an environment hashes what it holds and the nodes'
+interpreter, so equal content on the same interpreter is built once.
 """
 
 from __future__ import annotations
 
+import base64
+import configparser
+import csv
 import hashlib
 import importlib.metadata
 import json
 import os
 import re
+import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 #: Bumped when what an environment holds changes for the same distributions (a new build recipe).
@@ -25,6 +32,8 @@ NEVER_SYNCED = frozenset({"pip", "sheepdog-executor"})
 _WHEEL_NAME = re.compile(
     r"^(?P<name>[^-]+)-(?P<version>[^-]+)(?:-\d[^-]*)?-(?P<py>[^-]+)-(?P<abi>[^-]+)-(?P<plat>[^-]+)\.whl$"
 )
+#: Files of an installed distribution's .dist-info that describe the installation, not the wheel.
+_INSTALLATION_FILES = frozenset({"RECORD", "INSTALLER", "REQUESTED", "direct_url.json"})
 #: Directories never part of a project's content (for the key of an editable install).
 _SKIPPED_DIRS = frozenset({"__pycache__", "build", "dist", "node_modules", ".git", ".hg", ".tox", ".nox"})
 
@@ -41,10 +50,15 @@ class Wanted:
     name: str
     version: str
     #: For a distribution built here: what ``pip wheel`` builds it from (a directory, a wheel file or a
-    #: ``name @ vcs+url`` requirement); None for one any package index has.
+    #: ``vcs+url@commit`` link); None for one any package index has.
     source: str | None = None
-    #: What identifies a locally built distribution's content (its RECORD, or its files' stamps).
+    #: What identifies a locally built distribution's content (its RECORD, its files' stamps, or the
+    #: commit it was installed from).
     digest: str = ""
+    #: For one installed from version control: its .dist-info directory here (a wheel is made of the
+    #: installed files, ``source`` is the fallback), and "git commit 0123abcd..." for messages.
+    installed: str = ""
+    origin: str = ""
 
     @property
     def requirement(self) -> str:
@@ -127,10 +141,13 @@ def _wanted(dist: importlib.metadata.Distribution, name: str) -> Wanted:
     if not isinstance(direct, dict) or not isinstance(direct.get("url"), str):
         return Wanted(name, version)
     url: str = direct["url"]
-    if "vcs_info" in direct:
-        vcs = direct["vcs_info"]
-        source = f"{name} @ {vcs.get('vcs', 'git')}+{url}@{vcs.get('commit_id', '')}"
-        return Wanted(name, version, source, vcs.get("commit_id", ""))
+    if isinstance(direct.get("vcs_info"), dict):
+        vcs, commit = str(direct["vcs_info"].get("vcs", "git")), str(direct["vcs_info"].get("commit_id", ""))
+        source = f"{vcs}+{url}@{commit}" if commit else f"{vcs}+{url}"  # pip takes no "name @" here
+        if direct.get("subdirectory"):
+            source += f"#subdirectory={direct['subdirectory']}"
+        info = _dist_info(dist)
+        return Wanted(name, version, source, commit, info, f"{vcs} commit {commit[:12]}")
     if not url.startswith("file://"):
         return Wanted(name, version)  # installed from an archive URL: an index's copy is the same
     path = url[len("file://") :]
@@ -139,6 +156,77 @@ def _wanted(dist: importlib.metadata.Distribution, name: str) -> Wanted:
     return Wanted(
         name, version, path, "record:" + hashlib.sha256((dist.read_text("RECORD") or "").encode()).hexdigest()
     )
+
+
+def _dist_info(dist: importlib.metadata.Distribution) -> str:
+    """The .dist-info directory of an installed distribution, or "" (none found)."""
+    for path in dist.files or ():
+        if path.name == "RECORD" and path.parent.name.endswith(".dist-info"):
+            return str(dist.locate_file(path.parent))
+    return ""
+
+
+def installed_wheel(info: str, out: str) -> str | None:
+    """A wheel, written into ``out``, of the files the distribution whose .dist-info directory is
+    ``info`` installed (its RECORD): what the client runs, byte for byte. None when those files are
+    not the whole distribution: no WHEEL file (not installed from a wheel), a file missing, or files
+    outside its site directory (data, headers) other than its entry points' scripts, which pip
+    writes anew. Compiled files (``__pycache__``) and the installation's own records are left out."""
+    meta, site = Path(info), Path(info).parent
+    try:
+        tags = [
+            line.split(":", 1)[1].strip()
+            for line in (meta / "WHEEL").read_text().splitlines()
+            if line.startswith("Tag:")
+        ]
+        rows = list(csv.reader((meta / "RECORD").read_text().splitlines()))
+    except OSError:
+        return None
+    if not tags or not all(len(t.split("-")) == 3 for t in tags):
+        return None
+    scripts: set[str] = set()
+    if (meta / "entry_points.txt").is_file():
+        points = configparser.ConfigParser(delimiters=("=",), interpolation=None)
+        points.optionxform = str  # type: ignore[assignment]
+        try:
+            points.read(meta / "entry_points.txt")
+        except configparser.Error:
+            return None
+        for section in ("console_scripts", "gui_scripts"):
+            scripts.update(points[section] if points.has_section(section) else ())
+    members = []
+    for row in rows:
+        if not row or not row[0]:
+            continue
+        path = PurePosixPath(row[0])
+        if path.is_absolute():
+            return None
+        if path.parent.name in ("bin", "Scripts") and path.name.removesuffix(".exe") in scripts:
+            continue
+        if path.parts[0] == ".." or ".." in path.parts:
+            return None
+        if "__pycache__" in path.parts or path.suffix == ".pyc":
+            continue
+        if path.parent.name == meta.name and path.name in _INSTALLATION_FILES:
+            continue
+        if not (site / path).is_file():
+            return None
+        members.append(str(path))
+    prefix = meta.name[: -len(".dist-info")]
+    parts = [t.split("-") for t in tags]
+    tag = "-".join(".".join(dict.fromkeys(p[i] for p in parts)) for i in range(3))
+    wheel = os.path.join(out, f"{prefix}-{tag}.whl")
+    record = []
+    members.sort(key=lambda m: (m.startswith(meta.name + "/"), m))  # the .dist-info last
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as archive:
+        for member in members:
+            data = (site / member).read_bytes()
+            archive.writestr(member, data)
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            record.append(f"{member},sha256={digest},{len(data)}\n")
+        record.append(f"{meta.name}/RECORD,,\n")
+        archive.writestr(f"{meta.name}/RECORD", "".join(record))
+    return wheel
 
 
 def tree_digest(root: str) -> str:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sheepdog_executor.distributions import EnvironmentSpec, NodePython, Wanted, canonical
+from sheepdog_executor.distributions import EnvironmentSpec, NodePython, Wanted, canonical, installed_wheel
 from sheepdog_executor.errors import ConfigurationError, EnvironmentSyncFailed, SchedulerError
 from sheepdog_executor.jobscript import JobOptions, with_setup
 from sheepdog_executor.shell import Shell
@@ -218,11 +218,21 @@ class EnvironmentSync:
         return answer
 
     def _local_wheels(self, node: NodePython, here: str) -> list[str]:
-        """Wheels of the distributions installed from a path, editable or from version control."""
+        """Wheels of the distributions installed from a path, editable or from version control (made
+        of the installed files when they can be, else built from the repository at its commit)."""
         wheels = []
         for wanted in self.spec.local:
             assert wanted.source is not None
-            if wanted.source.endswith(".whl") and os.path.isfile(wanted.source):
+            made = None
+            if wanted.installed:
+                made = installed_wheel(wanted.installed, tempfile.mkdtemp(prefix="wheel-", dir=here))
+            if made is not None:
+                self._say(
+                    f"building a wheel of {wanted.name} {wanted.version} from the files installed here "
+                    f"({wanted.origin})"
+                )
+                wheel = made
+            elif wanted.source.endswith(".whl") and os.path.isfile(wanted.source):
                 wheel = wanted.source
             else:
                 self._say(f"building a wheel of {wanted.name} {wanted.version} from {wanted.source}")
