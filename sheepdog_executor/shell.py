@@ -28,6 +28,11 @@ log = logging.getLogger("sheepdog_executor")
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 
+#: Sessions (commands, file transfers) open at once on one connection: OpenSSH's sshd refuses more
+#: than 10 (MaxSessions), counting for a moment those just closed, and the tunnel's relay holds one.
+MAX_SESSIONS = 6
+
+
 @dataclass(frozen=True)
 class Completed:
     """What a command did: its exit status and output."""
@@ -170,6 +175,8 @@ class SSHShell(Shell):
         self._client: Any = None
         self._jump: SSHShell | None = None
         self._closed = False
+        #: Commands and file transfers may run at the same time, each in a session of its own
+        self._sessions = threading.BoundedSemaphore(MAX_SESSIONS)
         self._connect()
 
     # -- connection -------------------------------------------------------------------------
@@ -290,16 +297,17 @@ class SSHShell(Shell):
         for attempt in range(attempts):
             transport = None
             try:
-                transport = self._usable_transport()
-                channel = transport.open_session(timeout=timeout)
-                channel.settimeout(timeout)
-                channel.exec_command(command)
-                if stdin:
-                    channel.sendall(stdin)
-                channel.shutdown_write()
-                out, err = _drain(channel)
-                code = channel.recv_exit_status()
-                channel.close()
+                with self._sessions:
+                    transport = self._usable_transport()
+                    channel = transport.open_session(timeout=timeout)
+                    channel.settimeout(timeout)
+                    channel.exec_command(command)
+                    if stdin:
+                        channel.sendall(stdin)
+                    channel.shutdown_write()
+                    out, err = _drain(channel)
+                    code = channel.recv_exit_status()
+                    channel.close()
                 return Completed(command, code, out.decode(errors="replace"), err.decode(errors="replace"))
             except (paramiko.SSHException, EOFError, OSError) as exc:
                 if transport is not None and (isinstance(exc, TimeoutError) or "Timeout" in str(exc)):
@@ -319,21 +327,26 @@ class SSHShell(Shell):
                 self._client.close()
 
     def put(self, path: str, data: bytes, mode: int = 0o600) -> None:
-        transport = self._usable_transport()
+        try:
+            self._put(path, data, mode)
+        except FileNotFoundError:  # its directory is missing: made 0700, as LocalShell.put makes it
+            self.run(f"mkdir -p -m 700 {shlex.quote(os.path.dirname(path))}")
+            self._put(path, data, mode)
+
+    def _put(self, path: str, data: bytes, mode: int) -> None:
         import paramiko
 
-        sftp = paramiko.SFTPClient.from_transport(transport)
-        assert sftp is not None
-        try:
-            directory = os.path.dirname(path)
-            self.run(f"mkdir -p -m 700 {shlex.quote(directory)}")
-            # create empty, restrict, then write: the content never sits in a readable file
-            with sftp.open(path, "wb") as handle:
-                handle.chmod(mode)
-                handle.set_pipelined(True)
-                handle.write(data)
-        finally:
-            sftp.close()
+        with self._sessions:
+            sftp = paramiko.SFTPClient.from_transport(self._usable_transport())
+            assert sftp is not None
+            try:
+                # create empty, restrict, then write: the content never sits in a readable file
+                with sftp.open(path, "wb") as handle:
+                    handle.chmod(mode)
+                    handle.set_pipelined(True)
+                    handle.write(data)
+            finally:
+                sftp.close()
 
     def callback_address(self) -> str:
         transport = self._usable_transport()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import secrets
 import socket
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -23,3 +25,42 @@ def test_the_connection_sends_small_packets_at_once(shell: SSHShell) -> None:
     # with Nagle's algorithm each command waited for a delayed ACK: 40 ms, whatever the link
     sock = shell.transport().sock
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
+def test_put_makes_a_missing_directory_0700_and_the_file_0600(shell: SSHShell) -> None:
+    home = shell.run('printf %s "$HOME"').stdout
+    top = f"{home}/.sd-shell-test-{secrets.token_hex(4)}"
+    try:
+        shell.put(f"{top}/a/b/file", b"content", 0o600)
+        shell.put(f"{top}/a/b/other", b"more", 0o600)  # its directory exists now
+        listing = shell.run(f"ls -ldn {top}/a/b {top}/a/b/file {top}/a/b/other; cat {top}/a/b/file")
+        lines = listing.stdout.splitlines()
+        assert [line.split()[0] for line in lines[:3]] == ["drwx------", "-rw-------", "-rw-------"]
+        assert lines[3] == "content"
+    finally:
+        shell.run(f"rm -rf {top}")
+
+
+def test_commands_and_puts_at_the_same_time_on_one_connection(shell: SSHShell) -> None:
+    home = shell.run('printf %s "$HOME"').stdout
+    top = f"{home}/.sd-shell-test-{secrets.token_hex(4)}"
+    answers: dict[int, str] = {}
+    errors: list[BaseException] = []
+
+    def work(n: int) -> None:
+        try:
+            shell.put(f"{top}/{n}", str(n).encode(), 0o600)
+            answers[n] = shell.run(f"cat {top}/{n}; echo -{n}").stdout
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(12)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+    finally:
+        shell.run(f"rm -rf {top}")
+    assert not errors
+    assert answers == {n: f"{n}-{n}\n" for n in range(12)}
