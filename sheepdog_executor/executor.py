@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import itertools
 import logging
@@ -25,6 +26,7 @@ from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import Any, ClassVar, TypeVar
 
 from sheepdog_executor import pickling
+from sheepdog_executor.background import in_background, settle
 from sheepdog_executor.bundle import worker_bundle
 from sheepdog_executor.callfuture import CallFuture
 from sheepdog_executor.config import uses_config
@@ -46,8 +48,8 @@ from sheepdog_executor.server import Endpoint
 from sheepdog_executor.sessiondir import make_session_dir, prepare_root
 from sheepdog_executor.shell import LocalShell, Shell, SSHShell, SSHTarget
 from sheepdog_executor.status import StatusPage
-from sheepdog_executor.tls import make_certificate
-from sheepdog_executor.tunnel import choose_route
+from sheepdog_executor.tls import Certificate, make_certificate
+from sheepdog_executor.tunnel import Route, choose_route
 
 log = logging.getLogger("sheepdog_executor")
 T = TypeVar("T")
@@ -105,42 +107,34 @@ class Session:
         self._empty = threading.Condition()
         self.dispatcher.on_change = self._changed
         secret = secrets.token_hex(32).encode()
-        scheduler.prepare()
-        # refused if another user could replace it (canonical path, created 0700 if missing)
-        root = prepare_root(shell, session_root)
+        bundle = worker_bundle()
         #: The synced environment the nodes run (``environment="sync"``), else None.
         self.environment: SyncedEnvironment | None = None
-        if environment is not None:
-            head = HeadNode(shell, scheduler.options, scheduler.command_setup)
-            self.environment = environment.prepare(head, root)
-            scheduler.options = dataclasses.replace(scheduler.options, python=self.environment.python)
-        # a new 0700 directory of the user's, or an error
-        self.session_dir = make_session_dir(shell, root)
+        self.session_dir = ""  # set as soon as it exists: what a failed set-up removes
+        #: The site's largest array, asked now for the first submit (not awaited here).
+        self.array_limit = in_background(scheduler.max_array_size, "sheepdog-array-limit")
+        steps: list[Future[Any]] = []
         try:
             self.dispatcher.start()  # inside: a set-up that fails from here on closes it again
-            shell.put(f"{self.session_dir}/secret", secret, 0o600)
-            bundle = worker_bundle()
-            shell.put(f"{self.session_dir}/bundle.zip", bundle, 0o600)
-            # how workers reach us (direct or SSH tunnel); with tls, a certificate they pin by its
-            # fingerprint, which goes on their command line: it is not secret, only the secret file is
-            route = choose_route(shell, callback, callback_address or shell.callback_address(), callback_port)
-            certificate = make_certificate() if tls else None
-            self.status_page = StatusPage(self.status, shell.description) if status_page else None
-            self.endpoint = Endpoint(
-                self.dispatcher,
-                secret,
-                address=route.listen_address,
-                port=route.listen_port,
-                ssl_context=certificate.server_context() if certificate else None,
-                routes=self.status_page.routes() if self.status_page else (),
+            # independent steps at once, each SSH command on a channel of its own; their results
+            # are taken in the order of a one-after-the-other set-up, so is the first error raised
+            checked = in_background(scheduler.prepare, "sheepdog-setup-check")
+            steps.append(checked)
+            make = functools.partial(self._make_session_dir, session_root, secret, bundle)
+            made = in_background(make, "sheepdog-setup-dir")
+            steps.append(made)
+            open_endpoint = functools.partial(
+                self._open_endpoint, secret, callback, callback_address, callback_port, tls, status_page
             )
-            self.endpoint.start()
-            try:
-                #: (label, host, port) of each way the workers may reach us, best first
-                self.routes = route.open(shell, self.endpoint, self._tunnel_moved)
-            except BaseException:
-                self.endpoint.stop()
-                raise
+            opened = in_background(open_endpoint, "sheepdog-setup-endpoint")
+            steps.append(opened)
+            checked.result()  # the scheduler's commands are there (SchedulerError naming the fix)
+            root = made.result()  # the 0700 session directory, the 0600 secret and the bundle
+            if environment is not None:  # after the checks: a build takes minutes
+                head = HeadNode(shell, scheduler.options, scheduler.command_setup)
+                self.environment = environment.prepare(head, root)
+                scheduler.options = dataclasses.replace(scheduler.options, python=self.environment.python)
+            route, certificate = opened.result()  # the endpoint and the workers' routes to it
             _, host, port = self.routes[0]
             self.launch = WorkerLaunch(
                 self.session_dir,
@@ -158,6 +152,7 @@ class Session:
                 poll_interval=poll_interval,
                 heartbeat_timeout=heartbeat_timeout,
                 disconnect_tolerance=disconnect_tolerance,
+                array_limit=self.array_limit,
             )
             self.jobs.start()
             log.info("session %s on %s, endpoint %s", self.session_dir, shell.description, self.launch.url)
@@ -170,8 +165,52 @@ class Session:
                 log.info("status page: %s", self.status_url)
         except BaseException:
             # nothing half-made stays behind: the endpoint, the tunnel, the session directory
+            settle(steps)  # no step still making something
             self._discard_partial()
             raise
+
+    def _make_session_dir(self, session_root: str, secret: bytes, bundle: bytes) -> str:
+        """Make a new 0700 session directory of the user's (or raise), and put the secret and the
+        worker bundle in it, both 0600; return the canonical session root."""
+        # refused if another user could replace it (canonical path, created 0700 if missing)
+        root = prepare_root(self.shell, session_root)
+        self.session_dir = make_session_dir(self.shell, root)
+        self.shell.put(f"{self.session_dir}/secret", secret, 0o600)
+        self.shell.put(f"{self.session_dir}/bundle.zip", bundle, 0o600)
+        return root
+
+    def _open_endpoint(
+        self,
+        secret: bytes,
+        callback: str,
+        callback_address: str | None,
+        callback_port: int,
+        tls: bool,
+        status_page: bool,
+    ) -> tuple[Route, Certificate | None]:
+        """Decide how workers reach us (direct or SSH tunnel), start the endpoint there and open the
+        routes; with tls, a certificate they pin by its fingerprint, which goes on their command
+        line: it is not secret, only the secret file is."""
+        shell = self.shell
+        route = choose_route(shell, callback, callback_address or shell.callback_address(), callback_port)
+        certificate = make_certificate() if tls else None
+        self.status_page = StatusPage(self.status, shell.description) if status_page else None
+        self.endpoint = Endpoint(
+            self.dispatcher,
+            secret,
+            address=route.listen_address,
+            port=route.listen_port,
+            ssl_context=certificate.server_context() if certificate else None,
+            routes=self.status_page.routes() if self.status_page else (),
+        )
+        self.endpoint.start()
+        try:
+            #: (label, host, port) of each way the workers may reach us, best first
+            self.routes = route.open(shell, self.endpoint, self._tunnel_moved)
+        except BaseException:
+            self.endpoint.stop()
+            raise
+        return route, certificate
 
     def _write_routes(self) -> None:
         """Tell the workers how to reach us: the routes file they read (and re-read when their
@@ -210,6 +249,8 @@ class Session:
 
     def _remove_session_dir(self) -> None:
         """Best effort: a failure here must not hide the error or the teardown around it."""
+        if not self.session_dir:
+            return
         try:
             self.shell.run(f"rm -rf {shlex.quote(self.session_dir)}", timeout=30)
         except Exception as exc:  # noqa: BLE001
@@ -264,6 +305,7 @@ class Session:
         self.endpoint.stop()
         self.dispatcher.close()
         self._remove_session_dir()
+        settle([self.array_limit], timeout=30)
         self.shell.close()
 
 

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,6 +112,7 @@ class JobManager:
         heartbeat_timeout: float,
         disconnect_tolerance: float = 600.0,
         clock: Callable[[], float] = awake_or_asleep,
+        array_limit: Future[int | None] | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.dispatcher = dispatcher
@@ -132,6 +134,8 @@ class JobManager:
         self._last_poll = -float("inf")
         self._max_array: int | None = None
         self._array_limit_known = False
+        #: The scheduler's answer to ``max_array_size``, asked early (during the set-up), if it was.
+        self._early_array_limit = array_limit
         self._thread = threading.Thread(target=self._run, name="sheepdog-jobs", daemon=True)
 
     # -- control from other threads --------------------------------------------------------
@@ -407,9 +411,13 @@ class JobManager:
         return True
 
     def _array_limit(self) -> int | None:
-        """The site's largest array, asked once."""
+        """The site's largest array, asked once (the early answer if it came, else now)."""
         if not self._array_limit_known:
-            self._max_array = self.scheduler.max_array_size()
+            early = self._early_array_limit
+            if early is not None and early.exception() is None:
+                self._max_array = early.result()
+            else:  # not asked early, or that failed (a dropped connection): ask now
+                self._max_array = self.scheduler.max_array_size()
             self._array_limit_known = True
         return self._max_array
 

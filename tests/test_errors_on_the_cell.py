@@ -71,8 +71,12 @@ def test_unknown_host_key_is_refused_not_accepted(cell: str, tmp_path: Path) -> 
 
 
 def test_missing_qsub_is_named(cell: str) -> None:
+    root = f"/home/sdtest/.sd-noqsub-{os.getpid()}"
     with pytest.raises(SchedulerError, match="qsub, qstat, qdel not found"):
-        GridEngineExecutor(host=cell, command_setup="PATH=/nonexistent; export PATH")
+        GridEngineExecutor(host=cell, command_setup="PATH=/nonexistent; export PATH", session_root=root)
+    # the session directory, made while the commands were looked for, is gone again
+    assert ssh(f"ls -A {root} 2>/dev/null").stdout.strip() == ""
+    ssh(f"rmdir {root} 2>/dev/null")
 
 
 def test_missing_interpreter_fails_futures_with_stderr(
