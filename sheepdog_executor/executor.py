@@ -23,7 +23,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FuturesTimeout
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from sheepdog_executor import pickling
 from sheepdog_executor.background import in_background, settle
@@ -48,8 +48,10 @@ from sheepdog_executor.server import Endpoint
 from sheepdog_executor.sessiondir import make_session_dir, prepare_root
 from sheepdog_executor.shell import LocalShell, Shell, SSHShell, SSHTarget
 from sheepdog_executor.status import StatusPage
-from sheepdog_executor.tls import Certificate, make_certificate
 from sheepdog_executor.tunnel import Route, choose_route
+
+if TYPE_CHECKING:
+    from sheepdog_executor.tls import Certificate
 
 log = logging.getLogger("sheepdog_executor")
 T = TypeVar("T")
@@ -193,7 +195,11 @@ class Session:
         line: it is not secret, only the secret file is."""
         shell = self.shell
         route = choose_route(shell, callback, callback_address or shell.callback_address(), callback_port)
-        certificate = make_certificate() if tls else None
+        certificate = None
+        if tls:  # imported here: cryptography's x509 costs every other executor's start 30 ms
+            from sheepdog_executor.tls import make_certificate
+
+            certificate = make_certificate()
         self.status_page = StatusPage(self.status, shell.description) if status_page else None
         self.endpoint = Endpoint(
             self.dispatcher,
