@@ -196,20 +196,24 @@ class Session:
         shell = self.shell
         route = choose_route(shell, callback, callback_address or shell.callback_address(), callback_port)
         certificate = None
-        if tls:  # imported here: cryptography's x509 costs every other executor's start 30 ms
-            from sheepdog_executor.tls import make_certificate
+        try:
+            if tls:  # imported here: cryptography's x509 costs every other executor's start 30 ms
+                from sheepdog_executor.tls import make_certificate
 
-            certificate = make_certificate()
-        self.status_page = StatusPage(self.status, shell.description) if status_page else None
-        self.endpoint = Endpoint(
-            self.dispatcher,
-            secret,
-            address=route.listen_address,
-            port=route.listen_port,
-            ssl_context=certificate.server_context() if certificate else None,
-            routes=self.status_page.routes() if self.status_page else (),
-        )
-        self.endpoint.start()
+                certificate = make_certificate()
+            self.status_page = StatusPage(self.status, shell.description) if status_page else None
+            self.endpoint = Endpoint(
+                self.dispatcher,
+                secret,
+                address=route.listen_address,
+                port=route.listen_port,
+                ssl_context=certificate.server_context() if certificate else None,
+                routes=self.status_page.routes() if self.status_page else (),
+            )
+            self.endpoint.start()
+        except BaseException:
+            route.discard()
+            raise
         try:
             #: (label, host, port) of each way the workers may reach us, best first
             self.routes = route.open(shell, self.endpoint, self._tunnel_moved)

@@ -24,10 +24,12 @@ import shlex
 import socket
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sheepdog_executor.background import in_background, settle
 from sheepdog_executor.errors import ConfigurationError, ConnectionFailed
 from sheepdog_executor.shell import Shell, SSHShell
 
@@ -69,6 +71,8 @@ class Route:
     why: str = ""
     #: Direct, with the tunnel offered as a second route (auto, when the head node reached us).
     fallback: bool = False
+    #: The tunnel, and its opening, started while the probe ran (auto), not yet delivering.
+    early: tuple[Tunnel, Future[tuple[str, int]]] | None = field(default=None, compare=False, repr=False)
 
     @property
     def listen_address(self) -> str:
@@ -90,10 +94,11 @@ class Route:
             if not self.fallback:
                 return routes
         assert isinstance(shell, SSHShell)
-        tunnel = Tunnel(shell, endpoint.port, self.listen_address, on_moved)
+        tunnel, opening = self.early or (Tunnel(shell), None)
+        tunnel.deliver_to(self.listen_address, endpoint.port, on_moved)
         endpoint.on_stop.append(tunnel.close)
         try:
-            host, port = tunnel.open()
+            host, port = opening.result() if opening is not None else tunnel.open()
         except ConnectionFailed as exc:
             if routes:  # auto: the head node reached us directly; the nodes will have to as well
                 log.warning("no tunnel as a second route (the nodes must connect directly): %s", exc)
@@ -111,9 +116,15 @@ class Route:
         )
         return [*routes, ("tunnel", host, port)]
 
+    def discard(self) -> None:
+        """Close the tunnel started early, when ``open`` will not be called (the set-up failed)."""
+        if self.early is not None:
+            _close_early(*self.early)
+
 
 def choose_route(shell: Shell, callback: str, address: str, port: int = 0) -> Route:
-    """Decide how the workers will reach this client; ``auto`` probes from the head node."""
+    """Decide how the workers will reach this client; ``auto`` probes from the head node, while the
+    tunnel it offers either way (as the route, or as the second one) is being opened."""
     if callback not in CALLBACK_MODES:
         modes = ", ".join(map(repr, CALLBACK_MODES))
         raise ConfigurationError(f"callback must be one of {modes}, not {callback!r}")
@@ -123,10 +134,21 @@ def choose_route(shell: Shell, callback: str, address: str, port: int = 0) -> Ro
         return Route("direct", address, port)
     if callback != "auto":
         return Route(callback, address, port)
-    why = probe_direct(shell, address, port)
+    tunnel = Tunnel(shell)
+    early = tunnel, in_background(tunnel.open, "sheepdog-tunnel-open")
+    try:
+        why = probe_direct(shell, address, port)
+    except BaseException:
+        _close_early(*early)
+        raise
     if why is None:
-        return Route("direct", address, port, fallback=True)
-    return Route("tunnel", address, port, why)
+        return Route("direct", address, port, fallback=True, early=early)
+    return Route("tunnel", address, port, why, early=early)
+
+
+def _close_early(tunnel: Tunnel, opening: Future[tuple[str, int]]) -> None:
+    settle([opening])  # else it could finish opening after the close
+    tunnel.close()
 
 
 def probe_direct(shell: SSHShell, address: str, port: int = 0, timeout: float = 5.0) -> str | None:
@@ -192,12 +214,12 @@ class Tunnel:
     def __init__(
         self,
         shell: SSHShell,
-        local_port: int,
+        local_port: int = 0,
         local_host: str = "127.0.0.1",
         on_moved: Callable[[str, int, bool], None] | None = None,
     ) -> None:
         self._shell = shell
-        self._local = (local_host, local_port)
+        self._local = (local_host, local_port)  # no port: not delivering yet (see deliver_to)
         self._on_moved = on_moved
         self._relay_pid = 0  # on the head node: ended when the tunnel is re-made over a new connection
         self._transport: Any = None
@@ -209,6 +231,13 @@ class Tunnel:
         self._lock = threading.Lock()
         self._channels: set[Any] = set()
         self._watcher = threading.Thread(target=self._watch, name="sheepdog-tunnel", daemon=True)
+
+    def deliver_to(
+        self, local_host: str, local_port: int, on_moved: Callable[[str, int, bool], None] | None = None
+    ) -> None:
+        """Where connections through the tunnel go (the endpoint), and whom to tell when it moved."""
+        self._local = (local_host, local_port)
+        self._on_moved = on_moved
 
     def open(self) -> tuple[str, int]:
         """Set up forward and relay; return the relay's (host, port)."""
@@ -289,6 +318,8 @@ class Tunnel:
 
     def _pump(self, channel: Any) -> None:
         try:
+            if not self._local[1]:
+                raise ConnectionRefusedError("the endpoint is not started yet")
             sock = socket.create_connection(self._local, timeout=10)
         except OSError as exc:
             log.debug("tunnel: endpoint unreachable: %s", exc)
