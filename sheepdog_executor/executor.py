@@ -226,9 +226,7 @@ class Session:
         """Tell the workers how to reach us: the routes file they read (and re-read when their
         connection fails), and the endpoint record `sheepdog-executor cleanup` reads, both 0600."""
         lines = [f"{label} {self.endpoint.scheme}://{host}:{port}\n" for label, host, port in self.routes]
-        new = f"{self.session_dir}/{ROUTES_FILE}.new"
-        self.shell.put(new, "".join(lines).encode(), 0o600)
-        self.shell.run(f"mv -f {shlex.quote(new)} {shlex.quote(f'{self.session_dir}/{ROUTES_FILE}')}")
+        self.shell.put(f"{self.session_dir}/{ROUTES_FILE}", "".join(lines).encode(), 0o600, replace=True)
         _, host, port = self.routes[0]
         self.shell.put(
             f"{self.session_dir}/endpoint", f"{self.endpoint.scheme}://{host}:{port}\n".encode(), 0o600

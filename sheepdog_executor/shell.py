@@ -54,8 +54,10 @@ class Shell:
         """Run ``command`` with /bin/sh; ``retry=False`` for commands that must not run twice."""
         raise NotImplementedError
 
-    def put(self, path: str, data: bytes, mode: int = 0o600) -> None:
-        """Write a file that only its owner can read (mode is applied before any byte is written)."""
+    def put(self, path: str, data: bytes, mode: int = 0o600, *, replace: bool = False) -> None:
+        """Write a file that only its owner can read (mode is applied before any byte is written);
+        with ``replace``, written as ``PATH.new`` and renamed over ``path``: a reader sees the old
+        file or the new one, never a part."""
         raise NotImplementedError
 
     def callback_address(self) -> str:
@@ -83,13 +85,16 @@ class LocalShell(Shell):
             proc.stderr.decode(errors="replace"),
         )
 
-    def put(self, path: str, data: bytes, mode: int = 0o600) -> None:
-        target = Path(os.path.expanduser(path))
+    def put(self, path: str, data: bytes, mode: int = 0o600, *, replace: bool = False) -> None:
+        final = Path(os.path.expanduser(path))
+        target = final.with_name(final.name + ".new") if replace else final
         target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         with os.fdopen(fd, "wb") as handle:
             os.fchmod(handle.fileno(), mode)
             handle.write(data)
+        if replace:
+            os.replace(target, final)
 
     def callback_address(self) -> str:
         return _address_towards("8.8.8.8") or socket.gethostbyname(socket.gethostname())
@@ -326,14 +331,19 @@ class SSHShell(Shell):
                 log.warning("SSH connection to %s does not answer; closing it", self.description)
                 self._client.close()
 
-    def put(self, path: str, data: bytes, mode: int = 0o600) -> None:
+    def put(self, path: str, data: bytes, mode: int = 0o600, *, replace: bool = False) -> None:
+        target = f"{path}.new" if replace else path
         try:
-            self._put(path, data, mode)
+            renamed = self._put(target, data, mode, path if replace else None)
         except FileNotFoundError:  # its directory is missing: made 0700, as LocalShell.put makes it
             self.run(f"mkdir -p -m 700 {shlex.quote(os.path.dirname(path))}")
-            self._put(path, data, mode)
+            renamed = self._put(target, data, mode, path if replace else None)
+        if replace and not renamed:  # an SFTP server without OpenSSH's posix-rename
+            self.run(f"mv -f {shlex.quote(target)} {shlex.quote(path)}")
 
-    def _put(self, path: str, data: bytes, mode: int) -> None:
+    def _put(self, path: str, data: bytes, mode: int, rename_to: str | None) -> bool:
+        """Write ``path`` over SFTP, then rename it to ``rename_to`` if given; False when the server
+        could not rename it so (its rename refuses to replace a file)."""
         import paramiko
 
         with self._sessions:
@@ -345,6 +355,12 @@ class SSHShell(Shell):
                     handle.chmod(mode)
                     handle.set_pipelined(True)
                     handle.write(data)
+                if rename_to is not None:
+                    try:
+                        sftp.posix_rename(path, rename_to)
+                    except OSError:
+                        return False
+                return True
             finally:
                 sftp.close()
 

@@ -6,10 +6,11 @@ import secrets
 import socket
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from sheepdog_executor.shell import SSHShell, SSHTarget
+from sheepdog_executor.shell import LocalShell, SSHShell, SSHTarget
 
 pytestmark = pytest.mark.cluster
 
@@ -64,3 +65,18 @@ def test_commands_and_puts_at_the_same_time_on_one_connection(shell: SSHShell) -
         shell.run(f"rm -rf {top}")
     assert not errors
     assert answers == {n: f"{n}-{n}\n" for n in range(12)}
+
+
+def test_put_replacing_a_file_leaves_the_new_content_only(shell: SSHShell, tmp_path: Path) -> None:
+    home = shell.run('printf %s "$HOME"').stdout
+    top = f"{home}/.sd-shell-test-{secrets.token_hex(4)}"
+    try:
+        for made, where in ((shell, top), (LocalShell(), str(tmp_path))):
+            made.put(f"{where}/routes", b"old\n", 0o600, replace=True)
+            made.put(f"{where}/routes", b"new\n", 0o600, replace=True)
+            listing = made.run(f"cat {where}/routes; ls -An {where}")
+            lines = listing.stdout.splitlines()
+            assert lines[0] == "new" and len(lines) == 3, listing.stdout  # no routes.new left
+            assert lines[2].startswith("-rw------- ") and lines[2].endswith(" routes")
+    finally:
+        shell.run(f"rm -rf {top}")
