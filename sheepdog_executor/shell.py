@@ -304,7 +304,7 @@ class SSHShell(Shell):
             try:
                 with self._sessions:
                     transport = self._usable_transport()
-                    channel = transport.open_session(timeout=timeout)
+                    channel = open_session(transport, timeout)
                     channel.settimeout(timeout)
                     channel.exec_command(command)
                     if stdin:
@@ -347,8 +347,9 @@ class SSHShell(Shell):
         import paramiko
 
         with self._sessions:
-            sftp = paramiko.SFTPClient.from_transport(self._usable_transport())
-            assert sftp is not None
+            channel = open_session(self._usable_transport(), 30.0)
+            channel.invoke_subsystem("sftp")
+            sftp = paramiko.SFTPClient(channel)
             try:
                 # create empty, restrict, then write: the content never sits in a readable file
                 with sftp.open(path, "wb") as handle:
@@ -380,6 +381,24 @@ class SSHShell(Shell):
                 self._client = None
         if self._jump is not None:
             self._jump.close()
+
+
+def open_session(transport: Any, timeout: float, patience: float = 10.0) -> Any:
+    """A new session (channel) on ``transport``. sshd refuses one beyond its MaxSessions (10 by
+    default, fewer at some sites), counting for a moment those just closed: then again, once
+    another ended, for up to ``patience`` seconds."""
+    import paramiko
+
+    deadline = time.monotonic() + min(patience, timeout)
+    delay = 0.01
+    while True:
+        try:
+            return transport.open_session(timeout=timeout)
+        except paramiko.ChannelException:
+            if time.monotonic() + delay > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
 
 
 def _tcp_connection(host: str, port: int, timeout: float) -> socket.socket:

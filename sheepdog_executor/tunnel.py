@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from sheepdog_executor.background import in_background, settle
 from sheepdog_executor.errors import ConfigurationError, ConnectionFailed
-from sheepdog_executor.shell import Shell, SSHShell
+from sheepdog_executor.shell import Shell, SSHShell, open_session
 
 if TYPE_CHECKING:
     from sheepdog_executor.server import Endpoint
@@ -284,7 +284,7 @@ class Tunnel:
             return self._start_relay_on(transport, forwarded, 0)
 
     def _start_relay_on(self, transport: Any, forwarded: int, port: int) -> tuple[Any, str, int]:
-        channel = transport.open_session(timeout=30)
+        channel = open_session(transport, 30)
         channel.settimeout(30)
         command, code = _remote_python("relay", forwarded, port)
         channel.exec_command(command)

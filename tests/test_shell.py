@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import secrets
+import signal
 import socket
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import NODE_PYTHON, wait_until
 
+from sheepdog_executor import GridEngineExecutor
 from sheepdog_executor.shell import LocalShell, SSHShell, SSHTarget
 
 pytestmark = pytest.mark.cluster
@@ -80,3 +85,44 @@ def test_put_replacing_a_file_leaves_the_new_content_only(shell: SSHShell, tmp_p
             assert lines[2].startswith("-rw------- ") and lines[2].endswith(" routes")
     finally:
         shell.run(f"rm -rf {top}")
+
+
+@pytest.fixture
+def sshd_of_two_sessions(cell: str) -> Iterator[int]:
+    """An sshd of our own on 127.0.0.1:2224 that allows two sessions per connection (MaxSessions)."""
+    port = 2224
+    config = Path("/var/lib/sheepdog-test-cell/sshd_config").read_text()
+    path = Path(f"/tmp/sheepdog-test-sshd-{port}.conf")
+    pidfile = Path(f"/tmp/sheepdog-test-sshd-{port}.pid")
+    lines = [line for line in config.splitlines() if not line.startswith(("Port", "PidFile", "MaxSessions"))]
+    path.write_text("\n".join([*lines, f"Port {port}", f"PidFile {pidfile}", "MaxSessions 2"]) + "\n")
+    known = Path("/root/.ssh/known_hosts")
+    if f"[127.0.0.1]:{port}" not in known.read_text():
+        keys = subprocess.run(
+            ["ssh-keyscan", "-p", "2222", "-t", "ed25519", "127.0.0.1"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        with known.open("a") as handle:
+            handle.write(keys.replace("[127.0.0.1]:2222", f"[127.0.0.1]:{port}"))
+    subprocess.run(["/usr/sbin/sshd", "-f", str(path)], check=True)
+    try:
+        wait_until(
+            lambda: subprocess.run(["ssh", "-p", str(port), cell, "true"]).returncode == 0, 10, "the sshd"
+        )
+        yield port
+    finally:
+        pid = int(pidfile.read_text())
+        subprocess.run(["pkill", "-P", str(pid)], check=False)  # its connections
+        os.kill(pid, signal.SIGTERM)
+
+
+def test_a_site_allowing_two_sessions_per_connection_gets_a_working_executor(
+    cell: str, sshd_of_two_sessions: int
+) -> None:
+    # the relay holds one session; the set-up's commands, at once, take turns in the other
+    with GridEngineExecutor(
+        host=cell, port=sshd_of_two_sessions, max_workers=2, python=NODE_PYTHON
+    ) as executor:
+        assert list(executor.map(abs, [-1, -2, -3], timeout=120)) == [1, 2, 3]
