@@ -118,8 +118,8 @@ class Session:
         steps: list[Future[Any]] = []
         try:
             self.dispatcher.start()  # inside: a set-up that fails from here on closes it again
-            # independent steps at once, each SSH command on a channel of its own; their results
-            # are taken in the order of a one-after-the-other set-up, so is the first error raised
+            # independent steps at once, each SSH command in a session of its own; their results
+            # are taken in the order of a one-after-the-other set-up, whose first error is raised
             checked = in_background(scheduler.prepare, "sheepdog-setup-check")
             steps.append(checked)
             make = functools.partial(self._make_session_dir, session_root, secret, bundle)

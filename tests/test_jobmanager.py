@@ -95,7 +95,14 @@ class Clock:
 class Rig:
     """A dispatcher with calls, a fake scheduler and a JobManager driven step by step."""
 
-    def __init__(self, calls: int, *, max_workers: int = 4, max_array: int | None = None) -> None:
+    def __init__(
+        self,
+        calls: int,
+        *,
+        max_workers: int = 4,
+        max_array: int | None = None,
+        array_limit: Future[int | None] | None = None,
+    ) -> None:
         self.scheduler = FakeScheduler(max_array)
         self.dispatcher = Dispatcher(retries=0, idle_timeout=60, python=(3, 11))
         self.clock = Clock()
@@ -108,6 +115,7 @@ class Rig:
             poll_interval=2.0,
             heartbeat_timeout=60.0,
             clock=self.clock,
+            array_limit=array_limit,
         )
         self.futures: list[Future[Any]] = [CallFuture() for _ in range(calls)]
         self.dispatcher.add(abs, "call", [((-1,), {})] * calls, self.futures, 1, "abs")
@@ -136,6 +144,19 @@ def test_arrays_are_split_at_the_sites_limit() -> None:
     rig.step()
     assert [tasks for _, tasks in rig.scheduler.submitted] == [3, 3, 1]
     assert rig.manager.submitted_jobs == ["101", "102", "103"]
+
+
+def test_the_sites_limit_asked_during_the_set_up_is_used_and_a_failed_answer_asked_again() -> None:
+    early: Future[int | None] = Future()
+    early.set_result(2)  # the answer that came during the set-up; the scheduler now says 3
+    rig = Rig(5, max_workers=8, max_array=3, array_limit=early)
+    rig.step()
+    assert [tasks for _, tasks in rig.scheduler.submitted] == [2, 2, 1]
+    failed: Future[int | None] = Future()
+    failed.set_exception(ConnectionFailed("dropped during the set-up"))
+    rig = Rig(5, max_workers=8, max_array=3, array_limit=failed)
+    rig.step()
+    assert [tasks for _, tasks in rig.scheduler.submitted] == [3, 2]
 
 
 def test_a_job_in_error_state_fails_its_calls_with_the_schedulers_reason() -> None:
