@@ -309,7 +309,7 @@ class SSHShell(Shell):
                     channel.exec_command(command)
                     if stdin:
                         channel.sendall(stdin)
-                    channel.shutdown_write()
+                    shutdown_write(channel)
                     out, err = _drain(channel)
                     code = channel.recv_exit_status()
                     channel.close()
@@ -399,6 +399,17 @@ def open_session(transport: Any, timeout: float, patience: float = 10.0) -> Any:
                 raise
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
+
+
+def shutdown_write(channel: Any) -> None:
+    """``channel.shutdown_write()`` without paramiko's race (paramiko issues 1115, 1705): it makes
+    the EOF under the channel's lock but sends it after, so its own thread, closing the channel of a
+    command that ended meanwhile, may send the close first; OpenSSH then ends the whole connection
+    ("ieof packet referred to nonexistent channel"). Here the lock is held until the EOF is sent."""
+    with channel.lock:
+        message = channel._send_eof()
+        if message is not None and channel.transport is not None:
+            channel.transport._send_user_message(message)
 
 
 def _tcp_connection(host: str, port: int, timeout: float) -> socket.socket:

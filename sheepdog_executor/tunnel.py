@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from sheepdog_executor.background import in_background, settle
 from sheepdog_executor.errors import ConfigurationError, ConnectionFailed
-from sheepdog_executor.shell import Shell, SSHShell, open_session
+from sheepdog_executor.shell import Shell, SSHShell, open_session, shutdown_write
 
 if TYPE_CHECKING:
     from sheepdog_executor.server import Endpoint
@@ -410,7 +410,7 @@ def _splice(channel: Any, sock: socket.socket, stop: threading.Event) -> None:
                 channel.sendall(data)
             else:
                 reading.remove(sock)
-                channel.shutdown_write()
+                shutdown_write(channel)
 
 
 def _quietly(action: Any, *args: Any) -> None:

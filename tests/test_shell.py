@@ -126,3 +126,25 @@ def test_a_site_allowing_two_sessions_per_connection_gets_a_working_executor(
         host=cell, port=sshd_of_two_sessions, max_workers=2, python=NODE_PYTHON
     ) as executor:
         assert list(executor.map(abs, [-1, -2, -3], timeout=120)) == [1, 2, 3]
+
+
+def test_many_quick_commands_at_once_never_drop_the_connection(shell: SSHShell) -> None:
+    # paramiko could send a channel's EOF after its close when the command ended first; OpenSSH
+    # then ends the whole connection ("ieof packet referred to nonexistent channel")
+    client = shell._client
+    failures: list[BaseException] = []
+
+    def quick() -> None:
+        for _ in range(100):
+            try:
+                assert shell.run("true", retry=False).returncode == 0
+            except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+                failures.append(exc)
+
+    threads = [threading.Thread(target=quick) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not failures
+    assert shell._client is client  # never re-made
