@@ -386,7 +386,8 @@ class SSHShell(Shell):
 def open_session(transport: Any, timeout: float, patience: float = 10.0) -> Any:
     """A new session (channel) on ``transport``. sshd refuses one beyond its MaxSessions (10 by
     default, fewer at some sites), counting for a moment those just closed: then again, once
-    another ended, for up to ``patience`` seconds."""
+    another ended, for up to ``patience`` seconds. (With channels opened at once, paramiko may
+    report the refusal as a plain "Unable to open channel.", its reason taken by another.)"""
     import paramiko
 
     deadline = time.monotonic() + min(patience, timeout)
@@ -394,8 +395,8 @@ def open_session(transport: Any, timeout: float, patience: float = 10.0) -> Any:
     while True:
         try:
             return transport.open_session(timeout=timeout)
-        except paramiko.ChannelException:
-            if time.monotonic() + delay > deadline:
+        except paramiko.SSHException:
+            if not transport.is_active() or time.monotonic() + delay > deadline:
                 raise
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
