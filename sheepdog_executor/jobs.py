@@ -301,9 +301,7 @@ class JobManager:
                         worker.job,
                         worker.task,
                         retry=True,
-                        make=self._error(
-                            WorkerLost, f"the worker running this call on {worker.host} was lost: {why}"
-                        ),
+                        make=self._lost(worker.host, why),
                     )
         pending, _ = self.dispatcher.counts()
         seen = self.dispatcher.tasks_seen
@@ -318,6 +316,18 @@ class JobManager:
                     retry=False,
                     make=self._start_failed,
                 )
+
+    def _lost(self, host: str, why: str) -> Callable[..., WorkerError]:
+        """A maker of the ``WorkerLost`` of a worker on ``host``: the limit its task went over when
+        the scheduler's accounting says so (a Slurm ``TIMEOUT``), else ``why``."""
+
+        def make(**details: Any) -> WorkerError:
+            killed = self.scheduler.killed_for(details.get("accounting") or {})
+            return self._error(
+                WorkerLost, f"the worker running this call on {host} was lost: {killed or why}"
+            )(**details)
+
+        return make
 
     def _start_failed(self, **details: Any) -> WorkerError:
         """Why a job's workers never reached us: a set-up line the task reported, or the usual suspects."""

@@ -68,6 +68,20 @@ def test_sacct_record_of_a_task_with_its_steps() -> None:
     assert parse_sacct("", "7_3") == {}
 
 
+def test_sacct_says_which_limit_slurm_killed_a_task_for() -> None:
+    scheduler = SlurmScheduler(LocalShell(), JobOptions(), site=SlurmOptions(time="1", mem="100M"))
+    timeout = parse_sacct("7_3|TIMEOUT|0:0||00:01:05|n1|100M|00:01:00\n", "7_3")
+    assert scheduler.killed_for(timeout) == (
+        "Slurm killed its task over its time limit (time=1, Timelimit 00:01:00); ask for more time="
+    )
+    memory = {"State": "OUT_OF_MEMORY", "ReqMem": "100M"}
+    assert "over its memory (mem=100M, ReqMem 100M)" in scheduler.killed_for(memory)
+    assert scheduler.killed_for({"State": "CANCELLED by 1000"}) == ""
+    assert scheduler.killed_for({"State": "FAILED", "ExitCode": "0:9"}) == ""
+    default = SlurmScheduler(LocalShell(), JobOptions()).killed_for(timeout)
+    assert "(the partition's default time, Timelimit 00:01:00)" in default
+
+
 def test_sbatch_line_carries_the_options_quoted() -> None:
     site = SlurmOptions(
         partition="short",
@@ -170,6 +184,27 @@ def test_a_task_over_its_memory_is_lost_with_sacct_saying_why(
     # killed for its memory: signal 9 (OUT_OF_MEMORY where cgroups enforce it), MaxRSS above ReqMem
     assert error.accounting["ExitCode"].endswith(":9") or error.accounting["State"] == "OUT_OF_MEMORY"
     assert error.accounting["ReqMem"] == "100M" and "MaxRSS=" in str(error)
+
+
+@pytest.mark.cluster
+def test_a_task_over_its_time_limit_is_lost_saying_so(
+    make_slurm: Callable[..., SlurmExecutor],
+) -> None:
+    # Slurm counts time limits in whole minutes (time="0:15" would be one minute too) and slurmctld
+    # looks for jobs over their limit every 30 s: the kill comes 60 to 90 s after the task started
+    executor = make_slurm(time="1", max_workers=1)
+    future = executor.submit(time.sleep, 300)
+    started = time.monotonic()
+    error = future.exception(timeout=150)
+    assert isinstance(error, WorkerLost), error
+    assert error.accounting["State"] == "TIMEOUT" and error.accounting["Timelimit"] == "00:01:00"
+    assert (
+        "was lost: Slurm killed its task over its time limit (time=1, Timelimit 00:01:00); "
+        "ask for more time=" in str(error)
+    )
+    assert f"Slurm job {error.job_id}, task 1" in str(error) and "State=TIMEOUT" in str(error)
+    assert time.monotonic() - started < 100
+    wait_until(lambda: not slurm_jobs(set(executor.job_ids)), 30, "the timed-out job gone from squeue")
 
 
 @pytest.mark.cluster

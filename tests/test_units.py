@@ -146,6 +146,18 @@ def test_parse_qacct_and_qstat_j() -> None:
     assert parse_max_aj_tasks("max_aj_tasks 0\n") is None
 
 
+def test_qacct_says_when_grid_engine_killed_a_task_over_a_limit() -> None:
+    site = GridEngineOptions(resources={"h_rt": "0:0:5", "h_vmem": "2G", "arch": "x86"})
+    scheduler = GridEngineScheduler(LocalShell(), JobOptions(), site=site)
+    over = parse_qacct("failed       37  : qmaster enforced h_rt, h_cpu, or h_vmem limit\nexit_status 137\n")
+    assert scheduler.killed_for(over) == (
+        "Grid Engine killed its task over a limit (h_rt=0:0:5, h_vmem=2G; qacct failed 37); "
+        "raise it in resources="
+    )
+    assert scheduler.killed_for({"failed": "100 : assumedly after job", "exit_status": "137"}) == ""
+    assert scheduler.killed_for({"failed": "0"}) == ""
+
+
 def test_session_of_a_task_output_path() -> None:
     root = "/h/.sheepdog-executor"
     assert session_of(f"{root}/s1/task-$JOB_ID-$TASK_ID.out", root, "$JOB_ID", "$TASK_ID") == "s1"

@@ -150,6 +150,11 @@ class Scheduler(ABC):
         """What the scheduler recorded about a finished task (exit status, failure, memory)."""
         return {}
 
+    def killed_for(self, accounting: Mapping[str, str]) -> str:
+        """Why the scheduler itself ended a task, read from its ``accounting`` ("" when it does not
+        say, e.g. a plain SIGKILL): a limit the task went over, and the option to change."""
+        return ""
+
     def error_reason(self, job_id: str) -> str:
         """Why the scheduler holds a job where it can never run, in its own words."""
         return ""

@@ -109,6 +109,14 @@ class GridEngineScheduler(Scheduler):
         done = self.run(f"qacct -j {shlex.quote(job_id)} -t {int(task_id)} 2>/dev/null", timeout=60)
         return parse_qacct(done.stdout)
 
+    def killed_for(self, accounting: Mapping[str, str]) -> str:
+        failed = accounting.get("failed", "")
+        if failed.split(":")[0].strip() != "37":  # "37 : qmaster enforced h_rt, h_cpu, or h_vmem limit"
+            return ""
+        limits = [r for r in self.site.resource_list() if r.split("=")[0] in ("h_rt", "h_cpu", "h_vmem")]
+        asked = ", ".join(limits) or "the queue's limits"
+        return f"Grid Engine killed its task over a limit ({asked}; qacct failed 37); raise it in resources="
+
     def version(self) -> str:
         return self.run("qstat -help 2>&1 | head -n 1", timeout=30).stdout.strip()
 

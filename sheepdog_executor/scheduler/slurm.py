@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import shlex
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from sheepdog_executor.errors import ConfigurationError, SchedulerError
@@ -147,6 +147,20 @@ class SlurmScheduler(Scheduler):
     def max_array_size(self) -> int | None:
         done = self.run("scontrol show config 2>/dev/null", timeout=30)
         return parse_max_array_size(done.stdout)
+
+    def killed_for(self, accounting: Mapping[str, str]) -> str:
+        state = accounting.get("State", "").split(" ")[0]
+        if state == "TIMEOUT":
+            asked = f"time={self.site.time}" if self.site.time else "the partition's default time"
+            limit = accounting.get("Timelimit", "?")
+            return (
+                f"Slurm killed its task over its time limit ({asked}, Timelimit {limit}); ask for more time="
+            )
+        if state == "OUT_OF_MEMORY":
+            asked = f"mem={self.site.mem}" if self.site.mem else "the site's default memory"
+            limit = accounting.get("ReqMem", "?")
+            return f"Slurm killed its task over its memory ({asked}, ReqMem {limit}); ask for more mem="
+        return ""
 
     def error_reason(self, job_id: str) -> str:
         reasons = [r for j, _, _, r, _, _ in self._own_tasks() if j == job_id and r not in ("", "None")]
