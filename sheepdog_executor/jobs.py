@@ -301,6 +301,7 @@ class JobManager:
                         worker.job,
                         worker.task,
                         retry=True,
+                        unless_killed=gone,
                         make=self._lost(worker.host, why),
                     )
         pending, _ = self.dispatcher.counts()
@@ -444,11 +445,15 @@ class JobManager:
         task_id: int,
         *,
         retry: bool,
+        unless_killed: bool = False,
         make: Callable[..., WorkerError],
     ) -> None:
         """Retry lost calls that may be, fail the others with an error that carries the task's
-        accounting and stderr (gathered off this thread: accounting can take seconds to appear)."""
-        failed = self.dispatcher.retry_or_split(items)[1] if retry else items
+        accounting and stderr (gathered off this thread: accounting can take seconds to appear).
+        ``unless_killed``: retry only once the accounting shows that the scheduler did not kill the
+        task over a limit (time, memory), which the call would only hit again."""
+        judge_later = retry and unless_killed and self.dispatcher.retries > 0
+        failed = self.dispatcher.retry_or_split(items)[1] if retry and not judge_later else items
         if not failed:
             return
 
@@ -463,8 +468,16 @@ class JobManager:
                         time.sleep(2)
             except Exception as exc:  # noqa: BLE001 - the call fails anyway, with what we know
                 tail = tail or f"(could not read the task's stderr: {exc})"
-            self.dispatcher.fail_items(
-                failed, make(job_id=job_id, task_id=task_id, accounting=record, stderr_tail=tail)
-            )
+            lost = failed
+            if judge_later:
+                killed = self.scheduler.killed_for(record)
+                if killed:
+                    log.warning("not running again the calls of job %s, task %s: %s", job_id, task_id, killed)
+                else:
+                    lost = self.dispatcher.retry_or_split(lost)[1]
+            if lost:
+                self.dispatcher.fail_items(
+                    lost, make(job_id=job_id, task_id=task_id, accounting=record, stderr_tail=tail)
+                )
 
         threading.Thread(target=diagnose, name="sheepdog-diagnose", daemon=True).start()

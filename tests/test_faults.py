@@ -74,13 +74,14 @@ def test_task_deleted_by_someone_else(
 
 
 def test_task_over_its_walltime(make_executor: Callable[..., GridEngineExecutor]) -> None:
-    executor = make_executor(max_workers=1, resources={"h_rt": "0:0:5"})
+    executor = make_executor(max_workers=1, resources={"h_rt": "0:0:5"}, retries=1)
     future = executor.submit(slow, 300)
     error = future.exception(timeout=90)
     assert isinstance(error, WorkerLost)
     assert error.accounting.get("exit_status", "").startswith("137")
     assert error.accounting.get("failed", "").startswith("37")  # qmaster enforced h_rt, ...
     assert "Grid Engine killed its task over a limit (h_rt=0:0:5; qacct failed 37)" in str(error)
+    assert executor.job_ids == [error.job_id]  # retries=1 does not run it again: the same limit would kill it
 
 
 def test_retries_run_a_lost_call_again_in_a_new_task(

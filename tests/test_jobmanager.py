@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from concurrent.futures import Future
 from typing import Any
 
@@ -38,6 +38,7 @@ class FakeScheduler(Scheduler):
         self.cut_off = 0  # this many next submits drop the connection ...
         self.cut_off_after_taking = False  # ... after the scheduler took the job, or before
         self.reason = "queue gone"
+        self.over_limit = False  # the accounting of a task that ended says: killed over its limit
         self._next = 100
 
     def submit(self, launch: WorkerLaunch, tasks: int) -> str:
@@ -72,7 +73,10 @@ class FakeScheduler(Scheduler):
         return self.reason
 
     def accounting(self, job_id: str, task_id: int) -> dict[str, str]:
-        return {"exit": "137", "other": "x"}
+        return {"exit": "137", "other": "x", **({"limit": "time"} if self.over_limit else {})}
+
+    def killed_for(self, accounting: Mapping[str, str]) -> str:
+        return "killed over its time limit" if accounting.get("limit") == "time" else ""
 
     def output_tail(self, launch: WorkerLaunch, job_id: str, task_id: int, limit: int = 3000) -> str:
         return "Killed\n"
@@ -102,9 +106,10 @@ class Rig:
         max_workers: int = 4,
         max_array: int | None = None,
         array_limit: Future[int | None] | None = None,
+        retries: int = 0,
     ) -> None:
         self.scheduler = FakeScheduler(max_array)
-        self.dispatcher = Dispatcher(retries=0, idle_timeout=60, python=(3, 11))
+        self.dispatcher = Dispatcher(retries=retries, idle_timeout=60, python=(3, 11))
         self.clock = Clock()
         self.manager = JobManager(
             self.scheduler,
@@ -226,6 +231,27 @@ def test_a_task_that_ends_under_its_worker_loses_its_call() -> None:
     error = rig.futures[0].exception(timeout=10)
     assert isinstance(error, WorkerLost) and "its task ended without reporting" in str(error)
     assert error.task_id == 1 and rig.scheduler.cancelled_tasks == []
+
+
+@pytest.mark.parametrize("over_limit", [False, True])
+def test_a_lost_call_is_retried_unless_its_task_was_killed_over_a_limit(over_limit: bool) -> None:
+    rig = Rig(1, retries=1)
+    rig.scheduler.over_limit = over_limit
+    rig.step()
+    rig.scheduler.run_all("101")
+    rig.dispatcher.exchange(rig.hello("101", 1), [])
+    rig.step()
+    del rig.scheduler.states["101"][1]  # the task ended; its accounting says why
+    rig.step()
+    if over_limit:  # it would only be killed again: no retry, the error says the limit
+        error = rig.futures[0].exception(timeout=10)
+        assert isinstance(error, WorkerLost) and "lost: killed over its time limit" in str(error)
+        assert rig.dispatcher.counts() == (0, 0)
+    else:  # queued again (once the accounting was read, off the manager's thread)
+        deadline = time.monotonic() + 10
+        while rig.dispatcher.counts() != (1, 0) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert rig.dispatcher.counts() == (1, 0) and not rig.futures[0].done()
 
 
 def test_a_silent_worker_is_lost_and_its_task_removed() -> None:
