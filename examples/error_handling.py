@@ -7,7 +7,8 @@
 * ``map`` raises at the failing call's position; to keep the other results, ``submit`` each call
   and look at each Future.
 * A worker that dies (killed, out of memory, node gone) fails its call with ``WorkerLost``, which
-  says what the scheduler knows; with ``retries=N`` the call runs again in another task instead.
+  says what the scheduler knows; with ``retries=N`` the call runs again in another task instead,
+  unless the scheduler killed it over a limit (``h_rt``, Slurm's ``time=``): that would kill it again.
 """
 
 from __future__ import annotations
