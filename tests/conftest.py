@@ -13,6 +13,7 @@ import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -76,6 +77,28 @@ def require_up(alias: str, probe: str, up_if: Callable[[str], bool], what: str, 
             pytest.fail(message)
         pytest.skip(message)
     return alias
+
+
+def own_sshd_config(port: int, *extra: str) -> tuple[Path, Path]:
+    """The cell's sshd configuration for an sshd of a test's own on 127.0.0.1:``port`` (with
+    ``extra`` lines), its host key known for that port: (config path, pid file path)."""
+    config = Path("/var/lib/sheepdog-test-cell/sshd_config").read_text()
+    path = Path(f"/tmp/sheepdog-test-sshd-{port}.conf")
+    pidfile = Path(f"/tmp/sheepdog-test-sshd-{port}.pid")
+    overridden = ("Port", "PidFile", *(line.split()[0] for line in extra))
+    lines = [line for line in config.splitlines() if not line.startswith(overridden)]
+    path.write_text("\n".join([*lines, f"Port {port}", f"PidFile {pidfile}", *extra]) + "\n")
+    known = Path("/root/.ssh/known_hosts")
+    if f"[127.0.0.1]:{port}" not in known.read_text():
+        keys = subprocess.run(
+            ["ssh-keyscan", "-p", "2222", "-t", "ed25519", "127.0.0.1"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        with known.open("a") as handle:
+            handle.write(keys.replace("[127.0.0.1]:2222", f"[127.0.0.1]:{port}"))
+    return path, pidfile
 
 
 def require_netns() -> None:

@@ -9,11 +9,10 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CELL_ALIAS, Cluster, our_jobs, ssh, wait_until
+from conftest import CELL_ALIAS, Cluster, our_jobs, own_sshd_config, ssh, wait_until
 
 from sheepdog_executor import ClusterExecutor, GridEngineExecutor, WorkerLost
 
@@ -124,21 +123,7 @@ def test_hung_worker_is_declared_lost_and_its_call_retried(
 @pytest.fixture
 def second_sshd() -> Iterator[Callable[[], None]]:
     """An sshd of our own on 127.0.0.1:2223 that the test may kill and restart."""
-    config = Path("/var/lib/sheepdog-test-cell/sshd_config").read_text()
-    path = Path("/tmp/sheepdog-test-sshd-2223.conf")
-    pidfile = "/tmp/sheepdog-test-sshd-2223.pid"
-    lines = [line for line in config.splitlines() if not line.startswith(("Port", "PidFile"))]
-    path.write_text("\n".join([*lines, "Port 2223", f"PidFile {pidfile}"]) + "\n")
-    known = Path("/root/.ssh/known_hosts")
-    if "[127.0.0.1]:2223" not in known.read_text():
-        keys = subprocess.run(
-            ["ssh-keyscan", "-p", "2222", "-t", "ed25519", "127.0.0.1"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        with known.open("a") as handle:
-            handle.write(keys.replace("[127.0.0.1]:2222", "[127.0.0.1]:2223"))
+    path, pidfile = own_sshd_config(2223)
 
     def start() -> None:
         subprocess.run(["/usr/sbin/sshd", "-f", str(path)], check=True)
@@ -149,15 +134,19 @@ def second_sshd() -> Iterator[Callable[[], None]]:
         )
 
     def kill() -> None:
-        pid = int(Path(pidfile).read_text())
+        pid = int(pidfile.read_text())
         subprocess.run(["pkill", "-9", "-P", str(pid)])  # its connections
         os.kill(pid, signal.SIGKILL)
-        Path(pidfile).unlink(missing_ok=True)
+        pidfile.unlink(missing_ok=True)
+
+    def restart() -> None:
+        kill()
+        time.sleep(3)
+        start()
 
     start()
-    restart_holder = {"kill": kill, "start": start}
-    yield lambda: (restart_holder["kill"](), time.sleep(3), restart_holder["start"]())  # type: ignore[func-returns-value]
-    if Path(pidfile).exists():
+    yield restart
+    if pidfile.exists():
         kill()
 
 

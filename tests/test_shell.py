@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import NODE_PYTHON, wait_until
+from conftest import NODE_PYTHON, own_sshd_config, wait_until
 
 from sheepdog_executor import GridEngineExecutor
 from sheepdog_executor.shell import LocalShell, SSHShell, SSHTarget
@@ -91,21 +91,7 @@ def test_put_replacing_a_file_leaves_the_new_content_only(shell: SSHShell, tmp_p
 def sshd_of_two_sessions(cell: str) -> Iterator[int]:
     """An sshd of our own on 127.0.0.1:2224 that allows two sessions per connection (MaxSessions)."""
     port = 2224
-    config = Path("/var/lib/sheepdog-test-cell/sshd_config").read_text()
-    path = Path(f"/tmp/sheepdog-test-sshd-{port}.conf")
-    pidfile = Path(f"/tmp/sheepdog-test-sshd-{port}.pid")
-    lines = [line for line in config.splitlines() if not line.startswith(("Port", "PidFile", "MaxSessions"))]
-    path.write_text("\n".join([*lines, f"Port {port}", f"PidFile {pidfile}", "MaxSessions 2"]) + "\n")
-    known = Path("/root/.ssh/known_hosts")
-    if f"[127.0.0.1]:{port}" not in known.read_text():
-        keys = subprocess.run(
-            ["ssh-keyscan", "-p", "2222", "-t", "ed25519", "127.0.0.1"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        with known.open("a") as handle:
-            handle.write(keys.replace("[127.0.0.1]:2222", f"[127.0.0.1]:{port}"))
+    path, pidfile = own_sshd_config(port, "MaxSessions 2")
     subprocess.run(["/usr/sbin/sshd", "-f", str(path)], check=True)
     try:
         wait_until(
