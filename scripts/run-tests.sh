@@ -11,7 +11,7 @@ ruff format --check sheepdog_executor tests examples benchmarks
 mypy sheepdog_executor
 # The cells share two cores with everything else on the machine: a failed test runs once more, and
 # pytest's summary counts every rerun, so a flaky test still shows.
-python3 -m pytest --reruns 1 --reruns-delay 5 "$@"
+python3 -m pytest --reruns 1 --reruns-delay 5 --durations=15 "$@"
 
 # The other supported Pythons (a full run only, i.e. without arguments): the tests marked `pythons`
 # (the unit tests and a short cell subset) with a client of that version and the same version on
