@@ -203,7 +203,7 @@ def installed_wheel(info: str, out: str) -> str | None:
             return None
         if path.parent.name in ("bin", "Scripts") and path.name.removesuffix(".exe") in scripts:
             continue
-        if path.parts[0] == ".." or ".." in path.parts:
+        if ".." in path.parts:
             return None
         if "__pycache__" in path.parts or path.suffix == ".pyc":
             continue

@@ -208,19 +208,13 @@ def probe_direct(shell: SSHShell, address: str, port: int = 0, timeout: float = 
 
 
 class Tunnel:
-    """A reverse forward from the head node's loopback to ``127.0.0.1:local_port`` here, and the relay
-    that makes it reachable from the nodes; re-made when SSH reconnects, on the same ports if free."""
+    """A reverse forward from the head node's loopback to the endpoint here (``deliver_to``), and the
+    relay that makes it reachable from the nodes; re-made when SSH reconnects, on the same ports if free."""
 
-    def __init__(
-        self,
-        shell: SSHShell,
-        local_port: int = 0,
-        local_host: str = "127.0.0.1",
-        on_moved: Callable[[str, int, bool], None] | None = None,
-    ) -> None:
+    def __init__(self, shell: SSHShell) -> None:
         self._shell = shell
-        self._local = (local_host, local_port)  # no port: not delivering yet (see deliver_to)
-        self._on_moved = on_moved
+        self._local = ("127.0.0.1", 0)  # no port: not delivering yet (see deliver_to)
+        self._on_moved: Callable[[str, int, bool], None] | None = None
         self._relay_pid = 0  # on the head node: ended when the tunnel is re-made over a new connection
         self._transport: Any = None
         self._relay: Any = None  # the channel the relay runs in: closing it ends the relay
