@@ -26,6 +26,7 @@ import dask
 import dask.array as da
 import numpy
 import sdenvpkg
+from support import read_line
 
 from sheepdog_executor import GridEngineExecutor
 from sheepdog_executor.distributions import EnvironmentSpec, NodePython, client_distributions
@@ -97,7 +98,7 @@ def race(host: str, root: str, options: dict[str, Any]) -> list[dict[str, Any]]:
         stdout=subprocess.PIPE,
         text=True,
     )
-    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    assert read_line(holder, 60, "the lock holder's word").strip() == "held"
     seen: list[dict[str, Any]] = []
 
     def start() -> None:
@@ -116,9 +117,10 @@ def race(host: str, root: str, options: dict[str, Any]) -> list[dict[str, Any]]:
         time.sleep(0.2)
     assert holder.stdin is not None
     holder.stdin.close()  # the lock goes: one builds, the other waits for it, then uses its build
-    holder.wait()
+    holder.wait(timeout=60)
     for thread in threads:
-        thread.join()
+        thread.join(timeout=600)
+        assert not thread.is_alive(), "an executor's start did not end within 600 s"
     shell.close()
     return seen
 

@@ -17,6 +17,7 @@ import uuid
 
 import pytest
 from conftest import our_jobs, wait_until
+from support import read_line, spawn
 
 cluster = pytest.mark.cluster
 
@@ -50,7 +51,7 @@ def test_a_dead_clients_jobs_leave_the_cluster_within_the_tolerance(cell: str) -
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     name = f"sdgone-{uuid.uuid4().hex[:6]}"
     clients = {
-        sig: subprocess.Popen(
+        sig: spawn(
             [sys.executable, "-c", CLIENT, cell, name, str(TOLERANCE)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -62,10 +63,7 @@ def test_a_dead_clients_jobs_leave_the_cluster_within_the_tolerance(cell: str) -
     jobs: set[str] = set()
     try:
         for client in clients.values():
-            assert client.stdout is not None
-            line = client.stdout.readline()
-            assert line, client.stderr.read() if client.stderr else ""
-            jobs |= set(json.loads(line)["jobs"])
+            jobs |= set(json.loads(read_line(client, 180, "the client's job ids"))["jobs"])
         states = our_jobs(jobs)
         assert any("qw" in s for rows in states.values() for s in rows), states  # a task still queued
         for sig, client in clients.items():
@@ -121,7 +119,7 @@ def test_a_client_away_longer_than_the_tolerance_gets_its_calls_rerun_or_told_wh
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     name = f"sdaway-{uuid.uuid4().hex[:6]}"
     clients = {
-        retries: subprocess.Popen(
+        retries: spawn(
             [sys.executable, "-c", AWAY_CLIENT, cell, name, str(TOLERANCE), str(retries)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -132,9 +130,8 @@ def test_a_client_away_longer_than_the_tolerance_gets_its_calls_rerun_or_told_wh
     }
     try:
         for client in clients.values():
-            assert client.stdout is not None
-            said = client.stdout.readline().strip()
-            assert said == "running", client.stderr.read() if client.stderr else ""
+            said = read_line(client, 180, "the client's word that its calls run").strip()
+            assert said == "running", said
         for client in clients.values():
             client.send_signal(signal.SIGSTOP)
         time.sleep(3 * TOLERANCE)  # the suspension itself

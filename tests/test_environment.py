@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 from conftest import require_up, ssh, ssh_to
+from support import read_line
 
 from sheepdog_executor.cli import main
 from sheepdog_executor.config import CONFIG_ENV
@@ -341,7 +342,7 @@ def test_cleanup_lists_and_removes_environments(
         text=True,
     )
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        assert read_line(holder, 60, "the lock holder's word").strip() == "held"
         assert main(["cleanup", cell, "--envs"]) == 0
         assert f"kept environment {synced.key}: it is being built" in capsys.readouterr().out
     finally:

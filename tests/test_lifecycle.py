@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Cluster
+from support import read_line, spawn
 
 pytestmark = pytest.mark.cluster
 
@@ -19,19 +20,14 @@ CHILD = Path(__file__).with_name("child_map.py")
 
 
 def start_child(mode: str, cluster: Cluster) -> tuple[subprocess.Popen[str], list[str]]:
-    child = subprocess.Popen(
+    child = spawn(
         [sys.executable, str(CHILD), mode, cluster.alias, cluster.scheduler],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert child.stdout is not None
-    line = child.stdout.readline()
-    if not line:
-        child.kill()
-        raise AssertionError(f"child failed: {child.stderr.read() if child.stderr else ''}")
-    jobs = json.loads(line)["jobs"]
+    jobs = json.loads(read_line(child, 180, "the child's job ids"))["jobs"]
     assert jobs and cluster.jobs(set(jobs)), "the child's tasks should be on the cell"
     assert child.stdin is not None
     child.stdin.write("go\n")  # now the child goes on (and removes them)
@@ -67,8 +63,7 @@ def test_child_leaves_no_jobs(cluster: Cluster, mode: str) -> None:
 def test_garbage_collected_executor_removes_its_jobs(cluster: Cluster) -> None:
     child, jobs = start_child("gc", cluster)
     try:
-        assert child.stdout is not None
-        assert json.loads(child.stdout.readline()) == {"collected": True}
+        assert json.loads(read_line(child, 60, "the child's word that it collected")) == {"collected": True}
         wait_gone(cluster, jobs, within=30)
         assert child.poll() is None  # removed by the finalizer, not by the process ending
     finally:

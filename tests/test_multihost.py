@@ -27,6 +27,7 @@ from typing import IO, Any
 
 import pytest
 from conftest import executor_factory, require_netns, require_up, ssh_to, wait_until
+from support import read_line, spawn
 
 from sheepdog_executor import GridEngineExecutor
 from sheepdog_executor.errors import WorkerLost
@@ -165,7 +166,7 @@ def test_a_node_dies_mid_map(make_multi: Callable[..., GridEngineExecutor], retr
 
 @multihost
 def test_ctrl_c_leaves_nothing_in_qstat(multi_cell: str) -> None:
-    child = subprocess.Popen(
+    child = spawn(
         [sys.executable, str(Path(__file__).with_name("child_map.py")), "ctrl-c", multi_cell],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -173,8 +174,7 @@ def test_ctrl_c_leaves_nothing_in_qstat(multi_cell: str) -> None:
         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
     )
     try:
-        assert child.stdout is not None
-        jobs = json.loads(child.stdout.readline())["jobs"]
+        jobs = json.loads(read_line(child, 180, "the child's job ids"))["jobs"]
         assert jobs
         child.send_signal(signal.SIGINT)
         child.wait(timeout=90)

@@ -34,6 +34,7 @@ import pytest
 from conftest import ssh
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import read_line, spawn
 
 from sheepdog_executor import (
     ConfigurationError,
@@ -603,7 +604,7 @@ def test_out_of_file_descriptors_the_endpoint_backs_off_quietly_and_a_map_comple
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
     stderr = (tmp_path / "stderr").open("wb")
-    child = subprocess.Popen(
+    child = spawn(
         [sys.executable, "-c", FD_LIMITED_CLIENT, cell],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -634,7 +635,7 @@ def test_out_of_file_descriptors_the_endpoint_backs_off_quietly_and_a_map_comple
 
     try:
         assert child.stdout is not None and child.stdin is not None
-        url = urllib.parse.urlsplit(json.loads(child.stdout.readline())["url"])
+        url = urllib.parse.urlsplit(json.loads(read_line(child, 120, "the client's endpoint"))["url"])
         address = (url.hostname or "127.0.0.1", url.port or 80)
         # 1,100 connections that send nothing (in steps the listen backlog takes)
         wait_for(lambda: connect(50) or len(connections) >= 1100, what="1,100 connections")
@@ -643,13 +644,12 @@ def test_out_of_file_descriptors_the_endpoint_backs_off_quietly_and_a_map_comple
         # the client's own code takes every descriptor; new connections find it out of them
         child.stdin.write("hog\n")
         child.stdin.flush()
-        assert json.loads(child.stdout.readline())["hogged"] > 0
+        assert json.loads(read_line(child, 60, "the client's hog report"))["hogged"] > 0
         wait_for(lambda: connect(5) or "out of file descriptors" in stderr_head(), what="the warning")
         quiet_and_idle()
         child.stdin.write("go\n")
         child.stdin.flush()
-        line = child.stdout.readline()
-        assert line, stderr_head()[-3000:]
+        line = read_line(child, 300, "the client's results")
         assert json.loads(line)["results"] == [x * x for x in range(20)]
         assert child.wait(timeout=120) == 0
     finally:

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from conftest import slurm_jobs, wait_until
+from support import read_line, spawn
 
 from sheepdog_executor import ConfigurationError, SlurmExecutor, WorkerLost, WorkerStartFailed
 from sheepdog_executor.cli import main
@@ -243,15 +244,14 @@ def test_doctor_checks_a_slurm_head_node(slurm_cell: str, capsys: pytest.Capture
 def test_cleanup_removes_the_slurm_job_of_a_killed_client(
     slurm_cell: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    child = subprocess.Popen(
+    child = spawn(
         [sys.executable, str(Path(__file__).with_name("child_map.py")), "raise", slurm_cell, "slurm"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
-        assert child.stdout is not None
-        jobs = set(json.loads(child.stdout.readline())["jobs"])
+        jobs = set(json.loads(read_line(child, 180, "the child's job ids"))["jobs"])
         assert slurm_jobs(jobs)
     finally:
         child.kill()  # SIGKILL: nothing of the client removes anything

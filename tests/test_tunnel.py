@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 from conftest import our_jobs, require_netns, ssh, wait_until
+from support import read_line
 
 from sheepdog_executor import GridEngineExecutor
 from sheepdog_executor.dispatch import Dispatcher
@@ -364,7 +365,7 @@ def test_relay_port_taken_after_an_ssh_drop(
             text=True,
         )
     try:
-        assert squatter.stdout is not None and squatter.stdout.readline().strip() == "bound"
+        assert read_line(squatter, 60, "the squatter's word").strip() == "bound"
         assert list(results) == [x * x for x in range(400)]
         # the map may have ended before the drop: the relay is re-made at the next reconnect anyway
         wait_until(lambda: session.routes[-1][2] != old_port, 60, "the relay re-made on another port")
