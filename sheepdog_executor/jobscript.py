@@ -197,14 +197,37 @@ def task_body(options: JobOptions, launch: WorkerLaunch) -> str:
     return with_setup(options, worker_command(options, launch))
 
 
+#: What numerical libraries read for their number of threads (OpenMP, OpenBLAS, MKL, BLIS, Apple's
+#: Accelerate, numexpr). Each defaults to the cores the scheduler granted the task, not the node's.
+THREAD_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "BLIS_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+)
+
+
+def thread_limits(cpus: str) -> str:
+    """Shell lines that set ``SHEEPDOG_CPUS`` to ``cpus`` (a shell expression of the scheduler's own
+    variable) and each of ``THREAD_VARIABLES`` to it unless it is set already: numpy on a 64-core
+    node then runs as many threads as the task has cores, not 64 in each of its neighbours' tasks.
+    The set-up lines run after these and may set them again."""
+    defaults = "; ".join(f': "${{{name}:=$SHEEPDOG_CPUS}}"' for name in THREAD_VARIABLES)
+    return f'SHEEPDOG_CPUS="{cpus}"; {defaults}\nexport SHEEPDOG_CPUS {" ".join(THREAD_VARIABLES)}'
+
+
 def render_script(
-    directives: Sequence[str], job_id: str, task_id: str, options: JobOptions, launch: WorkerLaunch
+    directives: Sequence[str], job_id: str, task_id: str, cpus: str, options: JobOptions, launch: WorkerLaunch
 ) -> str:
     """A whole array-task script: the scheduler's ``directives`` (``#$ ...``, ``#SBATCH ...``), the
     task's identity as ``SHEEPDOG_JOB_ID``/``SHEEPDOG_TASK_ID`` (the only names the worker reads;
-    ``job_id``/``task_id`` are shell expressions of the scheduler's own variables), then the body."""
+    ``job_id``/``task_id`` are shell expressions of the scheduler's own variables), its cores
+    (``cpus``, likewise) as the default of the thread counts of numerical libraries, then the body."""
     lines = ["#!/bin/sh", *directives]
     lines.append(f'SHEEPDOG_JOB_ID="{job_id}"; SHEEPDOG_TASK_ID="{task_id}"')
     lines.append("export SHEEPDOG_JOB_ID SHEEPDOG_TASK_ID")
+    lines.append(thread_limits(cpus))
     lines.append(task_body(options, launch))
     return "\n".join(lines) + "\n"

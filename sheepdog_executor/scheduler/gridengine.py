@@ -74,7 +74,7 @@ class GridEngineScheduler(Scheduler):
             lines.append(f"#$ -pe {q(site.parallel_environment)} {int(site.slots)}")
         if site.qsub_args:
             lines.append("#$ " + " ".join(q(a) for a in site.qsub_args))
-        return render_script(lines, "$JOB_ID", "$SGE_TASK_ID", options, launch)
+        return render_script(lines, "$JOB_ID", "$SGE_TASK_ID", "${NSLOTS:-1}", options, launch)
 
     def submit(self, launch: WorkerLaunch, tasks: int) -> str:
         return self.submit_script("qsub -terse", self.render(launch, tasks), _TERSE_JOB_ID)

@@ -97,7 +97,14 @@ class SlurmScheduler(Scheduler):
 
     def render(self, launch: WorkerLaunch) -> str:
         """The script handed to ``sbatch`` on stdin (its options are on sbatch's command line)."""
-        return render_script([], "$SLURM_ARRAY_JOB_ID", "$SLURM_ARRAY_TASK_ID", self.options, launch)
+        return render_script(
+            [],
+            "$SLURM_ARRAY_JOB_ID",
+            "$SLURM_ARRAY_TASK_ID",
+            "${SLURM_CPUS_PER_TASK:-1}",
+            self.options,
+            launch,
+        )
 
     def sbatch_command(self, launch: WorkerLaunch, tasks: int) -> str:
         """The sbatch command line for an array job of ``tasks`` workers."""
