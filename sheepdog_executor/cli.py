@@ -4,7 +4,8 @@
 nodes, and says what to change at the first thing that is wrong. ``cleanup HOST`` removes the jobs and
 session directories of clients that died without shutting down (SIGKILL, a lost laptop, a crashed
 kernel): only the user's own jobs, only those that run our worker from a session directory, and only
-when the session's client is known to be gone.
+when the session's client is known to be gone, as seen from where cleanup stands: the home directory
+may be shared with other clusters and head nodes, whose sessions it lists as kept.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from sheepdog_executor.jobscript import JobOptions, WorkerLaunch, with_setup
 from sheepdog_executor.liveness import probe_client
 from sheepdog_executor.scheduler import Scheduler, SessionJob, TaskState
 from sheepdog_executor.scheduler.base import plain_name
-from sheepdog_executor.sessiondir import make_session_dir, prepare_root
+from sheepdog_executor.sessiondir import OWNER_RECORD, Owner, make_session_dir, prepare_root
 from sheepdog_executor.shell import Shell, SSHShell, SSHTarget
 
 if TYPE_CHECKING:
@@ -564,6 +565,19 @@ class SessionDir:
     name: str
     endpoint: str | None
     old: bool
+    #: Its owner record; None when it has none (made by an older version) or it is unreadable.
+    owner: Owner | None = None
+
+
+@dataclass(frozen=True)
+class Here:
+    """Where cleanup stands: the scheduler it asks and the head node's host name."""
+
+    scheduler: str
+    head_node: str
+
+    def owns(self, owner: Owner) -> bool:
+        return (owner.scheduler, owner.head_node) == (self.scheduler, self.head_node)
 
 
 def cleanup(
@@ -590,12 +604,13 @@ def cleanup(
         root = _session_root(shell, options)
         jobs: list[SessionJob] = scheduler.session_jobs(root)
         sessions = list_sessions(shell, root)
+        here = Here(scheduler.name, shell.run("uname -n", timeout=30).stdout.strip())
         verb = "would remove" if dry_run else "removed"
         removed_jobs = removed_dirs = kept = 0
         for name in sorted(set(sessions) | {job.session for job in jobs}):
             job_ids = [job.id for job in jobs if job.session == name]
             what = ", ".join(f"job {job.id} ({job.name})" for job in jobs if job.session == name)
-            verdict, why = judge_session(shell, root, name, sessions.get(name), force)
+            verdict, why = judge_session(shell, root, name, sessions.get(name), force, here, bool(job_ids))
             if verdict == "keep":
                 kept += 1
                 print(f"kept {name}: {what or 'no jobs'}; {why}", file=out)
@@ -650,25 +665,52 @@ def list_sessions(shell: Shell, root: str) -> dict[str, SessionDir]:
         'for d in */; do d=${d%/}; [ -d "$d" ] || continue\n'
         '  [ -e "$d/secret" ] || [ -e "$d/bundle.zip" ] || continue\n'
         f'  old=$(find "$d" -maxdepth 0 -mmin +{DOCTOR_LEFTOVER_MINUTES} 2>/dev/null)\n'
-        f'  printf "%s\\t%s\\t%s\\n" "$d" "${{old:+old}}" "$(head -n 1 "$d/{ENDPOINT_RECORD}" 2>/dev/null)"\n'
+        f'  printf "%s\\t%s\\t%s\\t%s\\n" "$d" "${{old:+old}}" '
+        f'"$(head -n 1 "$d/{ENDPOINT_RECORD}" 2>/dev/null)" "$(head -n 1 "$d/{OWNER_RECORD}" 2>/dev/null)"\n'
         "done"
     )
     sessions = {}
     for line in shell.run(script, timeout=60).stdout.splitlines():
-        name, old, endpoint = (line.split("\t") + ["", ""])[:3]
+        name, old, endpoint, owner = (line.split("\t") + ["", "", ""])[:4]
         if plain_name(name):
-            sessions[name] = SessionDir(name, endpoint.strip() or None, old == "old")
+            record = Owner.parse(owner) if owner.strip() else None
+            sessions[name] = SessionDir(name, endpoint.strip() or None, old == "old", record)
     return sessions
 
 
 def judge_session(
-    shell: Shell, root: str, name: str, session: SessionDir | None, force: bool
+    shell: Shell,
+    root: str,
+    name: str,
+    session: SessionDir | None,
+    force: bool,
+    here: Here,
+    has_jobs: bool,
 ) -> tuple[str, str]:
-    """("remove" or "keep", why): a session is removed only when its client is known to be gone,
-    or cannot be checked and ``force`` is set; a client that answers is never touched."""
+    """("remove" or "keep", why): a session is removed only when its client is known to be gone
+    from where cleanup stands (its client's pid is gone on this machine, or its client's endpoint
+    is dead as its own head node sees it), or cannot be checked and ``force`` is set; a client that
+    answers is never touched, nor a session of another cluster or head node (only they can tell)."""
     if session is None:
         return "remove", "its session directory is gone, so its tasks cannot start a worker"
-    if session.endpoint:
+    owner = session.owner
+    if owner is not None and owner.on_this_machine() and not owner.client_runs():
+        elsewhere = "" if here.owns(owner) else f"; its jobs on {owner.where()} are for a cleanup there"
+        return "remove", f"its client (pid {owner.client_pid} on this machine) is gone{elsewhere}"
+    if owner is not None and not here.owns(owner):
+        other = "cluster" if owner.scheduler != here.scheduler else "head node"
+        return "keep", (
+            f"session of another {other} ({owner.where()}; this is {here.scheduler} on {here.head_node}): "
+            "only a cleanup there can tell whether it is alive"
+        )
+    if owner is not None and owner.on_this_machine():
+        return "keep", f"its client still runs on this machine (pid {owner.client_pid})"
+    if owner is None and not has_jobs and not name.startswith("doctor-"):
+        why = (
+            f"it has no {OWNER_RECORD} record (made by an older version) and no job here, so it may be "
+            "a session of another cluster sharing this home directory"
+        )
+    elif session.endpoint:
         state, seen = probe_endpoint(shell, session.endpoint, f"{root}/{name}/secret")
         if state == "gone":
             return "remove", f"its client is gone ({session.endpoint}: {seen})"
