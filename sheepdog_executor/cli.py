@@ -27,7 +27,13 @@ from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO
 
-from sheepdog_executor.config import config_path, env_name, environment_options, resolve_options
+from sheepdog_executor.config import (
+    config_path,
+    configured_scheduler,
+    env_name,
+    environment_options,
+    resolve_options,
+)
 from sheepdog_executor.environment import HeadNode
 from sheepdog_executor.errors import (
     ConfigurationError,
@@ -177,20 +183,27 @@ def _executors() -> dict[str, type[ClusterExecutor]]:
 
 
 def detect_executor(
-    shell: Shell, options: Mapping[str, Any], choice: str
+    shell: Shell, options: Mapping[str, Any], choice: str, host: str = ""
 ) -> tuple[type[ClusterExecutor], str]:
-    """The executor for ``--scheduler`` ``choice``; with "auto", the one whose submit command the head
-    node has (Grid Engine when it has both). Returns it and a note on how it was chosen."""
+    """The executor for ``--scheduler`` ``choice``; with "auto", the one the config file names for
+    ``host`` (``configured_scheduler``), else the one whose submit command the head node has (Grid
+    Engine when it has both). Returns it and a note on how it was chosen."""
     executors = _executors()
     if choice != "auto":
-        return executors[choice], ""
+        return executors[choice], "chosen by --scheduler"
+    configured = configured_scheduler(host) if host else None
+    if configured is not None:
+        return executors[configured[0]], f"chosen by {configured[1]}"
     probe = "; ".join(
         f"command -v {cls.scheduler_class.commands[0]} >/dev/null && echo {name}"
         for name, cls in executors.items()
     )
     found = shell.run("\n".join([*_command_setup(options), probe]), timeout=60).stdout.split()
     if len(found) > 1:
-        return executors[found[0]], f"{' and '.join(found)} found, checking {found[0]} (--scheduler chooses)"
+        return executors[found[0]], (
+            f"{' and '.join(found)} found, checking {found[0]} (--scheduler, or scheduler = "
+            f'"..." under [hosts."{host}"] in {config_path()}, chooses)'
+        )
     return executors[found[0] if found else "gridengine"], ""
 
 
@@ -285,7 +298,8 @@ class Doctor:
             if self.shell is not None:
                 self.shell.close()
         name = self.executor_class.__name__
-        print(f"all checks passed: {name}(host={self.host!r}) should work", file=self.out)
+        scheduler = self.executor_class.scheduler_class.name
+        print(f"all checks passed on {scheduler}: {name}(host={self.host!r}) should work", file=self.out)
         return 0
 
     def _line(self, status: str, name: str, detail: str) -> None:
@@ -338,7 +352,7 @@ class Doctor:
 
     def check_scheduler(self) -> str:
         assert self.shell is not None
-        self.executor_class, note = detect_executor(self.shell, self.options, self.choice)
+        self.executor_class, note = detect_executor(self.shell, self.options, self.choice, self.host)
         cls = self.executor_class.scheduler_class
         try:
             self.scheduler = _scheduler(self.shell, self.options, self.job_options, cls)
@@ -353,7 +367,7 @@ class Doctor:
                 f'command_setup = ["..."] under [hosts."{self.host}"] in {config_path()}',
             ) from exc
         version = self.scheduler.version()
-        found = f"{', '.join(cls.commands)} found ({version or 'version unknown'})"
+        found = f"{cls.name}: {', '.join(cls.commands)} found ({version or 'version unknown'})"
         return found + (f"; {note}" if note else "")
 
     def check_python(self) -> str:
@@ -598,7 +612,7 @@ def cleanup(
         print(f"error: {exc}", file=out)
         return 1
     try:
-        executor_class, _ = detect_executor(shell, options, choice)
+        executor_class, _ = detect_executor(shell, options, choice, host)
         scheduler = _scheduler(shell, options, JobOptions(), executor_class.scheduler_class)
         scheduler.prepare()
         root = _session_root(shell, options)
