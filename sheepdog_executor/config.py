@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sheepdog_executor.errors import ConfigurationError
+from sheepdog_executor.errors import ConfigurationError, OptionOfAnotherScheduler
 from sheepdog_executor.tunnel import CALLBACK_MODES
 
 CONFIG_ENV = "SHEEPDOG_EXECUTOR_CONFIG"
@@ -244,10 +244,11 @@ def uses_config(init: F) -> F:
         self = arguments.pop(self_name)
         if var_keyword is not None:
             arguments.update(arguments.pop(var_keyword, {}))
-        resolved = resolve_options(arguments.get("host"), arguments)
-        # a [default] table may hold options of several schedulers: each executor takes its own
         scheduler_class = getattr(type(self), "scheduler_class", None)
         scheduler = getattr(scheduler_class, "name", "")
+        _check_scheduler_options(type(self), scheduler, arguments)
+        resolved = resolve_options(arguments.get("host"), arguments)
+        # a [default] table may hold options of several schedulers: each executor takes its own
         for name in [n for n in resolved if n not in arguments and n in OPTIONS]:
             if scheduler and OPTIONS[name].scheduler not in ("", scheduler):
                 del resolved[name]
@@ -256,6 +257,33 @@ def uses_config(init: F) -> F:
         return init(self, **resolved)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _check_scheduler_options(cls: type, scheduler: str, arguments: Mapping[str, Any]) -> None:
+    """Refuse an option of another scheduler's executor, naming that executor and this one's own
+    options (from OPTIONS and the executors' ``scheduler_class``), instead of Python's "unexpected
+    keyword argument"."""
+    for name in arguments:
+        option = OPTIONS.get(name)
+        if option is None or not scheduler or option.scheduler in ("", scheduler):
+            continue
+        owners = [c.__name__ for c in _executor_classes(cls) if c.scheduler_class.name == option.scheduler]
+        own = ", ".join(f"{n}=" for n, o in OPTIONS.items() if o.scheduler == scheduler)
+        raise OptionOfAnotherScheduler(
+            f"{name}= is an option of {owners[0] if owners else 'another executor'} ({option.scheduler}), "
+            f"not of {cls.__name__}; on {scheduler} the jobs are shaped by {own}"
+        )
+
+
+def _executor_classes(cls: type) -> list[Any]:
+    """The executor classes: every class under the base of ``cls`` that declares ``scheduler_class``."""
+    base = next(c for c in reversed(cls.__mro__) if "scheduler_class" in getattr(c, "__annotations__", {}))
+    found, stack = [], [base]
+    while stack:
+        current = stack.pop()
+        found.append(current)
+        stack.extend(current.__subclasses__())
+    return [c for c in found if "scheduler_class" in vars(c)]
 
 
 def _check_local_scheduler(scheduler_class: Any, resolved: Mapping[str, Any]) -> None:

@@ -135,6 +135,7 @@ class Session:
             if environment is not None:  # after the checks: a build takes minutes
                 head = HeadNode(shell, scheduler.options, scheduler.command_setup)
                 self.environment = environment.prepare(head, root)
+                self.dispatcher.environment_synced = True
                 scheduler.options = dataclasses.replace(scheduler.options, python=self.environment.python)
             route, certificate = opened.result()  # the endpoint and the workers' routes to it
             _, host, port = self.routes[0]

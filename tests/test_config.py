@@ -277,6 +277,17 @@ def test_no_host_and_no_scheduler_here_names_the_fix(monkeypatch: pytest.MonkeyP
         SlurmExecutor()
 
 
+def test_joblib_without_a_host_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    import joblib
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with (
+        joblib.parallel_config(backend="gridengine"),
+        pytest.raises(ConfigurationError, match=r"no host given and no qsub here"),
+    ):
+        joblib.Parallel(n_jobs=2)(joblib.delayed(abs)(-i) for i in range(3))
+
+
 def test_a_misspelt_variable_gets_a_warning_naming_the_option(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SHEEPDOG_MAX_WORKER", "3")
     monkeypatch.setenv("SHEEPDOG_TEST_SLURM_HOST", "x")  # no option's look-alike: no warning
