@@ -4,7 +4,8 @@
 nodes, and says what to change at the first thing that is wrong. ``cleanup HOST`` removes the jobs and
 session directories of clients that died without shutting down (SIGKILL, a lost laptop, a crashed
 kernel): only the user's own jobs, only those that run our worker from a session directory, and only
-when the session's client is known to be gone.
+when the session's client is known to be gone, as seen from where cleanup stands: the home directory
+may be shared with other clusters and head nodes, whose sessions it lists as kept.
 """
 
 from __future__ import annotations
@@ -26,7 +27,13 @@ from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO
 
-from sheepdog_executor.config import config_path, env_name, environment_options, resolve_options
+from sheepdog_executor.config import (
+    config_path,
+    configured_scheduler,
+    env_name,
+    environment_options,
+    resolve_options,
+)
 from sheepdog_executor.environment import HeadNode
 from sheepdog_executor.errors import (
     ConfigurationError,
@@ -40,7 +47,7 @@ from sheepdog_executor.jobscript import JobOptions, WorkerLaunch, with_setup
 from sheepdog_executor.liveness import probe_client
 from sheepdog_executor.scheduler import Scheduler, SessionJob, TaskState
 from sheepdog_executor.scheduler.base import plain_name
-from sheepdog_executor.sessiondir import make_session_dir, prepare_root
+from sheepdog_executor.sessiondir import OWNER_RECORD, Owner, make_session_dir, prepare_root
 from sheepdog_executor.shell import Shell, SSHShell, SSHTarget
 
 if TYPE_CHECKING:
@@ -176,20 +183,27 @@ def _executors() -> dict[str, type[ClusterExecutor]]:
 
 
 def detect_executor(
-    shell: Shell, options: Mapping[str, Any], choice: str
+    shell: Shell, options: Mapping[str, Any], choice: str, host: str = ""
 ) -> tuple[type[ClusterExecutor], str]:
-    """The executor for ``--scheduler`` ``choice``; with "auto", the one whose submit command the head
-    node has (Grid Engine when it has both). Returns it and a note on how it was chosen."""
+    """The executor for ``--scheduler`` ``choice``; with "auto", the one the config file names for
+    ``host`` (``configured_scheduler``), else the one whose submit command the head node has (Grid
+    Engine when it has both). Returns it and a note on how it was chosen."""
     executors = _executors()
     if choice != "auto":
-        return executors[choice], ""
+        return executors[choice], "chosen by --scheduler"
+    configured = configured_scheduler(host) if host else None
+    if configured is not None:
+        return executors[configured[0]], f"chosen by {configured[1]}"
     probe = "; ".join(
         f"command -v {cls.scheduler_class.commands[0]} >/dev/null && echo {name}"
         for name, cls in executors.items()
     )
     found = shell.run("\n".join([*_command_setup(options), probe]), timeout=60).stdout.split()
     if len(found) > 1:
-        return executors[found[0]], f"{' and '.join(found)} found, checking {found[0]} (--scheduler chooses)"
+        return executors[found[0]], (
+            f"{' and '.join(found)} found, checking {found[0]} (--scheduler, or scheduler = "
+            f'"..." under [hosts."{host}"] in {config_path()}, chooses)'
+        )
     return executors[found[0] if found else "gridengine"], ""
 
 
@@ -284,7 +298,8 @@ class Doctor:
             if self.shell is not None:
                 self.shell.close()
         name = self.executor_class.__name__
-        print(f"all checks passed: {name}(host={self.host!r}) should work", file=self.out)
+        scheduler = self.executor_class.scheduler_class.name
+        print(f"all checks passed on {scheduler}: {name}(host={self.host!r}) should work", file=self.out)
         return 0
 
     def _line(self, status: str, name: str, detail: str) -> None:
@@ -337,7 +352,7 @@ class Doctor:
 
     def check_scheduler(self) -> str:
         assert self.shell is not None
-        self.executor_class, note = detect_executor(self.shell, self.options, self.choice)
+        self.executor_class, note = detect_executor(self.shell, self.options, self.choice, self.host)
         cls = self.executor_class.scheduler_class
         try:
             self.scheduler = _scheduler(self.shell, self.options, self.job_options, cls)
@@ -352,7 +367,7 @@ class Doctor:
                 f'command_setup = ["..."] under [hosts."{self.host}"] in {config_path()}',
             ) from exc
         version = self.scheduler.version()
-        found = f"{', '.join(cls.commands)} found ({version or 'version unknown'})"
+        found = f"{cls.name}: {', '.join(cls.commands)} found ({version or 'version unknown'})"
         return found + (f"; {note}" if note else "")
 
     def check_python(self) -> str:
@@ -564,6 +579,19 @@ class SessionDir:
     name: str
     endpoint: str | None
     old: bool
+    #: Its owner record; None when it has none (made by an older version) or it is unreadable.
+    owner: Owner | None = None
+
+
+@dataclass(frozen=True)
+class Here:
+    """Where cleanup stands: the scheduler it asks and the head node's host name."""
+
+    scheduler: str
+    head_node: str
+
+    def owns(self, owner: Owner) -> bool:
+        return (owner.scheduler, owner.head_node) == (self.scheduler, self.head_node)
 
 
 def cleanup(
@@ -584,18 +612,19 @@ def cleanup(
         print(f"error: {exc}", file=out)
         return 1
     try:
-        executor_class, _ = detect_executor(shell, options, choice)
+        executor_class, _ = detect_executor(shell, options, choice, host)
         scheduler = _scheduler(shell, options, JobOptions(), executor_class.scheduler_class)
         scheduler.prepare()
         root = _session_root(shell, options)
         jobs: list[SessionJob] = scheduler.session_jobs(root)
         sessions = list_sessions(shell, root)
+        here = Here(scheduler.name, shell.run("uname -n", timeout=30).stdout.strip())
         verb = "would remove" if dry_run else "removed"
         removed_jobs = removed_dirs = kept = 0
         for name in sorted(set(sessions) | {job.session for job in jobs}):
             job_ids = [job.id for job in jobs if job.session == name]
             what = ", ".join(f"job {job.id} ({job.name})" for job in jobs if job.session == name)
-            verdict, why = judge_session(shell, root, name, sessions.get(name), force)
+            verdict, why = judge_session(shell, root, name, sessions.get(name), force, here, bool(job_ids))
             if verdict == "keep":
                 kept += 1
                 print(f"kept {name}: {what or 'no jobs'}; {why}", file=out)
@@ -650,25 +679,52 @@ def list_sessions(shell: Shell, root: str) -> dict[str, SessionDir]:
         'for d in */; do d=${d%/}; [ -d "$d" ] || continue\n'
         '  [ -e "$d/secret" ] || [ -e "$d/bundle.zip" ] || continue\n'
         f'  old=$(find "$d" -maxdepth 0 -mmin +{DOCTOR_LEFTOVER_MINUTES} 2>/dev/null)\n'
-        f'  printf "%s\\t%s\\t%s\\n" "$d" "${{old:+old}}" "$(head -n 1 "$d/{ENDPOINT_RECORD}" 2>/dev/null)"\n'
+        f'  printf "%s\\t%s\\t%s\\t%s\\n" "$d" "${{old:+old}}" '
+        f'"$(head -n 1 "$d/{ENDPOINT_RECORD}" 2>/dev/null)" "$(head -n 1 "$d/{OWNER_RECORD}" 2>/dev/null)"\n'
         "done"
     )
     sessions = {}
     for line in shell.run(script, timeout=60).stdout.splitlines():
-        name, old, endpoint = (line.split("\t") + ["", ""])[:3]
+        name, old, endpoint, owner = (line.split("\t") + ["", "", ""])[:4]
         if plain_name(name):
-            sessions[name] = SessionDir(name, endpoint.strip() or None, old == "old")
+            record = Owner.parse(owner) if owner.strip() else None
+            sessions[name] = SessionDir(name, endpoint.strip() or None, old == "old", record)
     return sessions
 
 
 def judge_session(
-    shell: Shell, root: str, name: str, session: SessionDir | None, force: bool
+    shell: Shell,
+    root: str,
+    name: str,
+    session: SessionDir | None,
+    force: bool,
+    here: Here,
+    has_jobs: bool,
 ) -> tuple[str, str]:
-    """("remove" or "keep", why): a session is removed only when its client is known to be gone,
-    or cannot be checked and ``force`` is set; a client that answers is never touched."""
+    """("remove" or "keep", why): a session is removed only when its client is known to be gone
+    from where cleanup stands (its client's pid is gone on this machine, or its client's endpoint
+    is dead as its own head node sees it), or cannot be checked and ``force`` is set; a client that
+    answers is never touched, nor a session of another cluster or head node (only they can tell)."""
     if session is None:
         return "remove", "its session directory is gone, so its tasks cannot start a worker"
-    if session.endpoint:
+    owner = session.owner
+    if owner is not None and owner.on_this_machine() and not owner.client_runs():
+        elsewhere = "" if here.owns(owner) else f"; its jobs on {owner.where()} are for a cleanup there"
+        return "remove", f"its client (pid {owner.client_pid} on this machine) is gone{elsewhere}"
+    if owner is not None and not here.owns(owner):
+        other = "cluster" if owner.scheduler != here.scheduler else "head node"
+        return "keep", (
+            f"session of another {other} ({owner.where()}; this is {here.scheduler} on {here.head_node}): "
+            "only a cleanup there can tell whether it is alive"
+        )
+    if owner is not None and owner.on_this_machine():
+        return "keep", f"its client still runs on this machine (pid {owner.client_pid})"
+    if owner is None and not has_jobs and not name.startswith("doctor-"):
+        why = (
+            f"it has no {OWNER_RECORD} record (made by an older version) and no job here, so it may be "
+            "a session of another cluster sharing this home directory"
+        )
+    elif session.endpoint:
         state, seen = probe_endpoint(shell, session.endpoint, f"{root}/{name}/secret")
         if state == "gone":
             return "remove", f"its client is gone ({session.endpoint}: {seen})"

@@ -3,7 +3,9 @@
 The file (``~/.config/sheepdog-executor/config.toml``, or ``$SHEEPDOG_EXECUTOR_CONFIG``) has a
 ``[default]`` table and one table per host alias, ``[hosts."fear"]``. An option takes the first value
 found in: the explicit argument, the environment, the host's table, ``[default]``; options found
-nowhere are left out, so the executor's own defaults apply.
+nowhere are left out, so the executor's own defaults apply. The host itself, when not given, is
+``$SHEEPDOG_HOST`` or ``host`` in ``[default]`` (the user's usual cluster); a host's table may say
+which of its schedulers the commands check (``scheduler = "slurm"``).
 """
 
 from __future__ import annotations
@@ -12,16 +14,25 @@ import difflib
 import functools
 import inspect
 import os
+import shutil
 import sys
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sheepdog_executor.errors import ConfigurationError
+from sheepdog_executor.errors import ConfigurationError, OptionOfAnotherScheduler
 from sheepdog_executor.tunnel import CALLBACK_MODES
 
 CONFIG_ENV = "SHEEPDOG_EXECUTOR_CONFIG"
+#: The usual cluster's host (or ssh alias) when an executor is given none.
+HOST_ENV = "SHEEPDOG_HOST"
+#: ``SHEEPDOG_*`` variables that are not options: the config file's, the host's, and those the
+#: worker's task sets (a worker's own client, e.g. a nested executor, sees them).
+NOT_OPTIONS = frozenset({CONFIG_ENV, HOST_ENV, "SHEEPDOG_JOB_ID", "SHEEPDOG_TASK_ID", "SHEEPDOG_CPUS"})
+#: What ``--scheduler`` and a host table's ``scheduler`` key take.
+SCHEDULER_CHOICES = ("gridengine", "slurm")
 DEFAULT_CONFIG_PATH = "~/.config/sheepdog-executor/config.toml"
 ENV_PREFIX = "SHEEPDOG_"
 
@@ -61,6 +72,8 @@ class Option:
 
 
 GRID_ENGINE, SLURM = "Grid Engine", "Slurm"
+#: ``--scheduler``'s name of each scheduler.
+_SCHEDULER_KEYS = {GRID_ENGINE: "gridengine", SLURM: "slurm"}
 
 #: Every option of the executors that a file or the environment may set (not callables, not host).
 OPTIONS: dict[str, Option] = {
@@ -128,13 +141,43 @@ def config_path() -> Path:
 
 def resolve_options(host: str | None, explicit: Mapping[str, Any]) -> dict[str, Any]:
     """The options for an executor on ``host``: ``explicit`` first, then the environment, then the
-    host's table, then ``[default]``. Raises ConfigurationError for unknown keys or wrong types."""
+    host's table, then ``[default]``. Without ``host``, the usual one (``default_host``) is used and
+    returned as ``host`` (a given host is not returned). Raises ConfigurationError for unknown keys
+    or wrong types."""
     defaults, per_host = load_config()
-    resolved: dict[str, Any] = dict(defaults)
-    resolved.update(per_host.get(host, {}) if host is not None else {})
+    resolved: dict[str, Any] = {k: v for k, v in defaults.items() if k != "host"}
+    if host is None:
+        host = default_host(defaults)
+        if host is not None:
+            resolved["host"] = host
+    if host is not None:
+        resolved.update({k: v for k, v in per_host.get(host, {}).items() if k != "scheduler"})
     resolved.update(environment_options())
-    resolved.update(explicit)
+    resolved.update({k: v for k, v in explicit.items() if not (k == "host" and v is None)})
     return resolved
+
+
+def default_host(defaults: Mapping[str, Any] | None = None) -> str | None:
+    """The user's usual cluster: ``$SHEEPDOG_HOST``, else ``host`` in the file's ``[default]``."""
+    from_env = os.environ.get(HOST_ENV, "").strip()
+    if from_env:
+        return from_env
+    host = (load_config()[0] if defaults is None else defaults).get("host")
+    return str(host) if host else None
+
+
+def configured_scheduler(host: str) -> tuple[str, str] | None:
+    """The scheduler the config file names for ``host`` (``--scheduler``'s names) and where it says so:
+    the host table's ``scheduler`` key, else the one scheduler whose own options the table sets."""
+    table = load_config()[1].get(host, {})
+    where = f'[hosts."{host}"] in {config_path()}'
+    if "scheduler" in table:
+        return table["scheduler"], f"scheduler = {table['scheduler']!r} in {where}"
+    names = {OPTIONS[k].scheduler for k in table if k in OPTIONS and OPTIONS[k].scheduler}
+    if len(names) == 1:
+        name = names.pop()
+        return _SCHEDULER_KEYS[name], f"{name}'s options in {where}"
+    return None
 
 
 def load_config(path: Path | None = None) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
@@ -155,11 +198,14 @@ def load_config(path: Path | None = None) -> tuple[dict[str, Any], dict[str, dic
                 f"{path}: unknown table or key {key!r} at the top level; only [default] and "
                 '[hosts."ALIAS"] tables are read (options go inside them)'
             )
-    defaults = _table(path, "[default]", data.get("default", {}))
+    defaults = _table(path, "[default]", data.get("default", {}), extra={"host": Option(str)})
     hosts = data.get("hosts", {})
     if not isinstance(hosts, dict):
         raise ConfigurationError(f'{path}: "hosts" must be tables, written [hosts."ALIAS"]')
-    per_host = {name: _table(path, f'[hosts."{name}"]', table) for name, table in hosts.items()}
+    scheduler = {"scheduler": Option(str, SCHEDULER_CHOICES)}
+    per_host = {
+        name: _table(path, f'[hosts."{name}"]', table, extra=scheduler) for name, table in hosts.items()
+    }
     return defaults, per_host
 
 
@@ -167,6 +213,7 @@ def environment_options(environ: Mapping[str, str] | None = None) -> dict[str, A
     """Scalar options set as ``SHEEPDOG_<OPTION>``; empty variables count as unset, and other
     ``SHEEPDOG_*`` variables (``SHEEPDOG_EXECUTOR_CONFIG``, the workers' own) are not options."""
     environ = os.environ if environ is None else environ
+    _warn_unknown(environ)
     found: dict[str, Any] = {}
     for name, option in OPTIONS.items():
         raw = environ.get(env_name(name), "").strip()
@@ -197,15 +244,80 @@ def uses_config(init: F) -> F:
         self = arguments.pop(self_name)
         if var_keyword is not None:
             arguments.update(arguments.pop(var_keyword, {}))
+        scheduler_class = getattr(type(self), "scheduler_class", None)
+        scheduler = getattr(scheduler_class, "name", "")
+        _check_scheduler_options(type(self), scheduler, arguments)
         resolved = resolve_options(arguments.get("host"), arguments)
         # a [default] table may hold options of several schedulers: each executor takes its own
-        scheduler = getattr(getattr(type(self), "scheduler_class", None), "name", "")
         for name in [n for n in resolved if n not in arguments and n in OPTIONS]:
             if scheduler and OPTIONS[name].scheduler not in ("", scheduler):
                 del resolved[name]
+        if resolved.get("host") is None and scheduler_class is not None:
+            _check_local_scheduler(scheduler_class, resolved)
         return init(self, **resolved)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _check_scheduler_options(cls: type, scheduler: str, arguments: Mapping[str, Any]) -> None:
+    """Refuse an option of another scheduler's executor, naming that executor and this one's own
+    options (from OPTIONS and the executors' ``scheduler_class``), instead of Python's "unexpected
+    keyword argument"."""
+    for name in arguments:
+        option = OPTIONS.get(name)
+        if option is None or not scheduler or option.scheduler in ("", scheduler):
+            continue
+        owners = [c.__name__ for c in _executor_classes(cls) if c.scheduler_class.name == option.scheduler]
+        own = ", ".join(f"{n}=" for n, o in OPTIONS.items() if o.scheduler == scheduler)
+        raise OptionOfAnotherScheduler(
+            f"{name}= is an option of {owners[0] if owners else 'another executor'} ({option.scheduler}), "
+            f"not of {cls.__name__}; on {scheduler} the jobs are shaped by {own}"
+        )
+
+
+def _executor_classes(cls: type) -> list[Any]:
+    """The executor classes: every class under the base of ``cls`` that declares ``scheduler_class``."""
+    base = next(c for c in reversed(cls.__mro__) if "scheduler_class" in getattr(c, "__annotations__", {}))
+    found, stack = [], [base]
+    while stack:
+        current = stack.pop()
+        found.append(current)
+        stack.extend(current.__subclasses__())
+    return [c for c in found if "scheduler_class" in vars(c)]
+
+
+def _check_local_scheduler(scheduler_class: Any, resolved: Mapping[str, Any]) -> None:
+    """Without a host the scheduler's commands run on this machine: say so at once when it has none
+    (rather than the shell's "qsub: not found"), unless set-up lines may provide them."""
+    commands = getattr(scheduler_class, "commands", ())
+    if not commands or resolved.get("command_setup") or shutil.which(commands[0]):
+        return
+    raise ConfigurationError(
+        f"no host given and no {commands[0]} here: pass host= (a host name or ~/.ssh/config alias of "
+        f"the cluster's head node), or name your usual cluster once with ${HOST_ENV} or host = "
+        f'"..." in the [default] table of {config_path()}'
+    )
+
+
+_warned: set[str] = set()
+
+
+def _warn_unknown(environ: Mapping[str, str]) -> None:
+    """Warn (once each) of ``SHEEPDOG_*`` variables that are no option but look like one."""
+    known = {env_name(name) for name in OPTIONS} | NOT_OPTIONS
+    names = {variable[len(ENV_PREFIX) :].lower(): variable for variable in known}
+    for variable in environ:
+        if not variable.startswith(ENV_PREFIX) or variable in known or variable in _warned:
+            continue
+        close = difflib.get_close_matches(variable[len(ENV_PREFIX) :].lower(), sorted(names), n=1, cutoff=0.8)
+        if close:
+            _warned.add(variable)
+            warnings.warn(
+                f"${variable} is not a sheepdog-executor option and is ignored; did you mean "
+                f"${names[close[0]]}? (the options: {', '.join(sorted(OPTIONS))}, and ${HOST_ENV})",
+                UserWarning,
+                stacklevel=3,
+            )
 
 
 # -- reading and checking ----------------------------------------------------------------------
@@ -228,12 +340,13 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigurationError(f"cannot read config file {path}: {exc}")
 
 
-def _table(path: Path, where: str, table: Any) -> dict[str, Any]:
+def _table(path: Path, where: str, table: Any, extra: Mapping[str, Option] | None = None) -> dict[str, Any]:
+    """The table's options checked; ``extra`` are the keys this table takes besides the options."""
     if not isinstance(table, dict):
         raise ConfigurationError(f"{path}: {where} must be a table of options")
     checked: dict[str, Any] = {}
     for key, value in table.items():
-        option = OPTIONS.get(key)
+        option = OPTIONS.get(key) or (extra or {}).get(key)
         if option is None:
             raise ConfigurationError(f"{path}: unknown option {key!r} in {where}{_suggest(key)}")
         checked[key] = _check_value(key, option, value, f"{path}: {key} in {where}")
@@ -242,7 +355,7 @@ def _table(path: Path, where: str, table: Any) -> dict[str, Any]:
 
 def _suggest(key: str) -> str:
     if key == "host":
-        return '; the host is the table\'s name, [hosts."ALIAS"]'
+        return '; the host is the table\'s name, [hosts."ALIAS"] (a usual host goes in [default])'
     close = difflib.get_close_matches(key, OPTIONS, n=1)
     if close:
         return f"; did you mean {close[0]!r}?"

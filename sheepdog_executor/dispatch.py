@@ -38,7 +38,7 @@ from sheepdog_executor.errors import (
 )
 from sheepdog_executor.remote.compat import add_note
 from sheepdog_executor.stats import Stats, Tally
-from sheepdog_executor.tracebacks import restore_source
+from sheepdog_executor.tracebacks import fit_advice, restore_source
 
 log = logging.getLogger("sheepdog_executor")
 
@@ -134,6 +134,8 @@ class Dispatcher:
         self._initializer = initializer
         self._python = python
         self._echo_output = echo_output
+        #: Whether the nodes run this client's packages (``environment="sync"``): for the advice.
+        self.environment_synced = False
         self._lock = threading.Lock()
         self._next_id = 1
         self._pending: deque[WorkItem] = deque()
@@ -478,7 +480,9 @@ class Dispatcher:
                     released[item.fn_key] += 1
                     seconds = outcome[5]
                     stderr = outcome[6] if len(outcome) > 6 and type(outcome[6]) is str else ""
-                    error = _resolve(item.future, outcome[2], outcome[3], outcome[4], stderr, echo)
+                    error = _resolve(
+                        item.future, outcome[2], outcome[3], outcome[4], stderr, echo, self.environment_synced
+                    )
             except BaseException as exc:  # noqa: BLE001 - a bug must break the executor, not hang it
                 log.exception("resolving a call failed")
                 broken = BrokenClusterExecutor(f"internal error while resolving a result: {exc!r}")
@@ -637,7 +641,9 @@ def _set_exception(future: Future[Any], error: BaseException) -> None:
             pass
 
 
-def _resolve(future: Future[Any], ok: bool, data: bytes, stdout: str, stderr: str, echo: bool) -> str | None:
+def _resolve(
+    future: Future[Any], ok: bool, data: bytes, stdout: str, stderr: str, echo: bool, synced: bool = False
+) -> str | None:
     """Resolve a Future from a worker's result; return the error's text when the call failed."""
     if stdout or stderr or type(future) is not CallFuture:  # a CallFuture's are "" by default
         future.remote_stdout = stdout  # type: ignore[attr-defined]
@@ -661,6 +667,7 @@ def _resolve(future: Future[Any], ok: bool, data: bytes, stdout: str, stderr: st
     if error is None:
         error = RemoteCallError(tb.strip().splitlines()[-1] if tb.strip() else "remote error")
     error.__cause__ = RemoteTraceback(restore_source(tb))
+    fit_advice(error, synced)
     for name, text in (("stdout", stdout), ("stderr", stderr)):
         if text:
             add_note(error, f"{name} of the call on the node:\n{text.rstrip()}")

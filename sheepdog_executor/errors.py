@@ -14,6 +14,11 @@ class ConfigurationError(SheepdogError, ValueError):
     """An option given to the executor is wrong; the message says which and how to fix it."""
 
 
+class OptionOfAnotherScheduler(ConfigurationError, TypeError):
+    """An executor got an option only another scheduler's executor takes (``mem=`` on Grid Engine);
+    a TypeError too, as an unexpected keyword argument is."""
+
+
 class ConnectionFailed(SheepdogError, ConnectionError):
     """The head node could not be reached or refused us (DNS, TCP, host key, authentication)."""
 

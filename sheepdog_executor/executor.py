@@ -45,7 +45,7 @@ from sheepdog_executor.scheduler import (
     SlurmScheduler,
 )
 from sheepdog_executor.server import Endpoint
-from sheepdog_executor.sessiondir import make_session_dir, prepare_root
+from sheepdog_executor.sessiondir import make_session_dir, prepare_root, this_client
 from sheepdog_executor.shell import LocalShell, Shell, SSHShell, SSHTarget
 from sheepdog_executor.status import StatusPage
 from sheepdog_executor.tunnel import Route, choose_route
@@ -135,6 +135,7 @@ class Session:
             if environment is not None:  # after the checks: a build takes minutes
                 head = HeadNode(shell, scheduler.options, scheduler.command_setup)
                 self.environment = environment.prepare(head, root)
+                self.dispatcher.environment_synced = True
                 scheduler.options = dataclasses.replace(scheduler.options, python=self.environment.python)
             route, certificate = opened.result()  # the endpoint and the workers' routes to it
             _, host, port = self.routes[0]
@@ -176,7 +177,8 @@ class Session:
         worker bundle in it, both 0600; return the canonical session root."""
         # refused if another user could replace it (canonical path, created 0700 if missing)
         root = prepare_root(self.shell, session_root)
-        self.session_dir = make_session_dir(self.shell, root)
+        # with who owns it: `cleanup` of another cluster sharing this home must leave it alone
+        self.session_dir = make_session_dir(self.shell, root, owner=this_client(self.scheduler.name))
         self.shell.put(f"{self.session_dir}/secret", secret, 0o600)
         self.shell.put(f"{self.session_dir}/bundle.zip", bundle, 0o600)
         return root

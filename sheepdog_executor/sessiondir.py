@@ -8,16 +8,93 @@ or 777), or an ancestor of it that another user owns, is refused before anything
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 import posixpath
 import secrets
 import shlex
+import socket
 import time
+from dataclasses import dataclass
 
 from sheepdog_executor.errors import ConfigurationError
 from sheepdog_executor.jobscript import check_no_control_characters
 from sheepdog_executor.shell import Shell
 
 _STICKY, _GROUP_OR_OTHERS_WRITE = 0o1000, 0o022
+#: The file in a session directory that says who owns the session (see ``Owner``).
+OWNER_RECORD = "owner"
+#: Host names too common to tell two machines apart.
+_ANONYMOUS_HOSTS = {"", "localhost", "localhost.localdomain"}
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who owns a session, as its ``owner`` file records it: the cluster (scheduler and head node's
+    host name) and the client (host name, boot id, pid, the pid's start time). A home directory shared
+    by several clusters, or login nodes behind one alias, shows a session to every one of them; only
+    this record says which of them can tell whether it is alive."""
+
+    scheduler: str
+    head_node: str
+    client_host: str
+    client_pid: int
+    #: Linux's boot id of the client's machine ("" elsewhere): a host name alone may be shared.
+    client_boot: str = ""
+    #: The client process's start time in clock ticks since boot ("" where unknown): a pid is reused.
+    client_start: str = ""
+
+    @classmethod
+    def parse(cls, line: str) -> Owner | None:
+        """The record from its one JSON line, or None when it is not one."""
+        try:
+            data = json.loads(line)
+            return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+        except (ValueError, TypeError):
+            return None
+
+    def on_this_machine(self) -> bool:
+        """Whether the client ran on the machine (and in the boot) this process runs in."""
+        if self.client_host in _ANONYMOUS_HOSTS or self.client_host != socket.gethostname():
+            return False
+        return self.client_boot == _boot_id()
+
+    def client_runs(self) -> bool:
+        """Whether the client's process still runs (call only when ``on_this_machine``)."""
+        try:
+            os.kill(self.client_pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # another user's process: not the client's
+            return False
+        return not self.client_start or _start_time(self.client_pid) in ("", self.client_start)
+
+    def where(self) -> str:
+        return f"{self.scheduler} on host {self.head_node}"
+
+
+def this_client(scheduler: str) -> Owner:
+    """The record of a session this process opens on ``scheduler`` (the head node is filled in there)."""
+    pid = os.getpid()
+    return Owner(scheduler, "", socket.gethostname(), pid, _boot_id(), _start_time(pid))
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as handle:
+            return handle.read().strip()
+    except OSError:
+        return ""
+
+
+def _start_time(pid: int) -> str:
+    """Field 22 of /proc/PID/stat (after the command's closing parenthesis), "" where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return ""
 
 
 def unsafe_part(uid: int, root: str, modes: list[tuple[int, int]]) -> str | None:
@@ -94,13 +171,19 @@ def prepare_root(shell: Shell, session_root: str) -> str:
     return root
 
 
-def make_session_dir(shell: Shell, root: str, prefix: str = "") -> str:
+def make_session_dir(shell: Shell, root: str, prefix: str = "", owner: Owner | None = None) -> str:
     """Create a new session directory (``PREFIX``, a time stamp, random hex) under the canonical
     ``root``, mode 0700, failing if anything exists there already; check that it is a real directory
-    the user owns. Return its path."""
+    the user owns; with ``owner``, write its ``owner`` record (the head node's name filled in there),
+    in the same command. Return its path."""
     path = f"{root.rstrip('/')}/{prefix}{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
     q = shlex.quote(path)
-    done = shell.run(f"mkdir -m 700 -- {q} && [ ! -L {q} ] && id -u && ls -ldn -- {q}", timeout=60)
+    record = ""
+    if owner is not None:
+        line = json.dumps(dataclasses.asdict(dataclasses.replace(owner, head_node="@HEAD@")))
+        line = line.replace("%", "%%").replace('"@HEAD@"', '"%s"') + "\n"
+        record = f' && printf {shlex.quote(line)} "$(uname -n)" > {shlex.quote(f"{path}/{OWNER_RECORD}")}'
+    done = shell.run(f"mkdir -m 700 -- {q} && [ ! -L {q} ] && id -u && ls -ldn -- {q}{record}", timeout=60)
     lines = done.stdout.splitlines()
     try:
         made = len(lines) == 2 and owner_and_mode(lines[1]) == (int(lines[0]), 0o40700)

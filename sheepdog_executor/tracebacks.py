@@ -1,4 +1,4 @@
-"""Give remote tracebacks their source lines back.
+"""Give remote tracebacks their source lines back, and advice that fits this client.
 
 cloudpickle rebuilds functions shipped by value with ``co_filename == "<dynamic-code>"``, so the
 node cannot show their source. The client still has it: each such frame (function name and line
@@ -8,6 +8,7 @@ that name and that line, and the frame gets its file and source line back.
 
 from __future__ import annotations
 
+import importlib.util
 import linecache
 import re
 import sys
@@ -16,6 +17,8 @@ from collections.abc import Iterator
 
 from sheepdog_executor.pickling import SHIPPED
 
+#: The node's note on a missing module (remote/worker.py ``explain_missing_module``).
+_MISSING_MODULE = re.compile(r"^sheepdog: .* is not importable on the nodes")
 _FRAME = re.compile(r'^  File "<dynamic-code>", line (\d+), in (.+)$')
 
 
@@ -60,3 +63,31 @@ def restore_source(tb: str) -> str:
                 line = f'  File "{code.co_filename}", line {lineno}, in {name}\n    {source}'
         out.append(line)
     return "\n".join(out) + "\n"
+
+
+def fit_advice(error: BaseException, synced: bool) -> None:
+    """Correct the node's advice on a missing module with what only the client knows: whether the
+    module is installed here, and whether the executor already ships this client's packages
+    (``synced``, ``environment="sync"``). The node's note is replaced in place."""
+    notes = getattr(error, "__notes__", None)
+    if not isinstance(error, ModuleNotFoundError) or not error.name or not isinstance(notes, list):
+        return
+    ours = [i for i, n in enumerate(notes) if isinstance(n, str) and _MISSING_MODULE.search(n)]
+    if not ours:
+        return
+    index, note = ours[0], notes[ours[0]]
+    top = error.name.partition(".")[0]
+    try:
+        here = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        here = None
+    head = note.partition("; ")[0]
+    if here is None:
+        notes[index] = f"{head}; it is not installed here either: a typo?"
+    elif synced:
+        where = here.origin or (list(here.submodule_search_locations or []) or ["?"])[0]
+        notes[index] = (
+            f'{head}; environment="sync" is on and {top!r} is importable here ({where}), but it was '
+            "not shipped: a module of no installed distribution is not (install it as a package, or "
+            "put it in the working directory), nor one that environment_exclude names"
+        )

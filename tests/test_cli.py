@@ -7,6 +7,7 @@ import http.server
 import json
 import re
 import secrets
+import shlex
 import subprocess
 import sys
 import threading
@@ -18,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import our_jobs, ssh
+from conftest import NODE_PYTHON, our_jobs, require_up, slurm_jobs, ssh, wait_until
 
-from sheepdog_executor import GridEngineExecutor, __version__
+from sheepdog_executor import GridEngineExecutor, SlurmExecutor, __version__
 from sheepdog_executor.cli import ENDPOINT_RECORD, main
 from sheepdog_executor.config import CONFIG_ENV, OPTIONS, env_name
+from sheepdog_executor.sessiondir import OWNER_RECORD
 
 CHECKS = ("config", "ssh", "scheduler", "python", "callback")
 
@@ -275,6 +277,13 @@ def abandon(
             child.wait()
 
 
+def client_elsewhere(session_dir: str) -> None:
+    """Make a session's owner record say its client ran on another machine: cleanup must then ask
+    the client's endpoint, as it does for a laptop's session."""
+    pattern = 's/"client_host": "[^"]*"/"client_host": "elsewhere"/'
+    ssh(f"sed -i {shlex.quote(pattern)} {session_dir}/{OWNER_RECORD}")
+
+
 def write_record(session_dir: str, url: str) -> None:
     """The endpoint record the executor is to write at start (written here until it does)."""
     ssh(f"test -e {session_dir}/{ENDPOINT_RECORD} || echo {url} > {session_dir}/{ENDPOINT_RECORD}")
@@ -305,9 +314,11 @@ def test_cleanup_removes_the_job_of_a_killed_client(
 ) -> None:
     left = abandon(callback)
     write_record(left.session_dir, left.url)
-    # a stale session directory without jobs, whose client is gone
+    # a stale session directory of this cluster without jobs, whose client (elsewhere) is gone
     stale = f"{session_root}/20260101-000000-0123abcd"
     ssh(f"mkdir -p {stale} && touch {stale}/secret && echo http://127.0.0.1:1 > {stale}/{ENDPOINT_RECORD}")
+    ssh(f"cp {left.session_dir}/{OWNER_RECORD} {stale}/")
+    client_elsewhere(stale)
     # a job whose session directory is gone: stuck in error state (Eqw), of no use to anyone
     orphan = ssh(
         f"printf '#$ -N sheepdog\\n#$ -o {session_root}/20260101-000000-deadbeef/task-$JOB_ID-$TASK_ID.out"
@@ -318,7 +329,8 @@ def test_cleanup_removes_the_job_of_a_killed_client(
 
     code, out = run(capsys, "cleanup", cell, "--dry-run")
     assert code == 0
-    assert f"would remove {left.name}: job {left.jobs[0]} (sheepdog) and the directory" in out
+    removal = f"{left.name}: job {left.jobs[0]} (sheepdog) and the directory; its client (pid"
+    assert f"would remove {removal}" in out
     assert "would remove 20260101-000000-0123abcd: the directory; its client is gone" in out
     assert (
         f"would remove 20260101-000000-deadbeef: job {orphan} (sheepdog); its session directory is gone"
@@ -329,7 +341,7 @@ def test_cleanup_removes_the_job_of_a_killed_client(
 
     code, out = run(capsys, "cleanup", cell)
     assert code == 0
-    assert f"removed {left.name}: job {left.jobs[0]} (sheepdog) and the directory; its client is gone" in out
+    assert f"removed {removal}" in out
     assert gone([*left.jobs, orphan])
     assert not exists(left.session_dir) and not exists(stale)
 
@@ -348,8 +360,10 @@ def test_cleanup_keeps_live_clients_and_unchecked_sessions(
     while not live.job_ids and time.monotonic() < deadline:
         time.sleep(0.2)
     write_record(live.session_dir, live._session.launch.url)
+    client_elsewhere(live.session_dir)  # so that its endpoint is asked
     unchecked = abandon()
-    ssh(f"rm -f {unchecked.session_dir}/{ENDPOINT_RECORD}")  # as left by a client without the record
+    # as left by a client of an older version, without the records
+    ssh(f"rm -f {unchecked.session_dir}/{ENDPOINT_RECORD} {unchecked.session_dir}/{OWNER_RECORD}")
     live_name = live.session_dir.rsplit("/", 1)[1]
 
     code, out = run(capsys, "cleanup", cell)
@@ -365,6 +379,56 @@ def test_cleanup_keeps_live_clients_and_unchecked_sessions(
     assert gone(unchecked.jobs)
     assert set(our_jobs(set(live.job_ids))) == set(live.job_ids) and exists(live.session_dir)
     assert call.result(timeout=60) is None  # the live client never noticed
+
+
+@pytest.mark.cluster
+@pytest.mark.multihost
+def test_cleanup_keeps_a_live_session_of_another_cluster_on_the_shared_home(
+    cell: str,
+    slurm_cell: str,
+    session_root: str,
+    abandon: Callable[..., Abandoned],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """/home is shared by the three cells: a live Slurm session is seen by the cleanup of the
+    multi-host Grid Engine cell (another head node, from which its endpoint is unreachable) and of
+    the Grid Engine cell on its own head node; both keep it and say why. A dead Grid Engine session
+    is kept by the other cell's cleanup and removed by its own."""
+    multi = require_up(
+        "fear-multi",
+        "qstat -f",
+        lambda out: "all.q@" in out,
+        "multi-host cell",
+        "scripts/test-cell.sh --multi-host",
+    )
+    dead = abandon()
+    client_elsewhere(dead.session_dir)  # only its endpoint (refused) can tell it is dead
+    with SlurmExecutor(
+        host=slurm_cell, max_workers=1, session_root=session_root, poll_interval=0.5, python=NODE_PYTHON
+    ) as live:
+        call = live.submit(time.sleep, 10)
+        wait_until(lambda: live.job_ids, 60, "the Slurm job's submission")
+        client_elsewhere(live.session_dir)  # so the cluster, not this machine's pid, decides
+        name = live.session_dir.rsplit("/", 1)[1]
+        kept = f"kept {name}: no jobs; session of another cluster (Slurm on host "
+        for argv in (["--dry-run"], []):
+            code, out = run(capsys, "cleanup", multi, *argv)
+            assert code == 0, out
+            assert kept in out and "this is Grid Engine on mh-head" in out
+            assert f"kept {dead.name}: no jobs; session of another head node (Grid Engine on host " in out
+            assert exists(f"{live.session_dir}/secret") and exists(f"{dead.session_dir}/secret")
+        code, out = run(capsys, "cleanup", cell, "--dry-run")
+        assert code == 0 and kept in out, out
+        assert f"would remove {dead.name}: job {dead.jobs[0]} (sheepdog) and the directory" in out
+        code, out = run(capsys, "cleanup", cell)
+        assert code == 0 and kept in out, out
+        assert (
+            f"removed {dead.name}: job {dead.jobs[0]} (sheepdog) and the directory; its client is gone" in out
+        )
+        assert exists(f"{live.session_dir}/secret") and exists(f"{live.session_dir}/bundle.zip")
+        assert not exists(dead.session_dir)
+        assert slurm_jobs(set(live.job_ids)), "the live session's job is still there"
+        assert call.result(timeout=60) is None  # the live client never noticed
 
 
 class _Impostor(http.server.BaseHTTPRequestHandler):
@@ -388,6 +452,7 @@ def test_cleanup_is_not_fooled_by_another_program_on_a_dead_clients_port(
     """Liveness is a challenge signed with the session's secret and an answer signed for it: a
     listener that took the dead client's port (and answers HTTP) does not keep its session."""
     left = abandon("direct")
+    client_elsewhere(left.session_dir)
     port = urllib.parse.urlsplit(left.url).port
     assert port is not None
     impostor = http.server.ThreadingHTTPServer(("0.0.0.0", port), _Impostor)

@@ -12,6 +12,7 @@ from sheepdog_executor import ConfigurationError, GridEngineExecutor, SlurmExecu
 from sheepdog_executor.config import (
     CONFIG_ENV,
     OPTIONS,
+    configured_scheduler,
     env_name,
     environment_options,
     resolve_options,
@@ -25,6 +26,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No user config file and no SHEEPDOG_* option variable of the caller leaks in."""
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv(CONFIG_ENV, raising=False)
+    monkeypatch.delenv("SHEEPDOG_HOST", raising=False)
     for name in OPTIONS:
         monkeypatch.delenv(env_name(name), raising=False)
 
@@ -249,3 +251,77 @@ def test_wired_executor_takes_its_options_from_the_config(
         assert executor.submit(abs, -3).result(timeout=90) == 3
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
+
+
+# -- the usual cluster ---------------------------------------------------------------------------
+def test_host_from_the_environment_then_the_default_table(
+    config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config.write_text('[default]\nhost = "fear"\nretries = 1\n[hosts."fear"]\nqueue = "long.q"\n')
+    assert resolve_options(None, {}) == {"host": "fear", "retries": 1, "queue": "long.q"}
+    monkeypatch.setenv("SHEEPDOG_HOST", "other")
+    assert resolve_options(None, {}) == {"host": "other", "retries": 1}
+    # a host given wins, and is not returned (the caller has it)
+    assert resolve_options("fear", {}) == {"retries": 1, "queue": "long.q"}
+    assert _Recorder().received["host"] == "other"
+    assert _Recorder(host="fear").received["host"] == "fear"
+
+
+def test_no_host_and_no_scheduler_here_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(
+        ConfigurationError, match=r"no host given and no qsub here: pass host=.*\$SHEEPDOG_HOST"
+    ):
+        GridEngineExecutor()
+    with pytest.raises(ConfigurationError, match=r"no host given and no sbatch here"):
+        SlurmExecutor()
+
+
+def test_joblib_without_a_host_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    import joblib
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with (
+        joblib.parallel_config(backend="gridengine"),
+        pytest.raises(ConfigurationError, match=r"no host given and no qsub here"),
+    ):
+        joblib.Parallel(n_jobs=2)(joblib.delayed(abs)(-i) for i in range(3))
+
+
+def test_a_misspelt_variable_gets_a_warning_naming_the_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SHEEPDOG_MAX_WORKER", "3")
+    monkeypatch.setenv("SHEEPDOG_TEST_SLURM_HOST", "x")  # no option's look-alike: no warning
+    with pytest.warns(
+        UserWarning, match=r"\$SHEEPDOG_MAX_WORKER is not .* did you mean \$SHEEPDOG_MAX_WORKERS\?"
+    ):
+        assert environment_options() == {}
+
+
+def test_a_host_table_names_its_scheduler(config: Path) -> None:
+    config.write_text(
+        '[hosts."a"]\nscheduler = "slurm"\nretries = 1\n'
+        '[hosts."b"]\npartition = "short"\n[hosts."c"]\nretries = 1\n'
+    )
+    assert configured_scheduler("a") == ("slurm", f"scheduler = 'slurm' in [hosts.\"a\"] in {config}")
+    assert configured_scheduler("b") == ("slurm", f'Slurm\'s options in [hosts."b"] in {config}')
+    assert configured_scheduler("c") is None
+    assert resolve_options("a", {}) == {"retries": 1}
+    config.write_text('[hosts."a"]\nscheduler = "pbs"\n')
+    with pytest.raises(
+        ConfigurationError, match=r"scheduler in \[hosts.\"a\"\] must be one of 'gridengine', 'slurm'"
+    ):
+        resolve_options("a", {})
+
+
+@pytest.mark.cluster
+def test_the_usual_cluster_from_sheepdog_host(cell: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import NODE_PYTHON
+
+    monkeypatch.setenv("HOME", "/root")  # the real ~/.ssh/config and known_hosts
+    monkeypatch.setenv("SHEEPDOG_HOST", cell)
+    with GridEngineExecutor(max_workers=1, python=NODE_PYTHON, poll_interval=0.5) as executor:
+        assert executor.submit(abs, -3).result(timeout=90) == 3
+        assert (
+            executor._session.shell.description.startswith(cell)
+            or cell in executor._session.shell.description
+        )

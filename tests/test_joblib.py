@@ -434,3 +434,65 @@ def test_a_kept_executor_is_shut_down_at_exit(cell: str) -> None:
     assert job.isdigit() and set(jobs_named(name)) == {job}
     # removed at exit, not kept for its 600 s (a qdel-ed job may show for a moment)
     wait_until(lambda: not live(jobs_named(name)), 30, "the job to be removed")
+
+
+# -- a Parallel inside a call ----------------------------------------------------------------------
+def _sum_nested(i: int) -> int:
+    """Run in a loky child of a worker: the cluster backend's name still resolves there."""
+    return sum(Parallel(n_jobs=2, backend="gridengine")(delayed(abs)(-j) for j in range(i)))
+
+
+def _nested_parallel(n: int) -> tuple[list[int], list[int], list[str]]:
+    """A call that uses joblib's cluster backend itself, then plain loky whose children do."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        first = Parallel(n_jobs=2, backend="gridengine")(delayed(abs)(-j) for j in range(n))
+    second = Parallel(n_jobs=2)(delayed(_sum_nested)(i) for i in range(n))
+    return first, second, [str(w.message) for w in seen]
+
+
+@pytest.fixture(scope="module")
+def node_joblib(cell: str) -> str:
+    """A set-up line giving the workers this client's joblib (pure Python), copied to the cell once."""
+    source = os.path.dirname(joblib.__file__)
+    archive = subprocess.run(
+        [
+            "tar",
+            "-C",
+            os.path.dirname(source),
+            "--exclude=__pycache__",
+            "--exclude=test",
+            "-czf",
+            "-",
+            "joblib",
+        ],
+        capture_output=True,
+        check=True,
+    ).stdout
+    target = f"$HOME/.cache/sheepdog-tests/joblib-{joblib.__version__}"
+    script = (  # into a fresh directory renamed into place: concurrent runs never see half of it
+        f'd="{target}"; mkdir -p "$(dirname "$d")"; if [ ! -d "$d" ]; then t=$(mktemp -d "$d.XXXXXX") '
+        '&& tar -C "$t" -xzf - && { mv -T "$t" "$d" 2>/dev/null || rm -rf "$t"; }; fi; echo "$d"'
+    )
+    done = subprocess.run(
+        ["ssh", "-o", "BatchMode=yes", cell, script],
+        input=archive,
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    return f"export PYTHONPATH={done.stdout.decode().strip().splitlines()[-1]}"
+
+
+@pytest.mark.cluster
+def test_a_parallel_inside_a_call_runs_on_its_node(cell: str, node_joblib: str) -> None:
+    """backend="gridengine" in a call (and in a loky child of it) means loky on the node, with a
+    warning, as dask's backend name resolves inside dask's workers (before: Invalid backend)."""
+    from conftest import NODE_PYTHON
+
+    from sheepdog_executor import GridEngineExecutor
+
+    with GridEngineExecutor(host=cell, max_workers=1, python=NODE_PYTHON, setup=[node_joblib], **FAST) as ex:
+        first, second, warned = ex.submit(_nested_parallel, 4).result(timeout=120)
+    assert (first, second) == ([0, 1, 2, 3], [0, 0, 1, 3])
+    assert len(warned) == 1 and "joblib backend 'gridengine' inside a sheepdog worker (job " in warned[0]

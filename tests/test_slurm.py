@@ -232,12 +232,19 @@ def test_dask_computes_on_slurm(make_slurm: Callable[..., SlurmExecutor], node_p
 
 
 @pytest.mark.cluster
-def test_doctor_checks_a_slurm_head_node(slurm_cell: str, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["doctor", slurm_cell, "--scheduler", "slurm", "--timeout", "60"])
+def test_doctor_checks_the_scheduler_the_hosts_table_names(
+    slurm_cell: str, capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The head node has both qsub and sbatch: the alias's table in the config file says which."""
+    config = tmp_path / "config.toml"
+    config.write_text(f'[hosts."{slurm_cell}"]\nscheduler = "slurm"\n')
+    monkeypatch.setenv("SHEEPDOG_EXECUTOR_CONFIG", str(config))
+    code = main(["doctor", slurm_cell, "--timeout", "60"])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "sbatch, squeue, scancel found (slurm-wlm 22.05" in out
-    assert f"all checks passed: SlurmExecutor(host='{slurm_cell}') should work" in out
+    assert "Slurm: sbatch, squeue, scancel found (slurm-wlm 22.05" in out
+    assert f"chosen by scheduler = 'slurm' in [hosts.\"{slurm_cell}\"]" in out
+    assert f"all checks passed on Slurm: SlurmExecutor(host='{slurm_cell}') should work" in out
 
 
 @pytest.mark.cluster

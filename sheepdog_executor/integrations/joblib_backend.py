@@ -19,7 +19,9 @@ so the nodes need only what ``f`` needs (not joblib), and the executor ships ``f
 when it is the user's own. An error (or Ctrl-C, or an abandoned ``return_as="generator"``) stops the
 executor at once and removes its jobs, as the loky backend kills its workers; the call's exception is
 raised with its original type and the remote traceback as ``__cause__``. Nested ``Parallel`` calls
-inside ``f`` use joblib's defaults on the node.
+inside ``f`` use joblib's defaults on the node; ``backend="gridengine"`` (or ``"slurm"``) there, or
+in a loky child of the worker, means loky on that node, with a RuntimeWarning (``remote.nested``).
+Without ``host=``, the usual cluster is used (``$SHEEPDOG_HOST``, or ``host`` in ``[default]``).
 """
 
 from __future__ import annotations
