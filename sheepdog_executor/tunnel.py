@@ -75,6 +75,12 @@ class Route:
     early: tuple[Tunnel, Future[tuple[str, int]]] | None = field(default=None, compare=False, repr=False)
 
     @property
+    def through_head_node(self) -> bool:
+        """Whether the workers may be offered a route through the head node's relay, a machine
+        other users share."""
+        return self.mode == "tunnel" or self.fallback
+
+    @property
     def listen_address(self) -> str:
         """Where the endpoint listens: behind a tunnel, on loopback only."""
         return self.address if self.mode == "direct" else "127.0.0.1"
@@ -95,7 +101,10 @@ class Route:
                 return routes
         assert isinstance(shell, SSHShell)
         tunnel, opening = self.early or (Tunnel(shell), None)
-        tunnel.deliver_to(self.listen_address, endpoint.port, on_moved)
+        if endpoint.tunnel_port:  # the endpoint's TLS listener on loopback, for routes through here
+            tunnel.deliver_to("127.0.0.1", endpoint.tunnel_port, on_moved)
+        else:
+            tunnel.deliver_to(self.listen_address, endpoint.port, on_moved)
         endpoint.on_stop.append(tunnel.close)
         try:
             host, port = opening.result() if opening is not None else tunnel.open()

@@ -96,6 +96,8 @@ class Channel:
         with self._lock:
             for attempt in itertools.count():
                 try:
+                    if self._conn is not None and not self.reach.follow(self._url):
+                        self.close()  # the relay moved: whoever holds its old port is not our client
                     if self._conn is None:
                         self._conn = self._connect()
                     if path == "/hello":
