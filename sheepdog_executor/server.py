@@ -8,7 +8,8 @@ Bad input only ever gets a 4xx and changes nothing: a request's MAC (over its le
 digest) is checked from its headers before its body is read, so the body of a request that is not
 authenticated is never kept (at most 64 KiB of it is read), bodies are capped per path (413), a wrong
 method gets 405, an unknown path 404, an authenticated message of the wrong shape 400. With an
-``ssl.SSLContext`` the endpoint speaks TLS.
+``ssl.SSLContext`` the endpoint speaks TLS; with ``tunnel_ssl`` only a second listener on loopback
+does, the one the SSH tunnel delivers to.
 """
 
 from __future__ import annotations

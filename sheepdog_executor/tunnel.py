@@ -9,6 +9,9 @@ head node try to connect to this machine: when it cannot, the workers come throu
 it can, they are offered both routes, direct first (the compute nodes may not reach this machine even
 when the head node does), and each takes the first that answers (``remote/reach.py``).
 
+Other users share the head node: by default the tunnel delivers to the endpoint's TLS listener
+(``Endpoint.tunnel_port``), whose certificate the workers pin, so the relay passes only TLS.
+
 When the SSH connection is re-made, forward and relay are re-made too: on their old ports when free,
 else on any (someone else may have taken the port meanwhile); the session's routes file then tells
 the workers where to go.

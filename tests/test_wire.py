@@ -12,8 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from sheepdog_executor.dispatch import Dispatcher
 from sheepdog_executor.remote import protocol, worker
 from sheepdog_executor.remote.reach import Reach
+from sheepdog_executor.server import Endpoint
+from sheepdog_executor.tls import make_certificate
 
 SECRET = os.urandom(32).hex().encode()
 CLAIMED = 2 * 1024**3  # what the hostile answers claim: 2 GiB
@@ -150,3 +153,23 @@ def test_response_header_covers_nonce_length_and_digest() -> None:
     assert protocol.check_response_headers(b"other secret", "n" * 32, header, len(body)) is None
     for junk in (None, "", "é" * 129, header + "0", header.upper()):
         assert protocol.check_response_headers(SECRET, "n" * 32, junk, len(body)) is None
+
+
+def test_the_tunnel_listener_speaks_tls_with_the_pinned_certificate_and_the_main_one_stays_plain() -> None:
+    certificate = make_certificate()
+    endpoint = Endpoint(Dispatcher(), SECRET, address="127.0.0.1", tunnel_ssl=certificate.server_context())
+    endpoint.start()
+    try:
+        assert (endpoint.scheme, endpoint.tunnel_scheme) == ("http", "https")
+        for url, fingerprint in (
+            (f"https://127.0.0.1:{endpoint.tunnel_port}", certificate.fingerprint),
+            (f"http://127.0.0.1:{endpoint.port}", None),
+        ):
+            channel = worker.Channel(url, SECRET, fingerprint)
+            assert channel.call("/heartbeat", {"worker": "w"}, attempts=1) == {"known": False}
+            channel.close()
+        plain = worker.Channel(f"http://127.0.0.1:{endpoint.tunnel_port}", SECRET)
+        with pytest.raises(OSError):  # plain HTTP to the tunnel's listener gets nowhere
+            plain.call("/heartbeat", {}, attempts=1)
+    finally:
+        endpoint.stop()
