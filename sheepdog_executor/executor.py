@@ -84,7 +84,7 @@ class Session:
         callback_address: str | None,
         callback_port: int,
         callback: str,
-        tls: bool,
+        tls: bool | None,
         session_root: str,
         echo_output: bool,
         status_page: bool = True,
@@ -138,10 +138,9 @@ class Session:
                 self.dispatcher.environment_synced = True
                 scheduler.options = dataclasses.replace(scheduler.options, python=self.environment.python)
             route, certificate = opened.result()  # the endpoint and the workers' routes to it
-            _, host, port = self.routes[0]
             self.launch = WorkerLaunch(
                 self.session_dir,
-                f"{self.endpoint.scheme}://{host}:{port}",
+                self._url(*self.routes[0]),
                 certificate.fingerprint if certificate else None,
                 bundle_sha256=hashlib.sha256(bundle).hexdigest(),  # the task checks it before running it
             )
@@ -189,28 +188,32 @@ class Session:
         callback: str,
         callback_address: str | None,
         callback_port: int,
-        tls: bool,
+        tls: bool | None,
         status_page: bool,
     ) -> tuple[Route, Certificate | None]:
         """Decide how workers reach us (direct or SSH tunnel), start the endpoint there and open the
-        routes; with tls, a certificate they pin by its fingerprint, which goes on their command
-        line: it is not secret, only the secret file is."""
+        routes. With TLS (``tls=True``; by default, on the routes through the head node's relay,
+        which other users share) a certificate they pin by its fingerprint, which goes on their
+        command line: it is not secret, only the secret file is."""
         shell = self.shell
         route = choose_route(shell, callback, callback_address or shell.callback_address(), callback_port)
         certificate = None
         try:
-            if tls:  # imported here: cryptography's x509 costs every other executor's start 30 ms
+            if tls or (tls is None and route.through_head_node):
+                # imported here: without paramiko (LocalShell, tls=True) cryptography costs 0.5 s
                 from sheepdog_executor.tls import make_certificate
 
                 certificate = make_certificate()
+            context = certificate.server_context() if certificate else None
             self.status_page = StatusPage(self.status, shell.description) if status_page else None
             self.endpoint = Endpoint(
                 self.dispatcher,
                 secret,
                 address=route.listen_address,
                 port=route.listen_port,
-                ssl_context=certificate.server_context() if certificate else None,
+                ssl_context=context if tls else None,
                 routes=self.status_page.routes() if self.status_page else (),
+                tunnel_ssl=context if tls is None else None,
             )
             self.endpoint.start()
         except BaseException:
@@ -227,12 +230,14 @@ class Session:
     def _write_routes(self) -> None:
         """Tell the workers how to reach us: the routes file they read (and re-read when their
         connection fails), and the endpoint record `sheepdog-executor cleanup` reads, both 0600."""
-        lines = [f"{label} {self.endpoint.scheme}://{host}:{port}\n" for label, host, port in self.routes]
+        lines = [f"{route[0]} {self._url(*route)}\n" for route in self.routes]
         self.shell.put(f"{self.session_dir}/{ROUTES_FILE}", "".join(lines).encode(), 0o600, replace=True)
-        _, host, port = self.routes[0]
-        self.shell.put(
-            f"{self.session_dir}/endpoint", f"{self.endpoint.scheme}://{host}:{port}\n".encode(), 0o600
-        )
+        self.shell.put(f"{self.session_dir}/endpoint", f"{self._url(*self.routes[0])}\n".encode(), 0o600)
+
+    def _url(self, label: str, host: str, port: int) -> str:
+        """The URL of a route: through the tunnel, TLS by default (``Endpoint.tunnel_scheme``)."""
+        scheme = self.endpoint.tunnel_scheme if label == "tunnel" else self.endpoint.scheme
+        return f"{scheme}://{host}:{port}"
 
     def _tunnel_moved(self, host: str, port: int, moved: bool) -> None:
         """The tunnel was re-made, perhaps elsewhere (its port was taken): workers learn it from the
@@ -358,7 +363,7 @@ class ClusterExecutor(Executor):
         callback_address: str | None = None,
         callback_port: int = 0,
         callback: str = "auto",
-        tls: bool = False,
+        tls: bool | None = None,
         session_root: str = "~/.sheepdog-executor",
         echo_output: bool = False,
         status_page: bool = True,

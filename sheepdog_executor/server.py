@@ -8,7 +8,8 @@ Bad input only ever gets a 4xx and changes nothing: a request's MAC (over its le
 digest) is checked from its headers before its body is read, so the body of a request that is not
 authenticated is never kept (at most 64 KiB of it is read), bodies are capped per path (413), a wrong
 method gets 405, an unknown path 404, an authenticated message of the wrong shape 400. With an
-``ssl.SSLContext`` the endpoint speaks TLS.
+``ssl.SSLContext`` the endpoint speaks TLS; with ``tunnel_ssl`` only a second listener on loopback
+does, the one the SSH tunnel delivers to.
 """
 
 from __future__ import annotations
@@ -329,6 +330,7 @@ class Endpoint:
         max_body_size: int = 1024 * 1024 * 1024,
         ssl_context: ssl.SSLContext | None = None,
         routes: Sequence[tuple[Any, ...]] = (),
+        tunnel_ssl: ssl.SSLContext | None = None,
     ) -> None:
         self.dispatcher = dispatcher
         self.secret = secret
@@ -343,6 +345,12 @@ class Endpoint:
         self._nonces: dict[str, float] = {}
         self._pruned = time.monotonic()
         self._address, self._port, self._ssl = address, port, ssl_context
+        #: With ``tunnel_ssl``, a second listener on loopback that speaks TLS, for the tunnel to
+        #: deliver to (``tunnel_port``): the routes through the head node are encrypted even when
+        #: the main listener (direct route, status page) is not.
+        self._tunnel_ssl = tunnel_ssl
+        self.tunnel_port = 0
+        self._tunnel_server: HTTPServer | None = None
         #: More (pattern, handler, kwargs) for the Application, e.g. the status page's.
         self._routes = list(routes)
         self._loop: tornado.ioloop.IOLoop | None = None
@@ -357,6 +365,11 @@ class Endpoint:
     @property
     def scheme(self) -> str:
         return "https" if self._ssl is not None else "http"
+
+    @property
+    def tunnel_scheme(self) -> str:
+        """The scheme of the routes through the tunnel (to ``tunnel_port`` when there is one)."""
+        return "https" if self._tunnel_ssl is not None else self.scheme
 
     def start(self) -> None:
         self._thread.start()
@@ -391,15 +404,13 @@ class Endpoint:
                     "(or callback_port= to a free port), or use callback='tunnel'"
                 ) from exc
             self.port = sockets[0].getsockname()[1]
-            self._server = HTTPServer(
-                app,
-                ssl_options=self._ssl,
-                max_body_size=SMALL_BODY_LIMIT,  # raised per request for /work
-                max_header_size=16 * 1024,
-                body_timeout=600,
-                idle_connection_timeout=3600,
-            )
+            self._server = self._http_server(app, self._ssl)
             self._server.add_sockets(sockets)
+            if self._tunnel_ssl is not None:
+                tunnel_sockets = tornado.netutil.bind_sockets(0, "127.0.0.1", family=socket.AF_INET)
+                self.tunnel_port = tunnel_sockets[0].getsockname()[1]
+                self._tunnel_server = self._http_server(app, self._tunnel_ssl)
+                self._tunnel_server.add_sockets(tunnel_sockets)
         except BaseException as exc:  # noqa: BLE001 - reported to start()'s caller
             self._startup_error = exc
             self._ready.set()
@@ -407,6 +418,17 @@ class Endpoint:
         self._ready.set()
         self._loop.start()
         self._loop.close(all_fds=True)
+
+    @staticmethod
+    def _http_server(app: tornado.web.Application, context: ssl.SSLContext | None) -> HTTPServer:
+        return HTTPServer(
+            app,
+            ssl_options=context,
+            max_body_size=SMALL_BODY_LIMIT,  # raised per request for /work
+            max_header_size=16 * 1024,
+            body_timeout=600,
+            idle_connection_timeout=3600,
+        )
 
     def _notify_work(self) -> None:
         """Wake the long-polling workers; many submits in a row cost one wake-up, not one each."""
@@ -441,9 +463,10 @@ class Endpoint:
             return
 
         async def _shutdown() -> None:
-            if self._server is not None:
-                self._server.stop()
-                await self._server.close_all_connections()
+            for server in (self._server, self._tunnel_server):
+                if server is not None:
+                    server.stop()
+                    await server.close_all_connections()
             loop.stop()
 
         loop.add_callback(_shutdown)

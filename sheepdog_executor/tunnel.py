@@ -9,6 +9,9 @@ head node try to connect to this machine: when it cannot, the workers come throu
 it can, they are offered both routes, direct first (the compute nodes may not reach this machine even
 when the head node does), and each takes the first that answers (``remote/reach.py``).
 
+Other users share the head node: by default the tunnel delivers to the endpoint's TLS listener
+(``Endpoint.tunnel_port``), whose certificate the workers pin, so the relay passes only TLS.
+
 When the SSH connection is re-made, forward and relay are re-made too: on their old ports when free,
 else on any (someone else may have taken the port meanwhile); the session's routes file then tells
 the workers where to go.
@@ -75,6 +78,12 @@ class Route:
     early: tuple[Tunnel, Future[tuple[str, int]]] | None = field(default=None, compare=False, repr=False)
 
     @property
+    def through_head_node(self) -> bool:
+        """Whether the workers may be offered a route through the head node's relay, a machine
+        other users share."""
+        return self.mode == "tunnel" or self.fallback
+
+    @property
     def listen_address(self) -> str:
         """Where the endpoint listens: behind a tunnel, on loopback only."""
         return self.address if self.mode == "direct" else "127.0.0.1"
@@ -95,7 +104,10 @@ class Route:
                 return routes
         assert isinstance(shell, SSHShell)
         tunnel, opening = self.early or (Tunnel(shell), None)
-        tunnel.deliver_to(self.listen_address, endpoint.port, on_moved)
+        if endpoint.tunnel_port:  # the endpoint's TLS listener on loopback, for routes through here
+            tunnel.deliver_to("127.0.0.1", endpoint.tunnel_port, on_moved)
+        else:
+            tunnel.deliver_to(self.listen_address, endpoint.port, on_moved)
         endpoint.on_stop.append(tunnel.close)
         try:
             host, port = opening.result() if opening is not None else tunnel.open()

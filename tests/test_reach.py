@@ -16,7 +16,7 @@ from sheepdog_executor.dispatch import Dispatcher
 from sheepdog_executor.errors import BrokenGridEngineExecutor, ConnectionFailed
 from sheepdog_executor.jobs import JobManager
 from sheepdog_executor.jobscript import WorkerLaunch
-from sheepdog_executor.remote import worker
+from sheepdog_executor.remote import reach, worker
 from sheepdog_executor.remote.reach import Reach
 from sheepdog_executor.server import Endpoint
 
@@ -53,6 +53,24 @@ def test_first_route_that_answers_is_taken_and_the_routes_file_followed(
     endpoints[0].stop()
     assert channel.call("/heartbeat", {"worker": "w"}) == {"known": False}
     assert channel.reach.current == ("tunnel", second)
+
+
+def test_a_worker_leaves_a_route_the_routes_file_no_longer_lists_although_it_answers(
+    endpoints: list[Endpoint], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After an SSH drop another user may hold the relay's old port and pass the traffic on to the
+    new relay: signed answers keep coming there, but the worker goes where the routes file says."""
+    monkeypatch.setattr(reach, "ROUTES_CHECK_SECONDS", 0.0)
+    routes = tmp_path / "routes"
+    first, second = (f"http://127.0.0.1:{e.port}" for e in endpoints)
+    routes.write_text(f"tunnel {first}\n")
+    channel = worker.Channel(Reach(first, str(routes)), SECRET)
+    assert channel.call("/heartbeat", {"worker": "w"}) == {"known": False}
+    routes.write_text(f"tunnel {second}\n")  # endpoints[0] still answers, signed
+    assert channel.call("/heartbeat", {"worker": "w"}) == {"known": False}
+    assert channel.reach.current == ("tunnel", second)
+    assert channel._url == second
+    channel.close()
 
 
 def test_a_worker_gives_up_once_the_client_was_away_longer_than_the_tolerance(tmp_path: Path) -> None:

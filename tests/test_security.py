@@ -16,6 +16,7 @@ import re
 import resource
 import shlex
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -850,3 +851,231 @@ def test_doctor_refuses_a_session_root_another_user_could_change(
     out = capsys.readouterr().out
     assert re.search(r"FAIL +python .*session_root=.* is not safe", out), out
     assert [p.name for p in (shared_tmp / "shared").iterdir()] == ["mine"]
+
+
+# -- another user of the head node on the relay's old port -------------------------------------
+
+#: Another user's server on the relay's old port (binding it as soon as the relay's connections let
+#: go of it). ``big``: answers every request with 200, a made-up signature and a body said to be
+#: 2 GiB, streaming zeros (1 GiB at most). ``pass``: passes the traffic through to the port given on
+#: its stdin (the new relay), reading it: each distinct ``sdsecret-NNNNN`` seen counts. Prints
+#: ``bound`` once bound, then ``answered BYTES`` per answer ended, or ``connected 1`` and ``closed 1``
+#: per connection and ``read N`` when N were seen.
+HIJACK = r"""
+import re, socket, sys, threading, time
+mode, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+for _ in range(300):
+    try:
+        s.bind(("", port))
+        break
+    except OSError:
+        time.sleep(0.1)
+s.listen(64)
+print("bound", flush=True)
+target, known, seen, said = [0], threading.Event(), set(), threading.Lock()
+
+def say(line):
+    with said:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+def big(conn):
+    sent = 0
+    try:
+        while b"\r\n\r\n" not in conn.recv(65536):
+            pass
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-Sheepdog-Auth: %s:%s\r\n\r\n"
+                     % (2 << 30, b"0" * 64, b"1" * 64))
+        block = bytes(1 << 20)
+        while sent < 1 << 30:
+            conn.sendall(block)
+            sent += len(block)
+    except OSError:
+        pass
+    conn.close()
+    say("answered %d" % sent)
+
+def pump(a, b):
+    tail = b""
+    try:
+        while True:
+            data = a.recv(65536)
+            if not data:
+                break
+            count = len(seen)
+            seen.update(re.findall(rb"sdsecret-\d{5}", tail + data))
+            tail = data[-20:]
+            if len(seen) != count:
+                say("read %d" % len(seen))
+            b.sendall(data)
+    except OSError:
+        pass
+    for sock in (a, b):
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+def passing(conn):
+    say("connected 1")
+    known.wait()
+    up = socket.create_connection(("127.0.0.1", target[0]))
+    back = threading.Thread(target=pump, args=(up, conn), daemon=True)
+    back.start()
+    pump(conn, up)
+    back.join()
+    say("closed 1")
+
+def told():
+    target[0] = int(sys.stdin.readline())
+    known.set()
+
+threading.Thread(target=told, daemon=True).start()
+s.settimeout(300)
+while True:
+    conn = s.accept()[0]
+    threading.Thread(target={"big": big, "pass": passing}[mode], args=(conn,), daemon=True).start()
+"""
+
+
+class Hijacker:
+    """``HIJACK`` run as ``OTHER_USER`` on the head node (this machine), with its lines collected."""
+
+    def __init__(self, mode: str, port: int) -> None:
+        self.process = subprocess.Popen(
+            ["setpriv", f"--reuid={OTHER_USER}", f"--regid={OTHER_USER}", "--clear-groups"]
+            + ["/usr/bin/python3", "-c", HIJACK, mode, str(port)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd="/",
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        self.lines: list[str] = []
+        threading.Thread(target=self._collect, name="hijack-lines", daemon=True).start()
+
+    def _collect(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line.strip())
+
+    def said(self, prefix: str) -> list[str]:
+        return [line.split()[1] for line in self.lines if line.startswith(prefix)]
+
+    def tell(self, text: str) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(text + "\n")
+        self.process.stdin.flush()
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=30)
+
+
+def listening(port: int) -> bool:
+    out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, timeout=30)
+    return bool(out.stdout.strip())
+
+
+def hijack_after_a_drop(
+    executor: GridEngineExecutor, mode: str, until: Callable[[Hijacker], bool]
+) -> Hijacker:
+    """Drop the executor's SSH connection, and start ``HIJACK`` on the relay's old port before the
+    tunnel can be re-made; the connection stays down until ``until(hijacker)`` (60 s at most)."""
+    session = executor._session
+    old_port = session.routes[-1][2]
+    with session.shell._lock:  # no reconnect (hence no new relay) until the port is taken
+        session.shell._client.get_transport().close()
+        wait_for(lambda: not listening(old_port), 30, "the relay to end with the connection")
+        hijacker = Hijacker(mode, old_port)
+        try:
+            wait_for(lambda: "bound" in hijacker.lines, 60, "the other user to bind the old port")
+            deadline = time.monotonic() + 60
+            while not until(hijacker) and time.monotonic() < deadline:
+                time.sleep(0.2)
+        except BaseException:
+            hijacker.stop()
+            raise
+    return hijacker
+
+
+def slow_secret(x: int) -> str:
+    time.sleep(0.1)
+    return f"sdsecret-{x:05d}"
+
+
+def worker_peak_rss(session_dir: str) -> dict[int, int]:
+    """Peak resident memory (VmHWM, bytes) of each of the session's live worker processes."""
+    peaks = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if f"{session_dir}/bundle.zip".encode() not in (entry / "cmdline").read_bytes():
+                continue
+            status = (entry / "status").read_text()
+        except (OSError, ValueError):
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                peaks[int(entry.name)] = int(line.split()[1]) * 1024
+    return peaks
+
+
+def test_large_unsigned_answers_on_the_relays_old_port_cost_a_worker_no_memory(
+    make_executor: Callable[..., GridEngineExecutor],
+) -> None:
+    """After an SSH drop, another user of the head node binds the relay's old port and answers the
+    workers with bodies said to be 2 GiB: a worker reads 64 KiB of each and stays small (before:
+    it read each whole, and its peak memory passed 1 GB), and the map finishes on the new relay.
+    Plain HTTP (``tls=False``): with TLS the handshake alone would refuse them."""
+    executor = make_executor(callback="tunnel", tls=False, max_workers=2, idle_timeout=60)
+    results = executor.map(slow_secret, range(200))
+    wait_for(lambda: len(executor.status()["workers"]) == 2, 120, "two workers running")
+    peaks: dict[int, int] = {}
+
+    def answered_three(hijacker: Hijacker) -> bool:
+        peaks.update(worker_peak_rss(executor.session_dir))  # a worker that grew may be killed
+        return len(hijacker.said("answered")) >= 3
+
+    hijacker = hijack_after_a_drop(executor, "big", answered_three)
+    try:
+        assert list(results) == [f"sdsecret-{x:05d}" for x in range(200)]
+        peaks.update(worker_peak_rss(executor.session_dir))
+    finally:
+        hijacker.stop()
+    answered = [int(n) for n in hijacker.said("answered")]
+    print(f"hostile answers: {len(answered)}, bytes sent {answered}; workers' peak RSS {peaks}")
+    assert answered and peaks
+    assert max(peaks.values()) < 100 * 1024**2, peaks
+
+
+def test_another_user_passing_the_relay_traffic_through_reads_no_result(
+    make_executor: Callable[..., GridEngineExecutor],
+) -> None:
+    """After an SSH drop, another user of the head node binds the relay's old port and passes the
+    workers' traffic through to the new relay, reading it: by default (TLS on the routes through
+    the head node) not one pickled result is readable there, and the workers leave the old port
+    for the one the routes file names. Before: 241 of 400 were read in plain text."""
+    executor = make_executor(callback="tunnel", max_workers=4, idle_timeout=60)  # they stay
+    session = executor._session
+    old_port = session.routes[-1][2]
+    results = executor.map(slow_secret, range(400))
+    wait_for(lambda: executor.status()["workers"], 120, "workers running")
+    # the workers come to the old port while the connection is down (held there until told)
+    hijacker = hijack_after_a_drop(executor, "pass", lambda h: bool(h.said("connected")))
+    try:
+        executor._session.shell.run("true")  # reconnect now: the relay is re-made on another port
+        wait_for(lambda: session.routes[-1][2] != old_port, 60, "the relay re-made on another port")
+        hijacker.tell(str(session.routes[-1][2]))
+        assert list(results) == [f"sdsecret-{x:05d}" for x in range(400)]
+        # and the workers left the old port for the new relay (their connections there closed)
+        left = lambda: len(hijacker.said("closed")) == len(hijacker.said("connected"))  # noqa: E731
+        wait_for(left, 30, "the workers to leave the old port")
+    finally:
+        hijacker.stop()
+    read = max([int(n) for n in hijacker.said("read")] or [0])
+    connected = len(hijacker.said("connected"))
+    print(f"results read by the other user: {read} of 400, over {connected} connection(s) passed through")
+    assert connected, "no worker came to the old port: the test tested nothing"
+    assert read == 0

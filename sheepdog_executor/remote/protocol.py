@@ -3,8 +3,10 @@
 Every request carries ``X-Sheepdog-Auth: TS:NONCE:DIGEST:MAC`` where DIGEST is the body's SHA-256 and
 MAC an HMAC-SHA256, keyed by the executor's secret, over the method, path, timestamp, nonce, body length
 and DIGEST: the endpoint checks it from the headers alone, before it reads a body. Every response
-carries a MAC over the request's nonce and the response body, so a worker never unpickles a body the
-client did not sign either. Bodies are pickles and are only ever loaded after their MAC checked out.
+carries ``X-Sheepdog-Auth: DIGEST:MAC``, a MAC over the request's nonce, the response body's length and
+its SHA-256: a worker checks it against the Content-Length before it reads the body, so it reads nothing
+of a body the client did not sign beyond ``UNSIGNED_READ_LIMIT``, and hashes the body as it reads it.
+Bodies are pickles and are only ever loaded after their MAC and digest checked out.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from typing import Any, NamedTuple
 
 AUTH_HEADER = "X-Sheepdog-Auth"
 PICKLE_PROTOCOL = 5
+#: At most this much of an answer whose signature does not check out (or of any non-200 answer) is
+#: read, and dropped, before its connection is closed: whoever answers costs a worker no more.
+UNSIGNED_READ_LIMIT = 64 * 1024
 #: How far a request's timestamp may be from the client's clock (clock skew between nodes and laptop).
 MAX_SKEW_SECONDS = 600
 
@@ -30,6 +35,8 @@ def _mac(secret: bytes, *parts: bytes) -> str:
 #: ``TS:NONCE:DIGEST:MAC``, ASCII only: decimal seconds, 16 random bytes, the body's SHA-256 and the
 #: HMAC, in lowercase hex. Explicit ``[0-9]``, not ``\d`` or ``str.isdigit``: those take ``²`` and ``٣``.
 _AUTH = re.compile(r"([0-9]{1,12}):([0-9a-f]{32}):([0-9a-f]{64}):([0-9a-f]{64})")
+#: A response's ``DIGEST:MAC``: the body's SHA-256 and the HMAC, in lowercase hex.
+_RESPONSE_AUTH = re.compile(r"([0-9a-f]{64}):([0-9a-f]{64})")
 #: A Content-Length as HTTP writes it: ASCII digits only.
 _LENGTH = re.compile(r"[0-9]{1,18}")
 
@@ -91,14 +98,30 @@ def check_request(
     return auth.nonce
 
 
+def _response_mac(secret: bytes, nonce: str, length: int, digest: str) -> str:
+    return _mac(secret, b"response", nonce.encode(), str(length).encode(), digest.encode())
+
+
 def sign_response(secret: bytes, nonce: str, body: bytes) -> str:
-    return _mac(secret, b"response", nonce.encode(), hashlib.sha256(body).digest())
+    """The auth header of the answer ``body`` to the request of ``nonce``: ``DIGEST:MAC``."""
+    digest = hashlib.sha256(body).hexdigest()
+    return f"{digest}:{_response_mac(secret, nonce, len(body), digest)}"
 
 
-def check_response(secret: bytes, nonce: str, body: bytes, mac: str | None) -> bool:
-    if not mac or not mac.isascii():  # compare_digest raises TypeError on non-ASCII text
-        return False
-    return hmac.compare_digest(sign_response(secret, nonce, body), mac)
+def check_response_headers(secret: bytes, nonce: str, header: str | None, length: int) -> str | None:
+    """The SHA-256 (hex) the body must have, when the answer's auth header is signed for the request
+    of ``nonce`` and a body of ``length`` bytes; else None. Decided before any body byte is read."""
+    match = _RESPONSE_AUTH.fullmatch(header) if header and len(header) < 200 else None
+    if match is None:
+        return None
+    digest, mac = match.groups()
+    return digest if hmac.compare_digest(_response_mac(secret, nonce, length, digest), mac) else None
+
+
+def check_response(secret: bytes, nonce: str, body: bytes, header: str | None) -> bool:
+    """True when ``body`` is the answer the client signed for the request of ``nonce``."""
+    digest = check_response_headers(secret, nonce, header, len(body))
+    return digest is not None and hmac.compare_digest(hashlib.sha256(body).hexdigest(), digest)
 
 
 def dumps(obj: Any) -> bytes:
@@ -106,6 +129,6 @@ def dumps(obj: Any) -> bytes:
     return pickle.dumps(obj, protocol=PICKLE_PROTOCOL)
 
 
-def loads(data: bytes) -> Any:
+def loads(data: bytes | bytearray) -> Any:
     """Load a protocol message; only ever called on an authenticated body."""
     return pickle.loads(data)

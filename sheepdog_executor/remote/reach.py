@@ -4,7 +4,10 @@ The client writes its routes to ``routes`` in the session directory (mode 0600, 
 line, best first: e.g. ``direct`` then ``tunnel``) and writes it again when a route moves (a relay
 re-made on another port after an SSH drop). A worker tries the routes in order and sticks with the
 first that answers with a signed reply; when its connection fails it moves on, and re-reads the file
-once it has tried them all.
+once it has tried them all. It also looks at the file before each request (at most once per
+``ROUTES_CHECK_SECONDS``): when its route is no longer listed there, it leaves it for the listed ones,
+even though the old address still answers (another user of the head node may hold the relay's old
+port and pass the traffic on to the new one).
 
 It also counts the time since it last reached the client. Past the client's
 ``disconnect_tolerance`` (told in the reply to hello; before that, ``FIRST_CONTACT_SECONDS``) it
@@ -28,6 +31,8 @@ FIRST_CONTACT_SECONDS = 15.0
 EXIT_CLIENT_UNREACHABLE = 75
 #: Longest pause between two rounds of attempts on every route.
 MAX_BACKOFF_SECONDS = 10.0
+#: How often a worker looks whether the routes file changed (one ``stat``).
+ROUTES_CHECK_SECONDS = 1.0
 
 
 def parse_routes(text: str) -> list[tuple[str, str]]:
@@ -46,8 +51,10 @@ class Reach:
     def __init__(self, url: str, routes_file: str | None = None) -> None:
         self._file = routes_file
         self._lock = threading.Lock()
+        self._stamp = self._stat()
         self.routes = self._read() or [("given", url)]
         self._index = 0
+        self._checked = time.monotonic()
         self.tolerance = FIRST_CONTACT_SECONDS
         self.reached = False
         self.last_contact = time.monotonic()
@@ -61,6 +68,32 @@ class Reach:
                 return parse_routes(handle.read())
         except OSError:
             return []
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            info = os.stat(self._file) if self._file else None
+        except OSError:
+            return None
+        return (info.st_ino, info.st_size, info.st_mtime_ns) if info else None
+
+    def follow(self, url: str) -> bool:
+        """Whether the route ``url`` (the one a connection is open to) is still listed, after
+        re-reading the routes file if it changed (looked at once per ``ROUTES_CHECK_SECONDS``).
+        When it is not, the routes are the file's and the first of them is the one to take."""
+        now = time.monotonic()
+        if now - self._checked < ROUTES_CHECK_SECONDS:
+            return True
+        with self._lock:
+            self._checked = now
+            stamp = self._stat()
+            if stamp != self._stamp:
+                self._stamp = stamp
+                routes = self._read()
+                if routes and routes != self.routes:
+                    current = self.routes[self._index]
+                    self.routes = routes
+                    self._index = routes.index(current) if current in routes else 0
+            return any(route[1] == url for route in self.routes)
 
     @property
     def current(self) -> tuple[str, str]:

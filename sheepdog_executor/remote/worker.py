@@ -7,6 +7,8 @@ receive the next calls, until the client tells it to stop. A thread sends heartb
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import http.client
 import itertools
 import os
@@ -75,8 +77,6 @@ class Channel:
             )
             conn.connect()
             der = conn.sock.getpeercert(binary_form=True)  # type: ignore[union-attr]
-            import hashlib
-
             if hashlib.sha256(der or b"").hexdigest() != self._fingerprint:
                 conn.close()
                 raise Refused("the endpoint's TLS certificate is not the client's")
@@ -96,6 +96,8 @@ class Channel:
         with self._lock:
             for attempt in itertools.count():
                 try:
+                    if self._conn is not None and not self.reach.follow(self._url):
+                        self.close()  # the relay moved: whoever holds its old port is not our client
                     if self._conn is None:
                         self._conn = self._connect()
                     if path == "/hello":
@@ -107,14 +109,7 @@ class Channel:
                         body=body,
                         headers={protocol.AUTH_HEADER: header, "Content-Type": "application/octet-stream"},
                     )
-                    response = self._conn.getresponse()
-                    data = response.read()
-                    if response.status != 200:
-                        raise Refused(f"{path}: HTTP {response.status} {data[:200]!r}")
-                    if not protocol.check_response(
-                        self._secret, nonce, data, response.getheader(protocol.AUTH_HEADER)
-                    ):
-                        raise Refused(f"{path}: response not signed with our secret")
+                    data = self._read_answer(self._conn.getresponse(), path, nonce)
                 except (OSError, http.client.HTTPException) as exc:
                     self._failed(attempt, attempts, exc)
                     continue
@@ -123,12 +118,42 @@ class Channel:
                     # reached it, the route may come back (a port someone took while the relay moved)
                     refusals += 1
                     if not self.reach.reached and refusals >= len(self.reach.routes):
+                        self.close()  # whatever is left of its answer stays unread
                         raise
                     self._failed(attempt, attempts, refused)
                     continue
                 self.reach.contacted()
                 return protocol.loads(data)
         raise AssertionError("unreachable")
+
+    def _read_answer(self, response: http.client.HTTPResponse, path: str, nonce: str) -> bytearray:
+        """The body of a signed answer. Its auth header is checked against its Content-Length before
+        any body byte is read; of an answer that fails (or of any non-200 one) at most
+        ``UNSIGNED_READ_LIMIT`` is read and dropped (the caller then closes the connection). A signed
+        body is hashed as it comes and refused unless it is the one that was signed."""
+        length = protocol.parse_length(response.getheader("Content-Length"))
+        header = response.getheader(protocol.AUTH_HEADER)
+        digest = None
+        if response.status == 200 and length is not None:
+            digest = protocol.check_response_headers(self._secret, nonce, header, length)
+        if digest is None or length is None:
+            said = response.read(protocol.UNSIGNED_READ_LIMIT)
+            if response.status != 200:
+                raise Refused(f"{path}: HTTP {response.status} {said[:200]!r}")
+            raise Refused(f"{path}: response not signed with our secret")
+        body = bytearray(length)
+        view = memoryview(body)
+        check = hashlib.sha256()
+        received = 0
+        while received < length:
+            count = response.readinto(view[received : received + 1024 * 1024])
+            if not count:
+                raise http.client.IncompleteRead(b"", length - received)
+            check.update(view[received : received + count])
+            received += count
+        if not hmac.compare_digest(check.hexdigest(), digest):
+            raise Refused(f"{path}: response body is not the one signed with our secret")
+        return body
 
     def _failed(self, attempt: int, attempts: int | None, exc: Exception) -> None:
         """After a failed attempt: drop the connection, move to the next route, pause after a round
@@ -151,6 +176,7 @@ class Channel:
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
+        self._conn = None
 
 
 class Capture:
