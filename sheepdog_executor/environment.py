@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from sheepdog_executor.distributions import EnvironmentSpec, NodePython, Wanted, canonical, installed_wheel
-from sheepdog_executor.errors import ConfigurationError, EnvironmentSyncFailed, SchedulerError
+from sheepdog_executor.errors import ConfigurationError, DiskFull, EnvironmentSyncFailed, SchedulerError
 from sheepdog_executor.jobscript import JobOptions, with_setup
 from sheepdog_executor.shell import Shell
 
@@ -74,7 +74,7 @@ class HeadNode:
         return self.options.python
 
     def tool(self, *args: str, timeout: float = 120.0) -> dict[str, Any]:
-        """Run an envtool command; its JSON answer."""
+        """Run an envtool command; its JSON answer (DiskFull when it met a full disk or quota)."""
         command = " ".join(shlex.quote(a) for a in [self.python, "-", *args])
         script = "\n".join([*self.command_setup, with_setup(self.options, command)])
         done = self.shell.run(script, stdin=_ENVTOOL.read_bytes(), timeout=timeout)
@@ -88,6 +88,9 @@ class HeadNode:
             raise SchedulerError(
                 f"the environment tool failed on {self.shell.description} with {self.python!r}: {why}"
             )
+        if answer.get("status") == "no-space":
+            free = answer.get("free")
+            raise DiskFull(str(answer.get("path")), free if isinstance(free, int) else None)
         return answer
 
 
