@@ -29,7 +29,7 @@ from typing import Any
 
 from sheepdog_executor.distributions import EnvironmentSpec, NodePython, Wanted, canonical, installed_wheel
 from sheepdog_executor.errors import ConfigurationError, DiskFull, EnvironmentSyncFailed, SchedulerError
-from sheepdog_executor.jobscript import JobOptions, with_setup
+from sheepdog_executor.jobscript import JobOptions, check_no_control_characters, with_setup
 from sheepdog_executor.shell import Shell
 
 log = logging.getLogger("sheepdog_executor")
@@ -94,6 +94,25 @@ class HeadNode:
         return answer
 
 
+def check_requirements(add: Sequence[str]) -> None:
+    """Raise ConfigurationError unless each ``environment_add`` entry is one requirement: pip must
+    never read one as an option (``-r FILE``, ``--index-url=...``) here or on the head node."""
+    check_no_control_characters("environment_add", add)
+    for entry in add:
+        if not isinstance(entry, str) or not entry.strip():
+            raise ConfigurationError(
+                f"environment_add entry {entry!r} is not a requirement: give strings such as "
+                "'requests==2.31.0' or 'mypkg @ https://host/mypkg-1.0.tar.gz'"
+            )
+        if entry.lstrip().startswith("-"):
+            raise ConfigurationError(
+                f"environment_add entry {entry!r} is a pip option, not a requirement: "
+                "environment_add= takes requirements only (e.g. 'requests==2.31.0'). List the "
+                "requirements of a file one by one, and choose a package index with PIP_INDEX_URL "
+                "(or pip.conf) on the client and with a setup= line on the head node"
+            )
+
+
 class EnvironmentSync:
     """Makes the nodes' environment match the client's: probe, build (once), reuse."""
 
@@ -121,6 +140,7 @@ class EnvironmentSync:
             )
         add = [add] if isinstance(add, str) else list(add)
         exclude = [exclude] if isinstance(exclude, str) else list(exclude)
+        check_requirements(add)
         return cls(EnvironmentSpec.from_client(add, exclude), progress)
 
     def _say(self, message: str) -> None:
@@ -263,7 +283,8 @@ class EnvironmentSync:
             argv += ["--python-version", node.python, "--implementation", node.python_tag[:2]]
             for platform in node.platforms():
                 argv += ["--platform", platform]
-            done = subprocess.run(argv + requirements, capture_output=True, text=True, check=False)
+            # after "--": pip reads no requirement as an option
+            done = subprocess.run([*argv, "--", *requirements], capture_output=True, text=True, check=False)
             if done.returncode == 0:
                 break
             output = done.stdout + done.stderr

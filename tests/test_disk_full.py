@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from conftest import CELL_ALIAS, ssh
 
 from sheepdog_executor import DiskFull, GridEngineExecutor
 from sheepdog_executor.bundle import worker_bundle
@@ -20,7 +21,6 @@ from sheepdog_executor.distributions import EnvironmentSpec, Wanted
 from sheepdog_executor.environment import EnvironmentSync, HeadNode
 from sheepdog_executor.jobscript import JobOptions
 from sheepdog_executor.shell import SSHShell, SSHTarget
-from tests.conftest import CELL_ALIAS, ssh
 
 pytestmark = pytest.mark.cluster
 

@@ -409,3 +409,32 @@ def test_sync_ships_a_distribution_installed_from_git(client_venv: Path, tmp_pat
     assert (node["version"], node["value"]) == ("0.2.0", value)
     assert node["file"].startswith(result["path"] + "/lib/") and node["host"].startswith("mh-node")
     assert result["built"] is True
+
+
+@pytest.mark.parametrize("entry", ["-r requirements.txt", "--index-url=http://example.org/simple", " -e ."])
+def test_an_environment_add_entry_that_is_a_pip_option_is_refused(entry: str) -> None:
+    with pytest.raises(ConfigurationError, match="is a pip option, not a requirement.*PIP_INDEX_URL"):
+        EnvironmentSync.from_options("sync", add=["six==1.17.0", entry])
+
+
+def test_the_head_nodes_pip_reads_no_requirement_as_an_option(tmp_path: Path) -> None:
+    """Should one get through, pip takes it as a (bad) requirement: it reads no file it names."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("first-line-of-a-private-file\n")
+    spec = tmp_path / "spec.json"
+    spec.write_text(
+        json.dumps(
+            {"mode": "wheels", "requirements": ["-r", str(secret)], "wheel_dir": str(tmp_path), "wheels": []}
+        )
+    )
+    tool = REPO / "sheepdog_executor" / "remote" / "envtool.py"
+    done = subprocess.run(
+        [sys.executable, str(tool), "build", str(tmp_path / "envs"), "k", str(spec)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    answer = json.loads(done.stdout.splitlines()[-1])
+    assert answer["status"] == "install-failed"
+    assert "first-line-of-a-private-file" not in answer["output"], answer["output"]

@@ -176,7 +176,8 @@ def build(envs, key, spec_file):
             else:
                 pip += ["--no-index", "--find-links", spec["wheel_dir"]]
             wheels = [os.path.join(spec["wheel_dir"], name) for name in spec["wheels"]]
-            code, output = _checked(envs, *_run(pip + spec["requirements"] + wheels))
+            # after "--": pip reads no requirement as an option (-r FILE, --index-url=...)
+            code, output = _checked(envs, *_run(pip + ["--"] + spec["requirements"] + wheels))
             if code != 0:
                 _say({"status": "install-failed", "output": output})
                 return 0
