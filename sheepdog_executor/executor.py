@@ -210,6 +210,7 @@ class Session:
                 ssl_context=certificate.server_context() if certificate else None,
                 routes=self.status_page.routes() if self.status_page else (),
             )
+            self.dispatcher.on_lost = self.endpoint.parts.forget  # a dead worker's parts are freed
             self.endpoint.start()
         except BaseException:
             route.discard()
