@@ -35,6 +35,9 @@ from sheepdog_executor.shell import Shell
 log = logging.getLogger("sheepdog_executor")
 
 ENVIRONMENT_MODES = ("sync",)
+#: The file in a session directory naming the environment its workers run (its KEY), so that
+#: ``cleanup --envs`` keeps an environment a live session uses.
+ENVIRONMENT_RECORD = "environment"
 #: Seconds a build on the head node may take (pip installing large distributions from source).
 BUILD_TIMEOUT = 3600.0
 _ENVTOOL = Path(__file__).with_name("remote") / "envtool.py"

@@ -20,12 +20,13 @@ import sys
 import time
 import uuid
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from conftest import require_up, ssh, ssh_to
 
+from sheepdog_executor import GridEngineExecutor
 from sheepdog_executor.cli import main
 from sheepdog_executor.config import CONFIG_ENV
 from sheepdog_executor.distributions import EnvironmentSpec, NodePython, Wanted, client_distributions
@@ -350,6 +351,39 @@ def test_cleanup_lists_and_removes_environments(
         holder.wait(timeout=30)
     assert ssh(f"test -x {synced.python}").returncode == 0
 
+    assert main(["cleanup", cell, "--envs"]) == 0
+    assert f"removed 1 environment(s) under {root}/envs" in capsys.readouterr().out
+    assert ssh(f"test -e {synced.path}").returncode == 1
+
+
+@pytest.mark.cluster
+def test_cleanup_envs_keeps_an_environment_a_live_session_uses(
+    cell: str,
+    env_root: str,
+    make_executor: Callable[..., GridEngineExecutor],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    root = f"{env_root}/in-use"
+    only_six = [d.name for d in client_distributions() if d.name != "six"]
+    executor = make_executor(
+        environment="sync", environment_exclude=only_six, session_root=root, max_workers=1
+    )
+    synced = executor.environment
+    assert synced is not None
+    session = executor._session.session_dir.rsplit("/", 1)[1]
+    (tmp_path / "config.toml").write_text("")
+    monkeypatch.setenv(CONFIG_ENV, str(tmp_path / "config.toml"))
+    monkeypatch.setenv("SHEEPDOG_SESSION_ROOT", root)
+
+    assert main(["cleanup", cell, "--envs"]) == 0
+    out = capsys.readouterr().out
+    assert f"kept environment {synced.key}: session {session} uses it" in out, out
+    assert f"removed 0 environment(s) under {root}/envs" in out
+    assert executor.submit(sum, [1, 2]).result(timeout=120) == 3  # its workers still start
+
+    executor.shutdown(wait=True)
     assert main(["cleanup", cell, "--envs"]) == 0
     assert f"removed 1 environment(s) under {root}/envs" in capsys.readouterr().out
     assert ssh(f"test -e {synced.path}").returncode == 1
