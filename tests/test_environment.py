@@ -17,14 +17,16 @@ import re
 import shlex
 import subprocess
 import sys
+import threading
 import time
 import uuid
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import require_up, ssh, ssh_to
+from conftest import require_up, ssh, ssh_to, wait_until
 
 from sheepdog_executor import GridEngineExecutor
 from sheepdog_executor.cli import main
@@ -36,6 +38,11 @@ from sheepdog_executor.jobscript import JobOptions
 from sheepdog_executor.shell import LocalShell, SSHShell, SSHTarget
 
 REPO = Path(__file__).resolve().parent.parent
+#: Holds an exclusive lock of the file argv[1] until its stdin ends (says "held" once it holds it).
+HOLD_LOCK = (
+    "import fcntl, sys; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+    "print('held', flush=True); sys.stdin.read()"
+)
 NODE = NodePython("3.11.2", "cpython", "/usr/bin/python3", "linux-x86_64", "x86_64", ("glibc", "2.36"))
 
 
@@ -325,17 +332,13 @@ def test_cleanup_lists_and_removes_environments(
     assert ssh(f"test -x {synced.python}").returncode == 0
 
     # while a build holds its lock, --envs leaves it alone
-    hold = (
-        "import fcntl, sys; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
-        "print('held', flush=True); sys.stdin.read()"
-    )
     holder = subprocess.Popen(
         [
             "ssh",
             "-o",
             "BatchMode=yes",
             cell,
-            f"python3 -c {shlex.quote(hold)} {shlex.quote(synced.path + '.lock')}",
+            f"python3 -c {shlex.quote(HOLD_LOCK)} {shlex.quote(synced.path + '.lock')}",
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -387,6 +390,54 @@ def test_cleanup_envs_keeps_an_environment_a_live_session_uses(
     assert main(["cleanup", cell, "--envs"]) == 0
     assert f"removed 1 environment(s) under {root}/envs" in capsys.readouterr().out
     assert ssh(f"test -e {synced.path}").returncode == 1
+
+
+@pytest.mark.cluster
+def test_an_ssh_drop_during_the_build_reconnects_to_it(cell: str, env_root: str) -> None:
+    root = f"{env_root}/drop"
+    envs = f"{root}/envs"
+    spec = EnvironmentSpec((Wanted("six", "1.17.0"),))
+    shell = SSHShell(SSHTarget.resolve(cell))
+    head = HeadNode(shell, JobOptions())
+    key = spec.key(NodePython.from_probe(head.tool("probe", envs)))
+    # the build waits for this lock while the connection drops: the drop surely comes mid-build
+    holder = subprocess.Popen(
+        [
+            "ssh",
+            "-o",
+            "BatchMode=yes",
+            cell,
+            f"mkdir -p {envs} && python3 -c {shlex.quote(HOLD_LOCK)} {envs}/{key}.lock",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    outcome: dict[str, Any] = {}
+
+    def prepare() -> None:
+        try:
+            outcome["synced"] = EnvironmentSync(spec).prepare(head, root)
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
+            outcome["error"] = exc
+
+    builder = threading.Thread(target=prepare)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        builder.start()
+        building = shlex.quote(f"[b]uild {envs} {key}")
+        wait_until(lambda: ssh(f"pgrep -u $(id -u) -f {building}").returncode == 0, 60, "the build")
+        shell.transport().close()  # the SSH connection drops under the build
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()  # the lock goes: the build goes on
+        holder.wait(timeout=30)
+    builder.join(timeout=240)
+    shell.close()
+    assert not builder.is_alive()
+    assert "error" not in outcome, repr(outcome.get("error"))
+    synced = outcome["synced"]
+    assert synced.built and ssh(f"{synced.python} -c 'import six'").returncode == 0
 
 
 @pytest.mark.cluster
