@@ -410,7 +410,7 @@ def test_an_ssh_drop_during_the_build_reconnects_to_it(cell: str, env_root: str)
             f"mkdir -p {envs} && python3 -c {shlex.quote(HOLD_LOCK)} {envs}/{key}.lock",
         ],
         stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
         text=True,
     )
     outcome: dict[str, Any] = {}
@@ -423,7 +423,8 @@ def test_an_ssh_drop_during_the_build_reconnects_to_it(cell: str, env_root: str)
 
     builder = threading.Thread(target=prepare)
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        lock = shlex.quote(f"{envs}/{key}.lock")
+        wait_until(lambda: ssh(f"flock -n {lock} true").returncode == 1, 60, "the lock holder")
         builder.start()
         building = shlex.quote(f"[b]uild {envs} {key}")
         wait_until(lambda: ssh(f"pgrep -u $(id -u) -f {building}").returncode == 0, 60, "the build")
