@@ -126,8 +126,14 @@ class HeadNode:
             if done.returncode == 0 and len(parts) == 3 and parts[0].strip().lstrip("-").isdigit():
                 return self._answer(int(parts[0]), parts[1], parts[2])
             # still building, or the connection dropped under the wait (no exit status): wait again
-            if done.returncode not in (_BUILDING, -1) or time.monotonic() > deadline:
+            if done.returncode not in (_BUILDING, -1):
                 return self._answer(done.returncode, done.stdout, done.stderr)
+            if time.monotonic() > deadline:
+                raise EnvironmentSyncFailed(
+                    f"the environment build on {self.shell.description} did not end within "
+                    f"{timeout:.0f} s; leave out what takes that long to build with "
+                    "environment_exclude= and provide it with setup="
+                )
             if done.returncode == -1:
                 log.warning(
                     "lost the answer of a wait for the build on %s; waiting again", self.shell.description
