@@ -34,7 +34,7 @@ from sheepdog_executor.config import (
     environment_options,
     resolve_options,
 )
-from sheepdog_executor.environment import HeadNode
+from sheepdog_executor.environment import ENVIRONMENT_RECORD, HeadNode
 from sheepdog_executor.errors import (
     ConfigurationError,
     ConnectionFailed,
@@ -621,12 +621,14 @@ def cleanup(
         here = Here(scheduler.name, shell.run("uname -n", timeout=30).stdout.strip())
         verb = "would remove" if dry_run else "removed"
         removed_jobs = removed_dirs = kept = 0
+        live: set[str] = set()  # sessions kept: the environments they use are kept too
         for name in sorted(set(sessions) | {job.session for job in jobs}):
             job_ids = [job.id for job in jobs if job.session == name]
             what = ", ".join(f"job {job.id} ({job.name})" for job in jobs if job.session == name)
             verdict, why = judge_session(shell, root, name, sessions.get(name), force, here, bool(job_ids))
             if verdict == "keep":
                 kept += 1
+                live.add(name)
                 print(f"kept {name}: {what or 'no jobs'}; {why}", file=out)
                 continue
             if not dry_run:
@@ -642,7 +644,8 @@ def cleanup(
             file=out,
         )
         head = HeadNode(shell, JobOptions.from_options(options), _command_setup(options))
-        clean_environments(head, f"{root}/envs", remove=envs, dry_run=dry_run, out=out)
+        in_use = {key: name for name, key in environments_of(shell, root).items() if name in live}
+        clean_environments(head, f"{root}/envs", remove=envs, dry_run=dry_run, out=out, in_use=in_use)
         return 0
     except SheepdogError as exc:
         print(f"error: {exc}", file=out)
@@ -651,8 +654,35 @@ def cleanup(
         shell.close()
 
 
-def clean_environments(head: HeadNode, envs: str, *, remove: bool, dry_run: bool, out: TextIO) -> None:
-    """List the synced environments under ``envs``; with ``remove``, remove them (not one being built)."""
+def environments_of(shell: Shell, root: str) -> dict[str, str]:
+    """Session name -> the KEY of the synced environment its workers run, for the sessions under
+    ``root`` that recorded one."""
+    script = (
+        f"cd {shlex.quote(root)} 2>/dev/null || exit 0\n"
+        f'for d in */; do d=${{d%/}}; [ -f "$d/{ENVIRONMENT_RECORD}" ] || continue\n'
+        f'  printf "%s\\t%s\\n" "$d" "$(head -n 1 "$d/{ENVIRONMENT_RECORD}")"\n'
+        "done"
+    )
+    found = {}
+    for line in shell.run(script, timeout=60).stdout.splitlines():
+        name, _, key = line.partition("\t")
+        if plain_name(name) and plain_name(key.strip()):
+            found[name] = key.strip()
+    return found
+
+
+def clean_environments(
+    head: HeadNode,
+    envs: str,
+    *,
+    remove: bool,
+    dry_run: bool,
+    out: TextIO,
+    in_use: Mapping[str, str] | None = None,
+) -> None:
+    """List the synced environments under ``envs``; with ``remove``, remove them, but not one being
+    built nor one a live session uses (``in_use``: KEY -> session)."""
+    in_use = in_use or {}
     listed = head.tool("list", envs, timeout=60).get("envs", [])
     for env in listed:
         summary = env.get("summary", {})
@@ -662,6 +692,10 @@ def clean_environments(head: HeadNode, envs: str, *, remove: bool, dry_run: bool
         what = f"environment {env['name']}: {count} distributions, built {when} from {client}"
         print(what + ("" if remove else "; kept (--envs removes it)"), file=out)
     names = [env["name"] for env in listed]
+    if remove:
+        for name in [n for n in names if n in in_use]:
+            print(f"kept environment {name}: session {in_use[name]} uses it", file=out)
+        names = [n for n in names if n not in in_use]
     if remove and names and not dry_run:
         answer = head.tool("remove", envs, *names, timeout=600)
         for name in answer.get("busy", []):

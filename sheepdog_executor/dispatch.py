@@ -157,6 +157,8 @@ class Dispatcher:
         #: Called (from any thread) when there is new work or the state changed; set by the owner.
         self.on_change: Callable[[], None] = lambda: None
         self.on_work: Callable[[], None] = lambda: None
+        #: Called with a worker's id when it is declared lost (its partial results are freed).
+        self.on_lost: Callable[[str], None] = lambda worker_id: None
 
     # -- life ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -511,6 +513,7 @@ class Dispatcher:
             for item in items:
                 item.worker = None
                 item.losses += (f"{worker.job}.{worker.task}",)
+        self.on_lost(worker_id)
         self.on_change()
         return items
 

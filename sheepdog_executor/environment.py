@@ -28,15 +28,22 @@ from pathlib import Path
 from typing import Any
 
 from sheepdog_executor.distributions import EnvironmentSpec, NodePython, Wanted, canonical, installed_wheel
-from sheepdog_executor.errors import ConfigurationError, EnvironmentSyncFailed, SchedulerError
-from sheepdog_executor.jobscript import JobOptions, with_setup
+from sheepdog_executor.errors import ConfigurationError, DiskFull, EnvironmentSyncFailed, SchedulerError
+from sheepdog_executor.jobscript import JobOptions, check_no_control_characters, with_setup
 from sheepdog_executor.shell import Shell
 
 log = logging.getLogger("sheepdog_executor")
 
 ENVIRONMENT_MODES = ("sync",)
+#: The file in a session directory naming the environment its workers run (its KEY), so that
+#: ``cleanup --envs`` keeps an environment a live session uses.
+ENVIRONMENT_RECORD = "environment"
 #: Seconds a build on the head node may take (pip installing large distributions from source).
 BUILD_TIMEOUT = 3600.0
+#: Seconds one command waiting for a build's end waits before it is asked again.
+BUILD_WAIT = 30.0
+#: Exit status of a wait for a build that has not ended yet.
+_BUILDING = 75
 _ENVTOOL = Path(__file__).with_name("remote") / "envtool.py"
 _UNSATISFIED = re.compile(
     r"(?:No matching distribution found for|satisfies the requirement)\s+([A-Za-z0-9][A-Za-z0-9._-]*)"
@@ -73,22 +80,100 @@ class HeadNode:
     def python(self) -> str:
         return self.options.python
 
+    def _script(self, *argv: str) -> str:
+        """The shell script that runs ``argv`` after the set-up lines."""
+        command = " ".join(shlex.quote(a) for a in argv)
+        return "\n".join([*self.command_setup, with_setup(self.options, command)])
+
     def tool(self, *args: str, timeout: float = 120.0) -> dict[str, Any]:
-        """Run an envtool command; its JSON answer."""
-        command = " ".join(shlex.quote(a) for a in [self.python, "-", *args])
-        script = "\n".join([*self.command_setup, with_setup(self.options, command)])
-        done = self.shell.run(script, stdin=_ENVTOOL.read_bytes(), timeout=timeout)
-        lines = done.stdout.strip().splitlines()
+        """Run an envtool command; its JSON answer (DiskFull when it met a full disk or quota)."""
+        done = self.shell.run(
+            self._script(self.python, "-", *args), stdin=_ENVTOOL.read_bytes(), timeout=timeout
+        )
+        return self._answer(done.returncode, done.stdout, done.stderr)
+
+    def build(self, envs: str, key: str, staging: str, timeout: float) -> dict[str, Any]:
+        """Run ``envtool build`` for the spec in ``staging`` detached from the SSH connection
+        (``nohup setsid``), so a build survives a dropped connection, and wait for its answer in
+        commands of at most ``BUILD_WAIT`` seconds each: after a drop the next one reconnects."""
+        tool = f"{staging}/envtool.py"
+        self.shell.put(tool, _ENVTOOL.read_bytes(), 0o600)
+        build = f"{staging}/build-{secrets.token_hex(4)}"  # a staging directory sees one or two builds
+        out, err, status = (shlex.quote(f"{build}.{name}") for name in ("out", "err", "status"))
+        script = self._script(self.python, tool, "build", envs, key, f"{staging}/spec.json")
+        # in the user's login shell, as a command over SSH runs; the exit status is written last
+        run = (
+            f'"${{SHELL:-/bin/sh}}" -c {shlex.quote(script)} >{out} 2>{err} </dev/null; '
+            f"echo $? >{status}.new; mv {status}.new {status}"
+        )
+        started = shlex.quote(f"{build}.started")
+        # started once, even if this command runs twice (its answer lost with a connection)
+        self.shell.run(
+            f"mkdir {started} 2>/dev/null || exit 0; nohup setsid sh -c {shlex.quote(run)} "
+            ">/dev/null 2>&1 </dev/null &",
+            timeout=60,
+        )
+        wait = (
+            f"i=0; while [ ! -e {status} ] && [ $i -lt {int(BUILD_WAIT * 5)} ]; do\n"
+            "sleep 0.2; i=$((i+1)); done\n"
+            f"[ -e {status} ] || exit {_BUILDING}\n"
+            f"cat {status}; printf '\\036\\n'; cat {out}; printf '\\036\\n'; cat {err}"
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            done = self.shell.run(wait, timeout=BUILD_WAIT + 60)
+            parts = done.stdout.split("\036\n")
+            if done.returncode == 0 and len(parts) == 3 and parts[0].strip().lstrip("-").isdigit():
+                return self._answer(int(parts[0]), parts[1], parts[2])
+            # still building, or the connection dropped under the wait (no exit status): wait again
+            if done.returncode not in (_BUILDING, -1):
+                return self._answer(done.returncode, done.stdout, done.stderr)
+            if time.monotonic() > deadline:
+                raise EnvironmentSyncFailed(
+                    f"the environment build on {self.shell.description} did not end within "
+                    f"{timeout:.0f} s; leave out what takes that long to build with "
+                    "environment_exclude= and provide it with setup="
+                )
+            if done.returncode == -1:
+                log.warning(
+                    "lost the answer of a wait for the build on %s; waiting again", self.shell.description
+                )
+
+    def _answer(self, returncode: int, stdout: str, stderr: str) -> dict[str, Any]:
+        """The JSON answer an envtool command printed last, or SchedulerError saying why none."""
+        lines = stdout.strip().splitlines()
         try:
-            answer = json.loads(lines[-1]) if done.returncode == 0 and lines else None
+            answer = json.loads(lines[-1]) if returncode == 0 and lines else None
         except ValueError:
             answer = None
         if not isinstance(answer, dict):
-            why = (done.stderr.strip() or done.stdout.strip() or f"exit {done.returncode}")[-2000:]
+            why = (stderr.strip() or stdout.strip() or f"exit {returncode}")[-2000:]
             raise SchedulerError(
                 f"the environment tool failed on {self.shell.description} with {self.python!r}: {why}"
             )
+        if answer.get("status") == "no-space":
+            free = answer.get("free")
+            raise DiskFull(str(answer.get("path")), free if isinstance(free, int) else None)
         return answer
+
+
+def check_requirements(add: Sequence[str]) -> None:
+    """Raise ConfigurationError unless each ``environment_add`` entry is one requirement: pip must
+    never read one as an option (``-r FILE``, ``--index-url=...``) here or on the head node."""
+    check_no_control_characters("environment_add", add)
+    for entry in add:
+        if not isinstance(entry, str) or not entry.strip():
+            raise ConfigurationError(
+                f"environment_add entry {entry!r} is not a requirement: give strings such as "
+                "'requests==2.31.0' or 'mypkg @ https://host/mypkg-1.0.tar.gz'"
+            )
+        if entry.lstrip().startswith("-"):
+            raise ConfigurationError(
+                f"environment_add entry {entry!r} is a pip option, not a requirement: "
+                "environment_add= takes requirements only (e.g. 'requests==2.31.0'). List the "
+                "requirements of a file one by one, and choose a package index with PIP_INDEX_URL "
+                "(or pip.conf) on the client and with a setup= line on the head node"
+            )
 
 
 class EnvironmentSync:
@@ -118,6 +203,7 @@ class EnvironmentSync:
             )
         add = [add] if isinstance(add, str) else list(add)
         exclude = [exclude] if isinstance(exclude, str) else list(exclude)
+        check_requirements(add)
         return cls(EnvironmentSpec.from_client(add, exclude), progress)
 
     def _say(self, message: str) -> None:
@@ -206,7 +292,7 @@ class EnvironmentSync:
         head.shell.put(f"{staging}/spec.json", json.dumps(spec).encode(), 0o600)
         where = "from the package index" if mode == "index" else "from the uploaded wheels"
         self._say(f"installing {len(requirements) + len(wheels)} distribution(s) on the head node {where}")
-        answer = head.tool("build", envs, key, f"{staging}/spec.json", timeout=BUILD_TIMEOUT)
+        answer = head.build(envs, key, staging, timeout=BUILD_TIMEOUT)
         if answer.get("status") == "venv-failed":
             raise EnvironmentSyncFailed(
                 f"could not create a venv with {head.python} on {head.shell.description}: "
@@ -260,7 +346,8 @@ class EnvironmentSync:
             argv += ["--python-version", node.python, "--implementation", node.python_tag[:2]]
             for platform in node.platforms():
                 argv += ["--platform", platform]
-            done = subprocess.run(argv + requirements, capture_output=True, text=True, check=False)
+            # after "--": pip reads no requirement as an option
+            done = subprocess.run([*argv, "--", *requirements], capture_output=True, text=True, check=False)
             if done.returncode == 0:
                 break
             output = done.stdout + done.stderr

@@ -45,6 +45,24 @@ class EnvironmentSyncFailed(SheepdogError):
         self.version = version
 
 
+class DiskFull(SheepdogError, OSError):
+    """A file could not be written on the cluster's side: its filesystem (or the user's quota on it)
+    is full. ``path`` is what was being written, ``free`` the bytes its filesystem has left."""
+
+    def __init__(self, path: str, free: int | None) -> None:
+        shown = "unknown" if free is None else str(free)
+        super().__init__(
+            f"no space left on the cluster: {path} ({shown} bytes free); make room there (or under "
+            "your disk quota, if the free bytes are enough), or set session_root= to a directory on "
+            "a filesystem with space"
+        )
+        self.path = path
+        self.free = free
+
+    def __reduce__(self) -> tuple[type[DiskFull], tuple[str, int | None]]:
+        return type(self), (self.path, self.free)
+
+
 class BrokenClusterExecutor(BrokenExecutor, SheepdogError):
     """The executor can no longer run anything (SSH refused for good, scheduler gone, initializer
     failed); pending futures fail with it and further submit() raises it."""

@@ -31,7 +31,13 @@ from sheepdog_executor.bundle import worker_bundle
 from sheepdog_executor.callfuture import CallFuture
 from sheepdog_executor.config import uses_config
 from sheepdog_executor.dispatch import NO_KWARGS, Dispatcher
-from sheepdog_executor.environment import EnvironmentSync, HeadNode, SyncedEnvironment, stderr_progress
+from sheepdog_executor.environment import (
+    ENVIRONMENT_RECORD,
+    EnvironmentSync,
+    HeadNode,
+    SyncedEnvironment,
+    stderr_progress,
+)
 from sheepdog_executor.errors import BrokenClusterExecutor, ConfigurationError, ExecutorShutDown
 from sheepdog_executor.jobs import JobManager
 from sheepdog_executor.jobscript import JobOptions, WorkerLaunch
@@ -136,6 +142,8 @@ class Session:
                 head = HeadNode(shell, scheduler.options, scheduler.command_setup)
                 self.environment = environment.prepare(head, root)
                 self.dispatcher.environment_synced = True
+                record = f"{self.session_dir}/{ENVIRONMENT_RECORD}"
+                self.shell.put(record, f"{self.environment.key}\n".encode(), 0o600)
                 scheduler.options = dataclasses.replace(scheduler.options, python=self.environment.python)
             route, certificate = opened.result()  # the endpoint and the workers' routes to it
             self.launch = WorkerLaunch(
@@ -215,6 +223,7 @@ class Session:
                 routes=self.status_page.routes() if self.status_page else (),
                 tunnel_ssl=context if tls is None else None,
             )
+            self.dispatcher.on_lost = self.endpoint.parts.forget  # a dead worker's parts are freed
             self.endpoint.start()
         except BaseException:
             route.discard()

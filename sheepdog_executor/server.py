@@ -18,6 +18,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import os
 import pickle
 import socket
 import ssl
@@ -55,28 +56,67 @@ RESULT_PART_BYTES = 64 * 1024 * 1024
 PARTS_KEPT_SECONDS = 3600.0
 
 
+def available_memory() -> int:
+    """Bytes of memory this machine can still give (MemAvailable; else the free pages)."""
+    try:
+        with open("/proc/meminfo", "rb") as meminfo:
+            for line in meminfo:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 class ResultParts:
     """Results that arrive in parts (``/part``), joined into one buffer each until the worker's
-    ``/work`` names them: client memory is the pickled result's size, plus one part in flight."""
+    ``/work`` names them: client memory is the pickled result's size, plus one part in flight.
 
-    def __init__(self) -> None:
+    A result's claimed size is checked against ``limit()`` (default: the memory still available
+    here, less what buffers already promised but not yet filled) before its buffer is made; one
+    beyond is refused, and its call fails saying why. A lost worker's parts are freed at once
+    (``forget``). Called from the endpoint's thread and the job manager's: hence the lock."""
+
+    def __init__(self, limit: Callable[[], int] | None = None) -> None:
+        self._limit = limit or available_memory
+        self._lock = threading.Lock()
         #: (worker, item, attempt) -> (buffer, {offset: length received}, last part's time)
         self._results: dict[tuple[str, int, int], tuple[bytearray, dict[int, int], float]] = {}
+        #: results refused as too large -> why (for the call's error)
+        self._refused: dict[tuple[str, int, int], str] = {}
+        #: workers declared lost: a part they still send is not kept
+        self._lost: set[str] = set()
 
     def add(self, worker: str, item: int, attempt: int, offset: int, total: int, data: bytes) -> bool:
-        """Keep one part; False when it does not fit the result it belongs to."""
+        """Keep one part; False when it does not fit the result it belongs to, the result is larger
+        than the limit, or its worker was declared lost."""
         now = time.monotonic()
         key = (worker, item, attempt)
-        if key not in self._results:
-            self._results = {k: v for k, v in self._results.items() if now - v[2] < PARTS_KEPT_SECONDS}
-            self._results[key] = (bytearray(total), {}, now)
-        buffer, received, _ = self._results[key]
-        if len(buffer) != total or offset + len(data) > total:
-            return False
-        buffer[offset : offset + len(data)] = data
-        received[offset] = len(data)  # a part sent again (its answer was lost) counts once
-        self._results[key] = (buffer, received, now)
-        return True
+        with self._lock:
+            if worker in self._lost or key in self._refused:
+                return False
+            if key not in self._results:
+                self._results = {k: v for k, v in self._results.items() if now - v[2] < PARTS_KEPT_SECONDS}
+                promised = sum(len(b) - sum(r.values()) for b, r, _ in self._results.values())
+                room = self._limit() - promised
+                if total > room:  # refused before anything is allocated
+                    self._refused[key] = (
+                        f"sheepdog: the call's result ({total} bytes pickled) is larger than the client "
+                        f"can take ({max(room, 0)} bytes of memory available there); return less "
+                        "(e.g. write a large result to a shared file and return its path)"
+                    )
+                    return False
+                self._results[key] = (bytearray(total), {}, now)
+            buffer, received, _ = self._results[key]
+            if len(buffer) != total or offset + len(data) > total:
+                return False
+            buffer[offset : offset + len(data)] = data
+            received[offset] = len(data)  # a part sent again (its answer was lost) counts once
+            self._results[key] = (buffer, received, now)
+            return True
 
     def join(self, worker: str, result: Any) -> Any:
         """``result`` with its value joined from its parts when it says it was sent in parts
@@ -84,14 +124,29 @@ class ResultParts:
         if len(result) < 8 or type(result[7]) is not int or result[7] <= 0:
             return result
         total = result[7]
-        buffer, received, _ = self._results.pop((worker, result[0], result[1]), (bytearray(), {}, 0.0))
+        key = (worker, result[0], result[1])
+        with self._lock:
+            buffer, received, _ = self._results.pop(key, (bytearray(), {}, 0.0))
+            refused = self._refused.pop(key, None)
         if len(buffer) == total and sum(received.values()) == total:
             return (*result[:3], buffer, *result[4:7])
-        text = (
+        text = refused or (
             f"sheepdog: the call's result ({total} bytes pickled) reached the client incomplete "
             f"({sum(received.values())} bytes)"
         )
         return (result[0], result[1], False, pickle.dumps((None, text)), *result[4:7])
+
+    def forget(self, worker: str) -> None:
+        """Free the parts of a worker declared lost; parts it still sends are not kept."""
+        with self._lock:
+            self._lost.add(worker)
+            self._results = {k: v for k, v in self._results.items() if k[0] != worker}
+            self._refused = {k: v for k, v in self._refused.items() if k[0] != worker}
+
+    def held(self) -> int:
+        """Bytes of the buffers held for results not yet joined."""
+        with self._lock:
+            return sum(len(buffer) for buffer, _, _ in self._results.values())
 
 
 class _Quiet(tornado.web.RequestHandler):
@@ -256,6 +311,7 @@ class _Part(_Signed):
         m = self.message
         parts = self.endpoint.parts
         kept = parts.add(m["worker"], m["item"], m["attempt"], m["offset"], m["total"], m["data"])
+        # signed, unlike a 413, which a worker would take for someone else's port and retry
         self.reply({"kept": kept})
 
 

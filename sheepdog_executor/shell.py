@@ -7,6 +7,7 @@ keys against known_hosts and reconnects with backoff when the connection drops.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 import shlex
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sheepdog_executor.errors import ConnectionFailed, UnknownHostKey
+from sheepdog_executor.errors import ConnectionFailed, DiskFull, UnknownHostKey
 
 log = logging.getLogger("sheepdog_executor")
 # paramiko logs a failed handshake (e.g. a port that accepts TCP but speaks no SSH) at ERROR from its
@@ -64,6 +65,24 @@ class Shell:
         """The address of this client as seen from the cluster side of the connection."""
         raise NotImplementedError
 
+    def free_bytes(self, path: str) -> int | None:
+        """The bytes free (for the user) on the filesystem of ``path`` or of its nearest existing
+        directory, or None when ``df`` does not say."""
+        script = (
+            f"d={shlex.quote(path)}\n"
+            'while [ ! -d "$d" ] && [ "$d" != / ]; do d=$(dirname -- "$d"); done\ndf -Pk -- "$d"'
+        )
+        try:
+            done = self.run(script, timeout=30)
+        except ConnectionFailed:
+            return None
+        fields = done.stdout.strip().splitlines()[-1:][0].split() if done.stdout.strip() else []
+        return int(fields[3]) * 1024 if len(fields) >= 4 and fields[3].isdigit() else None
+
+    def disk_full(self, path: str) -> DiskFull:
+        """The error for a write to ``path`` that met a full disk, with the bytes free there."""
+        return DiskFull(path, self.free_bytes(os.path.dirname(path) or "."))
+
     def close(self) -> None:
         pass
 
@@ -89,15 +108,41 @@ class LocalShell(Shell):
         final = Path(os.path.expanduser(path))
         target = final.with_name(final.name + ".new") if replace else final
         target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), mode)
-            handle.write(data)
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+            with os.fdopen(fd, "wb") as handle:
+                os.fchmod(handle.fileno(), mode)
+                handle.write(data)
+        except OSError as exc:
+            if _is_no_space(exc):
+                raise self.disk_full(str(target)) from exc
+            raise
         if replace:
             os.replace(target, final)
 
     def callback_address(self) -> str:
         return _address_towards("8.8.8.8") or socket.gethostbyname(socket.gethostname())
+
+    def free_bytes(self, path: str) -> int | None:
+        directory = Path(os.path.expanduser(path))
+        while not directory.is_dir() and directory != directory.parent:
+            directory = directory.parent
+        try:
+            stat = os.statvfs(directory)
+        except OSError:
+            return None
+        return stat.f_bavail * stat.f_frsize
+
+
+class _ShortWrite(OSError):
+    """The server has fewer bytes of a file than were sent (it dropped a write)."""
+
+
+def _is_no_space(error: BaseException) -> bool:
+    """Whether ``error`` says the disk or the quota is full (locally, or in a remote tool's text)."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(text in str(error) for text in ("No space left on device", "Disk quota exceeded"))
 
 
 def _address_towards(peer: str) -> str | None:
@@ -334,10 +379,19 @@ class SSHShell(Shell):
     def put(self, path: str, data: bytes, mode: int = 0o600, *, replace: bool = False) -> None:
         target = f"{path}.new" if replace else path
         try:
-            renamed = self._put(target, data, mode, path if replace else None)
-        except FileNotFoundError:  # its directory is missing: made 0700, as LocalShell.put makes it
-            self.run(f"mkdir -p -m 700 {shlex.quote(os.path.dirname(path))}")
-            renamed = self._put(target, data, mode, path if replace else None)
+            try:
+                renamed = self._put(target, data, mode, path if replace else None)
+            except FileNotFoundError:  # its directory is missing: made 0700, as LocalShell.put makes it
+                self.run(f"mkdir -p -m 700 {shlex.quote(os.path.dirname(path))}")
+                renamed = self._put(target, data, mode, path if replace else None)
+        except OSError as exc:  # SFTP says only "Failure" for a full disk: df tells
+            if isinstance(exc, (FileNotFoundError, PermissionError, ConnectionError, TimeoutError)):
+                raise
+            full = self.disk_full(target)
+            short = full.free is not None and full.free < len(data)
+            if isinstance(exc, _ShortWrite) or _is_no_space(exc) or short:
+                raise full from exc
+            raise
         if replace and not renamed:  # an SFTP server without OpenSSH's posix-rename
             self.run(f"mv -f {shlex.quote(target)} {shlex.quote(path)}")
 
@@ -356,6 +410,12 @@ class SSHShell(Shell):
                     handle.chmod(mode)
                     handle.set_pipelined(True)
                     handle.write(data)
+                    handle.flush()
+                    # paramiko drops the answers to pipelined writes, errors too (a full disk, a
+                    # quota): the size the server reports (one round trip) shows a short write
+                    written = handle.stat().st_size
+                if written != len(data):
+                    raise _ShortWrite(f"{written} of {len(data)} bytes written")
                 if rename_to is not None:
                     try:
                         sftp.posix_rename(path, rename_to)

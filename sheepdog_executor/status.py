@@ -2,14 +2,15 @@
 
 The endpoint listens where the workers can reach it, possibly a non-loopback address, so the page is
 locked by its own random token (never the workers' secret). The token comes once in the URL
-(``/status?token=...``) and is traded for an HttpOnly, SameSite=Strict cookie and a redirect, so it
-leaves the address bar and the history. ``/status.json`` takes the cookie or the token; anything
-else gets 403. The page itself (``status_page.html``) polls ``/status.json`` every second.
+(``/status/ID/?token=...``) and is traded for an HttpOnly, SameSite=Strict cookie and a redirect, so
+it leaves the address bar and the history. The cookie's name and its Path (``/status/ID/``, ID random
+per executor) are the page's own: browsers send cookies to every port of a host, so any other
+service there would otherwise receive it. ``/status/ID/status.json`` takes the cookie or the token;
+anything else gets 403. The page itself (``status_page.html``) polls ``status.json`` every second.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import secrets
@@ -46,8 +47,11 @@ class StatusPage:
         self.snapshot = snapshot
         self.title = title
         self.token = secrets.token_urlsafe(32)
-        # cookies ignore ports: two executors on one host must not overwrite each other's
-        self.cookie_name = "sheepdog_status_" + hashlib.sha256(self.token.encode()).hexdigest()[:12]
+        # cookies ignore ports: the cookie goes only to this page's own path, and two executors on
+        # one host must not overwrite each other's
+        page_id = secrets.token_hex(8)
+        self.path = f"/status/{page_id}/"
+        self.cookie_name = f"sheepdog_status_{page_id}"
 
     def valid(self, presented: str | None) -> bool:
         return presented is not None and hmac.compare_digest(presented.encode(), self.token.encode())
@@ -56,13 +60,13 @@ class StatusPage:
         """The page's address with its token; a wildcard listen address is reached on loopback."""
         if host in ("", "0.0.0.0"):
             host = "127.0.0.1"
-        return f"{scheme}://{host}:{port}/status?token={self.token}"
+        return f"{scheme}://{host}:{port}{self.path}?token={self.token}"
 
     def data(self) -> dict[str, Any]:
         return {**self.snapshot(), "title": self.title, "now": time.time()}
 
     def routes(self) -> list[tuple[str, type[tornado.web.RequestHandler], dict[str, Any]]]:
-        return [(r"/status", _Page, {"page": self}), (r"/status\.json", _Json, {"page": self})]
+        return [(self.path, _Page, {"page": self}), (self.path + r"status\.json", _Json, {"page": self})]
 
 
 class _StatusHandler(_Quiet):
@@ -107,7 +111,7 @@ class _Page(_StatusHandler):
             self.set_cookie(
                 self.page.cookie_name,
                 self.page.token,
-                path="/",
+                path=self.page.path,
                 httponly=True,
                 samesite="Strict",
                 secure=self.request.protocol == "https",

@@ -17,16 +17,19 @@ import re
 import shlex
 import subprocess
 import sys
+import threading
 import time
 import uuid
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import require_up, ssh, ssh_to
+from conftest import require_up, ssh, ssh_to, wait_until
 from support import read_line
 
+from sheepdog_executor import GridEngineExecutor
 from sheepdog_executor.cli import main
 from sheepdog_executor.config import CONFIG_ENV
 from sheepdog_executor.distributions import EnvironmentSpec, NodePython, Wanted, client_distributions
@@ -36,6 +39,11 @@ from sheepdog_executor.jobscript import JobOptions
 from sheepdog_executor.shell import LocalShell, SSHShell, SSHTarget
 
 REPO = Path(__file__).resolve().parent.parent
+#: Holds an exclusive lock of the file argv[1] until its stdin ends (says "held" once it holds it).
+HOLD_LOCK = (
+    "import fcntl, sys; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+    "print('held', flush=True); sys.stdin.read()"
+)
 NODE = NodePython("3.11.2", "cpython", "/usr/bin/python3", "linux-x86_64", "x86_64", ("glibc", "2.36"))
 
 
@@ -325,17 +333,13 @@ def test_cleanup_lists_and_removes_environments(
     assert ssh(f"test -x {synced.python}").returncode == 0
 
     # while a build holds its lock, --envs leaves it alone
-    hold = (
-        "import fcntl, sys; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
-        "print('held', flush=True); sys.stdin.read()"
-    )
     holder = subprocess.Popen(
         [
             "ssh",
             "-o",
             "BatchMode=yes",
             cell,
-            f"python3 -c {shlex.quote(hold)} {shlex.quote(synced.path + '.lock')}",
+            f"python3 -c {shlex.quote(HOLD_LOCK)} {shlex.quote(synced.path + '.lock')}",
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -354,6 +358,88 @@ def test_cleanup_lists_and_removes_environments(
     assert main(["cleanup", cell, "--envs"]) == 0
     assert f"removed 1 environment(s) under {root}/envs" in capsys.readouterr().out
     assert ssh(f"test -e {synced.path}").returncode == 1
+
+
+@pytest.mark.cluster
+def test_cleanup_envs_keeps_an_environment_a_live_session_uses(
+    cell: str,
+    env_root: str,
+    make_executor: Callable[..., GridEngineExecutor],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    root = f"{env_root}/in-use"
+    only_six = [d.name for d in client_distributions() if d.name != "six"]
+    executor = make_executor(
+        environment="sync", environment_exclude=only_six, session_root=root, max_workers=1
+    )
+    synced = executor.environment
+    assert synced is not None
+    session = executor._session.session_dir.rsplit("/", 1)[1]
+    (tmp_path / "config.toml").write_text("")
+    monkeypatch.setenv(CONFIG_ENV, str(tmp_path / "config.toml"))
+    monkeypatch.setenv("SHEEPDOG_SESSION_ROOT", root)
+
+    assert main(["cleanup", cell, "--envs"]) == 0
+    out = capsys.readouterr().out
+    assert f"kept environment {synced.key}: session {session} uses it" in out, out
+    assert f"removed 0 environment(s) under {root}/envs" in out
+    assert executor.submit(sum, [1, 2]).result(timeout=120) == 3  # its workers still start
+
+    executor.shutdown(wait=True)
+    assert main(["cleanup", cell, "--envs"]) == 0
+    assert f"removed 1 environment(s) under {root}/envs" in capsys.readouterr().out
+    assert ssh(f"test -e {synced.path}").returncode == 1
+
+
+@pytest.mark.cluster
+def test_an_ssh_drop_during_the_build_reconnects_to_it(cell: str, env_root: str) -> None:
+    root = f"{env_root}/drop"
+    envs = f"{root}/envs"
+    spec = EnvironmentSpec((Wanted("six", "1.17.0"),))
+    shell = SSHShell(SSHTarget.resolve(cell))
+    head = HeadNode(shell, JobOptions())
+    key = spec.key(NodePython.from_probe(head.tool("probe", envs)))
+    # the build waits for this lock while the connection drops: the drop surely comes mid-build
+    holder = subprocess.Popen(
+        [
+            "ssh",
+            "-o",
+            "BatchMode=yes",
+            cell,
+            f"mkdir -p {envs} && python3 -c {shlex.quote(HOLD_LOCK)} {envs}/{key}.lock",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    outcome: dict[str, Any] = {}
+
+    def prepare() -> None:
+        try:
+            outcome["synced"] = EnvironmentSync(spec).prepare(head, root)
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
+            outcome["error"] = exc
+
+    builder = threading.Thread(target=prepare)
+    try:
+        lock = shlex.quote(f"{envs}/{key}.lock")
+        wait_until(lambda: ssh(f"flock -n {lock} true").returncode == 1, 60, "the lock holder")
+        builder.start()
+        building = shlex.quote(f"[b]uild {envs} {key}")
+        wait_until(lambda: ssh(f"pgrep -u $(id -u) -f {building}").returncode == 0, 60, "the build")
+        shell.transport().close()  # the SSH connection drops under the build
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()  # the lock goes: the build goes on
+        holder.wait(timeout=30)
+    builder.join(timeout=240)
+    shell.close()
+    assert not builder.is_alive()
+    assert "error" not in outcome, repr(outcome.get("error"))
+    synced = outcome["synced"]
+    assert synced.built and ssh(f"{synced.python} -c 'import six'").returncode == 0
 
 
 @pytest.mark.cluster
@@ -410,3 +496,32 @@ def test_sync_ships_a_distribution_installed_from_git(client_venv: Path, tmp_pat
     assert (node["version"], node["value"]) == ("0.2.0", value)
     assert node["file"].startswith(result["path"] + "/lib/") and node["host"].startswith("mh-node")
     assert result["built"] is True
+
+
+@pytest.mark.parametrize("entry", ["-r requirements.txt", "--index-url=http://example.org/simple", " -e ."])
+def test_an_environment_add_entry_that_is_a_pip_option_is_refused(entry: str) -> None:
+    with pytest.raises(ConfigurationError, match="is a pip option, not a requirement.*PIP_INDEX_URL"):
+        EnvironmentSync.from_options("sync", add=["six==1.17.0", entry])
+
+
+def test_the_head_nodes_pip_reads_no_requirement_as_an_option(tmp_path: Path) -> None:
+    """Should one get through, pip takes it as a (bad) requirement: it reads no file it names."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("first-line-of-a-private-file\n")
+    spec = tmp_path / "spec.json"
+    spec.write_text(
+        json.dumps(
+            {"mode": "wheels", "requirements": ["-r", str(secret)], "wheel_dir": str(tmp_path), "wheels": []}
+        )
+    )
+    tool = REPO / "sheepdog_executor" / "remote" / "envtool.py"
+    done = subprocess.run(
+        [sys.executable, str(tool), "build", str(tmp_path / "envs"), "k", str(spec)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    answer = json.loads(done.stdout.splitlines()[-1])
+    assert answer["status"] == "install-failed"
+    assert "first-line-of-a-private-file" not in answer["output"], answer["output"]

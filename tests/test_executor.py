@@ -10,11 +10,19 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import pytest
-from conftest import our_jobs, ssh
+from conftest import our_jobs, ssh, wait_until
 
-from sheepdog_executor import ClusterExecutor, GridEngineExecutor, RemoteTraceback, server
+from sheepdog_executor import (
+    ClusterExecutor,
+    GridEngineExecutor,
+    RemoteCallError,
+    RemoteTraceback,
+    WorkerLost,
+    server,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -100,6 +108,59 @@ def test_results_larger_than_a_part_travel_in_parts(
     assert len(parts) == 6 and all(" 200 " in r.getMessage() for r in parts)
     # results that only together pass the part size: those that would pass it go in parts
     assert list(executor.map(bytes, [700_000] * 6, timeout=120)) == [bytes(700_000)] * 6
+
+
+def test_a_result_larger_than_the_client_can_take_is_refused_before_it_is_allocated(
+    make_executor: Callable[..., GridEngineExecutor],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(server, "RESULT_PART_BYTES", 1024 * 1024)
+    monkeypatch.setattr(server, "available_memory", lambda: 3 * 1024 * 1024)  # as the client sees it
+    caplog.set_level(logging.DEBUG, logger="sheepdog_executor")
+    executor = make_executor(max_workers=1)
+    with pytest.raises(
+        RemoteCallError, match=r"result \(\d+ bytes pickled\) is larger than the client can take"
+    ):
+        executor.submit(bytes, 5 * 1024 * 1024).result(timeout=120)
+    parts = executor._session.endpoint.parts
+    assert parts.held() == 0
+    # the worker sent no more parts after the first was refused, and goes on with other calls
+    assert len([r for r in caplog.records if "POST /part" in r.getMessage()]) == 1
+    assert executor.submit(bytes, 2 * 1024 * 1024).result(timeout=120) == bytes(2 * 1024 * 1024)
+
+
+def dies_after_one_part(size: int) -> bytes:
+    """Returns ``size`` bytes, and its worker dies (SIGKILL) as it is about to send the second part."""
+    import http.client
+    import signal
+
+    request = http.client.HTTPConnection.request
+    sent: list[str] = []
+
+    def counting(self: http.client.HTTPConnection, method: str, url: str, *args: Any, **kwargs: Any) -> None:
+        if url == "/part":
+            if sent:
+                os.kill(os.getpid(), signal.SIGKILL)
+            sent.append(url)
+        request(self, method, url, *args, **kwargs)
+
+    http.client.HTTPConnection.request = counting  # type: ignore[method-assign]
+    return bytes(size)
+
+
+def test_the_parts_of_a_lost_worker_are_freed(
+    make_executor: Callable[..., GridEngineExecutor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(server, "RESULT_PART_BYTES", 1024 * 1024)
+    executor = make_executor(max_workers=1)
+    parts = executor._session.endpoint.parts
+    future = executor.submit(dies_after_one_part, 5 * 1024 * 1024)
+    wait_until(lambda: parts.held() > 0 or future.done(), 120, "the first part")
+    assert parts.held() > 5 * 1024 * 1024  # the whole result's buffer, for one part received
+    with pytest.raises(WorkerLost):
+        future.result(timeout=120)
+    assert parts.held() == 0  # freed when the worker was declared lost, not an hour later
 
 
 def test_a_result_over_one_gibibyte(make_executor: Callable[..., GridEngineExecutor]) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from sheepdog_executor import GridEngineExecutor
+from sheepdog_executor.status import StatusPage
 
 pytestmark = pytest.mark.cluster
 
@@ -46,6 +47,7 @@ class Browserless:
     def __init__(self, url: str) -> None:
         parts = urllib.parse.urlsplit(url)
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        self.path = parts.path  # /status/ID/
         self.token = urllib.parse.parse_qs(parts.query)["token"][0]
 
     def get(
@@ -60,7 +62,7 @@ class Browserless:
 
     def json(self) -> dict[str, Any]:
         conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
-        conn.request("GET", f"/status.json?token={self.token}")
+        conn.request("GET", f"{self.path}status.json?token={self.token}")
         response = conn.getresponse()
         assert response.status == 200
         data: dict[str, Any] = json.loads(response.read())
@@ -110,35 +112,43 @@ def chromium() -> Callable[..., str]:
 def test_the_page_needs_its_token(make_executor: Callable[..., GridEngineExecutor]) -> None:
     executor = make_executor(max_workers=1)
     url = executor.status_url
-    assert url is not None and "/status?token=" in url
+    assert url is not None and re.search(r"/status/[0-9a-f]{16}/\?token=", url)
     page = Browserless(url)
+    base = page.path
     secret = executor._session.endpoint.secret.decode()
     assert page.token not in secret and secret not in url
 
-    for path in ("/status", "/status.json", "/status?token=", "/status.json?token=" + page.token[:-1] + "x"):
+    for path in (base, base + "status.json", base + "?token=", f"{base}status.json?token={page.token[:-1]}x"):
         assert page.get(path).status == 403, path
     cookie_name = executor._session.status_page.cookie_name  # type: ignore[union-attr]
-    assert page.get("/status", {"Cookie": f"{cookie_name}=nope"}).status == 403
-    assert page.get(f"/status?token={page.token}", method="POST").status == 405
+    assert page.get(base, {"Cookie": f"{cookie_name}=nope"}).status == 403
+    assert page.get(f"{base}?token={page.token}", method="POST").status == 405
+    for elsewhere in ("/status", "/status.json", f"/status?token={page.token}"):
+        assert page.get(elsewhere).status == 404, elsewhere
 
     # the token is traded for a strict cookie, and the URL loses it
-    first = page.get(f"/status?token={page.token}")
-    assert first.status == 303 and first.getheader("Location") == "/status"
+    first = page.get(f"{base}?token={page.token}")
+    assert first.status == 303 and first.getheader("Location") == base
     set_cookie = first.getheader("Set-Cookie") or ""
     assert set_cookie.startswith(f"{cookie_name}={page.token};")
-    assert "HttpOnly" in set_cookie and "SameSite=Strict" in set_cookie
+    # scoped to the page: a browser sends it to no other path of the host (cookies ignore ports)
+    attributes = {a.strip().split("=")[0].lower(): a.strip() for a in set_cookie.split(";")[1:]}
+    assert attributes["path"] == f"Path={base}" and attributes["samesite"] == "SameSite=Strict"
+    assert "httponly" in attributes
     cookie = {"Cookie": f"{cookie_name}={page.token}"}
-    html = page.get("/status", cookie)
+    html = page.get(base, cookie)
     assert html.status == 200 and html.getheader("Content-Type", "").startswith("text/html")
     assert "script-src 'nonce-" in (html.getheader("Content-Security-Policy") or "")
     assert html.getheader("Cache-Control") == "no-store"
-    assert page.get("/status.json", cookie).status == 200
+    assert page.get(base + "status.json", cookie).status == 200
 
     # another executor: another token and cookie; without the page, nothing is served
     other = make_executor(max_workers=1, status_page=False)
     assert other.status_url is None
     bare = Browserless(executor.status_url.replace(str(page.port), str(other._session.endpoint.port)))
-    assert bare.get(f"/status?token={page.token}").status == 404
+    assert bare.get(f"{base}?token={page.token}").status == 404
+    two = [StatusPage(dict) for _ in range(2)]
+    assert two[0].path != two[1].path and two[0].cookie_name != two[1].cookie_name
 
 
 def test_json_agrees_with_the_map(make_executor: Callable[..., GridEngineExecutor]) -> None:

@@ -488,3 +488,16 @@ def test_a_set_up_that_fails_leaves_no_thread_behind(tmp_path: Any) -> None:
         LocalExecutor(max_workers=1, session_root=str(shared))
     left = [t.name for t in set(threading.enumerate()) - before if t.name.startswith("sheepdog")]
     assert left == []
+
+
+def test_result_parts_refuse_a_total_beyond_the_limit_and_free_a_lost_workers() -> None:
+    parts = ResultParts(limit=lambda: 100)
+    assert not parts.add("w", 1, 1, 0, 101, b"x" * 8) and parts.held() == 0  # nothing allocated
+    refused = parts.join("w", (1, 1, True, b"", "", 0.1, "", 101))
+    assert refused[2] is False and "(101 bytes pickled) is larger than the client can take" in str(
+        pickle.loads(refused[3])[1]
+    )
+    assert parts.add("w", 2, 1, 0, 60, b"x" * 8) and parts.held() == 60
+    assert not parts.add("v", 1, 1, 0, 60, b"x" * 8)  # 52 bytes promised to w's result are not free
+    parts.forget("w")
+    assert parts.held() == 0 and not parts.add("w", 3, 1, 0, 8, b"x" * 8)  # a lost worker's late part

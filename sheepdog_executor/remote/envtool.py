@@ -12,6 +12,7 @@ build it once (the second waits for the lock, then finds it ready).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -62,6 +63,36 @@ def probe(envs):
         }
     )
     return 0
+
+
+#: What pip or venv print when the disk, or the user's quota, is full.
+NO_SPACE = (f"[Errno {errno.ENOSPC}]", f"[Errno {errno.EDQUOT}]", "No space left on device")
+
+
+class NoSpace(Exception):
+    """A step of a build met a full disk (or quota) under ``path``."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.path = path
+
+
+def _free(path):
+    """Bytes free for this user on the filesystem of ``path`` (or of its nearest existing parent)."""
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        stat = os.statvfs(path)
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
+
+
+def _checked(envs, code, output):
+    """(code, output) of a step, or NoSpace when its output says the disk was full."""
+    if code != 0 and any(text in output for text in NO_SPACE):
+        raise NoSpace(envs)
+    return code, output
 
 
 def _run(argv):
@@ -131,9 +162,10 @@ def build(envs, key, spec_file):
             shutil.rmtree(final, ignore_errors=True)
         tmp = tempfile.mkdtemp(prefix=".build-" + key + "-", dir=envs)
         try:
-            code, output = _run([sys.executable, "-m", "venv", "--without-pip", tmp])
+            code, output = _checked(envs, *_run([sys.executable, "-m", "venv", "--without-pip", tmp]))
             if code == 0:
                 pip, code, output = _pip(os.path.join(tmp, "bin", "python"))
+                _checked(envs, code, output)
             if code != 0:
                 _say({"status": "venv-failed", "output": output})
                 return 0
@@ -144,7 +176,8 @@ def build(envs, key, spec_file):
             else:
                 pip += ["--no-index", "--find-links", spec["wheel_dir"]]
             wheels = [os.path.join(spec["wheel_dir"], name) for name in spec["wheels"]]
-            code, output = _run(pip + spec["requirements"] + wheels)
+            # after "--": pip reads no requirement as an option (-r FILE, --index-url=...)
+            code, output = _checked(envs, *_run(pip + ["--"] + spec["requirements"] + wheels))
             if code != 0:
                 _say({"status": "install-failed", "output": output})
                 return 0
@@ -201,6 +234,18 @@ def remove(envs, names):
 
 
 def main(argv):
+    """Run a command; a full disk (or quota) met on the way is an answer of its own."""
+    try:
+        return _command(argv)
+    except (OSError, NoSpace) as exc:
+        if isinstance(exc, OSError) and exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        path = exc.path if isinstance(exc, NoSpace) else (exc.filename or argv[1])
+        _say({"status": "no-space", "path": path, "free": _free(path)})
+        return 0
+
+
+def _command(argv):
     command, envs = argv[0], argv[1]
     if command == "probe":
         return probe(envs)

@@ -331,9 +331,11 @@ def send_in_parts(
         view = memoryview(data)
         for offset in range(0, len(data), part_bytes):
             part = {"worker": worker_id, "item": result[0], "attempt": result[1], "offset": offset}
-            channel.call(
+            reply = channel.call(
                 "/part", {**part, "total": len(data), "data": bytes(view[offset : offset + part_bytes])}
             )
+            if not reply.get("kept", True):  # refused (too large for the client): the rest would be too
+                break
         sent.append((*result[:3], b"", *result[4:7], len(data)))
     return sent
 
