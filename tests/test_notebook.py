@@ -1,7 +1,8 @@
 """The executor in a real Jupyter kernel (nbclient + ipykernel), on the real cell: how it shows itself
 (its ``_repr_html_`` card, as headless Chromium renders it, and its ``repr``), ``map``'s progress bar
 (tqdm's notebook widget when ipywidgets is installed, else a text bar), and the notebook's stop button
-(a kernel interrupt) during a map: its jobs leave the cell and the kernel goes on."""
+(a kernel interrupt) during a map: its jobs leave the cell and the kernel goes on. And Ctrl-C in a map
+without a ``with`` block, in this process, with local workers."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import tempfile
 import textwrap
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +26,7 @@ from conftest import CELL_ALIAS, NODE_PYTHON, our_jobs, ssh, wait_until
 from nbclient import NotebookClient
 from nbformat import NotebookNode
 
-pytestmark = pytest.mark.cluster
+from sheepdog_executor import LocalExecutor
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Where the card's screenshot goes (kept after the run, to look at).
@@ -86,6 +90,7 @@ def printed(cell: NotebookNode, name: str = "stdout") -> str:
     return "".join(o["text"] for o in cell.outputs if o["output_type"] == "stream" and o["name"] == name)
 
 
+@pytest.mark.cluster
 def test_the_executor_in_a_notebook(cell: str, tmp_path: Path, chromium: Callable[..., str]) -> None:
     nb = notebook(
         SETUP,
@@ -140,6 +145,7 @@ def test_the_executor_in_a_notebook(cell: str, tmp_path: Path, chromium: Callabl
     assert SCREENSHOT.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.cluster
 def test_the_stop_button_during_a_map(cell: str, tmp_path: Path) -> None:
     """The kernel is interrupted (SIGINT, as the stop button sends it) while a cell waits in a map of
     long calls, with the executor made in an earlier cell (no ``with`` block to leave): the map's
@@ -194,3 +200,35 @@ def test_the_stop_button_during_a_map(cell: str, tmp_path: Path) -> None:
     assert printed(nb.cells[3]) == "[('map(slow)', 0, 6)]\n"  # 4 cancelled queued, 2 stopped running
     assert printed(nb.cells[4]) == "[0, 1, 4, 9]\n"
     assert "map(square): 100%" in printed(nb.cells[4], "stderr") and "4/4" in printed(nb.cells[4], "stderr")
+
+
+def slow(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def test_ctrl_c_in_a_map_stops_its_running_calls() -> None:
+    """SIGINT while the main thread waits in a map (no ``with`` block): its queued calls are
+    cancelled, its running ones stopped (their processes killed), and the executor still works."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a suite may run with it ignored
+    executor = LocalExecutor(max_workers=2)
+    try:
+        results = executor.map(slow, [60.0] * 5)
+
+        def interrupt_when_running() -> None:
+            wait_until(lambda: len(executor.status()["workers"]) == 2, 30, "both workers to run a call")
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C sends it
+
+        threading.Thread(target=interrupt_when_running, daemon=True).start()
+        started = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            list(results)
+        assert time.monotonic() - started < 30
+        scheduler = executor._session.scheduler
+        wait_until(lambda: not scheduler.poll(executor.job_ids), 10, "the map's worker processes to end")
+        batch = executor.status()["batches"][0]
+        assert (batch["done"], batch["cancelled"], batch["running"], batch["queued"]) == (0, 5, 0, 0)
+        assert list(executor.map(abs, [-1, -2])) == [1, 2]
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
+        signal.signal(signal.SIGINT, previous)
