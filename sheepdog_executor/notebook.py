@@ -61,7 +61,7 @@ class Summary:
             state=state,
             max_workers=executor._max_workers,
             workers=Counter(worker["host"] for worker in status["workers"]),
-            live_jobs=sorted(session.jobs.jobs),
+            live_jobs=sorted(session.jobs.jobs),  # one C-level copy of the keys: no lock needed
             submitted_jobs=list(status["jobs"]),
             calls=calls,
             status_url=executor.status_url,
@@ -90,12 +90,12 @@ class Summary:
 
 
 def text(executor: ClusterExecutor) -> str:
-    """``<GridEngineExecutor on fear (...) (Grid Engine), open: workers 3 of 8 (node1: 3), ...>``."""
+    """``<GridEngineExecutor: Grid Engine on fear (...), open; workers 3 of 8 (node1: 3), ...>``."""
     if not hasattr(executor, "_session"):  # its __init__ failed
         return f"<{type(executor).__name__} (not started)>"
     s = Summary.of(executor)
     return (
-        f"<{s.kind} on {s.host} ({s.scheduler}), {s.state}: workers {s.workers_text()}, "
+        f"<{s.kind}: {s.scheduler} on {s.host}, {s.state}; workers {s.workers_text()}, "
         f"jobs {s.jobs_text(ids=False)}, calls {s.calls_text()}>"
     )
 

@@ -108,12 +108,12 @@ def test_the_executor_in_a_notebook(cell: str, tmp_path: Path, chromium: Callabl
     cells = nb.cells
 
     local_card = bundles(cells[1])[0]
-    assert "<LocalExecutor on this machine (local processes), open:" in local_card["text/plain"]
+    assert local_card["text/plain"].startswith("<LocalExecutor: local processes on this machine, open;")
     assert "local processes" in local_card["text/html"] and "/status?token=" in local_card["text/html"]
 
     card = bundles(cells[3])[0]
     html, text = card["text/html"], card["text/plain"]
-    assert text.startswith(f"<GridEngineExecutor on {CELL_ALIAS} (") and "(Grid Engine), open:" in text
+    assert text.startswith(f"<GridEngineExecutor: Grid Engine on {CELL_ALIAS} (") and "), open; " in text
     assert "token" not in text  # the status link (a secret) is in the card only
     assert "<th" in html and ">Grid Engine<" in html and f">{CELL_ALIAS} (" in html
     link = re.search(r'<a href="(http://[^"]+/status\?token=[^"]+)"', html)
@@ -232,3 +232,13 @@ def test_ctrl_c_in_a_map_stops_its_running_calls() -> None:
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
         signal.signal(signal.SIGINT, previous)
+
+
+def test_the_card_escapes_what_it_shows() -> None:
+    with LocalExecutor(max_workers=1) as executor:
+        executor._session.shell.description = "<script>alert(1)</script> & co"
+        html = executor._repr_html_()
+        assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; co" in html and "<script>" not in html
+    half_made = LocalExecutor.__new__(LocalExecutor)  # its __init__ failed: still a repr, no error
+    assert repr(half_made) == "<LocalExecutor (not started)>"
+    assert half_made._repr_html_() == "&lt;LocalExecutor (not started)&gt;"
