@@ -101,7 +101,12 @@ def test_the_executor_in_a_notebook(cell: str, tmp_path: Path, chromium: Callabl
         assert list(grid.map(square, range(30))) == [x * x for x in range(30)]
         print(json.dumps(grid.job_ids))
         """,
-        "grid",
+        """
+        deadline = time.monotonic() + 10  # the counts follow the results by a moment
+        while grid.status()["batches"][-1]["done"] < 30 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        grid
+        """,
         "grid.shutdown(); local.shutdown()\ngrid",
     )
     client(nb, str(tmp_path)).execute()
