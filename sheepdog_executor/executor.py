@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import CancelledError, Executor, Future
 from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -747,9 +747,10 @@ def _ordered_results(
     end_time: float | None,
     refill: Callable[[], Future[T] | None] | None,
     interrupted: Callable[[], None] = lambda: None,
-) -> Iterator[T]:
+) -> Generator[T, None, None]:
     """Yield results in order; on timeout, error or abandonment cancel the rest (as CPython does);
-    on a KeyboardInterrupt while waiting, also stop the running ones (``interrupted``). Holds no
+    on a KeyboardInterrupt, also stop the running ones (``interrupted``): one that comes while it
+    waits, or while a progress bar counts a result (which closes it meanwhile). Holds no
     reference to a result it yielded; with ``refill``, submits one more call before each result is
     awaited (``buffersize``)."""
     pending = collections.deque(futures)
@@ -760,14 +761,22 @@ def _ordered_results(
                 pending.append(more)
                 del more
             yield _result_or_cancel(pending.popleft(), end_time)
-    except KeyboardInterrupt:
-        for future in pending:  # first: no queued call of the map can start after this
-            future.cancel()
-        interrupted()
+    except (KeyboardInterrupt, GeneratorExit) as stop:
+        if _by_interrupt(stop):
+            for future in pending:  # first: no queued call of the map can start after this
+                future.cancel()
+            interrupted()
         raise
     finally:
         for future in pending:
             future.cancel()
+
+
+def _by_interrupt(stop: BaseException | None) -> bool:
+    """A KeyboardInterrupt, or a generator closed while one propagates (through others closed)."""
+    while isinstance(stop, GeneratorExit):
+        stop = stop.__context__
+    return isinstance(stop, KeyboardInterrupt)
 
 
 def _result_or_cancel(future: Future[T], end_time: float | None) -> T:
@@ -781,9 +790,13 @@ def _result_or_cancel(future: Future[T], end_time: float | None) -> T:
         del future  # no reference to the result from this frame's traceback either
 
 
-def _flatten(chunks: Iterator[list[T]]) -> Iterator[T]:
-    """The results of each chunk in order, each list emptied as it goes (no reference kept)."""
-    for chunk in chunks:
-        chunk.reverse()
-        while chunk:
-            yield chunk.pop()
+def _flatten(chunks: Generator[list[T], None, None]) -> Iterator[T]:
+    """The results of each chunk in order, each list emptied as it goes (no reference kept);
+    closing it closes ``chunks`` at once (an interrupt's trace goes with it)."""
+    try:
+        for chunk in chunks:
+            chunk.reverse()
+            while chunk:
+                yield chunk.pop()
+    finally:
+        chunks.close()

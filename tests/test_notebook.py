@@ -212,6 +212,12 @@ def slow(seconds: float) -> float:
     return seconds
 
 
+def both_hold_a_call(executor: LocalExecutor) -> bool:
+    """Each of the 2 workers holds a call (a worker that holds none is left to idle out)."""
+    workers = executor.status()["workers"]
+    return len(workers) == 2 and all(worker["holding"] for worker in workers)
+
+
 def test_ctrl_c_in_a_map_stops_its_running_calls() -> None:
     """SIGINT while the main thread waits in a map (no ``with`` block): its queued calls are
     cancelled, its running ones stopped (their processes killed), and the executor still works."""
@@ -221,7 +227,7 @@ def test_ctrl_c_in_a_map_stops_its_running_calls() -> None:
         results = executor.map(slow, [60.0] * 5)
 
         def interrupt_when_running() -> None:
-            wait_until(lambda: len(executor.status()["workers"]) == 2, 30, "both workers to run a call")
+            wait_until(lambda: both_hold_a_call(executor), 30, "both workers to run a call")
             os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C sends it
 
         threading.Thread(target=interrupt_when_running, daemon=True).start()
@@ -230,7 +236,7 @@ def test_ctrl_c_in_a_map_stops_its_running_calls() -> None:
             list(results)
         assert time.monotonic() - started < 30
         scheduler = executor._session.scheduler
-        wait_until(lambda: not scheduler.poll(executor.job_ids), 10, "the map's worker processes to end")
+        wait_until(lambda: not scheduler.poll(executor.job_ids), 4, "the map's worker processes to end")
         batch = executor.status()["batches"][0]
         assert (batch["done"], batch["cancelled"], batch["running"], batch["queued"]) == (0, 5, 0, 0)
         assert list(executor.map(abs, [-1, -2])) == [1, 2]
@@ -247,3 +253,32 @@ def test_the_card_escapes_what_it_shows() -> None:
     half_made = LocalExecutor.__new__(LocalExecutor)  # its __init__ failed: still a repr, no error
     assert repr(half_made) == "<LocalExecutor (not started)>"
     assert half_made._repr_html_() == "&lt;LocalExecutor (not started)&gt;"
+
+
+@pytest.mark.parametrize("chunksize", [1, 2])
+def test_ctrl_c_while_the_bar_counts_a_result(monkeypatch: pytest.MonkeyPatch, chunksize: int) -> None:
+    """The interrupt lands in the progress bar's update, outside the map's wait: the bar closes the
+    map's iterator meanwhile, and that stops the running calls just the same."""
+    from sheepdog_executor.integrations import progress
+
+    executor = LocalExecutor(max_workers=2, progress=True)
+
+    class InterruptedBar:
+        def update(self, n: int = 1) -> None:
+            wait_until(lambda: both_hold_a_call(executor), 30, "both workers to hold a long call")
+            raise KeyboardInterrupt
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(progress, "make_bar", lambda *args, **kwargs: InterruptedBar())
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            list(executor.map(slow, [0.0, 0.0, 60.0, 60.0, 60.0, 60.0], chunksize=chunksize))
+        scheduler = executor._session.scheduler
+        wait_until(lambda: not scheduler.poll(executor.job_ids), 4, "the map's worker processes to end")
+        batch = executor.status()["batches"][0]
+        assert batch["running"] == batch["queued"] == 0
+        assert batch["done"] + batch["cancelled"] == 6 // chunksize and batch["cancelled"] >= 4 // chunksize
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
