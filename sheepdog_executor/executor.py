@@ -550,7 +550,11 @@ class ClusterExecutor(Executor):
         if cancel_futures:
             self._session.dispatcher.cancel_pending()
         if wait:
-            self._session.wait_until_done()
+            try:
+                self._session.wait_until_done()
+            except KeyboardInterrupt:  # Ctrl-C, a notebook's stop button: stop now, leave no job
+                self._finalizer()
+                raise
             self._finalizer.detach()
             self._session.close()
         else:

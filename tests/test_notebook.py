@@ -282,3 +282,27 @@ def test_ctrl_c_while_the_bar_counts_a_result(monkeypatch: pytest.MonkeyPatch, c
         assert batch["done"] + batch["cancelled"] == 6 // chunksize and batch["cancelled"] >= 4 // chunksize
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
+
+
+def test_ctrl_c_while_shutdown_waits_stops_everything() -> None:
+    """Ctrl-C (a notebook's stop button) while ``shutdown(wait=True)`` waits for running calls: the
+    executor stops at once, as when the KeyboardInterrupt leaves a ``with`` block."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    executor = LocalExecutor(max_workers=2)
+    try:
+        futures = [executor.submit(slow, 60.0) for _ in range(3)]
+
+        def interrupt_when_running() -> None:
+            wait_until(lambda: both_hold_a_call(executor), 30, "both workers to run a call")
+            os.kill(os.getpid(), signal.SIGINT)
+
+        threading.Thread(target=interrupt_when_running, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            executor.shutdown(wait=True)
+        scheduler = executor._session.scheduler
+        wait_until(lambda: not scheduler.poll(executor.job_ids), 4, "the worker processes to end")
+        assert all(future.done() for future in futures)
+        assert "shut down" in repr(executor)
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
+        signal.signal(signal.SIGINT, previous)
