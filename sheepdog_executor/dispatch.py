@@ -517,6 +517,22 @@ class Dispatcher:
         self.on_change()
         return items
 
+    def take_batch(self, batch: int) -> list[tuple[Worker, list[WorkItem]]]:
+        """Forget the workers that hold calls of ``batch`` and of nothing else; return each with
+        those calls (unresolved, held by nobody): an interrupted map stops them where they run.
+        A worker that also holds calls of another batch is left to finish them."""
+        taken = []
+        with self._lock:
+            for worker in list(self.workers.values()):
+                items = [worker.items[i] for i in sorted(worker.items)]
+                if items and all(item.batch == batch for item in items):
+                    del self.workers[worker.id]
+                    worker.items.clear()
+                    taken.append((worker, items))
+        if taken:
+            self.on_change()
+        return taken
+
     def take_pending(self) -> list[WorkItem]:
         """Take every call still waiting for a worker out of the queue."""
         with self._lock:
@@ -551,8 +567,9 @@ class Dispatcher:
             self.on_change()
         return retried, failed
 
-    def fail_items(self, items: list[WorkItem], error: BaseException) -> None:
-        """Resolve these calls (taken out with ``take_*``) with ``error``; each in its own try."""
+    def fail_items(self, items: list[WorkItem], error: BaseException, outcome: str = "failed") -> None:
+        """Resolve these calls (taken out with ``take_*``) with ``error``, each in its own try; they
+        count as ``outcome`` ("failed", or "cancelled": stopped on purpose, no error to list)."""
         with self._lock:
             items = [item for item in items if item.state != ENDED]
             for item in items:
@@ -562,7 +579,8 @@ class Dispatcher:
         for item in items:
             try:
                 if item.future.running() or item.future.set_running_or_notify_cancel():
-                    self.stats.ended(item.batch, "failed", error=text, was_running=item.attempt > 0)
+                    failed = text if outcome == "failed" else None
+                    self.stats.ended(item.batch, outcome, error=failed, was_running=item.attempt > 0)
                     _set_exception(item.future, error)
                 else:
                     self.stats.ended(item.batch, "cancelled", was_running=False)

@@ -20,12 +20,12 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Executor, Future
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import CancelledError, Executor, Future
 from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from sheepdog_executor import pickling
+from sheepdog_executor import notebook, pickling
 from sheepdog_executor.background import in_background, settle
 from sheepdog_executor.bundle import worker_bundle
 from sheepdog_executor.callfuture import CallFuture
@@ -289,6 +289,26 @@ class Session:
             "routes": [f"{label} {host}:{port}" for label, host, port in getattr(self, "routes", [])],
         }
 
+    def interrupt(self, batch: int) -> None:
+        """A map was interrupted (Ctrl-C, a notebook's stop button) while it waited: its queued calls
+        are cancelled already; stop its running ones where they run (their tasks are removed, in
+        the background, so the prompt comes back at once), as the end of a script would. The
+        executor stays open: the next map starts new workers."""
+        taken = self.dispatcher.take_batch(batch)
+        if not taken:
+            return
+        stopped = CancelledError("the map was interrupted (KeyboardInterrupt); the call was stopped")
+        self.dispatcher.fail_items([item for _, items in taken for item in items], stopped, "cancelled")
+        tasks = sorted({(worker.job, worker.task) for worker, _ in taken})
+        in_background(functools.partial(self._remove_tasks, tasks), "sheepdog-interrupt")
+
+    def _remove_tasks(self, tasks: list[tuple[str, int]]) -> None:
+        for job, task in tasks:
+            try:
+                self.scheduler.cancel_task(job, task)
+            except Exception as exc:  # noqa: BLE001 - e.g. the executor was shut down meanwhile
+                log.debug("could not remove task %s.%d of an interrupted map: %s", job, task, exc)
+
     def _changed(self) -> None:
         jobs = getattr(self, "jobs", None)  # None while the session is still being set up
         if jobs is not None:
@@ -509,7 +529,8 @@ class ClusterExecutor(Executor):
                 return alive._queue(fn, kind, [call], batch, label)[0]
 
         self._session.jobs.wake(flush=True)
-        results = _ordered_results(futures, end_time, refill)
+        interrupted = functools.partial(self._session.interrupt, batch)
+        results = _ordered_results(futures, end_time, refill, interrupted)
         return self._with_progress(_flatten(results) if chunksize > 1 else results, total, label)
 
     def _queue(
@@ -545,7 +566,11 @@ class ClusterExecutor(Executor):
         if cancel_futures:
             self._session.dispatcher.cancel_pending()
         if wait:
-            self._session.wait_until_done()
+            try:
+                self._session.wait_until_done()
+            except KeyboardInterrupt:  # Ctrl-C, a notebook's stop button: stop now, leave no job
+                self._finalizer()
+                raise
             self._finalizer.detach()
             self._session.close()
         else:
@@ -592,6 +617,13 @@ class ClusterExecutor(Executor):
     def session_dir(self) -> str:
         """The executor's private directory on the cluster (secret, worker bundle, task logs)."""
         return self._session.session_dir
+
+    def __repr__(self) -> str:
+        return notebook.text(self)
+
+    def _repr_html_(self) -> str:
+        """Jupyter's view: scheduler, host, workers, jobs, calls and the status page's link."""
+        return notebook.card(self)
 
 
 class GridEngineExecutor(ClusterExecutor):
@@ -731,11 +763,16 @@ def _name_of(fn: Callable[..., Any]) -> str:
 
 
 def _ordered_results(
-    futures: list[Future[T]], end_time: float | None, refill: Callable[[], Future[T] | None] | None
-) -> Iterator[T]:
-    """Yield results in order; on timeout, error or abandonment cancel the rest (as CPython does).
-    Holds no reference to a result it yielded; with ``refill``, submits one more call before each
-    result is awaited (``buffersize``)."""
+    futures: list[Future[T]],
+    end_time: float | None,
+    refill: Callable[[], Future[T] | None] | None,
+    interrupted: Callable[[], None] = lambda: None,
+) -> Generator[T, None, None]:
+    """Yield results in order; on timeout, error or abandonment cancel the rest (as CPython does);
+    on a KeyboardInterrupt, also stop the running ones (``interrupted``): one that comes while it
+    waits, or while a progress bar counts a result (which closes it meanwhile). Holds no
+    reference to a result it yielded; with ``refill``, submits one more call before each result is
+    awaited (``buffersize``)."""
     pending = collections.deque(futures)
     del futures
     try:
@@ -744,25 +781,42 @@ def _ordered_results(
                 pending.append(more)
                 del more
             yield _result_or_cancel(pending.popleft(), end_time)
+    except (KeyboardInterrupt, GeneratorExit) as stop:
+        if _by_interrupt(stop):
+            for future in pending:  # first: no queued call of the map can start after this
+                future.cancel()
+            interrupted()
+        raise
     finally:
         for future in pending:
             future.cancel()
+
+
+def _by_interrupt(stop: BaseException | None) -> bool:
+    """A KeyboardInterrupt, or a generator closed while one propagates (through others closed)."""
+    while isinstance(stop, GeneratorExit):
+        stop = stop.__context__
+    return isinstance(stop, KeyboardInterrupt)
 
 
 def _result_or_cancel(future: Future[T], end_time: float | None) -> T:
     try:
         try:
             return future.result(None if end_time is None else max(end_time - time.monotonic(), 0))
-        except FuturesTimeout:
+        except (FuturesTimeout, KeyboardInterrupt):  # the call awaited, if it has not started yet
             future.cancel()
             raise
     finally:
         del future  # no reference to the result from this frame's traceback either
 
 
-def _flatten(chunks: Iterator[list[T]]) -> Iterator[T]:
-    """The results of each chunk in order, each list emptied as it goes (no reference kept)."""
-    for chunk in chunks:
-        chunk.reverse()
-        while chunk:
-            yield chunk.pop()
+def _flatten(chunks: Generator[list[T], None, None]) -> Iterator[T]:
+    """The results of each chunk in order, each list emptied as it goes (no reference kept);
+    closing it closes ``chunks`` at once (an interrupt's trace goes with it)."""
+    try:
+        for chunk in chunks:
+            chunk.reverse()
+            while chunk:
+                yield chunk.pop()
+    finally:
+        chunks.close()

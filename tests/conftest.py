@@ -8,6 +8,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import xml.etree.ElementTree as ET
@@ -24,6 +25,8 @@ CELL_ALIAS = os.environ.get("SHEEPDOG_TEST_HOST", "fear")
 #: The interpreter on the nodes: the cell's python3 unless the client runs another minor version
 #: (scripts/run-tests.sh sets it to /opt/sheepdog-pythons/X.Y/bin/pythonX.Y for 3.10 and 3.13).
 NODE_PYTHON = os.environ.get("SHEEPDOG_TEST_NODE_PYTHON", "python3")
+#: Headless Chromium, for the tests that look at a page (scripts/run-tests.sh installs it).
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 #: The ssh alias of the Slurm test cluster (scripts/test-cell.sh --slurm).
 SLURM_ALIAS = os.environ.get("SHEEPDOG_TEST_SLURM_HOST", "fear-slurm")
 
@@ -265,3 +268,42 @@ def make_any_executor(cluster: Cluster) -> Iterator[Callable[..., ClusterExecuto
     for executor in made:
         left = cluster.jobs(set(executor.job_ids))
         assert not left, f"jobs left on {cluster.scheduler} after shutdown: {left}"
+
+
+@pytest.fixture
+def chromium() -> Callable[..., str]:
+    """Run headless Chromium on a URL with a fresh profile: returns what it printed (``--dump-dom``)."""
+    if CHROMIUM is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("chromium is not installed (scripts/run-tests.sh installs it)")
+        pytest.skip("chromium is not installed: apt-get install chromium")
+
+    def run(url: str, *args: str, budget_ms: int = 2500) -> str:
+        with tempfile.TemporaryDirectory() as profile:
+            done = subprocess.run(
+                [
+                    str(CHROMIUM),
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-quic",
+                    "--no-first-run",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                    "--hide-scrollbars",
+                    f"--user-data-dir={profile}",
+                    "--window-size=1200,900",
+                    f"--virtual-time-budget={budget_ms}",
+                    *args,
+                    url,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    return run

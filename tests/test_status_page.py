@@ -7,8 +7,6 @@ import http.client
 import json
 import os
 import re
-import shutil
-import subprocess
 import tempfile
 import time
 import urllib.parse
@@ -23,7 +21,6 @@ from sheepdog_executor.status import StatusPage
 
 pytestmark = pytest.mark.cluster
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 #: Where the mid-map screenshot goes (kept after the run, to look at).
 SCREENSHOT = Path(os.environ.get("SHEEPDOG_SCREENSHOT", tempfile.gettempdir() + "/sheepdog-status-page.png"))
 
@@ -68,45 +65,6 @@ class Browserless:
         data: dict[str, Any] = json.loads(response.read())
         conn.close()
         return data
-
-
-@pytest.fixture
-def chromium() -> Callable[..., str]:
-    """Run headless Chromium on a URL with a fresh profile: returns what it printed (``--dump-dom``)."""
-    if CHROMIUM is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("chromium is not installed (scripts/run-tests.sh installs it)")
-        pytest.skip("chromium is not installed: apt-get install chromium")
-
-    def run(url: str, *args: str, budget_ms: int = 2500) -> str:
-        with tempfile.TemporaryDirectory() as profile:
-            done = subprocess.run(
-                [
-                    str(CHROMIUM),
-                    "--headless",
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--disable-quic",
-                    "--no-first-run",
-                    "--disable-background-networking",
-                    "--disable-component-update",
-                    "--disable-sync",
-                    "--hide-scrollbars",
-                    f"--user-data-dir={profile}",
-                    "--window-size=1200,900",
-                    f"--virtual-time-budget={budget_ms}",
-                    *args,
-                    url,
-                ],
-                capture_output=True,
-                text=True,
-                timeout=120,
-                check=False,
-            )
-        assert done.returncode == 0, done.stderr[-2000:]
-        return done.stdout
-
-    return run
 
 
 def test_the_page_needs_its_token(make_executor: Callable[..., GridEngineExecutor]) -> None:

@@ -3,7 +3,8 @@
 ``for future in progress(futures): ...`` yields Futures as they complete (like ``as_completed``);
 ``for result in progress(executor.map(f, xs), total=len(xs)): ...`` yields the results in their order.
 By default (``disable=None``) a bar is drawn only on a terminal (or a Jupyter kernel's stderr), so logs
-and CI output stay clean. ``pip install sheepdog-executor[progress]`` brings tqdm.
+and CI output stay clean. ``pip install sheepdog-executor[progress]`` brings tqdm. In a Jupyter kernel
+the bar is tqdm's notebook widget when ipywidgets is installed (tqdm's auto mode), else a text bar.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from collections.abc import Collection, Iterable, Iterator
 from concurrent.futures import Future, as_completed
 from typing import Any, Protocol, TextIO, TypeVar, cast
@@ -62,7 +64,7 @@ def progress(
 
 def interactive(stream: Any) -> bool:
     """A terminal, or the stream of a Jupyter kernel (which renders ``\\r`` as a redraw)."""
-    if type(stream).__module__.split(".")[0] == "ipykernel":
+    if in_kernel(stream):
         return True
     try:
         return bool(stream.isatty())
@@ -70,10 +72,21 @@ def interactive(stream: Any) -> bool:
         return False
 
 
+def in_kernel(stream: Any) -> bool:
+    """``stream`` is a Jupyter kernel's stdout or stderr (what a notebook cell prints to)."""
+    return type(stream).__module__.split(".")[0] == "ipykernel"
+
+
 def make_bar(total: int | None, desc: str | None, file: TextIO, delay: float = 0.0) -> Bar:
-    """tqdm's bar if tqdm is installed, else ``LineBar``."""
+    """tqdm's bar if tqdm is installed (on a kernel's stream, tqdm's auto mode: a notebook widget
+    with ipywidgets, a text bar without), else ``LineBar``."""
     try:
-        from tqdm import tqdm
+        if in_kernel(file):
+            with warnings.catch_warnings():  # without ipywidgets, tqdm warns once and draws text
+                warnings.simplefilter("ignore")
+                from tqdm.auto import tqdm
+        else:
+            from tqdm import tqdm
     except ImportError:
         return LineBar(total, desc, file, delay)
     return cast(Bar, tqdm(total=total, desc=desc, file=file, delay=delay, dynamic_ncols=True))
