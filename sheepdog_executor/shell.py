@@ -58,12 +58,17 @@ def bounded(script: str, timeout: float) -> str:
     same shell as the lines around it would be (the login shell over SSH), as it is where
     ``timeout`` is missing."""
     quoted = shlex.quote(script)
-    seconds = max(1, int(timeout - BOUND_MARGIN))
+    seconds = bound_seconds(timeout)
     return (
         "s=$(readlink /proc/$$/exe 2>/dev/null) || s=/bin/sh\n"
         f'if command -v timeout >/dev/null 2>&1; then exec timeout -k 2 {seconds} "$s" -c {quoted} ; '
         f'else exec "$s" -c {quoted} ; fi'
     )
+
+
+def bound_seconds(timeout: float) -> int:
+    """How long ``bounded`` lets a command run on the head node when the client waits ``timeout``."""
+    return max(1, int(timeout - BOUND_MARGIN))
 
 
 class Shell:

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from sheepdog_executor.errors import CommandTimedOut, PollFailed, SchedulerError
 from sheepdog_executor.jobscript import JobOptions, WorkerLaunch
-from sheepdog_executor.shell import TIMED_OUT, Completed, Shell, bounded
+from sheepdog_executor.shell import TIMED_OUT, Completed, Shell, bound_seconds, bounded
 
 
 class TaskState(enum.Enum):
@@ -120,8 +120,8 @@ class Scheduler(ABC):
             raise PollFailed(f"{program} did not answer: {exc}") from exc
         if done.returncode == TIMED_OUT:
             raise PollFailed(
-                f"{program} did not answer within {self.poll_timeout:.0f} s on {self.shell.description} "
-                "(ended there)"
+                f"{program} did not answer within {bound_seconds(self.poll_timeout)} s on "
+                f"{self.shell.description} (ended there)"
             )
         if done.returncode != 0:
             raise PollFailed(
