@@ -27,12 +27,22 @@ class UnknownHostKey(ConnectionFailed):
     """The head node's host key is not in known_hosts; we never accept an unknown key silently."""
 
 
+class CommandTimedOut(ConnectionFailed):
+    """A command on the head node did not end in time although the connection still answers: it
+    hung there (a stuck NFS mount, an overloaded scheduler); the connection is kept."""
+
+
 class PicklingFailed(SheepdogError, TypeError):
     """A submitted function or its arguments cannot be pickled; the message names the part that failed."""
 
 
 class SchedulerError(SheepdogError):
     """A scheduler command (qsub, sbatch, qstat, squeue, ...) failed or is missing on the head node."""
+
+
+class PollFailed(SchedulerError):
+    """The scheduler's answer to a poll could not be used: the command failed, hung, or printed
+    something that does not parse. The job manager keeps its last view and asks again."""
 
 
 class EnvironmentSyncFailed(SheepdogError):

@@ -286,6 +286,7 @@ class Session:
         return {
             **self.dispatcher.snapshot(),
             "jobs": list(jobs.submitted_jobs) if jobs else [],
+            "polls": jobs.polls.snapshot() if jobs else {},
             "routes": [f"{label} {host}:{port}" for label, host, port in getattr(self, "routes", [])],
         }
 

@@ -21,6 +21,7 @@ from sheepdog_executor.dispatch import Dispatcher, WorkItem
 from sheepdog_executor.errors import (
     BrokenClusterExecutor,
     ConnectionFailed,
+    PollFailed,
     SchedulerError,
     WorkerError,
     WorkerLost,
@@ -36,6 +37,12 @@ ACCOUNTING_WAIT_SECONDS = 20.0
 #: A gap this much longer than expected in the job manager's own loop means this process was
 #: suspended (SIGSTOP, a laptop's sleep) or starved: workers are not judged on the silence it caused.
 PAUSE_SECONDS = 15.0
+#: A task (or job) missing from the scheduler's answer is believed gone only when it is still missing
+#: from an answer this many seconds later (a second look), and an error state only when it is still
+#: there then: one wrong answer (an empty listing, a scheduler that restarts) must end nothing.
+SECOND_LOOK_SECONDS = 5.0
+#: A worker heard from within this many heartbeat intervals is alive, whatever the scheduler says.
+CURRENT_HEARTBEATS = 3
 #: After this client was away, workers get this long on top of heartbeat_timeout to reach it again
 #: (a request stuck on a dead route times out first).
 COMEBACK_SECONDS = 60.0
@@ -95,6 +102,26 @@ class Job:
     tasks: int
     cancelled: bool = False
     alive: dict[int, TaskState] = field(default_factory=dict)
+    #: Tasks in ``alive`` that the scheduler's last answers did not list: since when.
+    missing: dict[int, float] = field(default_factory=dict)
+    #: Since when the scheduler's answers show the job in an error state (None: they do not).
+    errored_since: float | None = None
+
+
+@dataclass
+class PollCounts:
+    """How the scheduler's polls went (for ``status()``)."""
+
+    answered: int = 0
+    #: Polls whose answer could not be used (a failed, hung or unreadable command).
+    failed: int = 0
+    last_failure: str = ""
+    #: Since when the polls fail, one after the other (None while they answer).
+    failing_since: float | None = None
+    streak: int = 0
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"answered": self.answered, "failed": self.failed, "last_failure": self.last_failure}
 
 
 class JobManager:
@@ -131,6 +158,7 @@ class JobManager:
         self._flush = False
         self._stopping = False
         self._failures = 0
+        self.polls = PollCounts()
         self._last_poll = -float("inf")
         self._max_array: int | None = None
         self._array_limit_known = False
@@ -162,18 +190,18 @@ class JobManager:
         self._wait_gone(timeout)
 
     def _wait_gone(self, timeout: float, warn: bool = True) -> None:
+        """Wait until the scheduler lists none of the jobs (a failed poll: ask again); the jobs stay
+        on the books, for ``cancel_all`` (an answer that wrongly omits a job must not spare it)."""
         deadline = self.clock() + timeout
-        while True:
-            with self._jobs_lock:
-                job_ids = list(self.jobs)
-            if not job_ids:
-                return
-            states = self.scheduler.poll(job_ids)
-            with self._jobs_lock:
-                for job_id in job_ids:
-                    if job_id not in states:
-                        self.jobs.pop(job_id, None)
-            if not states or self.clock() > deadline:
+        with self._jobs_lock:
+            job_ids = list(self.jobs)
+        while job_ids:
+            try:
+                states: JobStates | None = self.scheduler.poll(job_ids)
+            except PollFailed as exc:
+                log.debug("polling removed jobs: %s", exc)
+                states = None
+            if states == {} or self.clock() > deadline:
                 if states and warn:
                     log.warning("jobs %s still listed by the scheduler after removal", list(states))
                 return
@@ -183,7 +211,11 @@ class JobManager:
         """Remove the tasks that have not started yet (whole jobs when none of theirs started)."""
         with self._jobs_lock:
             job_ids = list(self.jobs)
-        states = self.scheduler.poll(job_ids) if job_ids else {}
+        try:
+            states = self.scheduler.poll(job_ids) if job_ids else {}
+        except PollFailed as exc:  # cancel_all() removes them all next
+            log.debug("polling for queued tasks: %s", exc)
+            return
         whole = [job for job, tasks in states.items() if all(s is TaskState.QUEUED for s in tasks.values())]
         if whole:
             self.scheduler.cancel(whole)
@@ -247,29 +279,100 @@ class JobManager:
             self._last_poll = now
             with self._jobs_lock:
                 job_ids = list(self.jobs)
-            states = self.scheduler.poll(job_ids) if job_ids else {}
-            # back after SSH failures (only an answer of the cluster says so): a grace period,
-            # granted before anyone is judged
-            if job_ids:
-                self.away.reached()
-            # a poll this slow means this client was cut off (or suspended) while it waited: the
-            # workers could not reach it either; judge them next round, with a grace period
-            if not self.away.check_gap(self.clock() - now):
-                self._reconcile(states)
+            try:
+                states = self.scheduler.poll(job_ids) if job_ids else {}
+            except PollFailed as exc:
+                self._poll_failed(exc, now)
+                if self.dispatcher.broken is not None:
+                    return
+                if self.clock() - now < PAUSE_SECONDS:  # else judge nobody on a pause it hid
+                    self._reconcile(None)  # the last view stays; silent workers are still found
+            else:
+                self._poll_answered(bool(job_ids))
+                # back after SSH failures (only an answer of the cluster says so): a grace period,
+                # granted before anyone is judged
+                if job_ids:
+                    self.away.reached()
+                # a poll this slow means this client was cut off (or suspended) while it waited: the
+                # workers could not reach it either; judge them next round, with a grace period
+                if not self.away.check_gap(self.clock() - now):
+                    self._reconcile(states)
         self._scale()
 
-    def _reconcile(self, states: JobStates) -> None:
-        """Find workers that died and jobs that ended; forget finished jobs."""
+    def _poll_failed(self, error: PollFailed, since: float) -> None:
+        """A poll whose answer cannot be used: keep the last view, warn once, and give up on the
+        cluster only when the polls failed for longer than it may be unreachable."""
+        polls = self.polls
+        polls.failed += 1
+        polls.streak += 1
+        polls.last_failure = str(error)
+        if polls.failing_since is None:
+            polls.failing_since = since
+            log.warning(
+                "could not read %s's answer (%s); keeping the last view of the jobs until it answers",
+                self.scheduler.name,
+                error,
+            )
+        else:
+            log.debug("poll failed again: %s", error)
+        failing = self.clock() - polls.failing_since
+        if failing > 2 * self.disconnect_tolerance:
+            self.dispatcher.break_(
+                BrokenClusterExecutor(
+                    f"{self.scheduler.name}'s answers to {polls.streak} polls in {failing:.0f} s (more "
+                    f"than twice disconnect_tolerance, {self.disconnect_tolerance:.0f} s) could not be "
+                    f"read, the last: {error}"
+                )
+            )
+
+    def _poll_answered(self, asked: bool) -> None:
+        polls = self.polls
+        polls.answered += asked
+        if polls.failing_since is not None:
+            log.warning("%s answers again, after %d failed poll(s)", self.scheduler.name, polls.streak)
+            polls.failing_since, polls.streak = None, 0
+
+    def _look(self, job: Job, listed: dict[int, TaskState], now: float) -> None:
+        """Take the scheduler's answer for ``job``, but believe a task gone only on a second look
+        (still missing ``SECOND_LOOK_SECONDS`` later) and never while its worker's heartbeat is
+        current; an error state likewise only when it lasts."""
+        alive = dict(listed)
+        for task in listed:
+            job.missing.pop(task, None)
+        for task, state in job.alive.items():
+            if task not in listed:
+                first = job.missing.setdefault(task, now)
+                if now - first < SECOND_LOOK_SECONDS or self._heard_from(job.id, task):
+                    alive[task] = state
+        if TaskState.ERROR not in listed.values():
+            job.errored_since = None
+        elif job.errored_since is None:
+            job.errored_since = now
+        job.alive = alive
+
+    def _heard_from(self, job: str, task: int) -> bool:
+        """Whether a worker of this task sent a heartbeat (or anything) within a few intervals."""
+        recent = self.clock() - CURRENT_HEARTBEATS * self.dispatcher.heartbeat
+        return any(
+            w.job == job and w.task == task and w.last_seen > recent
+            for w in list(self.dispatcher.workers.values())
+        )
+
+    def _reconcile(self, states: JobStates | None) -> None:
+        """Find workers that died and jobs that ended; forget finished jobs. ``states``: the
+        scheduler's answer, or None to judge on the last view (its answer could not be read)."""
         now = self.clock()
         ended: list[Job] = []
         errored: list[Job] = []
         with self._jobs_lock:
             for job in list(self.jobs.values()):
-                job.alive = states.get(job.id, {})
+                if states is None:
+                    continue
+                self._look(job, states.get(job.id, {}), now)
                 if not job.alive:
                     del self.jobs[job.id]
                     ended.append(job)
-                elif TaskState.ERROR in job.alive.values():
+                elif job.errored_since is not None and now - job.errored_since >= SECOND_LOOK_SECONDS:
                     errored.append(job)
         for job in errored:  # held in an error state by the scheduler: it would wait there forever
             self._fail_errored(job)

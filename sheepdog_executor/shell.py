@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sheepdog_executor.errors import ConnectionFailed, DiskFull, UnknownHostKey
+from sheepdog_executor.errors import CommandTimedOut, ConnectionFailed, DiskFull, UnknownHostKey
 
 log = logging.getLogger("sheepdog_executor")
 # paramiko logs a failed handshake (e.g. a port that accepts TCP but speaks no SSH) at ERROR from its
@@ -28,6 +28,14 @@ log = logging.getLogger("sheepdog_executor")
 # configures logging still receives paramiko's records through the root logger.
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
+
+#: A command bounded by ``bounded`` gets this much less time on the head node than the client
+#: waits, so that the head node ends it (and its exit status arrives) before the client gives up.
+BOUND_MARGIN = 5.0
+#: The exit status of a command that coreutils' ``timeout`` ended.
+TIMED_OUT = 124
+#: How long a connection whose command hung has to run ``true`` to show that it is healthy.
+PROBE_SECONDS = 10.0
 
 #: Sessions (commands, file transfers) open at once on one connection: OpenSSH's sshd refuses more
 #: than 10 (MaxSessions), counting for a moment those just closed, and the tunnel's relay holds one.
@@ -42,6 +50,26 @@ class Completed:
     returncode: int
     stdout: str
     stderr: str
+
+
+def bounded(script: str, timeout: float) -> str:
+    """``script`` under coreutils' ``timeout`` on the head node: ended there (TERM, then KILL to its
+    whole process group) ``BOUND_MARGIN`` seconds before a client waiting ``timeout`` seconds gives
+    up, so that a hung command is not left running; it then exits with ``TIMED_OUT``. Run by the
+    same shell as the lines around it would be (the login shell over SSH), as it is where
+    ``timeout`` is missing."""
+    quoted = shlex.quote(script)
+    seconds = bound_seconds(timeout)
+    return (
+        "s=$(readlink /proc/$$/exe 2>/dev/null) || s=/bin/sh\n"
+        f'if command -v timeout >/dev/null 2>&1; then exec timeout -k 2 {seconds} "$s" -c {quoted} ; '
+        f'else exec "$s" -c {quoted} ; fi'
+    )
+
+
+def bound_seconds(timeout: float) -> int:
+    """How long ``bounded`` lets a command run on the head node when the client waits ``timeout``."""
+    return max(1, int(timeout - BOUND_MARGIN))
 
 
 class Shell:
@@ -345,7 +373,7 @@ class SSHShell(Shell):
         log.debug("%s$ %s", self.target.alias, command)
         attempts = 2 if retry else 1
         for attempt in range(attempts):
-            transport = None
+            transport = channel = None
             try:
                 with self._sessions:
                     transport = self._usable_transport()
@@ -360,7 +388,14 @@ class SSHShell(Shell):
                     channel.close()
                 return Completed(command, code, out.decode(errors="replace"), err.decode(errors="replace"))
             except (paramiko.SSHException, EOFError, OSError) as exc:
+                if channel is not None:
+                    channel.close()
                 if transport is not None and (isinstance(exc, TimeoutError) or "Timeout" in str(exc)):
+                    if _answers(transport):  # the command hung, not the connection: keep it
+                        raise CommandTimedOut(
+                            f"a command on {self.description} did not end within {timeout:.0f} s "
+                            f"(the connection answers): {command.splitlines()[-1][:200]}"
+                        ) from exc
                     # no answer in time: the connection may be dead without knowing it (the laptop
                     # went offline, or changed networks); the next command opens a new one
                     self._drop(transport)
@@ -460,6 +495,23 @@ def open_session(transport: Any, timeout: float, patience: float = 10.0) -> Any:
                 raise
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
+
+
+def _answers(transport: Any) -> bool:
+    """Whether the connection of ``transport`` still runs a command (``true``) within
+    ``PROBE_SECONDS``: one command that hung says nothing of the connection."""
+    try:
+        channel = open_session(transport, PROBE_SECONDS, patience=PROBE_SECONDS / 2)
+    except Exception:  # noqa: BLE001 - any failure here means: not healthy
+        return False
+    try:
+        channel.settimeout(PROBE_SECONDS)
+        channel.exec_command("true")
+        return bool(channel.status_event.wait(PROBE_SECONDS))
+    except Exception:  # noqa: BLE001
+        return False
+    finally:
+        channel.close()
 
 
 def shutdown_write(channel: Any) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import Future
 from typing import Any
 
@@ -14,9 +14,11 @@ import pytest
 from sheepdog_executor.clock import awake_or_asleep
 from sheepdog_executor.dispatch import CallFuture, Dispatcher
 from sheepdog_executor.errors import ConnectionFailed, WorkerLost, WorkerStartFailed
-from sheepdog_executor.jobs import JobManager
+from sheepdog_executor.jobs import CURRENT_HEARTBEATS, SECOND_LOOK_SECONDS, JobManager
 from sheepdog_executor.jobscript import JobOptions, WorkerLaunch
 from sheepdog_executor.scheduler.base import JobStates, Scheduler, SessionJob, TaskState
+from sheepdog_executor.scheduler.gridengine import parse_qstat_xml
+from sheepdog_executor.scheduler.slurm import parse_squeue, task_state
 from sheepdog_executor.shell import LocalShell
 
 LAUNCH = WorkerLaunch("/home/u/.sheepdog-executor/s1", "http://127.0.0.1:1")
@@ -130,6 +132,11 @@ class Rig:
         self.clock.now += advance
         self.manager._step()
 
+    def second_look(self) -> None:
+        """The turn that believes what the last one saw missing: late enough for a second look, and
+        for the heartbeats of a worker that died with its task to be out of date."""
+        self.step(advance=max(SECOND_LOOK_SECONDS, CURRENT_HEARTBEATS * self.dispatcher.heartbeat) + 1)
+
     def hello(self, job: str, task: int) -> str:
         worker = f"{job}.{task}.1"
         reply = self.dispatcher.hello({"worker": worker, "job": job, "task": task, "python": [3, 11, 0]})
@@ -170,6 +177,8 @@ def test_a_job_in_error_state_fails_its_calls_with_the_schedulers_reason() -> No
     rig.scheduler.states["101"][1] = TaskState.ERROR
     rig.scheduler.reason = "can't chdir to /nope"
     rig.step()
+    assert not rig.futures[0].done()  # seen once: not believed yet
+    rig.second_look()
     with pytest.raises(WorkerStartFailed) as caught:
         rig.futures[0].result(timeout=5)
     message = str(caught.value)
@@ -184,6 +193,7 @@ def test_a_job_that_ends_without_any_worker_fails_the_pending_calls() -> None:
     rig.step()
     del rig.scheduler.states["101"]  # ended, and no task ever said hello
     rig.step()
+    rig.second_look()
     error = rig.futures[0].exception(timeout=10)
     assert isinstance(error, WorkerStartFailed)
     assert error.job_id == "101" and error.accounting["exit"] == "137" and "exit=137" in str(error)
@@ -228,6 +238,7 @@ def test_a_task_that_ends_under_its_worker_loses_its_call() -> None:
     rig.step()
     del rig.scheduler.states["101"][1]  # killed: the scheduler no longer lists the task
     rig.step()
+    rig.second_look()
     error = rig.futures[0].exception(timeout=10)
     assert isinstance(error, WorkerLost) and "its task ended without reporting" in str(error)
     assert error.task_id == 1 and rig.scheduler.cancelled_tasks == []
@@ -243,6 +254,7 @@ def test_a_lost_call_is_retried_unless_its_task_was_killed_over_a_limit(over_lim
     rig.step()
     del rig.scheduler.states["101"][1]  # the task ended; its accounting says why
     rig.step()
+    rig.second_look()
     if over_limit:  # it would only be killed again: no retry, the error says the limit
         error = rig.futures[0].exception(timeout=10)
         assert isinstance(error, WorkerLost) and "lost: killed over its time limit" in str(error)
@@ -296,7 +308,160 @@ def test_after_a_sleep_longer_than_the_tolerance_lost_workers_say_so() -> None:
     rig.clock.now += 700.0  # asleep; meanwhile the worker gave up and its task ended
     del rig.scheduler.states["101"][1]
     rig.manager.away.check_gap(700.0 - rig.manager.poll_interval)  # what the thread's loop measures
-    rig.step(advance=0.0)  # awake: the pause seen, judged with its length
+    rig.step(advance=0.0)  # awake: the pause seen, judged with its length (on a second look)
+    rig.second_look()
     error = rig.futures[0].exception(timeout=10)
     assert isinstance(error, WorkerLost), error
     assert "unreachable for 698 s" in str(error) and "disconnect_tolerance (600 s)" in str(error), str(error)
+
+
+# -- one bad answer of the scheduler ends nothing ---------------------------------------------------
+TRUNCATED_QSTAT = "<?xml version='1.0'?>\n<job_info><queue_info><job_list state=\"running\"><JB_job_nu"
+
+
+class BadAnswers:
+    """The scheduler's next answers, each then parsed by the real parser: "" (nothing, exit 0) or
+    text; None for a real answer."""
+
+    def __init__(self, rig: Rig, parse: Callable[[str, set[str]], JobStates]) -> None:
+        self.answers: list[str | None] = []
+        poll = rig.scheduler.poll
+
+        def scripted(job_ids: Collection[str]) -> JobStates:
+            answer = self.answers.pop(0) if self.answers else None
+            return poll(job_ids) if answer is None else parse(answer, set(job_ids))
+
+        rig.scheduler.poll = scripted  # type: ignore[method-assign]
+
+
+def _squeue(text: str, job_ids: set[str]) -> JobStates:
+    states: JobStates = {}
+    for job, task, state, reason, _, _ in parse_squeue(text):
+        if job in job_ids and task is not None:
+            states.setdefault(job, {})[task] = task_state(state, reason)
+    return states
+
+
+def _running(rig: Rig, workers: int) -> list[str]:
+    """``workers`` workers of job 101 that said hello and hold a call each."""
+    rig.step()
+    rig.scheduler.run_all("101")
+    ids = [rig.hello("101", task) for task in range(1, workers + 1)]
+    for worker in ids:
+        assert rig.dispatcher.exchange(worker, []) is not None
+    return ids
+
+
+def _beat(rig: Rig, workers: list[str]) -> None:
+    for worker in workers:
+        rig.dispatcher.workers[worker].last_seen = rig.clock.now
+
+
+@pytest.mark.parametrize(
+    ("parse", "answer"),
+    [
+        (parse_qstat_xml, ""),  # qstat printed nothing, exit 0
+        (lambda text, ids: _squeue(text, ids), ""),  # squeue printed nothing, not even its header
+        (lambda text, ids: _squeue(text, ids), "ARRAY_JOB_ID|ARRAY_TASK_ID|STATE|REASON|NAME|STDOUT\n"),
+        (parse_qstat_xml, "<?xml version='1.0'?>\n<job_info><queue_info/><job_info/></job_info>"),
+    ],
+    ids=["qstat-empty", "squeue-empty", "squeue-no-jobs", "qstat-no-jobs"],
+)
+def test_one_answer_without_the_jobs_fails_no_call_of_live_workers(
+    parse: Callable[[str, set[str]], JobStates], answer: str
+) -> None:
+    """The issue's first case: one empty answer failed the calls of three live workers."""
+    rig = Rig(3, max_workers=3)
+    workers = _running(rig, 3)
+    bad = BadAnswers(rig, parse)
+    bad.answers = [answer]
+    for _ in range(6):  # the bad answer, then 10 s of real ones
+        _beat(rig, workers)
+        rig.step()
+    assert not any(f.done() for f in rig.futures)
+    assert set(rig.dispatcher.workers) == set(workers) and rig.scheduler.submitted == [("101", 3)]
+    assert rig.manager.jobs["101"].alive == {1: TaskState.RUNNING, 2: TaskState.RUNNING, 3: TaskState.RUNNING}
+
+
+def test_a_listing_without_the_task_of_a_worker_that_beats_takes_nothing() -> None:
+    """Whatever the scheduler says for however long, a worker whose heartbeat is current keeps its
+    calls; once its heartbeats stop too, they are lost."""
+    rig = Rig(1)
+    workers = _running(rig, 1)
+    del rig.scheduler.states["101"][1]
+    for _ in range(15):  # 30 s without the task in the scheduler's answers
+        _beat(rig, workers)
+        rig.step()
+    assert not rig.futures[0].done() and rig.scheduler.cancelled_tasks == []
+    rig.second_look()  # no heartbeat since: gone
+    assert isinstance(rig.futures[0].exception(timeout=10), WorkerLost)
+
+
+@pytest.mark.parametrize(
+    ("parse", "garbage"),
+    [
+        (parse_qstat_xml, TRUNCATED_QSTAT),
+        (parse_qstat_xml, "error: commlib error: got select error (Connection refused)\n"),
+        (parse_qstat_xml, "<html><body>maintenance</body></html>"),
+        (lambda text, ids: _squeue(text, ids), "slurm_load_jobs error: Socket timed out\n"),
+        (
+            lambda text, ids: _squeue(text, ids),
+            "ARRAY_JOB_ID|ARRAY_TASK_ID|STATE|REASON|NAME|STDOUT\n10\x00\x00garbage|x\n",
+        ),
+    ],
+    ids=["qstat-truncated", "qstat-text", "qstat-other-xml", "squeue-text", "squeue-bad-line"],
+)
+def test_answers_that_do_not_parse_are_failed_polls_counted_and_warned_once(
+    parse: Callable[[str, set[str]], JobStates], garbage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The issue's second and third cases: 20 s of garbage failed 53 of 150 calls; malformed
+    ``qstat -xml`` crashed the job manager (BrokenClusterExecutor). Now the last view stays."""
+    rig = Rig(3, max_workers=3)
+    workers = _running(rig, 3)
+    bad = BadAnswers(rig, parse)
+    bad.answers = [garbage] * 10  # 20 s of it
+    with caplog.at_level("DEBUG", logger="sheepdog_executor"):
+        for _ in range(13):
+            _beat(rig, workers)
+            rig.step()
+    assert not any(f.done() for f in rig.futures) and rig.dispatcher.broken is None
+    assert rig.manager.polls.snapshot()["failed"] == 10 and rig.manager.polls.answered >= 1
+    assert " printed " in rig.manager.polls.last_failure
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len([w for w in warnings if "could not read Fake Engine's answer" in w]) == 1, warnings
+    assert rig.scheduler.submitted == [("101", 3)]
+
+
+def test_silent_workers_are_still_found_while_the_polls_fail() -> None:
+    rig = Rig(1)
+    _running(rig, 1)
+    bad = BadAnswers(rig, parse_qstat_xml)
+    bad.answers = ["garbage"] * 40
+    rig.step(advance=61.0)  # no heartbeat for longer than heartbeat_timeout, and no answer to read
+    assert isinstance(rig.futures[0].exception(timeout=10), WorkerLost)
+
+
+def test_polls_that_fail_for_longer_than_the_cluster_may_be_unreachable_break_the_executor() -> None:
+    rig = Rig(1)
+    rig.manager.disconnect_tolerance = 10.0
+    _running(rig, 1)
+    bad = BadAnswers(rig, parse_qstat_xml)
+    bad.answers = ["garbage"] * 40
+    for _ in range(10):
+        rig.step()  # 18 s of failed polls: not yet
+        _beat(rig, list(rig.dispatcher.workers))
+    assert rig.dispatcher.broken is None
+    rig.step(advance=3.0)
+    error = rig.futures[0].exception(timeout=10)
+    assert "could not be read" in str(error) and "disconnect_tolerance" in str(error), error
+
+
+def test_a_job_missing_from_one_answer_is_not_forgotten_and_no_job_is_submitted_for_it() -> None:
+    rig = Rig(4, max_workers=4)
+    rig.step()  # job 101 queued, nobody said hello yet
+    bad = BadAnswers(rig, parse_qstat_xml)
+    bad.answers = ["<job_info><queue_info/><job_info/></job_info>"]
+    rig.step()
+    rig.step()
+    assert "101" in rig.manager.jobs and rig.scheduler.submitted == [("101", 4)]
+    assert not any(f.done() for f in rig.futures)

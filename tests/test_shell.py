@@ -15,7 +15,8 @@ import pytest
 from conftest import NODE_PYTHON, own_sshd_config, wait_until
 
 from sheepdog_executor import GridEngineExecutor
-from sheepdog_executor.shell import LocalShell, SSHShell, SSHTarget
+from sheepdog_executor.errors import CommandTimedOut
+from sheepdog_executor.shell import TIMED_OUT, LocalShell, SSHShell, SSHTarget, bounded
 
 pytestmark = pytest.mark.cluster
 
@@ -134,3 +135,21 @@ def test_many_quick_commands_at_once_never_drop_the_connection(shell: SSHShell) 
         thread.join(timeout=120)
     assert not failures
     assert shell._client is client  # never re-made
+
+
+def test_a_command_that_hangs_leaves_a_connection_that_answers_as_it_is(shell: SSHShell) -> None:
+    """The client's timeout of one command says nothing of the connection: it was closed and re-made."""
+    client = shell._client
+    with pytest.raises(CommandTimedOut, match="did not end within 2 s .the connection answers"):
+        shell.run("sleep 6", timeout=2)
+    assert shell._client is client
+    assert shell.run("echo ok").stdout == "ok\n"
+
+
+def test_a_bounded_command_that_hangs_is_ended_on_the_head_node(shell: SSHShell) -> None:
+    marker = f"sheepdog-hung-{secrets.token_hex(6)}"
+    script = f"sh -c 'while :; do sleep 1; done' {marker}"
+    done = shell.run(bounded(script, 7), timeout=7)  # ended there after 2 s
+    assert done.returncode == TIMED_OUT
+    pattern = f"{marker[:-1]}[{marker[-1]}]"  # not the pgrep's own command line
+    wait_until(lambda: shell.run(f"pgrep -f '{pattern}'").stdout == "", 10, "the hung command to end")

@@ -31,6 +31,7 @@ from sheepdog_executor.scheduler.slurm import (
 from sheepdog_executor.shell import LocalShell
 
 SQUEUE = """\
+ARRAY_JOB_ID|ARRAY_TASK_ID|STATE|REASON|NAME|STDOUT
 41|1|RUNNING|None|sheepdog|/h/.sheepdog-executor/s1/task-%A-%a.out
 41|2|PENDING|Resources|sheepdog|/h/.sheepdog-executor/s1/task-%A-%a.out
 42|N/A|PENDING|PartitionTimeLimit|other|/h/slurm-42.out

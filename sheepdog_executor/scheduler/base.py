@@ -12,9 +12,9 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from sheepdog_executor.errors import SchedulerError
+from sheepdog_executor.errors import CommandTimedOut, PollFailed, SchedulerError
 from sheepdog_executor.jobscript import JobOptions, WorkerLaunch
-from sheepdog_executor.shell import Completed, Shell
+from sheepdog_executor.shell import TIMED_OUT, Completed, Shell, bound_seconds, bounded
 
 
 class TaskState(enum.Enum):
@@ -61,6 +61,8 @@ class Scheduler(ABC):
     Options: ClassVar[type] = NoOptions
     #: The accounting fields worth showing in an error message, in order.
     summary_keys: ClassVar[tuple[str, ...]] = ()
+    #: How long a poll of the scheduler may take before it counts as failed (ended on the head node).
+    poll_timeout: ClassVar[float] = 60.0
 
     def __init__(
         self,
@@ -103,15 +105,38 @@ class Scheduler(ABC):
     def run(
         self, command: str, *, stdin: bytes = b"", timeout: float = 120.0, retry: bool = True
     ) -> Completed:
-        """Run a scheduler command on the head node, after the ``command_setup`` lines."""
-        script = "\n".join([*self.command_setup, command])
+        """Run a scheduler command on the head node, after the ``command_setup`` lines; one that
+        hangs there is ended there too (exit status ``TIMED_OUT``), shortly before ``timeout``."""
+        script = bounded("\n".join([*self.command_setup, command]), timeout)
         return self.shell.run(script, stdin=stdin, timeout=timeout, retry=retry)
+
+    def query(self, command: str) -> str:
+        """The output of a command that reads the scheduler's state (``qstat``, ``squeue``); raises
+        PollFailed when it exits non-zero or does not end within ``poll_timeout``."""
+        program = command.split()[0]
+        try:
+            done = self.run(command, timeout=self.poll_timeout)
+        except CommandTimedOut as exc:
+            raise PollFailed(f"{program} did not answer: {exc}") from exc
+        if done.returncode == TIMED_OUT:
+            raise PollFailed(
+                f"{program} did not answer within {bound_seconds(self.poll_timeout)} s on "
+                f"{self.shell.description} (ended there)"
+            )
+        if done.returncode != 0:
+            raise PollFailed(
+                f"{program} failed on {self.shell.description} (exit {done.returncode}): "
+                f"{done.stderr.strip()[-500:]}"
+            )
+        return done.stdout
 
     def submit_script(self, command: str, script: str, job_id: re.Pattern[str]) -> str:
         """Run the submit ``command`` with the job ``script`` on stdin and return the id that
         ``job_id`` finds on the last line it prints; if it fails or prints no id, SchedulerError with
         what it said. Never retried: the job may exist all the same (see ``find_jobs``)."""
         done = self.run(command, stdin=script.encode(), retry=False)
+        if done.returncode == TIMED_OUT:  # taken or not: the caller looks (find_jobs)
+            raise CommandTimedOut(f"{command.split()[0]} did not end in time on {self.shell.description}")
         lines = done.stdout.strip().splitlines()
         match = job_id.match(lines[-1].strip() if lines else "")
         if done.returncode != 0 or not match:

@@ -12,7 +12,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from sheepdog_executor.errors import ConfigurationError, SchedulerError
+from sheepdog_executor.errors import ConfigurationError, PollFailed, SchedulerError
 from sheepdog_executor.jobscript import WorkerLaunch, check_options, render_script
 from sheepdog_executor.scheduler.base import JobStates, Scheduler, SessionJob, TaskState, session_of
 
@@ -82,7 +82,7 @@ class GridEngineScheduler(Scheduler):
     def poll(self, job_ids: Collection[str]) -> JobStates:
         if not job_ids:
             return {}
-        return parse_qstat_xml(self._own_jobs_xml(), set(job_ids))
+        return parse_qstat_xml(self.query('qstat -xml -u "$(id -un)"'), set(job_ids))
 
     def cancel(self, job_ids: Collection[str]) -> None:
         if job_ids:
@@ -144,13 +144,6 @@ class GridEngineScheduler(Scheduler):
         return found
 
     # -- helpers ----------------------------------------------------------------------------------
-    def _own_jobs_xml(self) -> str:
-        """``qstat -xml`` of the user's own jobs only."""
-        done = self.run('qstat -xml -u "$(id -un)"', timeout=60)
-        if done.returncode != 0:
-            raise SchedulerError(f"qstat failed on {self.shell.description}: {done.stderr.strip()}")
-        return done.stdout
-
     def _job_fields(self, job_id: str) -> dict[str, list[str]]:
         done = self.run(f"qstat -j {shlex.quote(job_id)} 2>/dev/null", timeout=60)
         return parse_qstat_j(done.stdout)
@@ -169,9 +162,16 @@ def _task_ids(text: str) -> list[int]:
 
 
 def parse_qstat_xml(text: str, job_ids: set[str] | None) -> JobStates:
-    """Task states of the given jobs (of all listed jobs with None) from ``qstat -xml`` output."""
+    """Task states of the given jobs (of all listed jobs with None) from ``qstat -xml`` output;
+    PollFailed for anything else (empty, truncated, not qstat's ``job_info``)."""
+    try:
+        root = ET.fromstring(text)
+    except ET.ParseError as exc:
+        raise PollFailed(f"qstat -xml printed something that is not XML ({exc}): {text[:200]!r}") from None
+    if root.tag != "job_info":
+        raise PollFailed(f"qstat -xml printed <{root.tag}>, not <job_info>: {text[:200]!r}")
     states: JobStates = {}
-    for entry in ET.fromstring(text).iter("job_list"):
+    for entry in root.iter("job_list"):
         job = (entry.findtext("JB_job_number") or "").strip()
         if not job or (job_ids is not None and job not in job_ids):
             continue

@@ -12,7 +12,7 @@ import shlex
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
-from sheepdog_executor.errors import ConfigurationError, SchedulerError
+from sheepdog_executor.errors import ConfigurationError, PollFailed
 from sheepdog_executor.jobscript import WorkerLaunch, check_options, render_script
 from sheepdog_executor.scheduler.base import JobStates, Scheduler, SessionJob, TaskState, session_of
 
@@ -194,19 +194,24 @@ class SlurmScheduler(Scheduler):
     # -- helpers ----------------------------------------------------------------------------------
     def _own_tasks(self) -> list[tuple[str, int | None, str, str, str, str]]:
         """Every task of the user's own jobs: (array job id, task index, state, reason, name, stdout)."""
-        done = self.run(f'squeue -h -r -u "$(id -un)" -O {shlex.quote(_SQUEUE_FORMAT)}', timeout=60)
-        if done.returncode != 0:
-            raise SchedulerError(f"squeue failed on {self.shell.description}: {done.stderr.strip()}")
-        return parse_squeue(done.stdout)
+        return parse_squeue(self.query(f'squeue -r -u "$(id -un)" -O {shlex.quote(_SQUEUE_FORMAT)}'))
 
 
 def parse_squeue(text: str) -> list[tuple[str, int | None, str, str, str, str]]:
-    """Lines of ``squeue -O ArrayJobID:|,ArrayTaskID:|,State:|,Reason:|,Name:|,STDOUT:``."""
+    """Lines of ``squeue -O ArrayJobID:|,ArrayTaskID:|,State:|,Reason:|,Name:|,STDOUT:``, after
+    its header (asked for: an empty answer then says nothing, not "no jobs"); PollFailed for an
+    answer without the header or with a line that is not such a line."""
+    lines = text.splitlines()
+    header = [p.strip().upper() for p in lines[0].split("|")] if lines else []
+    if header[:3] != ["ARRAY_JOB_ID", "ARRAY_TASK_ID", "STATE"]:
+        raise PollFailed(f"squeue printed no header line (ARRAY_JOB_ID|...): {text[:200]!r}")
     rows = []
-    for line in text.splitlines():
+    for line in lines[1:]:
         parts = [p.strip() for p in line.split("|")]
-        if len(parts) < 6 or not parts[0].isdigit():
+        if not line.strip():
             continue
+        if len(parts) < 6 or not parts[0].isdigit() or not (parts[1].isdigit() or parts[1] == "N/A"):
+            raise PollFailed(f"squeue printed a line that is not a task's: {line[:200]!r}")
         job, task, state, reason, name = parts[:5]
         stdout = "|".join(parts[5:])
         rows.append((job, int(task) if task.isdigit() else None, state, reason, name, stdout))
