@@ -12,6 +12,10 @@ when the head node does), and each takes the first that answers (``remote/reach.
 Other users share the head node: by default the tunnel delivers to the endpoint's TLS listener
 (``Endpoint.tunnel_port``), whose certificate the workers pin, so the relay passes only TLS.
 
+One thread here (``_Pump``) and one in the relay move the bytes of every connection, with
+``selectors`` (no descriptor-number limit, unlike ``select()``): a thousand workers cost no more
+threads than ten, on the client or on the head node.
+
 When the SSH connection is re-made, forward and relay are re-made too: on their old ports when free,
 else on any (someone else may have taken the port meanwhile); the session's routes file then tells
 the workers where to go.
@@ -19,13 +23,17 @@ the workers where to go.
 
 from __future__ import annotations
 
+import collections
+import errno
 import functools
 import logging
+import os
 import secrets
-import select
+import selectors
 import shlex
 import socket
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -234,8 +242,7 @@ class Tunnel:
         self.host = ""
         self.port = 0  # the relay's port, which the nodes connect to
         self._closed = threading.Event()
-        self._lock = threading.Lock()
-        self._channels: set[Any] = set()
+        self._pump = _Pump(lambda: self._local)
         self._watcher = threading.Thread(target=self._watch, name="sheepdog-tunnel", daemon=True)
 
     def deliver_to(
@@ -248,6 +255,7 @@ class Tunnel:
     def open(self) -> tuple[str, int]:
         """Set up forward and relay; return the relay's (host, port)."""
         self._establish(self._shell.transport())
+        self._pump.start()
         self._watcher.start()
         return self.host, self.port
 
@@ -320,34 +328,7 @@ class Tunnel:
     # -- connections from the nodes -----------------------------------------------------------
     def _incoming(self, channel: Any, origin: tuple[str, int], server: tuple[str, int]) -> None:
         """Called on paramiko's transport thread for every connection to the forwarded port."""
-        threading.Thread(target=self._pump, args=(channel,), name="sheepdog-tunnel-conn", daemon=True).start()
-
-    def _pump(self, channel: Any) -> None:
-        try:
-            if not self._local[1]:
-                raise ConnectionRefusedError("the endpoint is not started yet")
-            sock = socket.create_connection(self._local, timeout=10)
-        except OSError as exc:
-            log.debug("tunnel: endpoint unreachable: %s", exc)
-            channel.close()
-            return
-        with self._lock:
-            if self._closed.is_set():
-                sock.close()
-                channel.close()
-                return
-            self._channels.add(channel)
-        try:
-            sock.settimeout(None)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            _splice(channel, sock, self._closed)
-        except (OSError, EOFError) as exc:
-            log.debug("tunnel connection ended: %s", exc)
-        finally:
-            with self._lock:
-                self._channels.discard(channel)
-            sock.close()
-            channel.close()
+        self._pump.add(channel)
 
     # -- keeping it up -------------------------------------------------------------------------
     def _watch(self) -> None:
@@ -383,13 +364,10 @@ class Tunnel:
 
     def close(self) -> None:
         """End the relay and the forward and every connection through them. Safe to call twice."""
-        with self._lock:
-            if self._closed.is_set():
-                return
-            self._closed.set()
-            channels = list(self._channels)
-        for channel in channels:
-            _quietly(channel.close)
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._pump.close()
         if self._relay is not None:
             _quietly(self._relay.close)
         transport = self._transport
@@ -399,24 +377,252 @@ class Tunnel:
             self._watcher.join(timeout=10)
 
 
-def _splice(channel: Any, sock: socket.socket, stop: threading.Event) -> None:
-    """Copy both ways between an SSH channel and a socket until both ends said end of file."""
-    reading: list[Any] = [channel, sock]
-    while reading and not stop.is_set():
-        ready, _, _ = select.select(reading, [], [], 1.0)
-        for source in ready:
-            data = source.recv(65536)
-            if source is channel:
-                if data:
-                    sock.sendall(data)
-                else:
-                    reading.remove(channel)
-                    sock.shutdown(socket.SHUT_WR)
-            elif data:
-                channel.sendall(data)
-            else:
-                reading.remove(sock)
-                shutdown_write(channel)
+#: Bytes a connection holds in each direction: reading its source waits until they are passed on.
+_CHUNK = 65536
+#: How long a connection to the endpoint may take to open.
+_CONNECT_SECONDS = 10.0
+#: How often a channel whose SSH window is full is tried again (paramiko signals no window opening).
+_WINDOW_POLL = 0.01
+
+
+class _Link:
+    """One connection through the tunnel: the SSH channel from the head node, the socket to the endpoint."""
+
+    def __init__(self, channel: Any, sock: socket.socket) -> None:
+        self.channel = channel
+        self.channel_fd: int = channel.fileno()  # paramiko's pipe, readable when the channel is
+        self.sock = sock
+        self.born = time.monotonic()
+        self.connected = False
+        self.to_sock = b""  # read from the channel, not yet written to the endpoint
+        self.to_channel = b""
+        self.channel_eof = False  # the worker's side said end of file
+        self.sock_eof = False
+        self.sock_shut = False  # the end of file passed on to the endpoint
+        self.channel_shut = False
+        self.closed = False
+
+
+class _Pump:
+    """Moves the bytes of every connection through the tunnel on one thread: ``selectors`` (epoll,
+    no descriptor-number limit) on the sockets and on the channels' ``fileno()``, so a thousand
+    workers cost no more threads than ten. Each direction holds at most ``_CHUNK`` bytes: a slow
+    reader on either side holds its source back (the SSH window does the rest)."""
+
+    def __init__(self, local: Callable[[], tuple[str, int]]) -> None:
+        self._local = local
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        for end in (self._wake_r, self._wake_w):
+            end.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._incoming: collections.deque[Any] = collections.deque()  # from paramiko's thread
+        self._links: set[_Link] = set()
+        self._connecting: dict[_Link, None] = {}  # oldest first
+        self._blocked: set[_Link] = set()  # with bytes for a channel whose window is full
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sheepdog-tunnel-pump", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def add(self, channel: Any) -> None:
+        """A new connection through the forward (called on paramiko's transport thread)."""
+        self._incoming.append(channel)
+        self._wake()
+        if self._closing.is_set() and not self._thread.is_alive():
+            while self._incoming:  # too late: closed meanwhile
+                _quietly(self._incoming.popleft().close)
+
+    def close(self) -> None:
+        """End every connection, and the thread. Safe to call twice."""
+        self._closing.set()
+        self._wake()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=10)
+        elif not self._thread.is_alive():
+            self._close_all()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass  # full: a wake-up is pending anyway; closed: nothing to wake
+
+    def _run(self) -> None:
+        try:
+            while not self._closing.is_set():
+                for key, mask in self._selector.select(self._timeout()):
+                    if key.data is None:
+                        _drain(self._wake_r)
+                    else:
+                        self._move(key.data, key.fd, mask)
+                self._accept()
+                for link in list(self._blocked):
+                    if link.channel.send_ready():
+                        self._move(link, link.channel_fd, 0)
+                self._expire()
+        except Exception:  # pragma: no cover - a bug here must not pass silently
+            log.exception("the tunnel's pump failed: its connections are closed")
+        finally:
+            self._close_all()
+
+    def _close_all(self) -> None:
+        for link in list(self._links):
+            self._close(link)
+        while self._incoming:
+            _quietly(self._incoming.popleft().close)
+        for resource in (self._selector, self._wake_r, self._wake_w):
+            resource.close()
+
+    def _timeout(self) -> float | None:
+        if self._blocked:
+            return _WINDOW_POLL
+        if self._connecting:
+            return max(0.0, next(iter(self._connecting)).born + _CONNECT_SECONDS - time.monotonic())
+        return None
+
+    def _accept(self) -> None:
+        while self._incoming:
+            channel = self._incoming.popleft()
+            host, port = self._local()
+            try:
+                if not port:
+                    raise ConnectionRefusedError("the endpoint is not started yet")
+                family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+                sock = socket.socket(family, kind, proto)
+            except OSError as exc:
+                log.debug("tunnel: endpoint unreachable: %s", exc)
+                _quietly(channel.close)
+                continue
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            channel.settimeout(0.0)
+            link = _Link(channel, sock)
+            self._links.add(link)
+            if sock.connect_ex(address) not in (0, errno.EINPROGRESS):
+                self._close(link)
+                continue
+            self._connecting[link] = None
+            self._selector.register(sock, selectors.EVENT_WRITE, link)
+
+    def _move(self, link: _Link, fd: int, mask: int) -> None:
+        if link.closed:
+            return
+        try:
+            if fd != link.channel_fd and not link.connected:
+                error = link.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if error:
+                    raise ConnectionRefusedError(error, os.strerror(error))
+                link.connected = True
+                del self._connecting[link]
+            elif mask & selectors.EVENT_READ:
+                self._read(link, fd)
+            self._flush(link)
+        except Exception as exc:  # noqa: BLE001 - OSError, EOFError, paramiko's: this connection only
+            log.debug("tunnel connection ended: %s", exc)
+            self._close(link)
+            return
+        if link.channel_eof and link.sock_eof and not link.to_sock and not link.to_channel:
+            self._close(link)
+        else:
+            self._listen(link)
+
+    def _read(self, link: _Link, fd: int) -> None:
+        if fd == link.channel_fd:
+            try:
+                data = link.channel.recv(_CHUNK)
+            except TimeoutError:  # the pipe said readable, the buffer was empty after all
+                return
+            link.to_sock = data
+            link.channel_eof = not data
+        else:
+            try:
+                data = link.sock.recv(_CHUNK)
+            except BlockingIOError:
+                return
+            link.to_channel = data
+            link.sock_eof = not data
+
+    def _flush(self, link: _Link) -> None:
+        """Write what is pending, as far as each side takes it; pass an end of file on."""
+        if link.connected and link.to_sock:
+            try:
+                link.to_sock = link.to_sock[link.sock.send(link.to_sock) :]
+            except BlockingIOError:
+                pass
+        if link.connected and link.channel_eof and not link.to_sock and not link.sock_shut:
+            link.sock.shutdown(socket.SHUT_WR)
+            link.sock_shut = True
+        while link.to_channel:
+            try:
+                sent = link.channel.send(link.to_channel)
+            except TimeoutError:  # the SSH window is full
+                break
+            if not sent:
+                raise EOFError("the channel is closed")
+            link.to_channel = link.to_channel[sent:]
+        if link.to_channel:
+            self._blocked.add(link)
+            return
+        self._blocked.discard(link)
+        if link.sock_eof and not link.channel_shut:
+            shutdown_write(link.channel)
+            link.channel_shut = True
+
+    def _listen(self, link: _Link) -> None:
+        """Wait for what can move next: read a side only when nothing of its is pending."""
+        sock = 0
+        if not link.connected or link.to_sock:
+            sock |= selectors.EVENT_WRITE
+        if link.connected and not link.sock_eof and not link.to_channel:
+            sock |= selectors.EVENT_READ
+        self._want(link.sock, sock, link)
+        channel = selectors.EVENT_READ if link.connected and not link.channel_eof and not link.to_sock else 0
+        self._want(link.channel_fd, channel, link)
+
+    def _want(self, fileobj: Any, events: int, link: _Link) -> None:
+        try:
+            registered = self._selector.get_key(fileobj).events
+        except KeyError:
+            registered = 0
+        if events == registered:
+            return
+        if not events:
+            self._selector.unregister(fileobj)
+        elif not registered:
+            self._selector.register(fileobj, events, link)
+        else:
+            self._selector.modify(fileobj, events, link)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        while self._connecting and (oldest := next(iter(self._connecting))).born + _CONNECT_SECONDS <= now:
+            log.debug("tunnel: the endpoint did not accept a connection within %.0f s", _CONNECT_SECONDS)
+            self._close(oldest)
+
+    def _close(self, link: _Link) -> None:
+        if link.closed:
+            return
+        link.closed = True
+        self._links.discard(link)
+        self._connecting.pop(link, None)
+        self._blocked.discard(link)
+        for fileobj in (link.sock, link.channel_fd):  # before the channel closes its pipe
+            try:
+                self._selector.unregister(fileobj)
+            except (KeyError, ValueError):
+                pass
+        link.sock.close()
+        _quietly(link.channel.close)
+
+
+def _drain(sock: socket.socket) -> None:
+    try:
+        while sock.recv(4096):
+            pass
+    except OSError:
+        pass
 
 
 def _quietly(action: Any, *args: Any) -> None:
