@@ -581,9 +581,9 @@ class Dispatcher:
                 worker.items.clear()
         self.fail_items(items, error)
 
-    def cancel_pending(self) -> None:
+    def cancel_pending(self, reason: str = "") -> None:
         """Cancel every call no worker has taken yet (a lost call queued for its retry is running,
-        as far as its Future is concerned: it stays)."""
+        as far as its Future is concerned: it stays); ``reason`` is their CancelledError's message."""
         with self._lock:
             items = [item for item in self._pending if item.state == QUEUED and item.attempt == 0]
             for item in items:
@@ -594,7 +594,10 @@ class Dispatcher:
             self._pending = deque(kept)
             self._stale = 0
         for item in items:
-            item.future.cancel()
+            if type(item.future) is CallFuture:
+                item.future.cancel_because(reason)
+            else:
+                item.future.cancel()
         self.stats.ended_many([(item.batch, "cancelled", 0.0, None, False) for item in items])
         with self._lock:
             self._unresolved -= len(items)

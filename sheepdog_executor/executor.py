@@ -289,7 +289,7 @@ class Session:
         """Stop everything; with ``abort``, first stop unfinished calls. Safe to call from several
         threads: the first does the work, the others return when it is done."""
         if abort:
-            self.dispatcher.cancel_pending()
+            self.dispatcher.cancel_pending("the executor was shut down before this call started")
             self.dispatcher.fail_all(
                 ExecutorShutDown("the executor was shut down before this call finished; its task was removed")
             )
@@ -527,7 +527,7 @@ class ClusterExecutor(Executor):
         with self._shutdown_lock:
             self._shutdown = True
         if cancel_futures:
-            self._session.dispatcher.cancel_pending()
+            self._session.dispatcher.cancel_pending("cancelled by shutdown(cancel_futures=True)")
         if wait:
             self._session.wait_until_done()
             self._finalizer.detach()
