@@ -34,11 +34,10 @@ from sheepdog_executor.errors import (
     BrokenClusterExecutor,
     PythonVersionMismatch,
     RemoteCallError,
-    RemoteTraceback,
 )
 from sheepdog_executor.remote.compat import add_note
 from sheepdog_executor.stats import Stats, Tally
-from sheepdog_executor.tracebacks import restore_source
+from sheepdog_executor.tracebacks import rebuild_error
 
 log = logging.getLogger("sheepdog_executor")
 
@@ -448,7 +447,7 @@ class Dispatcher:
             del self._by_identity[fn_id]
 
     def _initializer_failed(self, fatal: bytes) -> None:
-        _, tb = pickle.loads(fatal)
+        tb = pickle.loads(fatal)[1]  # (pickle, traceback, type, message): see the worker's _dump_error
         self.break_(BrokenClusterExecutor(f"the initializer failed on a worker, so no call can run:\n{tb}"))
 
     # -- the results thread -------------------------------------------------------------------
@@ -660,10 +659,7 @@ def _resolve(future: Future[Any], ok: bool, data: bytes, stdout: str, stderr: st
         if not future.done():
             future.set_result(loaded)
         return None
-    error, tb = loaded
-    if error is None:
-        error = RemoteCallError(tb.strip().splitlines()[-1] if tb.strip() else "remote error")
-    error.__cause__ = RemoteTraceback(restore_source(tb))
+    error = rebuild_error(*loaded)
     for name, text in (("stdout", stdout), ("stderr", stderr)):
         if text:
             add_note(error, f"{name} of the call on the node:\n{text.rstrip()}")

@@ -1,4 +1,4 @@
-"""Give remote tracebacks their source lines back.
+"""Rebuild the exceptions calls raise on the nodes, and give their tracebacks their source lines back.
 
 cloudpickle rebuilds functions shipped by value with ``co_filename == "<dynamic-code>"``, so the
 node cannot show their source. The client still has it: each such frame (function name and line
@@ -9,14 +9,18 @@ that name and that line, and the frame gets its file and source line back.
 from __future__ import annotations
 
 import linecache
+import pickle
 import re
 import sys
 import types
 from collections.abc import Iterator
 
+from sheepdog_executor.errors import RemoteCallError, RemoteTraceback
 from sheepdog_executor.pickling import SHIPPED
+from sheepdog_executor.remote.compat import add_note
 
-_FRAME = re.compile(r'^  File "<dynamic-code>", line (\d+), in (.+)$')
+#: A frame as ``traceback`` writes it (``line 7, in f``) or as ``faulthandler`` does (``line 7 in f``).
+_FRAME = re.compile(r'^  File "<dynamic-code>", line (\d+),? in (.+)$')
 
 
 def _code_objects(value: object) -> Iterator[types.CodeType]:
@@ -60,3 +64,21 @@ def restore_source(tb: str) -> str:
                 line = f'  File "{code.co_filename}", line {lineno}, in {name}\n    {source}'
         out.append(line)
     return "\n".join(out) + "\n"
+
+
+def rebuild_error(blob: bytes | None, tb: str, name: str, message: str) -> BaseException:
+    """The exception a call raised on a node (as the worker's ``_dump_error`` sent it), with its
+    traceback as ``__cause__``; when its pickle cannot be loaded here, a ``RemoteCallError`` that
+    keeps its type's name and message."""
+    error: BaseException | None = None
+    why = "which could not be pickled there"
+    if blob is not None:
+        try:
+            error = pickle.loads(blob)
+        except Exception as exc:  # noqa: BLE001 - e.g. an __init__ that takes other arguments
+            why = f"which could not be rebuilt here: {exc!r}"
+    if not isinstance(error, BaseException):
+        error = RemoteCallError(f"{name.rsplit('.', 1)[-1]}: {message}", remote_type=name)
+        add_note(error, f"sheepdog: this stands for the {name} the call raised on the node, {why}")
+    error.__cause__ = RemoteTraceback(restore_source(tb))
+    return error
