@@ -1,8 +1,10 @@
 """The public executors: ``GridEngineExecutor``, ``SlurmExecutor`` and ``LocalExecutor``.
 
 An executor owns a ``Session``: the shell to the head node, the scheduler, the endpoint, the dispatcher
-and the job manager. The session, not the executor, is what threads and finalizers hold, so an
-executor that is garbage-collected or still open at interpreter exit still removes its jobs.
+and the job manager. The session, not the executor, is what threads and finalizers hold. As with
+``ProcessPoolExecutor``, an executor garbage-collected without a shutdown behaves as
+``shutdown(wait=False)`` (its outstanding calls finish: someone may wait on their Futures; then its
+jobs and session directory are removed), and interpreter exit waits for outstanding calls first.
 """
 
 from __future__ import annotations
@@ -317,6 +319,57 @@ class Session:
         self.shell.close()
 
 
+#: Every session set up and not collected: interpreter exit waits for their outstanding calls.
+_OPEN: weakref.WeakSet[Session] = weakref.WeakSet()
+#: Sessions whose executor was collected while calls were outstanding, held until those end.
+_RELEASING: set[Session] = set()
+
+
+def _collected(session: Session) -> None:
+    """An executor was garbage-collected (or is at interpreter exit) without a shutdown: as
+    ``shutdown(wait=False)``, the calls still outstanding finish, then everything is removed."""
+    if session.dispatcher.outstanding() == 0:
+        session.close()
+        return
+    _RELEASING.add(session)
+    threading.Thread(target=_close_when_done, args=(session,), name="sheepdog-release", daemon=True).start()
+
+
+def _close_when_done(session: Session) -> None:
+    try:
+        session.wait_until_done()
+        session.close()
+    finally:
+        _RELEASING.discard(session)
+
+
+def _wait_at_exit() -> None:
+    """At interpreter exit, as ``ProcessPoolExecutor`` does: outstanding calls of executors never
+    shut down finish first, then their sessions are closed here (a daemon thread would be cut off
+    mid-way). Ctrl-C meanwhile stops them and removes their jobs."""
+    sessions = [s for s in list(_OPEN) if s.dispatcher.outstanding() or s in _RELEASING]
+    calls = sum(s.dispatcher.outstanding() for s in sessions)
+    if calls:
+        log.warning(
+            "waiting at exit for %d call(s) of executors never shut down, as ProcessPoolExecutor "
+            "does; Ctrl-C stops them and removes their jobs",
+            calls,
+        )
+    try:
+        for session in sessions:
+            session.wait_until_done()
+    except KeyboardInterrupt:
+        for session in sessions:
+            session.close(abort=True)
+        print("sheepdog: interrupted at exit; unfinished calls stopped, their jobs removed", file=sys.stderr)
+    for session in sessions:
+        session.close()
+
+
+# before the atexit handlers (weakref.finalize's among them), as concurrent.futures registers its own
+threading._register_atexit(_wait_at_exit)  # type: ignore[attr-defined]
+
+
 class ClusterExecutor(Executor):
     """A ``concurrent.futures.Executor`` whose calls run as workers of a batch scheduler.
 
@@ -424,8 +477,10 @@ class ClusterExecutor(Executor):
         except BaseException:
             shell.close()
             raise
-        # GC of an executor never shut down, and interpreter exit, both remove its jobs.
-        self._finalizer = weakref.finalize(self, self._session.close, True)
+        # GC of an executor never shut down, and interpreter exit, both remove its jobs, once the
+        # calls outstanding then have ended (see _collected)
+        _OPEN.add(self._session)
+        self._finalizer = weakref.finalize(self, _collected, self._session)
 
     # -- submitting ---------------------------------------------------------------------------
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
@@ -539,7 +594,13 @@ class ClusterExecutor(Executor):
 
     def _shutdown_in_background(self) -> None:
         self._session.wait_until_done()
-        self._finalizer()
+        self._finalizer.detach()
+        self._session.close()
+
+    def _abort(self) -> None:
+        """Stop now: cancel what waits, fail what runs, remove every job."""
+        self._finalizer.detach()
+        self._session.close(abort=True)
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is None:
@@ -547,7 +608,7 @@ class ClusterExecutor(Executor):
         else:  # Ctrl-C or an error in the with body: stop now, leave nothing on the cluster
             with self._shutdown_lock:
                 self._shutdown = True
-            self._finalizer()
+            self._abort()
 
     # -- introspection ------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
