@@ -304,7 +304,7 @@ class JobManager:
                         worker.task,
                         retry=True,
                         unless_killed=gone,
-                        make=self._lost(worker.host, why),
+                        make=self._lost(worker.host, why, ended=gone),
                     )
         pending, _ = self.dispatcher.counts()
         seen = self.dispatcher.tasks_seen
@@ -320,18 +320,18 @@ class JobManager:
                     make=self._start_failed,
                 )
 
-    def _lost(self, host: str, why: str) -> Callable[..., WorkerError]:
+    def _lost(self, host: str, why: str, ended: bool = True) -> Callable[..., WorkerError]:
         """A maker of the ``WorkerLost`` of a worker on ``host``: the limit its task went over when
-        the scheduler's accounting says so (a Slurm ``TIMEOUT``), else ``why`` and how the worker
-        ended (the signal by name, from its task's stderr or the accounting); then the likely cause
-        when the accounting shows memory at its request."""
+        the scheduler's accounting says so (a Slurm ``TIMEOUT``), else ``why`` and, when its task
+        ``ended`` by itself (not removed by us for its silence), how the worker ended (the signal by
+        name, from its task's stderr or the accounting); then the likely cause when the accounting
+        shows memory at its request."""
 
         def make(**details: Any) -> WorkerError:
             record = details.get("accounting") or {}
             killed = self.scheduler.killed_for(record)
-            headline = killed or "; ".join(
-                filter(None, [why, self._how_it_ended(details.get("stderr_tail", ""), record)])
-            )
+            how = self._how_it_ended(details.get("stderr_tail", ""), record) if ended else ""
+            headline = killed or "; ".join(filter(None, [why, how]))
             hint = self.scheduler.memory_hint(record)
             headline += f"; {hint}" if hint else ""
             return self._error(WorkerLost, f"the worker running this call on {host} was lost: {headline}")(
