@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 
 import pytest
+from conftest import Cluster
 
 from sheepdog_executor import ClusterExecutor, LocalExecutor, RemoteCallError, RemoteTraceback, WorkerLost
 from sheepdog_executor.jobscript import JobOptions
@@ -64,12 +65,52 @@ def test_a_crashing_call_keeps_its_story_locally() -> None:
         assert isinstance(error, WorkerLost) and "its process exited with status 3" in str(error)
 
 
+def fill_then_abort() -> None:
+    """Allocate until an allocation fails, then abort, as a native library does (under h_vmem)."""
+    import os
+    import time
+
+    held = []
+    try:
+        while True:
+            held.append(b"x" * (8 * 2**20))
+    except MemoryError:
+        pass
+    time.sleep(3)  # long enough for the scheduler to sample the memory use
+    os.abort()
+
+
+def fill(megabytes: int) -> int:
+    """Hold more memory than asked for, until the scheduler kills the task (Slurm's OverMemoryKill)."""
+    import time
+
+    held = [b"x" * 2**20 for _ in range(megabytes)]
+    time.sleep(120)
+    return len(held)
+
+
+@pytest.mark.cluster
+def test_a_crash_at_the_memory_limit_names_the_likely_cause(
+    cluster: Cluster, make_any_executor: Callable[..., ClusterExecutor]
+) -> None:
+    if cluster.scheduler == "gridengine":
+        executor = make_any_executor(max_workers=1, resources={"h_vmem": "400M"}, setup=["ulimit -c 0"])
+        future = executor.submit(fill_then_abort)
+        cause = "came close to its limit (h_vmem=400M), the likely cause: raise h_vmem in resources="
+    else:
+        executor = make_any_executor(max_workers=1, mem="200M")
+        future = executor.submit(fill, 400)
+        cause = "reached its request (ReqMem 200M), the likely cause: ask for more mem="
+    error = future.exception(timeout=150)
+    assert isinstance(error, WorkerLost) and cause in str(error).splitlines()[0], str(error)
+
+
 def test_exit_signal_and_memory_hint_from_the_accounting() -> None:
     options = JobOptions()
     grid = GridEngineScheduler(LocalShell(), options, site=GridEngineOptions(resources={"h_vmem": "1G"}))
     assert grid.exit_signal({"exit_status": "139"}) == 11 and grid.exit_signal({"exit_status": "1"}) is None
-    assert "h_vmem=1G" in grid.memory_hint({"maxvmem": "1020.5M"})
-    assert grid.memory_hint({"maxvmem": "200.0M"}) == ""
+    assert "h_vmem=1G" in grid.memory_hint({"maxvmem": "1020.5MB"})
+    assert grid.memory_hint({"maxvmem": "200.0MB"}) == ""
     slurm = SlurmScheduler(LocalShell(), options)
     assert slurm.exit_signal({"ExitCode": "0:9"}) == 9 and slurm.exit_signal({"ExitCode": "134:0"}) == 6
     assert "ReqMem 500M" in slurm.memory_hint({"MaxRSS": "600M", "ReqMem": "500M"})

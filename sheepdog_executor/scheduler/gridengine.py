@@ -120,7 +120,9 @@ class GridEngineScheduler(Scheduler):
     def memory_hint(self, accounting: Mapping[str, str]) -> str:
         asked = [r.split("=", 1)[1] for r in self.site.resource_list() if r.split("=")[0] == "h_vmem"]
         used, limit = memory_bytes(accounting.get("maxvmem", "")), memory_bytes(asked[-1] if asked else "")
-        if not used or not limit or used < 0.8 * limit * self.site.slots:
+        # a failed allocation is not counted, so the peak can stay well below the limit (258 MB of
+        # an h_vmem of 400M seen when an 8 MB allocation failed)
+        if not used or not limit or used < 0.5 * limit * self.site.slots:
             return ""
         return (
             f"its memory (maxvmem {accounting['maxvmem']}) came close to its limit (h_vmem={asked[-1]}"
@@ -254,9 +256,9 @@ def parse_qstat_j_xml(text: str) -> list[JobInfo]:
 
 
 def memory_bytes(size: str) -> int:
-    """Bytes in a Grid Engine memory value: ``2G``, ``512M``, ``1.953G`` (K, M, G, T: powers of
-    1024; k, m, g, t: of 1000); 0 when it is not one."""
-    match = re.fullmatch(r"([\d.]+)([KMGTkmgt]?)", size.strip())
+    """Bytes in a Grid Engine memory value: ``2G``, ``512M``, qacct's ``257.719MB`` (K, M, G, T:
+    powers of 1024; k, m, g, t: of 1000); 0 when it is not one."""
+    match = re.fullmatch(r"([\d.]+)([KMGTkmgt]?)B?", size.strip())
     if not match:
         return 0
     unit = match.group(2)
