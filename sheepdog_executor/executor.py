@@ -447,7 +447,11 @@ class ClusterExecutor(Executor):
         self._submit_batch = 0
         self._submit_label = ""
         self._last_submit = 0.0
-        shell = _connect(host, user, port, key_filename, ssh_config, connect_timeout)
+        # on a thread of its own: paramiko keeps a caught exception in a reference cycle with its
+        # frames, whose callers' frames would keep this executor alive until a full garbage
+        # collection, and with it its jobs after its last reference went (see _collected)
+        connect = functools.partial(_connect, host, user, port, key_filename, ssh_config, connect_timeout)
+        shell = in_background(connect, "sheepdog-connect").result()
         init_blob = pickling.dumps((initializer, tuple(initargs))) if initializer is not None else None
         try:
             sync = EnvironmentSync.from_options(
