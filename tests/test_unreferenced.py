@@ -7,6 +7,9 @@ from __future__ import annotations
 import gc
 import os
 import shlex
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -72,3 +75,36 @@ def test_an_unreferenced_executor_finishes_its_calls(cluster: Cluster) -> None:
 
     jobs = check_twenty_launches(make, left)
     assert jobs and not cluster.jobs(jobs), "every job removed"
+
+
+AT_EXIT = """
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
+from sheepdog_executor import LocalExecutor
+executor = LocalExecutor(max_workers=1, progress=False)
+future = executor.submit(time.sleep, 120)
+while not future.running():
+    time.sleep(0.1)
+print(executor.session_dir, flush=True)
+"""
+
+
+def test_ctrl_c_while_exit_waits_stops_the_calls_and_removes_everything() -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", AT_EXIT],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))},
+    )
+    try:
+        assert child.stdout is not None and child.stderr is not None
+        session_dir = child.stdout.readline().strip()
+        assert "waiting at exit for 1 call(s)" in child.stderr.readline()  # the call keeps it alive
+        child.send_signal(signal.SIGINT)
+        _, stderr = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert "interrupted at exit; unfinished calls stopped, their jobs removed" in stderr
+    assert session_dir and not os.path.exists(session_dir)
