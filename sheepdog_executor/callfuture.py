@@ -7,13 +7,16 @@ them (a waiter, a done-callback, ``wait``/``as_completed``); until then its stat
 module-wide lock. Everything else is ``Future``'s own code, so the semantics stay CPython's.
 
 It also tells the dispatcher when it is cancelled, so the call leaves the queue at once (no worker,
-and no job, is ever needed just to skip it).
+and no job, is ever needed just to skip it); a Future cancelled by a shutdown says so in its
+``CancelledError``. ``result()`` raises any exception the call raised, even one whose ``__bool__`` or
+``__len__`` says False (the stdlib's Future of Python 3.10-3.12 returned None for it: gh-132063).
 """
 
 from __future__ import annotations
 
 import threading
 from concurrent.futures import CancelledError, Future, InvalidStateError
+from concurrent.futures import TimeoutError as FuturesTimeout
 from concurrent.futures._base import (  # the state names Future itself uses (stable since 3.2)
     CANCELLED,
     CANCELLED_AND_NOTIFIED,
@@ -40,6 +43,8 @@ class CallFuture(Future[Any]):
     remote_stdout = ""
     remote_stderr = ""
     remote_output = ""
+    #: Why it was cancelled, when not by its own ``cancel()`` (the message of its CancelledError).
+    cancel_reason = ""
 
     def __init__(self) -> None:  # Future.__init__ would build the condition now
         self._state = PENDING
@@ -66,19 +71,29 @@ class CallFuture(Future[Any]):
         return self._state in (CANCELLED, CANCELLED_AND_NOTIFIED)
 
     def result(self, timeout: float | None = None) -> Any:
-        if self._state == FINISHED:
-            if self._exception is not None:
-                try:
-                    raise self._exception
-                finally:
-                    self = None  # type: ignore[assignment]  # no cycle through the traceback (as Future)
-            return self._result
-        return super().result(timeout)
+        if self._state != FINISHED:
+            self._wait(timeout)
+        if self._exception is not None:  # `is not None`, never truthiness (gh-132063)
+            try:
+                raise self._exception
+            finally:
+                self = None  # type: ignore[assignment]  # no cycle through the traceback (as Future)
+        return self._result
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        if self._state == FINISHED:
-            return self._exception
-        return super().exception(timeout)
+        if self._state != FINISHED:
+            self._wait(timeout)
+        return self._exception
+
+    def _wait(self, timeout: float | None) -> None:
+        """Return once FINISHED; raise CancelledError (with the reason) or TimeoutError."""
+        with self._condition:
+            if self._state not in _DONE:
+                self._condition.wait(timeout)
+            if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+                raise CancelledError(self.cancel_reason)
+            if self._state != FINISHED:
+                raise FuturesTimeout()
 
     # -- changes ------------------------------------------------------------------------------
     def cancel(self) -> bool:
@@ -99,6 +114,12 @@ class CallFuture(Future[Any]):
         if state == PENDING and self._item is not None:
             self._on_cancel(self._item)
         return state in (PENDING, CANCELLED, CANCELLED_AND_NOTIFIED)
+
+    def cancel_because(self, reason: str) -> bool:
+        """``cancel()``, with the message its CancelledError carries (a shutdown says which)."""
+        if self._state == PENDING:
+            self.cancel_reason = reason
+        return self.cancel()
 
     def set_running_or_notify_cancel(self) -> bool:
         with _LOCK:

@@ -34,11 +34,10 @@ from sheepdog_executor.errors import (
     BrokenClusterExecutor,
     PythonVersionMismatch,
     RemoteCallError,
-    RemoteTraceback,
 )
 from sheepdog_executor.remote.compat import add_note
 from sheepdog_executor.stats import Stats, Tally
-from sheepdog_executor.tracebacks import fit_advice, restore_source
+from sheepdog_executor.tracebacks import fit_advice, rebuild_error
 
 log = logging.getLogger("sheepdog_executor")
 
@@ -452,7 +451,7 @@ class Dispatcher:
             del self._by_identity[fn_id]
 
     def _initializer_failed(self, fatal: bytes) -> None:
-        _, tb = pickle.loads(fatal)
+        tb = pickle.loads(fatal)[1]  # (pickle, traceback, type, message): see the worker's _dump_error
         self.break_(BrokenClusterExecutor(f"the initializer failed on a worker, so no call can run:\n{tb}"))
 
     # -- the results thread -------------------------------------------------------------------
@@ -606,9 +605,9 @@ class Dispatcher:
                 worker.items.clear()
         self.fail_items(items, error)
 
-    def cancel_pending(self) -> None:
+    def cancel_pending(self, reason: str = "") -> None:
         """Cancel every call no worker has taken yet (a lost call queued for its retry is running,
-        as far as its Future is concerned: it stays)."""
+        as far as its Future is concerned: it stays); ``reason`` is their CancelledError's message."""
         with self._lock:
             items = [item for item in self._pending if item.state == QUEUED and item.attempt == 0]
             for item in items:
@@ -619,7 +618,10 @@ class Dispatcher:
             self._pending = deque(kept)
             self._stale = 0
         for item in items:
-            item.future.cancel()
+            if type(item.future) is CallFuture:
+                item.future.cancel_because(reason)
+            else:
+                item.future.cancel()
         self.stats.ended_many([(item.batch, "cancelled", 0.0, None, False) for item in items])
         with self._lock:
             self._unresolved -= len(items)
@@ -684,10 +686,7 @@ def _resolve(
         if not future.done():
             future.set_result(loaded)
         return None
-    error, tb = loaded
-    if error is None:
-        error = RemoteCallError(tb.strip().splitlines()[-1] if tb.strip() else "remote error")
-    error.__cause__ = RemoteTraceback(restore_source(tb))
+    error = rebuild_error(*loaded)
     fit_advice(error, synced)
     for name, text in (("stdout", stdout), ("stderr", stderr)):
         if text:

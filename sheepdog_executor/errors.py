@@ -140,7 +140,13 @@ class RemoteTraceback(Exception):
 
 
 class RemoteCallError(SheepdogError):
-    """Stands in for an exception raised remotely that could not be pickled back to the client."""
+    """Stands in for an exception raised remotely that could not be pickled back to the client, or
+    rebuilt on it: its message is the original's type name and message (``DivergedError: diverged
+    at step 7``), ``remote_type`` the type's qualified name, its ``__cause__`` the remote traceback."""
+
+    def __init__(self, message: str, remote_type: str = "") -> None:
+        super().__init__(message)
+        self.remote_type = remote_type
 
 
 class ExecutorShutDown(SheepdogError):

@@ -1,8 +1,10 @@
 """The public executors: ``GridEngineExecutor``, ``SlurmExecutor`` and ``LocalExecutor``.
 
 An executor owns a ``Session``: the shell to the head node, the scheduler, the endpoint, the dispatcher
-and the job manager. The session, not the executor, is what threads and finalizers hold, so an
-executor that is garbage-collected or still open at interpreter exit still removes its jobs.
+and the job manager. The session, not the executor, is what threads and finalizers hold. As with
+``ProcessPoolExecutor``, an executor garbage-collected without a shutdown behaves as
+``shutdown(wait=False)`` (its outstanding calls finish: someone may wait on their Futures; then its
+jobs and session directory are removed), and interpreter exit waits for outstanding calls first.
 """
 
 from __future__ import annotations
@@ -326,7 +328,7 @@ class Session:
         """Stop everything; with ``abort``, first stop unfinished calls. Safe to call from several
         threads: the first does the work, the others return when it is done."""
         if abort:
-            self.dispatcher.cancel_pending()
+            self.dispatcher.cancel_pending("the executor was shut down before this call started")
             self.dispatcher.fail_all(
                 ExecutorShutDown("the executor was shut down before this call finished; its task was removed")
             )
@@ -352,6 +354,57 @@ class Session:
         self._remove_session_dir()
         settle([self.array_limit], timeout=30)
         self.shell.close()
+
+
+#: Every session set up and not collected: interpreter exit waits for their outstanding calls.
+_OPEN: weakref.WeakSet[Session] = weakref.WeakSet()
+#: Sessions whose executor was collected while calls were outstanding, held until those end.
+_RELEASING: set[Session] = set()
+
+
+def _collected(session: Session) -> None:
+    """An executor was garbage-collected (or is at interpreter exit) without a shutdown: as
+    ``shutdown(wait=False)``, the calls still outstanding finish, then everything is removed."""
+    if session.dispatcher.outstanding() == 0:
+        session.close()
+        return
+    _RELEASING.add(session)
+    threading.Thread(target=_close_when_done, args=(session,), name="sheepdog-release", daemon=True).start()
+
+
+def _close_when_done(session: Session) -> None:
+    try:
+        session.wait_until_done()
+        session.close()
+    finally:
+        _RELEASING.discard(session)
+
+
+def _wait_at_exit() -> None:
+    """At interpreter exit, as ``ProcessPoolExecutor`` does: outstanding calls of executors never
+    shut down finish first, then their sessions are closed here (a daemon thread would be cut off
+    mid-way). Ctrl-C meanwhile stops them and removes their jobs."""
+    sessions = [s for s in list(_OPEN) if s.dispatcher.outstanding() or s in _RELEASING]
+    calls = sum(s.dispatcher.outstanding() for s in sessions)
+    if calls:
+        log.warning(
+            "waiting at exit for %d call(s) of executors never shut down, as ProcessPoolExecutor "
+            "does; Ctrl-C stops them and removes their jobs",
+            calls,
+        )
+    try:
+        for session in sessions:
+            session.wait_until_done()
+    except KeyboardInterrupt:
+        for session in sessions:
+            session.close(abort=True)
+        print("sheepdog: interrupted at exit; unfinished calls stopped, their jobs removed", file=sys.stderr)
+    for session in sessions:
+        session.close()
+
+
+# before the atexit handlers (weakref.finalize's among them), as concurrent.futures registers its own
+threading._register_atexit(_wait_at_exit)  # type: ignore[attr-defined]
 
 
 class ClusterExecutor(Executor):
@@ -431,7 +484,11 @@ class ClusterExecutor(Executor):
         self._submit_batch = 0
         self._submit_label = ""
         self._last_submit = 0.0
-        shell = _connect(host, user, port, key_filename, ssh_config, connect_timeout)
+        # on a thread of its own: paramiko keeps a caught exception in a reference cycle with its
+        # frames, whose callers' frames would keep this executor alive until a full garbage
+        # collection, and with it its jobs after its last reference went (see _collected)
+        connect = functools.partial(_connect, host, user, port, key_filename, ssh_config, connect_timeout)
+        shell = in_background(connect, "sheepdog-connect").result()
         init_blob = pickling.dumps((initializer, tuple(initargs))) if initializer is not None else None
         try:
             sync = EnvironmentSync.from_options(
@@ -461,8 +518,10 @@ class ClusterExecutor(Executor):
         except BaseException:
             shell.close()
             raise
-        # GC of an executor never shut down, and interpreter exit, both remove its jobs.
-        self._finalizer = weakref.finalize(self, self._session.close, True)
+        # GC of an executor never shut down, and interpreter exit, both remove its jobs, once the
+        # calls outstanding then have ended (see _collected)
+        _OPEN.add(self._session)
+        self._finalizer = weakref.finalize(self, _collected, self._session)
 
     # -- submitting ---------------------------------------------------------------------------
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
@@ -565,7 +624,7 @@ class ClusterExecutor(Executor):
         with self._shutdown_lock:
             self._shutdown = True
         if cancel_futures:
-            self._session.dispatcher.cancel_pending()
+            self._session.dispatcher.cancel_pending("cancelled by shutdown(cancel_futures=True)")
         if wait:
             try:
                 self._session.wait_until_done()
@@ -581,7 +640,13 @@ class ClusterExecutor(Executor):
 
     def _shutdown_in_background(self) -> None:
         self._session.wait_until_done()
-        self._finalizer()
+        self._finalizer.detach()
+        self._session.close()
+
+    def _abort(self) -> None:
+        """Stop now: cancel what waits, fail what runs, remove every job."""
+        self._finalizer.detach()
+        self._session.close(abort=True)
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is None:
@@ -589,7 +654,7 @@ class ClusterExecutor(Executor):
         else:  # Ctrl-C or an error in the with body: stop now, leave nothing on the cluster
             with self._shutdown_lock:
                 self._shutdown = True
-            self._finalizer()
+            self._abort()
 
     # -- introspection ------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

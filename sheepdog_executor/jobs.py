@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -27,8 +28,9 @@ from sheepdog_executor.errors import (
     WorkerLost,
     WorkerStartFailed,
 )
-from sheepdog_executor.jobscript import WorkerLaunch, setup_failure
+from sheepdog_executor.jobscript import WORKER_DEATH_TAIL, WorkerLaunch, setup_failure, worker_exit_status
 from sheepdog_executor.scheduler.base import JobStates, Scheduler, TaskState
+from sheepdog_executor.tracebacks import restore_source
 
 log = logging.getLogger("sheepdog_executor")
 
@@ -405,7 +407,7 @@ class JobManager:
                         worker.task,
                         retry=True,
                         unless_killed=gone,
-                        make=self._lost(worker.host, why),
+                        make=self._lost(worker.host, why, ended=gone),
                     )
         pending, _ = self.dispatcher.counts()
         seen = self.dispatcher.tasks_seen
@@ -421,17 +423,39 @@ class JobManager:
                     make=self._start_failed,
                 )
 
-    def _lost(self, host: str, why: str) -> Callable[..., WorkerError]:
+    def _lost(self, host: str, why: str, ended: bool = True) -> Callable[..., WorkerError]:
         """A maker of the ``WorkerLost`` of a worker on ``host``: the limit its task went over when
-        the scheduler's accounting says so (a Slurm ``TIMEOUT``), else ``why``."""
+        the scheduler's accounting says so (a Slurm ``TIMEOUT``), else ``why`` and, when its task
+        ``ended`` by itself (not removed by us for its silence), how the worker ended (the signal by
+        name, from its task's stderr or the accounting); then the likely cause when the accounting
+        shows memory at its request."""
 
         def make(**details: Any) -> WorkerError:
-            killed = self.scheduler.killed_for(details.get("accounting") or {})
-            return self._error(
-                WorkerLost, f"the worker running this call on {host} was lost: {killed or why}"
-            )(**details)
+            record = details.get("accounting") or {}
+            killed = self.scheduler.killed_for(record)
+            how = self._how_it_ended(details.get("stderr_tail", ""), record) if ended else ""
+            headline = killed or "; ".join(filter(None, [why, how]))
+            hint = self.scheduler.memory_hint(record)
+            headline += f"; {hint}" if hint else ""
+            return self._error(WorkerLost, f"the worker running this call on {host} was lost: {headline}")(
+                **details
+            )
 
         return make
+
+    def _how_it_ended(self, stderr: str, accounting: dict[str, str]) -> str:
+        """ "killed by signal SIGSEGV (Segmentation fault)", "its process exited with status 3", or ""."""
+        status = worker_exit_status(stderr)
+        number = status - 128 if status is not None and status > 128 else None
+        if status is None:
+            number = self.scheduler.exit_signal(accounting)
+        if number is not None:
+            try:
+                name = signal.Signals(number).name
+            except ValueError:
+                name = f"signal {number}"
+            return f"killed by signal {name} ({signal.strsignal(number) or 'no description'})"
+        return f"its process exited with status {status}" if status else ""
 
     def _start_failed(self, **details: Any) -> WorkerError:
         """Why a job's workers never reached us: a set-up line the task reported, or the usual suspects."""
@@ -564,7 +588,9 @@ class JobManager:
             tail, record = "", dict[str, str]()
             deadline = self.clock() + ACCOUNTING_WAIT_SECONDS
             try:
-                tail = self.scheduler.output_tail(self.launch, job_id, task_id)
+                # a crash's faulthandler traceback names <dynamic-code> for functions shipped by value
+                tail = self.scheduler.output_tail(self.launch, job_id, task_id, WORKER_DEATH_TAIL)
+                tail = restore_source(tail)
                 while not record and self.clock() < deadline and not self._stopping:
                     record = self.scheduler.accounting(job_id, task_id)
                     if not record:

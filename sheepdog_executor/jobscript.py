@@ -122,12 +122,67 @@ class WorkerLaunch:
 BUNDLE_MISMATCH_EXIT = 3
 
 
+#: Bytes of each of the captured stdout and stderr a task prints when its worker dies (the client
+#: reads the last ``WORKER_DEATH_TAIL`` bytes of the task's stderr file).
+CAPTURE_TAIL = 1500
+WORKER_DEATH_TAIL = 8000
+_WORKER_ENDED = re.compile(r"^sheepdog: the worker ended with exit status (\d+)", re.M)
+
+# The worker runs as a child of the task's shell, not exec'd, so that when it dies (a segfault, a
+# native library's abort, a kill over memory, os._exit) the shell still tells its story on the task's
+# stderr: what the calls running then had written (the worker captures their stdout and stderr in
+# two files the shell made and unlinked at once, so nothing is left behind even after a SIGKILL),
+# and the exit status with the signal's name; then it ends by the same signal, so the scheduler's
+# accounting shows what happened to the worker. faulthandler, enabled by the worker, has written the
+# Python traceback of the crashing thread there already. Never 99 or 100 as the task's own exit
+# status: Grid Engine would requeue the job or hold it in an error state for ever.
+_WORKER_REPORT = f"""_sheepdog_ended() {{
+  _sheepdog_s=$1
+  if [ "$_sheepdog_s" -ne 0 ]; then
+    if [ -n "$2" ]; then
+      for _sheepdog_f in "3 stdout" "4 stderr"; do
+        set -- $_sheepdog_f
+        if [ -s "/dev/fd/$1" ]; then
+          printf 'sheepdog: what the running calls wrote to %s before the worker ended (tail):\\n' "$2" >&2
+          tail -c {CAPTURE_TAIL} "/dev/fd/$1" >&2; echo >&2
+        fi
+      done
+    fi
+    _sheepdog_sig=
+    [ "$_sheepdog_s" -gt 128 ] && _sheepdog_sig=$(kill -l $((_sheepdog_s - 128)) 2>/dev/null)
+    printf 'sheepdog: the worker ended with exit status %s%s\\n' "$_sheepdog_s" \\
+      "${{_sheepdog_sig:+ (killed by signal SIG${{_sheepdog_sig#SIG}})}}" >&2
+  fi
+  if [ -n "$_sheepdog_sig" ]; then  # end as the worker did, so the accounting says so too
+    ulimit -c 0 2>/dev/null; trap - "$_sheepdog_sig" 2>/dev/null; kill -s "$_sheepdog_sig" $$
+  fi
+  case $_sheepdog_s in 99|100) exit 1;; esac
+  exit "$_sheepdog_s"
+}}
+_sheepdog_o=$(mktemp "${{TMPDIR:-/tmp}}/sheepdog-stdout.XXXXXX" 2>/dev/null) || _sheepdog_o=
+_sheepdog_e=$(mktemp "${{TMPDIR:-/tmp}}/sheepdog-stderr.XXXXXX" 2>/dev/null) || _sheepdog_e=
+if [ -n "$_sheepdog_o" ] && [ -n "$_sheepdog_e" ]; then
+  {{
+    rm -f "$_sheepdog_o" "$_sheepdog_e"
+    SHEEPDOG_CAPTURE_FDS=3,4; export SHEEPDOG_CAPTURE_FDS
+    @WORKER@
+    _sheepdog_ended $? captured
+  }} 3<>"$_sheepdog_o" 4<>"$_sheepdog_e"
+else
+  rm -f ${{_sheepdog_o:+"$_sheepdog_o"}} ${{_sheepdog_e:+"$_sheepdog_e"}}
+  unset SHEEPDOG_CAPTURE_FDS
+  @WORKER@
+  _sheepdog_ended $?
+fi"""
+
+
 def worker_command(options: JobOptions, launch: WorkerLaunch) -> str:
-    """The shell lines that check the worker bundle (when its digest is known) and start one worker."""
+    """The shell lines that check the worker bundle (when its digest is known), start one worker
+    and, if it dies, report how (see ``_WORKER_REPORT``)."""
     argv = [options.python, launch.bundle_path, launch.url, launch.secret_path]
     if launch.fingerprint:
         argv.append(launch.fingerprint)
-    start = "exec " + " ".join(shlex.quote(a) for a in argv)
+    start = _WORKER_REPORT.replace("@WORKER@", " ".join(shlex.quote(a) for a in argv))
     if not launch.bundle_sha256:
         return start
     bundle = shlex.quote(launch.bundle_path)
@@ -141,6 +196,12 @@ def worker_command(options: JobOptions, launch: WorkerLaunch) -> str:
         f"{launch.bundle_sha256} >&2; exit {BUNDLE_MISMATCH_EXIT}; }}"
     )
     return check + "\n" + start
+
+
+def worker_exit_status(stderr: str) -> int | None:
+    """The worker's exit status as its task's shell reported it on stderr (the last report), if any."""
+    found = _WORKER_ENDED.findall(stderr)
+    return int(found[-1]) if found else None
 
 
 def with_setup(options: JobOptions, command: str) -> str:

@@ -1,4 +1,5 @@
-"""Give remote tracebacks their source lines back, and advice that fits this client.
+"""Rebuild the exceptions calls raise on the nodes, give their tracebacks their source lines back,
+and advice that fits this client.
 
 cloudpickle rebuilds functions shipped by value with ``co_filename == "<dynamic-code>"``, so the
 node cannot show their source. The client still has it: each such frame (function name and line
@@ -10,16 +11,20 @@ from __future__ import annotations
 
 import importlib.util
 import linecache
+import pickle
 import re
 import sys
 import types
 from collections.abc import Iterator
 
+from sheepdog_executor.errors import RemoteCallError, RemoteTraceback
 from sheepdog_executor.pickling import SHIPPED
+from sheepdog_executor.remote.compat import add_note
 
 #: The node's note on a missing module (remote/worker.py ``explain_missing_module``).
 _MISSING_MODULE = re.compile(r"^sheepdog: .* is not importable on the nodes")
-_FRAME = re.compile(r'^  File "<dynamic-code>", line (\d+), in (.+)$')
+#: A frame as ``traceback`` writes it (``line 7, in f``) or as ``faulthandler`` does (``line 7 in f``).
+_FRAME = re.compile(r'^  File "<dynamic-code>", line (\d+),? in (.+)$')
 
 
 def _code_objects(value: object) -> Iterator[types.CodeType]:
@@ -91,3 +96,21 @@ def fit_advice(error: BaseException, synced: bool) -> None:
             "not shipped: a module of no installed distribution is not (install it as a package, or "
             "put it in the working directory), nor one that environment_exclude names"
         )
+
+
+def rebuild_error(blob: bytes | None, tb: str, name: str, message: str) -> BaseException:
+    """The exception a call raised on a node (as the worker's ``_dump_error`` sent it), with its
+    traceback as ``__cause__``; when its pickle cannot be loaded here, a ``RemoteCallError`` that
+    keeps its type's name and message."""
+    error: BaseException | None = None
+    why = "which could not be pickled there"
+    if blob is not None:
+        try:
+            error = pickle.loads(blob)
+        except Exception as exc:  # noqa: BLE001 - e.g. an __init__ that takes other arguments
+            why = f"which could not be rebuilt here: {exc!r}"
+    if not isinstance(error, BaseException):
+        error = RemoteCallError(f"{name.rsplit('.', 1)[-1]}: {message}", remote_type=name)
+        add_note(error, f"sheepdog: this stands for the {name} the call raised on the node, {why}")
+    error.__cause__ = RemoteTraceback(restore_source(tb))
+    return error

@@ -91,6 +91,8 @@ def test_shutdown_cancel_futures(make: Callable[..., ClusterExecutor]) -> None:
     executor.shutdown(wait=True, cancel_futures=True)
     assert running.result() == "ran"  # a running call finishes, as in ProcessPoolExecutor
     assert all(f.cancelled() for f in pending)
+    with pytest.raises(cf.CancelledError, match=r"cancelled by shutdown\(cancel_futures=True\)"):
+        pending[-1].result()
 
 
 def test_shutdown_without_wait_returns_at_once(make: Callable[..., ClusterExecutor]) -> None:

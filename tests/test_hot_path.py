@@ -36,6 +36,22 @@ def plus_one(x: int) -> int:
     return x + 1
 
 
+class FalsyError(Exception):
+    """An exception that says False (gh-132063: the stdlib Future of 3.10-3.12 returned None)."""
+
+    def __bool__(self) -> bool:
+        return False
+
+
+class EmptyError(Exception):
+    def __len__(self) -> int:
+        return 0
+
+
+def raise_falsy(kind: type[Exception]) -> None:
+    raise kind("raised all the same")
+
+
 class Unpicklable:
     def __reduce__(self) -> Any:
         raise TypeError("this argument cannot be pickled")
@@ -74,6 +90,31 @@ def test_a_result_that_fails_to_resolve_strands_no_other_future(
     futures = [executor.submit(abs, -i) for i in range(20)]
     _, not_done = cf.wait(futures, timeout=60)
     assert not not_done, f"{len(not_done)} of 20 futures never ended"
+
+
+@pytest.mark.pythons
+@pytest.mark.parametrize("kind", [FalsyError, EmptyError])
+def test_an_exception_that_says_false_is_raised_by_result(kind: type[Exception]) -> None:
+    """Issue 17.9: result() raises the call's exception whatever its __bool__/__len__ says, when
+    resolved before result() and while result() waits."""
+    from sheepdog_executor.callfuture import CallFuture
+
+    before = CallFuture()
+    before.set_exception(kind("before"))
+    with pytest.raises(kind, match="before"):
+        before.result()
+    waited = CallFuture()
+    threading.Timer(0.2, waited.set_exception, [kind("while waiting")]).start()
+    with pytest.raises(kind, match="while waiting"):
+        waited.result(timeout=30)
+    assert isinstance(waited.exception(timeout=0), kind)
+
+
+@pytest.mark.pythons
+def test_a_falsy_exception_of_a_call_reaches_result(local: Callable[..., LocalExecutor]) -> None:
+    future = local().submit(raise_falsy, FalsyError)
+    with pytest.raises(FalsyError, match="raised all the same"):
+        future.result(timeout=60)
 
 
 @pytest.mark.pythons

@@ -100,10 +100,10 @@ def test_job_script_has_options_and_no_secret() -> None:
         assert line in script
     # the set-up lines and the worker run in a login bash, whatever shell Grid Engine starts
     assert "\nexec /bin/bash -l -c '" in script
-    assert script.strip().endswith(
-        "exec /opt/py/bin/python3 /home/u/.sheepdog-executor/s1/bundle.zip http://10.0.0.5:4242 "
-        "/home/u/.sheepdog-executor/s1/secret'"
-    )
+    assert (
+        "\n    /opt/py/bin/python3 /home/u/.sheepdog-executor/s1/bundle.zip http://10.0.0.5:4242 "
+        "/home/u/.sheepdog-executor/s1/secret\n"
+    ) in script
 
 
 QSTAT = """<?xml version='1.0'?>

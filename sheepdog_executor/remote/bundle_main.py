@@ -13,6 +13,7 @@ if sys.version_info < (3, 8):  # noqa: UP036 - the nodes may run anything
     )
     sys.exit(3)
 
-from sheepdog_executor.remote.worker import main  # noqa: E402
+from sheepdog_executor.remote.worker import enable_crash_reports, main  # noqa: E402
 
+enable_crash_reports()
 sys.exit(main(*sys.argv[1:]))

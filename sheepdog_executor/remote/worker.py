@@ -182,10 +182,13 @@ class Channel:
 class Capture:
     """Captures what a call writes to file descriptors 1 and 2, so ``print``, ``os.write``,
     subprocesses and C code are all seen; stdout and stderr are kept apart. Each goes to an
-    unlinked temporary file (disk, not memory); only the last ``OUTPUT_LIMIT`` bytes of each travel."""
+    unlinked file (disk, not memory); only the last ``OUTPUT_LIMIT`` bytes of each travel. The
+    task's shell made those files (``SHEEPDOG_CAPTURE_FDS``), so that it can still print what the
+    calls wrote if this process dies under them (see ``jobscript.worker_command``); between
+    replies they are empty."""
 
     def __init__(self) -> None:
-        self._files = (self._scratch(), self._scratch())
+        self._files = _inherited_scratch() or (self._scratch(), self._scratch())
 
     @staticmethod
     def _scratch() -> int:
@@ -208,10 +211,7 @@ class Capture:
         for target in (1, 2):
             os.dup2(self._saved[target - 1], target)
             os.close(self._saved[target - 1])
-
-    def tails(self) -> tuple[str, str]:
-        """(stdout, stderr) of the last call: their last ``OUTPUT_LIMIT`` bytes each."""
-        return _tail(self._files[0]), _tail(self._files[1])
+            os.ftruncate(self._files[target - 1], 0)  # a death between replies tells no old story
 
     def mark(self) -> tuple[int, int]:
         """Where stdout and stderr are now: many calls share one capture, each its own stretch."""
@@ -223,6 +223,29 @@ class Capture:
         the mark of now."""
         now = self.mark()
         return _tail(self._files[0], mark[0], now[0]), _tail(self._files[1], mark[1], now[1]), now
+
+
+def _inherited_scratch() -> tuple[int, int] | None:
+    """The two files the task's shell opened for the captured stdout and stderr, if it did."""
+    try:
+        fds = tuple(int(fd) for fd in os.environ.get("SHEEPDOG_CAPTURE_FDS", "").split(","))
+        if len(fds) != 2 or min(fds) < 3:
+            return None
+        for fd in fds:
+            os.fstat(fd)
+            os.set_inheritable(fd, False)  # not into the calls' subprocesses
+    except (ValueError, OSError):
+        return None
+    return fds[0], fds[1]
+
+
+def enable_crash_reports() -> None:
+    """On a fatal signal (SIGSEGV, SIGABRT, SIGBUS, SIGFPE, SIGILL), write the Python traceback of
+    the crashing thread to the task's stderr file, not to a call's captured stderr: a copy of
+    descriptor 2 as it is before any call runs."""
+    import faulthandler
+
+    faulthandler.enable(file=os.dup(2), all_threads=False)
 
 
 def _flush_std() -> None:
@@ -260,15 +283,6 @@ def explain_missing_module(error: BaseException, what: str) -> None:
             "'source /path/to/venv/bin/activate' or 'module load ...'), or ship this client's "
             'packages with environment="sync"',
         )
-
-
-def run_item(
-    fn: Callable[..., Any], kind: str, payload: bytes, capture: Capture
-) -> tuple[bool, bytes, str, str]:
-    """Run one call (or one chunk of calls); return (ok, pickled value or error, stdout, stderr)."""
-    with capture:
-        ok, data = call(fn, kind, payload)
-    return (ok, data, *capture.tails())
 
 
 def run_items(
@@ -373,14 +387,24 @@ def _dump_value(value: Any) -> bytes:
 
 
 def _dump_error(exc: BaseException) -> bytes:
+    """An exception as (its pickle or None, formatted traceback, type's qualified name, str()): the
+    text travels beside the pickle, so an exception the client cannot rebuild (a class whose
+    ``__init__`` takes other arguments than ``args``, a module missing there) keeps its message."""
     import cloudpickle
 
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    kind = type(exc)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    tb = "".join(traceback.format_exception(kind, exc, exc.__traceback__))
+    try:
+        message = str(exc)
+    except Exception as failed:  # noqa: BLE001 - a broken __str__ must not lose the rest
+        message = f"(str() of the exception failed: {failed!r})"
     exc.__traceback__ = None
     try:
-        return cloudpickle.dumps((exc, tb), protocol=protocol.PICKLE_PROTOCOL)
-    except Exception:  # the exception itself does not pickle: send its text
-        return cloudpickle.dumps((None, tb), protocol=protocol.PICKLE_PROTOCOL)
+        blob: bytes | None = cloudpickle.dumps(exc, protocol=protocol.PICKLE_PROTOCOL)
+    except Exception:  # the exception itself does not pickle: its text goes alone
+        blob = None
+    return pickle.dumps((blob, tb, name, message), protocol=protocol.PICKLE_PROTOCOL)
 
 
 class Heartbeat(threading.Thread):

@@ -180,6 +180,17 @@ class Scheduler(ABC):
         say, e.g. a plain SIGKILL): a limit the task went over, and the option to change."""
         return ""
 
+    def exit_signal(self, accounting: Mapping[str, str]) -> int | None:
+        """The signal that ended a task, from its ``accounting`` (an exit status of 128+N, as
+        Grid Engine and a shell report it); None when it was not a signal or is not known."""
+        status = accounting.get("exit_status", "").split(" ")[0]
+        return int(status) - 128 if status.isdigit() and 128 < int(status) < 160 else None
+
+    def memory_hint(self, accounting: Mapping[str, str]) -> str:
+        """The likely cause of a task's death when its ``accounting`` shows memory at or above
+        its request, and the option to change; "" otherwise."""
+        return ""
+
     def error_reason(self, job_id: str) -> str:
         """Why the scheduler holds a job where it can never run, in its own words."""
         return ""

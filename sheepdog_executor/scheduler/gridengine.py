@@ -117,6 +117,19 @@ class GridEngineScheduler(Scheduler):
         asked = ", ".join(limits) or "the queue's limits"
         return f"Grid Engine killed its task over a limit ({asked}; qacct failed 37); raise it in resources="
 
+    def memory_hint(self, accounting: Mapping[str, str]) -> str:
+        asked = [r.split("=", 1)[1] for r in self.site.resource_list() if r.split("=")[0] == "h_vmem"]
+        used, limit = memory_bytes(accounting.get("maxvmem", "")), memory_bytes(asked[-1] if asked else "")
+        # a failed allocation is not counted, so the peak can stay well below the limit (258 MB of
+        # an h_vmem of 400M seen when an 8 MB allocation failed)
+        if not used or not limit or used < 0.5 * limit * self.site.slots:
+            return ""
+        return (
+            f"its memory (maxvmem {accounting['maxvmem']}) came close to its limit (h_vmem={asked[-1]}"
+            f"{f' x {self.site.slots} slots' if self.site.slots > 1 else ''}), the likely cause: raise "
+            "h_vmem in resources="
+        )
+
     def version(self) -> str:
         return self.run("qstat -help 2>&1 | head -n 1", timeout=30).stdout.strip()
 
@@ -240,6 +253,17 @@ def parse_qstat_j_xml(text: str) -> list[JobInfo]:
         )
         for element in root.findall("./djob_info/element")
     ]
+
+
+def memory_bytes(size: str) -> int:
+    """Bytes in a Grid Engine memory value: ``2G``, ``512M``, qacct's ``257.719MB`` (K, M, G, T:
+    powers of 1024; k, m, g, t: of 1000); 0 when it is not one."""
+    match = re.fullmatch(r"([\d.]+)([KMGTkmgt]?)B?", size.strip())
+    if not match:
+        return 0
+    unit = match.group(2)
+    base = 1000 if unit.islower() else 1024
+    return int(float(match.group(1)) * base ** (" kmgt".index(unit.lower()) if unit else 0))
 
 
 def parse_max_aj_tasks(qconf_sconf: str) -> int | None:

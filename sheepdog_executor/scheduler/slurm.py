@@ -169,6 +169,22 @@ class SlurmScheduler(Scheduler):
             return f"Slurm killed its task over its memory ({asked}, ReqMem {limit}); ask for more mem="
         return ""
 
+    def exit_signal(self, accounting: Mapping[str, str]) -> int | None:
+        status, _, signal = accounting.get("ExitCode", "").partition(":")
+        if signal.isdigit() and int(signal):
+            return int(signal)  # the batch shell itself was killed ("0:9")
+        return int(status) - 128 if status.isdigit() and 128 < int(status) < 160 else None
+
+    def memory_hint(self, accounting: Mapping[str, str]) -> str:
+        used, asked = accounting.get("MaxRSS", ""), accounting.get("ReqMem", "")
+        limit = _bytes(asked.rstrip("nc"))  # older Slurm: "4Gn" per node, "4Gc" per CPU
+        if not _bytes(used) or not limit or _bytes(used) < 0.9 * limit:
+            return ""
+        return (
+            f"its memory (MaxRSS {used}) reached its request (ReqMem {asked}), the likely cause: "
+            "ask for more mem="
+        )
+
     def error_reason(self, job_id: str) -> str:
         reasons = [r for j, _, _, r, _, _ in self._own_tasks() if j == job_id and r not in ("", "None")]
         reason = reasons[0] if reasons else ""
