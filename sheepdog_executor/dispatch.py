@@ -102,6 +102,11 @@ class Worker:
     calls_done: int = 0
     #: The route it reached this client by ("direct", "tunnel", ...).
     route: str = ""
+    #: The number of its latest ``/work`` request, and the calls this client answered it with: a
+    #: copy of that request (the worker did not get the answer) gets the same calls again, and a
+    #: copy of an older one (sent on a connection the worker has left) changes nothing.
+    request: int = 0
+    answer: dict[str, Any] | None = None
 
 
 #: What the results thread resolves: (item, worker's result tuple) or (item, an error to set).
@@ -296,18 +301,24 @@ class Dispatcher:
             return worker is not None
 
     def exchange(
-        self, worker_id: str, results: list[tuple[Any, ...]], fatal: bytes | None = None
+        self,
+        worker_id: str,
+        results: list[tuple[Any, ...]],
+        fatal: bytes | None = None,
+        request: int | None = None,
     ) -> dict[str, Any] | None:
-        """Take a worker's results; return its next calls, ``{"stop": True}``, or None to wait."""
+        """Take a worker's results; return its next calls, ``{"stop": True}``, or None to wait.
+        ``request`` numbers the worker's ``/work`` requests (a retry keeps its number); None for a
+        long-polling request asking again."""
         try:
-            return self._exchange(worker_id, results, fatal)
+            return self._exchange(worker_id, results, fatal, request)
         except Exception as exc:  # a bug here must fail the futures loudly, never strand them
             log.exception("dispatcher failed")
             self.break_(BrokenClusterExecutor(f"internal error in the dispatcher: {exc!r}"))
             return {"stop": True}
 
     def _exchange(
-        self, worker_id: str, results: list[tuple[Any, ...]], fatal: bytes | None
+        self, worker_id: str, results: list[tuple[Any, ...]], fatal: bytes | None, request: int | None
     ) -> dict[str, Any] | None:
         delivered: list[Outcome] = []
         with self._lock:
@@ -315,6 +326,14 @@ class Dispatcher:
             if worker is None:
                 return {"stop": True}
             worker.last_seen = awake_or_asleep()
+            if request is not None:
+                # copies of a request arrive late when the client was away (suspended, offline):
+                # the worker sent it again on another connection, or has moved on since
+                if request < worker.request:
+                    return {"items": []}  # nobody reads this answer: the worker left that connection
+                if request == worker.request and worker.answer is not None:
+                    return worker.answer  # the worker did not get it: the same calls again
+                worker.request, worker.answer = request, None
             held = worker.items
             for result in results:
                 item = held.get(result[0])
@@ -355,7 +374,8 @@ class Dispatcher:
                         k: self._functions[k] for k in {i[2] for i in batch} if k not in worker.functions_sent
                     }
                     worker.functions_sent.update(functions)
-                    return {"items": batch, "functions": functions}
+                    worker.answer = {"items": batch, "functions": functions}
+                    return worker.answer
                 now = awake_or_asleep()
                 if worker.idle_since is None:
                     worker.idle_since = now

@@ -286,6 +286,7 @@ def _is_work(message: dict[str, Any]) -> bool:
     return (
         _is_worker(message)
         and isinstance(message.get("fatal"), (bytes, type(None)))
+        and type(message.get("request", 0)) is int
         and isinstance(results, list)
         and all(_is_result(r) for r in results)
     )
@@ -338,7 +339,8 @@ class _Work(_Signed):
         dispatcher = self.endpoint.dispatcher
         worker = self.message["worker"]
         results = [self.endpoint.parts.join(worker, r) for r in self.message.get("results", [])]
-        reply = dispatcher.exchange(worker, results, self.message.get("fatal"))
+        request = self.message.get("request")
+        reply = dispatcher.exchange(worker, results, self.message.get("fatal"), request)
         deadline = time.monotonic() + LONG_POLL_SECONDS
         # stop waiting when the worker's connection is gone (a dropped tunnel, a killed task):
         # calls handed to a reply nobody reads would wait for a worker that never gets them

@@ -342,6 +342,37 @@ def test_calls_whose_reply_was_lost_are_queued_again(make_dispatcher: Callable[.
     assert future.result(timeout=1) == 1
 
 
+def test_late_copies_of_a_workers_requests_run_no_call_twice(
+    make_dispatcher: Callable[..., Dispatcher],
+) -> None:
+    """A client back from a suspension finds copies of a worker's requests that piled up while it
+    was away (the worker sent each again on a new connection): a copy of a request the worker has
+    moved past changes nothing, and a copy of its latest one gets the same calls again. Before, a
+    copy without the results of calls the worker had since run queued them again: they ran twice."""
+    dispatcher = make_dispatcher(retries=0, idle_timeout=60, python=(3, 11), max_workers=1)
+    futures: list[Future[Any]] = [Future() for _ in range(3)]
+    dispatcher.add(abs, "call", [((-i,), {}) for i in range(3)], futures)
+    dispatcher.call_seconds = 1.0  # one call per reply
+    _hello(dispatcher, "w1")
+    first = dispatcher.exchange("w1", [], request=1)
+    assert first is not None and len(first["items"]) == 1
+    a = first["items"][0]
+    second = dispatcher.exchange("w1", [_result(a[0], a[1], 0)], request=2)  # the worker ran a
+    assert second is not None and len(second["items"]) == 1
+    b = second["items"][0]
+    # late copies of request 1 (the worker has its answer and ran a and b meanwhile)
+    assert dispatcher.exchange("w1", [], request=1) == {"items": []}
+    # a copy of request 2 whose answer the worker never got: the same call, the same attempt
+    assert dispatcher.exchange("w1", [_result(a[0], a[1], 0)], request=2) == second
+    third = dispatcher.exchange("w1", [_result(b[0], b[1], 1)], request=3)
+    assert third is not None and third["items"][0][0] not in (a[0], b[0])
+    c = third["items"][0]
+    dispatcher.exchange("w1", [_result(c[0], c[1], 2)], request=4)
+    assert [f.result(timeout=1) for f in futures] == [0, 1, 2]
+    assert dispatcher.stats.snapshot()["batches"][0]["retried"] == 0
+    assert all(item[1] == 1 for item in (a, b, c))  # each call handed out once
+
+
 def test_a_cancelled_call_leaves_the_queue_at_once(make_dispatcher: Callable[..., Dispatcher]) -> None:
     from sheepdog_executor.callfuture import CallFuture
 

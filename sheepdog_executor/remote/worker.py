@@ -478,12 +478,14 @@ def serve(url: str, secret_file: str, fingerprint: str | None = None) -> int:
     functions: dict[str, Callable[..., Any]] = {}
     capture = Capture()
     results: list[tuple[Any, ...]] = []
+    request = 0
     part_bytes = hello.get("part_bytes")
     try:
         while True:
             if part_bytes:
                 results = send_in_parts(channel, worker_id, results, part_bytes)
-            reply = channel.call("/work", {"worker": worker_id, "results": results})
+            request += 1  # a retry of the same request keeps its number
+            reply = channel.call("/work", {"worker": worker_id, "results": results, "request": request})
             results = []
             if reply.get("stop"):
                 return 0
