@@ -435,7 +435,7 @@ class JobManager:
             killed = self.scheduler.killed_for(record)
             how = self._how_it_ended(details.get("stderr_tail", ""), record) if ended else ""
             headline = killed or "; ".join(filter(None, [why, how]))
-            hint = self.scheduler.memory_hint(record)
+            hint = "" if killed else self.scheduler.memory_hint(record)
             headline += f"; {hint}" if hint else ""
             return self._error(WorkerLost, f"the worker running this call on {host} was lost: {headline}")(
                 **details

@@ -79,7 +79,13 @@ def test_sacct_says_which_limit_slurm_killed_a_task_for() -> None:
     memory = {"State": "OUT_OF_MEMORY", "ReqMem": "100M"}
     assert "over its memory (mem=100M, ReqMem 100M)" in scheduler.killed_for(memory)
     assert scheduler.killed_for({"State": "CANCELLED by 1000"}) == ""
-    assert scheduler.killed_for({"State": "FAILED", "ExitCode": "0:9"}) == ""
+    assert scheduler.killed_for({"State": "FAILED", "ExitCode": "0:9"}) == ""  # no sign of memory
+    # without cgroups (OverMemoryKill): SIGKILL, FAILED, and MaxRSS at the request
+    killed = {"State": "FAILED", "ExitCode": "0:9", "MaxRSS": "426M", "ReqMem": "100M"}
+    assert scheduler.killed_for(killed) == (
+        "Slurm killed its task over its memory (mem=100M: MaxRSS 426M reached ReqMem 100M); ask for more mem="
+    )
+    assert scheduler.killed_for({**killed, "ExitCode": "0:11"}) == ""  # a crash, whatever its memory
     default = SlurmScheduler(LocalShell(), JobOptions()).killed_for(timeout)
     assert "(the partition's default time, Timelimit 00:01:00)" in default
 
@@ -176,7 +182,7 @@ def test_a_job_slurm_can_never_start_fails_its_calls_with_the_reason(
 def test_a_task_over_its_memory_is_lost_with_sacct_saying_why(
     make_slurm: Callable[..., SlurmExecutor],
 ) -> None:
-    executor = make_slurm(mem="100M", max_workers=1)
+    executor = make_slurm(mem="100M", max_workers=1, retries=2)
     job, task = executor.submit(_task).result(timeout=60)
     assert job == executor.job_ids[0] and task == "1"
     with pytest.raises(WorkerLost) as caught:
@@ -186,6 +192,9 @@ def test_a_task_over_its_memory_is_lost_with_sacct_saying_why(
     # killed for its memory: signal 9 (OUT_OF_MEMORY where cgroups enforce it), MaxRSS above ReqMem
     assert error.accounting["ExitCode"].endswith(":9") or error.accounting["State"] == "OUT_OF_MEMORY"
     assert error.accounting["ReqMem"] == "100M" and "MaxRSS=" in str(error)
+    # said so first, and not run again with retries=2: the same limit would kill it again
+    assert "was lost: Slurm killed its task over its memory (mem=100M" in str(error), str(error)
+    assert executor.job_ids == [error.job_id]
 
 
 @pytest.mark.cluster
@@ -268,6 +277,8 @@ def test_cleanup_removes_the_slurm_job_of_a_killed_client(
     out = capsys.readouterr().out
     assert code == 0, out
     assert re.search(
-        rf"removed \S+: job {next(iter(jobs))} \(sheepdog\) and the directory; its client is gone", out
+        rf"removed \S+: job {next(iter(jobs))} \(sheepdog\) and the directory; "
+        r"its client \(pid \d+ on this machine\) is gone",
+        out,
     )
     wait_until(lambda: not slurm_jobs(jobs), 30, "the dead client's jobs removed")

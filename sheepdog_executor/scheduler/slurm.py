@@ -163,10 +163,17 @@ class SlurmScheduler(Scheduler):
             return (
                 f"Slurm killed its task over its time limit ({asked}, Timelimit {limit}); ask for more time="
             )
+        asked = f"mem={self.site.mem}" if self.site.mem else "the site's default memory"
+        limit = accounting.get("ReqMem", "?")
         if state == "OUT_OF_MEMORY":
-            asked = f"mem={self.site.mem}" if self.site.mem else "the site's default memory"
-            limit = accounting.get("ReqMem", "?")
             return f"Slurm killed its task over its memory ({asked}, ReqMem {limit}); ask for more mem="
+        if self.exit_signal(accounting) == 9 and self.memory_hint(accounting):
+            # a site that enforces memory without cgroups (OverMemoryKill): SIGKILL, State FAILED
+            used = accounting.get("MaxRSS", "?")
+            return (
+                f"Slurm killed its task over its memory ({asked}: MaxRSS {used} reached ReqMem {limit}); "
+                "ask for more mem="
+            )
         return ""
 
     def exit_signal(self, accounting: Mapping[str, str]) -> int | None:
