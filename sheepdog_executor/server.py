@@ -134,7 +134,8 @@ class ResultParts:
             f"sheepdog: the call's result ({total} bytes pickled) reached the client incomplete "
             f"({sum(received.values())} bytes)"
         )
-        return (result[0], result[1], False, pickle.dumps((None, text)), *result[4:7])
+        # as the worker's _dump_error sends an error (pickle, traceback, type, message): this one is ours
+        return (result[0], result[1], False, pickle.dumps((None, "", "", text)), *result[4:7])
 
     def forget(self, worker: str) -> None:
         """Free the parts of a worker declared lost; parts it still sends are not kept."""

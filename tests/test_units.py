@@ -505,7 +505,7 @@ def test_result_parts_are_joined_once_each_and_a_missing_one_is_an_error() -> No
     assert parts.add("w", 2, 1, 0, total, value[:8])
     failed = parts.join("w", (2, 1, True, b"", "", 0.1, "", total))
     assert failed[2] is False
-    assert pickle.loads(failed[3])[1].endswith(
+    assert pickle.loads(failed[3])[3].endswith(
         f"({total} bytes pickled) reached the client incomplete (8 bytes)"
     )
 
@@ -536,7 +536,7 @@ def test_result_parts_refuse_a_total_beyond_the_limit_and_free_a_lost_workers() 
     assert not parts.add("w", 1, 1, 0, 101, b"x" * 8) and parts.held() == 0  # nothing allocated
     refused = parts.join("w", (1, 1, True, b"", "", 0.1, "", 101))
     assert refused[2] is False and "(101 bytes pickled) is larger than the client can take" in str(
-        pickle.loads(refused[3])[1]
+        pickle.loads(refused[3])[3]
     )
     assert parts.add("w", 2, 1, 0, 60, b"x" * 8) and parts.held() == 60
     assert not parts.add("v", 1, 1, 0, 60, b"x" * 8)  # 52 bytes promised to w's result are not free
