@@ -114,14 +114,15 @@ def test_the_executor_in_a_notebook(cell: str, tmp_path: Path, chromium: Callabl
 
     local_card = bundles(cells[1])[0]
     assert local_card["text/plain"].startswith("<LocalExecutor: local processes on this machine, open;")
-    assert "local processes" in local_card["text/html"] and "/status?token=" in local_card["text/html"]
+    assert "local processes" in local_card["text/html"]
+    assert re.search(r"/status/[0-9a-f]+/\?token=", local_card["text/html"]), local_card["text/html"]
 
     card = bundles(cells[3])[0]
     html, text = card["text/html"], card["text/plain"]
     assert text.startswith(f"<GridEngineExecutor: Grid Engine on {CELL_ALIAS} (") and "), open; " in text
     assert "token" not in text  # the status link (a secret) is in the card only
     assert "<th" in html and ">Grid Engine<" in html and f">{CELL_ALIAS} (" in html
-    link = re.search(r'<a href="(http://[^"]+/status\?token=[^"]+)"', html)
+    link = re.search(r'<a href="(http://[^"]+/status/[0-9a-f]+/\?token=[^"]+)"', html)
     assert link is not None, html
 
     # map's progress bar: tqdm's notebook widget with ipywidgets, else tqdm's text bar on stderr
