@@ -6,7 +6,7 @@ outstanding calls of sessions never shut down.
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import functools
 import hashlib
 import logging
@@ -15,8 +15,9 @@ import shlex
 import sys
 import threading
 import weakref
+from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from sheepdog_executor.background import in_background, settle
 from sheepdog_executor.bundle import worker_bundle
@@ -28,7 +29,7 @@ from sheepdog_executor.jobscript import WorkerLaunch
 from sheepdog_executor.remote.reach import ROUTES_FILE
 from sheepdog_executor.scheduler import Scheduler
 from sheepdog_executor.server import Endpoint
-from sheepdog_executor.sessiondir import make_session_dir, prepare_root, this_client
+from sheepdog_executor.sessiondir import Owner, make_session_dir, prepare_root, this_client
 from sheepdog_executor.shell import Shell
 from sheepdog_executor.status import StatusPage
 from sheepdog_executor.tunnel import Route, choose_route
@@ -37,10 +38,23 @@ if TYPE_CHECKING:
     from sheepdog_executor.tls import Certificate
 
 log = logging.getLogger("sheepdog_executor")
+T = TypeVar("T")
+
+
+class _Opened(NamedTuple):
+    """What the endpoint step hands back: the endpoint and the workers' routes to it."""
+
+    endpoint: Endpoint
+    route: Route
+    #: (label, host, port) of each way the workers may reach us, best first
+    routes: list[tuple[str, str, int]]
+    certificate: Certificate | None
+    status_page: StatusPage | None
 
 
 class Session:
-    """Everything an executor runs: set up in ``open``, torn down exactly once in ``close``."""
+    """Everything an executor runs: set up in named steps in ``__init__`` (each one's undo on an
+    ``ExitStack``: a failed set-up leaves nothing behind), torn down exactly once in ``close``."""
 
     def __init__(
         self,
@@ -81,92 +95,121 @@ class Session:
         self._close_lock = threading.Lock()
         self._close_done = threading.Event()
         self._empty = threading.Condition()
+        #: The job manager, made last: what callbacks during the set-up find (None) until then.
+        self._jobs: JobManager | None = None
+        self.routes: list[tuple[str, str, int]] = []
         self.dispatcher.on_change = self._changed
-        secret = secrets.token_hex(32).encode()
-        bundle = worker_bundle()
-        #: The synced environment the nodes run (``environment="sync"``), else None.
-        self.environment: SyncedEnvironment | None = None
-        self.session_dir = ""  # set as soon as it exists: what a failed set-up removes
         #: The site's largest array, asked now for the first submit (not awaited here).
         self.array_limit = in_background(scheduler.max_array_size, "sheepdog-array-limit")
-        steps: list[Future[Any]] = []
-        try:
-            self.dispatcher.start()  # inside: a set-up that fails from here on closes it again
-            # independent steps at once, each SSH command in a session of its own; their results
-            # are taken in the order of a one-after-the-other set-up, whose first error is raised
-            checked = in_background(scheduler.prepare, "sheepdog-setup-check")
-            steps.append(checked)
-            make = functools.partial(self._make_session_dir, session_root, secret, bundle)
-            made = in_background(make, "sheepdog-setup-dir")
-            steps.append(made)
-            open_endpoint = functools.partial(
-                self._open_endpoint, secret, callback, callback_address, callback_port, tls, status_page
-            )
-            opened = in_background(open_endpoint, "sheepdog-setup-endpoint")
-            steps.append(opened)
-            checked.result()  # the scheduler's commands are there (SchedulerError naming the fix)
-            root = made.result()  # the 0700 session directory, the 0600 secret and the bundle
-            if environment is not None:  # after the checks: a build takes minutes
-                head = HeadNode(shell, scheduler.options, scheduler.command_setup)
-                self.environment = environment.prepare(head, root)
-                self.dispatcher.environment_synced = True
-                record = f"{self.session_dir}/{ENVIRONMENT_RECORD}"
-                self.shell.put(record, f"{self.environment.key}\n".encode(), 0o600)
-                scheduler.options = dataclasses.replace(scheduler.options, python=self.environment.python)
-            route, certificate = opened.result()  # the endpoint and the workers' routes to it
-            self.launch = WorkerLaunch(
-                self.session_dir,
-                self._url(*self.routes[0]),
-                certificate.fingerprint if certificate else None,
-                bundle_sha256=hashlib.sha256(bundle).hexdigest(),  # the task checks it before running it
-            )
-            self._write_routes()
-            self.jobs = JobManager(
-                scheduler,
-                self.dispatcher,
-                self.launch,
-                max_workers=max_workers,
-                batch_window=batch_window,
-                poll_interval=poll_interval,
-                heartbeat_timeout=heartbeat_timeout,
-                disconnect_tolerance=disconnect_tolerance,
-                array_limit=self.array_limit,
-            )
-            self.jobs.start()
-            log.info("session %s on %s, endpoint %s", self.session_dir, shell.description, self.launch.url)
-            #: The status page's address with its token (None with ``status_page=False``).
-            self.status_url: str | None = None
-            if self.status_page is not None:
-                self.status_url = self.status_page.url(
-                    self.endpoint.scheme, route.listen_address, self.endpoint.port
-                )
-                log.info("status page: %s", self.status_url)
-        except BaseException:
-            # nothing half-made stays behind: the endpoint, the tunnel, the session directory
-            settle(steps)  # no step still making something
-            self._discard_partial()
-            raise
+        jobs = functools.partial(
+            JobManager,
+            max_workers=max_workers,
+            batch_window=batch_window,
+            poll_interval=poll_interval,
+            heartbeat_timeout=heartbeat_timeout,
+            disconnect_tolerance=disconnect_tolerance,
+            array_limit=self.array_limit,
+        )
+        endpoint = functools.partial(
+            self._open_endpoint,
+            callback=callback,
+            callback_address=callback_address,
+            callback_port=callback_port,
+            tls=tls,
+            status_page=status_page,
+        )
+        with contextlib.ExitStack() as undo:
+            self.dispatcher.start()
+            undo.callback(self.dispatcher.close)
+            self._set_up(undo, session_root, endpoint, environment, jobs)
+            undo.pop_all()  # set up: from here on, ``close`` undoes it
 
-    def _make_session_dir(self, session_root: str, secret: bytes, bundle: bytes) -> str:
-        """Make a new 0700 session directory of the user's (or raise), and put the secret and the
-        worker bundle in it, both 0600; return the canonical session root."""
-        # refused if another user could replace it (canonical path, created 0700 if missing)
-        root = prepare_root(self.shell, session_root)
-        # with who owns it: `cleanup` of another cluster sharing this home must leave it alone
-        self.session_dir = make_session_dir(self.shell, root, owner=this_client(self.scheduler.name))
-        self.shell.put(f"{self.session_dir}/secret", secret, 0o600)
-        self.shell.put(f"{self.session_dir}/bundle.zip", bundle, 0o600)
-        return root
+    def _set_up(
+        self,
+        undo: contextlib.ExitStack,
+        session_root: str,
+        open_endpoint: Callable[[bytes], _Opened],
+        environment: EnvironmentSync | None,
+        jobs: Callable[..., JobManager],
+    ) -> None:
+        """The steps, the independent ones at once (each SSH command in a session of its own); their
+        results are taken in the order of a one-after-the-other set-up, whose first error is raised,
+        and each result's undo goes on ``undo`` as soon as its step has ended."""
+        secret = secrets.token_hex(32).encode()
+        bundle = worker_bundle()
+        owner = this_client(self.scheduler.name)  # `cleanup` of another cluster sharing this home skips it
+        checked = self._step(undo, self.scheduler.prepare, "check", None)
+        made = self._step(
+            undo,
+            functools.partial(_make_session_dir, self.shell, session_root, owner, secret, bundle),
+            "dir",
+            lambda made: _remove_dir(self.shell, made[1]),
+        )
+        opened = self._step(
+            undo, functools.partial(open_endpoint, secret), "endpoint", lambda o: o.endpoint.stop()
+        )
+        checked.result()  # the scheduler's commands are there (SchedulerError naming the fix)
+        root, self.session_dir = made.result()  # 0700, with the 0600 secret and bundle
+        #: The synced environment the nodes run (``environment="sync"``), else None.
+        self.environment = self._sync(environment, root) if environment is not None else None
+        self.endpoint, route, self.routes, certificate, self.status_page = opened.result()
+        self.dispatcher.on_lost = self.endpoint.parts.forget  # a dead worker's parts are freed
+        self.launch = WorkerLaunch(
+            self.session_dir,
+            self._url(*self.routes[0]),
+            certificate.fingerprint if certificate else None,
+            bundle_sha256=hashlib.sha256(bundle).hexdigest(),  # the task checks it before running it
+        )
+        self._write_routes()
+        self._jobs = jobs(self.scheduler, self.dispatcher, self.launch)
+        self._jobs.start()
+        undo.callback(self._jobs.stop, grace=0)
+        log.info("session %s on %s, endpoint %s", self.session_dir, self.shell.description, self.launch.url)
+        #: The status page's address with its token (None with ``status_page=False``).
+        self.status_url: str | None = None
+        if self.status_page is not None:
+            self.status_url = self.status_page.url(
+                self.endpoint.scheme, route.listen_address, self.endpoint.port
+            )
+            log.info("status page: %s", self.status_url)
+
+    @staticmethod
+    def _step(
+        undo: contextlib.ExitStack, fn: Callable[[], T], name: str, discard: Callable[[T], object] | None
+    ) -> Future[T]:
+        """Start a step on a thread of its own; on the way out of a failed set-up, wait for it to end
+        and ``discard`` what it made."""
+        step = in_background(fn, f"sheepdog-setup-{name}")
+
+        def undo_step() -> None:
+            settle([step])  # no step still making something
+            if discard is not None and step.exception() is None:
+                discard(step.result())
+
+        undo.callback(undo_step)
+        return step
+
+    def _sync(self, environment: EnvironmentSync, root: str) -> SyncedEnvironment:
+        """The environment the nodes run (after the checks: a build takes minutes), recorded in the
+        session directory; the scheduler the jobs go to is made with its interpreter."""
+        head = HeadNode(self.shell, self.scheduler.options, self.scheduler.command_setup)
+        synced = environment.prepare(head, root)
+        self.dispatcher.environment_synced = True
+        record = f"{self.session_dir}/{ENVIRONMENT_RECORD}"
+        self.shell.put(record, f"{synced.key}\n".encode(), 0o600)
+        self.scheduler = self.scheduler.with_python(synced.python)
+        return synced
 
     def _open_endpoint(
         self,
         secret: bytes,
+        *,
         callback: str,
         callback_address: str | None,
         callback_port: int,
         tls: bool | None,
         status_page: bool,
-    ) -> tuple[Route, Certificate | None]:
+    ) -> _Opened:
         """Decide how workers reach us (direct or SSH tunnel), start the endpoint there and open the
         routes. With TLS (``tls=True``; by default, on the routes through the head node's relay,
         which other users share) a certificate they pin by its fingerprint, which goes on their
@@ -181,28 +224,33 @@ class Session:
 
                 certificate = make_certificate()
             context = certificate.server_context() if certificate else None
-            self.status_page = StatusPage(self.status, shell.description) if status_page else None
-            self.endpoint = Endpoint(
+            page = StatusPage(self.status, shell.description) if status_page else None
+            endpoint = Endpoint(
                 self.dispatcher,
                 secret,
                 address=route.listen_address,
                 port=route.listen_port,
                 ssl_context=context if tls else None,
-                routes=self.status_page.routes() if self.status_page else (),
+                routes=page.routes() if page else (),
                 tunnel_ssl=context if tls is None else None,
             )
-            self.dispatcher.on_lost = self.endpoint.parts.forget  # a dead worker's parts are freed
-            self.endpoint.start()
+            endpoint.start()
         except BaseException:
             route.discard()
             raise
         try:
-            #: (label, host, port) of each way the workers may reach us, best first
-            self.routes = route.open(shell, self.endpoint, self._tunnel_moved)
+            routes = route.open(shell, endpoint, self._tunnel_moved)
         except BaseException:
-            self.endpoint.stop()
+            endpoint.stop()
             raise
-        return route, certificate
+        return _Opened(endpoint, route, routes, certificate, page)
+
+    @property
+    def jobs(self) -> JobManager:
+        """The job manager (made last in the set-up)."""
+        if self._jobs is None:
+            raise RuntimeError("the session is still being set up")
+        return self._jobs
 
     def _write_routes(self) -> None:
         """Tell the workers how to reach us: the routes file they read (and re-read when their
@@ -219,10 +267,9 @@ class Session:
     def _tunnel_moved(self, host: str, port: int, moved: bool) -> None:
         """The tunnel was re-made, perhaps elsewhere (its port was taken): workers learn it from the
         routes file, and get time to come back before their silence counts."""
-        jobs = getattr(self, "jobs", None)
-        if jobs is not None:
-            jobs.away.mark_back()
-        if not moved:
+        if self._jobs is not None:
+            self._jobs.away.mark_back()
+        if not moved or not self.routes:  # during the set-up: it writes the routes it has
             return
         self.routes = [
             (label, *((host, port) if label == "tunnel" else (h, p))) for label, h, p in self.routes
@@ -232,30 +279,14 @@ class Session:
         )
         self._write_routes()
 
-    def _discard_partial(self) -> None:
-        endpoint = getattr(self, "endpoint", None)
-        if endpoint is not None:
-            endpoint.stop()
-        self.dispatcher.close()
-        self._remove_session_dir()
-
-    def _remove_session_dir(self) -> None:
-        """Best effort: a failure here must not hide the error or the teardown around it."""
-        if not self.session_dir:
-            return
-        try:
-            self.shell.run(f"rm -rf {shlex.quote(self.session_dir)}", timeout=30)
-        except Exception as exc:  # noqa: BLE001
-            log.warning("could not remove %s: %s", self.session_dir, exc)
-
     def status(self) -> dict[str, Any]:
         """The dispatcher's snapshot and the ids of the jobs submitted so far."""
-        jobs = getattr(self, "jobs", None)  # None while the session is still being set up
+        jobs = self._jobs  # None while the session is still being set up
         return {
             **self.dispatcher.snapshot(),
             "jobs": list(jobs.submitted_jobs) if jobs else [],
             "polls": jobs.polls.snapshot() if jobs else {},
-            "routes": [f"{label} {host}:{port}" for label, host, port in getattr(self, "routes", [])],
+            "routes": [f"{label} {host}:{port}" for label, host, port in self.routes],
         }
 
     def interrupt(self, batch: int) -> None:
@@ -279,9 +310,8 @@ class Session:
                 log.debug("could not remove task %s.%d of an interrupted map: %s", job, task, exc)
 
     def _changed(self) -> None:
-        jobs = getattr(self, "jobs", None)  # None while the session is still being set up
-        if jobs is not None:
-            jobs.wake()
+        if self._jobs is not None:  # None while the session is still being set up
+            self._jobs.wake()
         with self._empty:
             self._empty.notify_all()
 
@@ -317,9 +347,34 @@ class Session:
             log.warning("could not remove jobs %s: %s", list(self.jobs.jobs), exc)
         self.endpoint.stop()
         self.dispatcher.close()
-        self._remove_session_dir()
+        _remove_dir(self.shell, self.session_dir)
         settle([self.array_limit], timeout=30)
         self.shell.close()
+
+
+def _make_session_dir(
+    shell: Shell, session_root: str, owner: Owner, secret: bytes, bundle: bytes
+) -> tuple[str, str]:
+    """A new 0700 session directory of the user's (or raise) with the secret and the worker bundle
+    in it, both 0600: (the canonical session root, the directory); none left when this fails."""
+    # refused if another user could replace it (canonical path, created 0700 if missing)
+    root = prepare_root(shell, session_root)
+    session_dir = make_session_dir(shell, root, owner=owner)
+    try:
+        shell.put(f"{session_dir}/secret", secret, 0o600)
+        shell.put(f"{session_dir}/bundle.zip", bundle, 0o600)
+    except BaseException:
+        _remove_dir(shell, session_dir)
+        raise
+    return root, session_dir
+
+
+def _remove_dir(shell: Shell, path: str) -> None:
+    """Best effort: a failure here must not hide the error or the teardown around it."""
+    try:
+        shell.run(f"rm -rf {shlex.quote(path)}", timeout=30)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("could not remove %s: %s", path, exc)
 
 
 #: Every session set up and not collected: interpreter exit waits for their outstanding calls.
