@@ -36,6 +36,7 @@ from sheepdog_executor.errors import (
     RemoteCallError,
 )
 from sheepdog_executor.remote.compat import add_note
+from sheepdog_executor.remote.protocol import Error, Item, Result
 from sheepdog_executor.stats import Stats, Tally
 from sheepdog_executor.tracebacks import fit_advice, rebuild_error
 
@@ -53,9 +54,9 @@ NO_KWARGS: dict[str, Any] = {}
 
 
 class WorkItem:
-    """One call (or one chunk of a map) waiting for, or held by, a worker."""
+    """One call (a map's chunk is a call of ``run_chunk``) waiting for, or held by, a worker."""
 
-    __slots__ = ("id", "future", "fn_key", "kind", "args", "kwargs", "batch", "attempt", "worker",
+    __slots__ = ("id", "future", "fn_key", "args", "kwargs", "batch", "attempt", "worker",
                  "losses", "undelivered", "state")  # fmt: skip
 
     def __init__(
@@ -63,7 +64,6 @@ class WorkItem:
         id: int,
         future: Future[Any],
         fn_key: str,
-        kind: str,
         args: Any,
         kwargs: dict[str, Any] | None = None,
         batch: int = 0,
@@ -71,7 +71,6 @@ class WorkItem:
         self.id = id
         self.future = future
         self.fn_key = fn_key
-        self.kind = kind  # "call": fn(*args, **kwargs); "chunk": args is a list of (args, kwargs)
         self.args = args
         self.kwargs = kwargs
         self.batch = batch
@@ -82,9 +81,9 @@ class WorkItem:
         self.undelivered = 0
         self.state = QUEUED
 
-    def arguments(self) -> Any:
-        """What the worker's ``run_item`` unpickles for this item."""
-        return (self.args, self.kwargs) if self.kind == "call" else self.args
+    def arguments(self) -> tuple[Any, dict[str, Any] | None]:
+        """What the worker's ``call`` unpickles for this item: ``(args, kwargs)``."""
+        return (self.args, self.kwargs)
 
 
 @dataclass(eq=False)
@@ -105,7 +104,7 @@ class Worker:
 
 
 #: What the results thread resolves: (item, worker's result tuple) or (item, an error to set).
-Outcome = tuple[WorkItem, Any]
+Outcome = tuple[WorkItem, "Result | BaseException"]
 
 
 class Dispatcher:
@@ -186,14 +185,13 @@ class Dispatcher:
     def add(
         self,
         fn: Callable[..., Any],
-        kind: str,
         arguments: Sequence[tuple[Any, dict[str, Any] | None]],
         futures: Sequence[Future[Any]],
         batch: int = 0,
         label: str = "",
     ) -> None:
-        """Queue calls of ``fn`` as part of ``batch``: (args, kwargs) and a Future each. A "chunk"
-        is a list of (args, kwargs) with kwargs None; it is pickled only when a worker takes it."""
+        """Queue calls of ``fn`` as part of ``batch``: (args, kwargs) and a Future each; the
+        arguments are pickled only when a worker takes the call."""
         key, blob = self.function_key(fn)
         count = len(futures)
         with self._lock:
@@ -208,7 +206,7 @@ class Dispatcher:
             pending = self._pending
             for i, (args, kwargs) in enumerate(arguments):
                 future = futures[i]
-                item = WorkItem(first + i, future, key, kind, args, kwargs, batch)
+                item = WorkItem(first + i, future, key, args, kwargs, batch)
                 if type(future) is CallFuture:
                     future._on_cancel = self._forget_cancelled
                     future._item = item
@@ -296,7 +294,7 @@ class Dispatcher:
             return worker is not None
 
     def exchange(
-        self, worker_id: str, results: list[tuple[Any, ...]], fatal: bytes | None = None
+        self, worker_id: str, results: list[Result], fatal: bytes | None = None
     ) -> dict[str, Any] | None:
         """Take a worker's results; return its next calls, ``{"stop": True}``, or None to wait."""
         try:
@@ -306,9 +304,7 @@ class Dispatcher:
             self.break_(BrokenClusterExecutor(f"internal error in the dispatcher: {exc!r}"))
             return {"stop": True}
 
-    def _exchange(
-        self, worker_id: str, results: list[tuple[Any, ...]], fatal: bytes | None
-    ) -> dict[str, Any] | None:
+    def _exchange(self, worker_id: str, results: list[Result], fatal: bytes | None) -> dict[str, Any] | None:
         delivered: list[Outcome] = []
         with self._lock:
             worker = self.workers.get(worker_id)
@@ -317,13 +313,13 @@ class Dispatcher:
             worker.last_seen = awake_or_asleep()
             held = worker.items
             for result in results:
-                item = held.get(result[0])
-                if item is None or item.attempt != result[1]:
+                item = held.get(result.item)
+                if item is None or item.attempt != result.attempt:
                     continue  # late, duplicate or replayed
-                del held[result[0]]
+                del held[result.item]
                 item.state = ENDED
                 worker.calls_done += 1
-                self._observe(result[5])
+                self._observe(result.seconds)
                 delivered.append((item, result))
             # A worker asks for work only once it has run everything it was given: calls it still
             # holds never reached it (the reply was lost with its connection). Queue them again.
@@ -433,7 +429,7 @@ class Dispatcher:
             item.worker = worker.id
             item.state = HELD
             held[item.id] = item
-            batch.append((item.id, item.attempt, item.fn_key, item.kind, payload))
+            batch.append(Item(item.id, item.attempt, item.fn_key, payload).wire())
             taken.append(item)
             size += len(payload)
         for batch_id, count in collections.Counter(item.batch for item in taken).items():
@@ -451,7 +447,7 @@ class Dispatcher:
             del self._by_identity[fn_id]
 
     def _initializer_failed(self, fatal: bytes) -> None:
-        tb = pickle.loads(fatal)[1]  # (pickle, traceback, type, message): see the worker's _dump_error
+        tb = Error(*pickle.loads(fatal)).traceback
         self.break_(BrokenClusterExecutor(f"the initializer failed on a worker, so no call can run:\n{tb}"))
 
     # -- the results thread -------------------------------------------------------------------
@@ -479,11 +475,8 @@ class Dispatcher:
                     error: str | None = f"{type(outcome).__name__}: {outcome}"
                 else:
                     released[item.fn_key] += 1
-                    seconds = outcome[5]
-                    stderr = outcome[6] if len(outcome) > 6 and type(outcome[6]) is str else ""
-                    error = _resolve(
-                        item.future, outcome[2], outcome[3], outcome[4], stderr, echo, self.environment_synced
-                    )
+                    seconds = outcome.seconds
+                    error = _resolve(item.future, outcome, echo, self.environment_synced)
             except BaseException as exc:  # noqa: BLE001 - a bug must break the executor, not hang it
                 log.exception("resolving a call failed")
                 broken = BrokenClusterExecutor(f"internal error while resolving a result: {exc!r}")
@@ -647,7 +640,7 @@ def _dumps_arguments(item: WorkItem) -> bytes:
     """Pickle a call's arguments; a call of a few scalars (most of a big map's) takes the C
     pickler directly, everything else ``pickling.dumps``."""
     args = item.args
-    if item.kind == "call" and not item.kwargs and type(args) is tuple and len(args) <= 8:
+    if not item.kwargs and type(args) is tuple and len(args) <= 8:
         for arg in args:
             if type(arg) not in _SCALARS:
                 break
@@ -664,10 +657,9 @@ def _set_exception(future: Future[Any], error: BaseException) -> None:
             pass
 
 
-def _resolve(
-    future: Future[Any], ok: bool, data: bytes, stdout: str, stderr: str, echo: bool, synced: bool = False
-) -> str | None:
+def _resolve(future: Future[Any], result: Result, echo: bool, synced: bool = False) -> str | None:
     """Resolve a Future from a worker's result; return the error's text when the call failed."""
+    stdout, stderr = result.stdout, result.stderr
     if stdout or stderr or type(future) is not CallFuture:  # a CallFuture's are "" by default
         future.remote_stdout = stdout  # type: ignore[attr-defined]
         future.remote_stderr = stderr  # type: ignore[attr-defined]
@@ -677,16 +669,16 @@ def _resolve(
             if text:
                 print(text, end="" if text.endswith("\n") else "\n", file=stream)
     try:
-        loaded = pickle.loads(data)
+        loaded = pickle.loads(result.data)
     except Exception as load_error:  # noqa: BLE001 - e.g. a module missing on the client
         message = f"the result could not be unpickled here: {load_error!r}"
         _set_exception(future, RemoteCallError(message))
         return message
-    if ok:
+    if result.ok:
         if not future.done():
             future.set_result(loaded)
         return None
-    error = rebuild_error(*loaded)
+    error = rebuild_error(Error(*loaded))
     fit_advice(error, synced)
     for name, text in (("stdout", stdout), ("stderr", stderr)):
         if text:

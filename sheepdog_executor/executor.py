@@ -35,6 +35,7 @@ from sheepdog_executor.environment import (
 )
 from sheepdog_executor.errors import BrokenClusterExecutor, ConfigurationError
 from sheepdog_executor.jobscript import JobOptions
+from sheepdog_executor.remote.worker import run_chunk
 from sheepdog_executor.scheduler import (
     GridEngineOptions,
     GridEngineScheduler,
@@ -185,7 +186,7 @@ class ClusterExecutor(Executor):
                 self._submit_label = f"submit({_name_of(fn)})"
             self._last_submit = now
             self._session.dispatcher.add(
-                fn, "call", ((args, kwargs),), (future,), self._submit_batch, self._submit_label
+                fn, ((args, kwargs),), (future,), self._submit_batch, self._submit_label
             )
         return future
 
@@ -208,26 +209,28 @@ class ClusterExecutor(Executor):
         if buffersize is not None and buffersize < 1:
             raise ValueError("buffersize must be None or > 0")
         end_time = None if timeout is None else timeout + time.monotonic()
-        calls: Iterator[tuple[Any, Any]]  # (args, kwargs) of a call, or (list of those, None) of a chunk
+        calls: Iterator[tuple[Any, Any]]  # (args, kwargs) of each call
+        target: Callable[..., Any] = fn
         argument_sets = zip(*iterables)  # noqa: B905 - as Executor.map
+        label = f"map({_name_of(fn)})"
         if chunksize == 1:
-            kind, calls = "call", ((args, NO_KWARGS) for args in argument_sets)
-        else:
+            calls = ((args, NO_KWARGS) for args in argument_sets)
+        else:  # a chunk is one call of run_chunk, as ProcessPoolExecutor's _process_chunk
             chunks = iter(lambda: [(a, NO_KWARGS) for a in itertools.islice(argument_sets, chunksize)], [])
-            kind, calls = "chunk", ((chunk, None) for chunk in chunks)
+            calls = (((chunk,), NO_KWARGS) for chunk in chunks)
+            target = functools.partial(run_chunk, fn)
         with self._shutdown_lock:
             self._check_open()
             batch = next(self._batch_ids)
             self._last_submit = 0.0  # the next submit starts a batch of its own
-        label = f"map({_name_of(fn)})"
         refill: Callable[[], Future[Any] | None] | None = None
         if buffersize is None:
             arguments = list(calls)
-            futures = self._queue(fn, kind, arguments, batch, label)
-            total: int | None = len(arguments) if chunksize == 1 else sum(len(a) for a, _ in arguments)
+            futures = self._queue(target, arguments, batch, label)
+            total: int | None = len(arguments) if chunksize == 1 else sum(len(a[0]) for a, _ in arguments)
             del arguments
         else:
-            futures = self._queue(fn, kind, list(itertools.islice(calls, buffersize)), batch, label)
+            futures = self._queue(target, list(itertools.islice(calls, buffersize)), batch, label)
             total = None
             executor = weakref.ref(self)
 
@@ -237,7 +240,7 @@ class ClusterExecutor(Executor):
                 call = next(calls, None) if alive is not None else None
                 if alive is None or call is None:
                     return None
-                return alive._queue(fn, kind, [call], batch, label)[0]
+                return alive._queue(target, [call], batch, label)[0]
 
         self._session.jobs.wake(flush=True)
         interrupted = functools.partial(self._session.interrupt, batch)
@@ -245,12 +248,12 @@ class ClusterExecutor(Executor):
         return self._with_progress(_flatten(results) if chunksize > 1 else results, total, label)
 
     def _queue(
-        self, fn: Callable[..., Any], kind: str, arguments: list[Any], batch: int, label: str
+        self, fn: Callable[..., Any], arguments: list[Any], batch: int, label: str
     ) -> list[Future[Any]]:
         futures: list[Future[Any]] = [CallFuture() for _ in arguments]
         with self._shutdown_lock:
             self._check_open()
-            self._session.dispatcher.add(fn, kind, arguments, futures, batch, label)
+            self._session.dispatcher.add(fn, arguments, futures, batch, label)
         return futures
 
     def _with_progress(self, results: Iterator[T], total: int | None, desc: str) -> Iterator[T]:

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from sheepdog_executor.errors import RemoteCallError, RemoteTraceback
 from sheepdog_executor.pickling import SHIPPED
 from sheepdog_executor.remote.compat import add_note
+from sheepdog_executor.remote.protocol import Error
 
 #: The node's note on a missing module (remote/worker.py ``explain_missing_module``).
 _MISSING_MODULE = re.compile(r"^sheepdog: .* is not importable on the nodes")
@@ -98,10 +99,11 @@ def fit_advice(error: BaseException, synced: bool) -> None:
         )
 
 
-def rebuild_error(blob: bytes | None, tb: str, name: str, message: str) -> BaseException:
+def rebuild_error(sent: Error) -> BaseException:
     """The exception a call raised on a node (as the worker's ``_dump_error`` sent it), with its
     traceback as ``__cause__``; when its pickle cannot be loaded here, a ``RemoteCallError`` that
     keeps its type's name and message."""
+    blob, tb, name, message = sent.pickled, sent.traceback, sent.type_name, sent.message
     error: BaseException | None = None
     why = "which could not be pickled there"
     if blob is not None:

@@ -125,7 +125,7 @@ class Rig:
             array_limit=array_limit,
         )
         self.futures: list[Future[Any]] = [CallFuture() for _ in range(calls)]
-        self.dispatcher.add(abs, "call", [((-1,), {})] * calls, self.futures, 1, "abs")
+        self.dispatcher.add(abs, [((-1,), {})] * calls, self.futures, 1, "abs")
 
     def step(self, advance: float = 2.0) -> None:
         """One turn of the job manager's thread, ``advance`` seconds after the last."""
