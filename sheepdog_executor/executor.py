@@ -297,8 +297,12 @@ class ClusterExecutor(Executor):
         self._finalizer.detach()
         self._session.close()
 
-    def _abort(self) -> None:
-        """Stop now: cancel what waits, fail what runs, remove every job."""
+    def abort(self) -> None:
+        """Stop now, as on an error in the ``with`` body: the calls not started are cancelled, the
+        running ones fail with ``ExecutorShutDown``, the workers stop and every job is removed; the
+        executor is shut down."""
+        with self._shutdown_lock:
+            self._shutdown = True
         self._finalizer.detach()
         self._session.close(abort=True)
 
@@ -306,9 +310,7 @@ class ClusterExecutor(Executor):
         if exc_type is None:
             self.shutdown(wait=True)
         else:  # Ctrl-C or an error in the with body: stop now, leave nothing on the cluster
-            with self._shutdown_lock:
-                self._shutdown = True
-            self._abort()
+            self.abort()
 
     # -- introspection ------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
