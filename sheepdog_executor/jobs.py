@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sheepdog_executor.clock import awake_or_asleep
+from sheepdog_executor.diagnosis import Diagnosis
 from sheepdog_executor.dispatch import Dispatcher, WorkItem
 from sheepdog_executor.errors import (
     BrokenClusterExecutor,
@@ -28,14 +29,11 @@ from sheepdog_executor.errors import (
     WorkerLost,
     WorkerStartFailed,
 )
-from sheepdog_executor.jobscript import WORKER_DEATH_TAIL, WorkerLaunch, setup_failure, worker_exit_status
+from sheepdog_executor.jobscript import WorkerLaunch, setup_failure, worker_exit_status
 from sheepdog_executor.scheduler.base import JobStates, Scheduler, TaskState
-from sheepdog_executor.tracebacks import restore_source
 
 log = logging.getLogger("sheepdog_executor")
 
-#: How long a failed task's accounting record may take to appear (schedulers write it lazily).
-ACCOUNTING_WAIT_SECONDS = 20.0
 #: A gap this much longer than expected in the job manager's own loop means this process was
 #: suspended (SIGSTOP, a laptop's sleep) or starved: workers are not judged on the silence it caused.
 PAUSE_SECONDS = 15.0
@@ -167,6 +165,10 @@ class JobManager:
         #: The scheduler's answer to ``max_array_size``, asked early (during the set-up), if it was.
         self._early_array_limit = array_limit
         self._thread = threading.Thread(target=self._run, name="sheepdog-jobs", daemon=True)
+        #: Gathers lost tasks' stderr and accounting on a thread of its own (joined in ``stop``).
+        self.diagnosis = Diagnosis(
+            scheduler, launch, lambda items: dispatcher.retry_or_split(items)[1], dispatcher.fail_items, clock
+        )
 
     # -- control from other threads --------------------------------------------------------
     def start(self) -> None:
@@ -185,6 +187,7 @@ class JobManager:
         self._wake.set()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout=60)
+        self.diagnosis.stop()
         if grace > 0:
             self._cancel_queued()  # nothing is outstanding: a queued task would start only to stop
             self._wait_gone(grace, warn=False)  # what is left now is removed next
@@ -576,7 +579,7 @@ class JobManager:
         make: Callable[..., WorkerError],
     ) -> None:
         """Retry lost calls that may be, fail the others with an error that carries the task's
-        accounting and stderr (gathered off this thread: accounting can take seconds to appear).
+        accounting and stderr (gathered by ``diagnosis``: accounting can take seconds to appear).
         ``unless_killed``: retry only once the accounting shows that the scheduler did not kill the
         task over a limit (time, memory), which the call would only hit again."""
         judge_later = retry and unless_killed and self.dispatcher.retries > 0
@@ -584,29 +587,4 @@ class JobManager:
         if not failed:
             return
 
-        def diagnose() -> None:
-            tail, record = "", dict[str, str]()
-            deadline = self.clock() + ACCOUNTING_WAIT_SECONDS
-            try:
-                # a crash's faulthandler traceback names <dynamic-code> for functions shipped by value
-                tail = self.scheduler.output_tail(self.launch, job_id, task_id, WORKER_DEATH_TAIL)
-                tail = restore_source(tail)
-                while not record and self.clock() < deadline and not self._stopping:
-                    record = self.scheduler.accounting(job_id, task_id)
-                    if not record:
-                        time.sleep(2)
-            except Exception as exc:  # noqa: BLE001 - the call fails anyway, with what we know
-                tail = tail or f"(could not read the task's stderr: {exc})"
-            lost = failed
-            if judge_later:
-                killed = self.scheduler.killed_for(record)
-                if killed:
-                    log.warning("not running again the calls of job %s, task %s: %s", job_id, task_id, killed)
-                else:
-                    lost = self.dispatcher.retry_or_split(lost)[1]
-            if lost:
-                self.dispatcher.fail_items(
-                    lost, make(job_id=job_id, task_id=task_id, accounting=record, stderr_tail=tail)
-                )
-
-        threading.Thread(target=diagnose, name="sheepdog-diagnose", daemon=True).start()
+        self.diagnosis.add(failed, job_id, task_id, make, judge_later)
