@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from sheepdog_executor import pickling
 from sheepdog_executor.callfuture import CallFuture
@@ -105,6 +105,30 @@ class Worker:
 
 #: What the results thread resolves: (item, worker's result tuple) or (item, an error to set).
 Outcome = tuple[WorkItem, "Result | BaseException"]
+
+
+class WorkerSeen(NamedTuple):
+    """A registered worker as the job manager sees it."""
+
+    id: str
+    job: str
+    task: int
+    host: str
+    last_seen: float
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """What the job manager judges workers and jobs by: the dispatcher's view at one moment."""
+
+    workers: tuple[WorkerSeen, ...]
+    #: (job, task) of every task whose worker ever said hello.
+    tasks_seen: frozenset[tuple[str, int]]
+    #: Calls waiting for a worker, and calls taken by workers and not resolved yet.
+    pending: int
+    held: int
+    #: The workers' heartbeat interval.
+    heartbeat: float
 
 
 class Dispatcher:
@@ -248,6 +272,16 @@ class Dispatcher:
 
     def outstanding(self) -> int:
         return self._unresolved
+
+    def liveness(self) -> Liveness:
+        """A snapshot of the workers and counts, for the job manager (which reads no table here)."""
+        with self._lock:
+            workers = tuple(
+                WorkerSeen(w.id, w.job, w.task, w.host, w.last_seen) for w in self.workers.values()
+            )
+            pending = len(self._pending) - self._stale
+            held = self._unresolved - pending
+            return Liveness(workers, frozenset(self.tasks_seen), pending, held, self.heartbeat)
 
     @property
     def _items(self) -> dict[int, WorkItem]:

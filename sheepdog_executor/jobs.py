@@ -19,7 +19,7 @@ from typing import Any
 
 from sheepdog_executor.clock import awake_or_asleep
 from sheepdog_executor.diagnosis import Diagnosis
-from sheepdog_executor.dispatch import Dispatcher, WorkItem
+from sheepdog_executor.dispatch import Dispatcher, Liveness, WorkItem
 from sheepdog_executor.errors import (
     BrokenClusterExecutor,
     ConnectionFailed,
@@ -337,7 +337,7 @@ class JobManager:
             log.warning("%s answers again, after %d failed poll(s)", self.scheduler.name, polls.streak)
             polls.failing_since, polls.streak = None, 0
 
-    def _look(self, job: Job, listed: dict[int, TaskState], now: float) -> None:
+    def _look(self, job: Job, listed: dict[int, TaskState], now: float, live: Liveness) -> None:
         """Take the scheduler's answer for ``job``, but believe a task gone only on a second look
         (still missing ``SECOND_LOOK_SECONDS`` later) and never while its worker's heartbeat is
         current; an error state likewise only when it lasts."""
@@ -347,7 +347,7 @@ class JobManager:
         for task, state in job.alive.items():
             if task not in listed:
                 first = job.missing.setdefault(task, now)
-                if now - first < SECOND_LOOK_SECONDS or self._heard_from(job.id, task):
+                if now - first < SECOND_LOOK_SECONDS or self._heard_from(job.id, task, live):
                     alive[task] = state
         if TaskState.ERROR not in listed.values():
             job.errored_since = None
@@ -355,25 +355,23 @@ class JobManager:
             job.errored_since = now
         job.alive = alive
 
-    def _heard_from(self, job: str, task: int) -> bool:
+    def _heard_from(self, job: str, task: int, live: Liveness) -> bool:
         """Whether a worker of this task sent a heartbeat (or anything) within a few intervals."""
-        recent = self.clock() - CURRENT_HEARTBEATS * self.dispatcher.heartbeat
-        return any(
-            w.job == job and w.task == task and w.last_seen > recent
-            for w in list(self.dispatcher.workers.values())
-        )
+        recent = self.clock() - CURRENT_HEARTBEATS * live.heartbeat
+        return any(w.job == job and w.task == task and w.last_seen > recent for w in live.workers)
 
     def _reconcile(self, states: JobStates | None) -> None:
         """Find workers that died and jobs that ended; forget finished jobs. ``states``: the
         scheduler's answer, or None to judge on the last view (its answer could not be read)."""
         now = self.clock()
+        live = self.dispatcher.liveness()
         ended: list[Job] = []
         errored: list[Job] = []
         with self._jobs_lock:
             for job in list(self.jobs.values()):
                 if states is None:
                     continue
-                self._look(job, states.get(job.id, {}), now)
+                self._look(job, states.get(job.id, {}), now, live)
                 if not job.alive:
                     del self.jobs[job.id]
                     ended.append(job)
@@ -381,7 +379,7 @@ class JobManager:
                     errored.append(job)
         for job in errored:  # held in an error state by the scheduler: it would wait there forever
             self._fail_errored(job)
-        for worker in list(self.dispatcher.workers.values()):
+        for worker in live.workers:
             gone = worker.job in {j.id for j in ended} or (
                 worker.job in self.jobs and worker.task not in self.jobs[worker.job].alive
             )
@@ -412,10 +410,9 @@ class JobManager:
                         unless_killed=gone,
                         make=self._lost(worker.host, why, ended=gone),
                     )
-        pending, _ = self.dispatcher.counts()
-        seen = self.dispatcher.tasks_seen
+        pending, _ = self.dispatcher.counts()  # after the lost workers' calls were queued again
         for job in ended:
-            started = any((job.id, t) in seen for t in range(1, job.tasks + 1))
+            started = any((job.id, t) in live.tasks_seen for t in range(1, job.tasks + 1))
             if not started and not job.cancelled and pending:
                 items = self.dispatcher.take_pending()
                 self._diagnose_later(
@@ -495,9 +492,10 @@ class JobManager:
 
     def _scale(self) -> None:
         """Submit a job when calls wait for workers; remove queued tasks nobody needs."""
-        pending, held = self.dispatcher.counts()
-        registered = {(w.job, w.task) for w in list(self.dispatcher.workers.values())}
-        seen = self.dispatcher.tasks_seen
+        live = self.dispatcher.liveness()
+        pending, held = live.pending, live.held
+        registered = {(w.job, w.task) for w in live.workers}
+        seen = live.tasks_seen
         with self._jobs_lock:
             capacity = 0
             queued: dict[str, list[int]] = {}
