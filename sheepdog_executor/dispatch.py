@@ -18,8 +18,6 @@ import collections
 import logging
 import math
 import pickle
-import queue
-import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -33,12 +31,10 @@ from sheepdog_executor.clock import awake_or_asleep
 from sheepdog_executor.errors import (
     BrokenClusterExecutor,
     PythonVersionMismatch,
-    RemoteCallError,
 )
-from sheepdog_executor.remote.compat import add_note
 from sheepdog_executor.remote.protocol import Error, Item, Result
-from sheepdog_executor.stats import Stats, Tally
-from sheepdog_executor.tracebacks import fit_advice, rebuild_error
+from sheepdog_executor.results import Outcome, Results, set_exception
+from sheepdog_executor.stats import Stats
 
 log = logging.getLogger("sheepdog_executor")
 
@@ -104,7 +100,6 @@ class Worker:
 
 
 #: What the results thread resolves: (item, worker's result tuple) or (item, an error to set).
-Outcome = tuple[WorkItem, "Result | BaseException"]
 
 
 class WorkerSeen(NamedTuple):
@@ -155,9 +150,6 @@ class Dispatcher:
         self.heartbeat = heartbeat
         self._initializer = initializer
         self._python = python
-        self._echo_output = echo_output
-        #: Whether the nodes run this client's packages (``environment="sync"``): for the advice.
-        self.environment_synced = False
         self._lock = threading.Lock()
         self._next_id = 1
         self._pending: deque[WorkItem] = deque()
@@ -172,10 +164,8 @@ class Dispatcher:
         self.tasks_seen: set[tuple[str, int]] = set()  # (job, task) that ever said hello
         self.broken: BaseException | None = None
         self.stopping = False
-        self._outcomes: queue.SimpleQueue[list[Outcome] | None] = queue.SimpleQueue()
-        self._results_thread = threading.Thread(
-            target=self._resolve_loop, name="sheepdog-results", daemon=True
-        )
+        #: The results thread: it alone unpickles results and resolves Futures.
+        self.results = Results(self.stats, self._resolved, self.break_, lambda: self.on_change(), echo_output)
         #: Called (from any thread) when there is new work or the state changed; set by the owner.
         self.on_change: Callable[[], None] = lambda: None
         self.on_work: Callable[[], None] = lambda: None
@@ -185,15 +175,11 @@ class Dispatcher:
     # -- life ---------------------------------------------------------------------------------
     def start(self) -> None:
         """Start the results thread."""
-        self._results_thread.start()
+        self.results.start()
 
     def close(self) -> None:
-        """Resolve what the results thread still holds, then end it (joined, unless this is that
-        thread: a done-callback that shuts the executor down)."""
-        if self._results_thread.is_alive():
-            self._outcomes.put(None)
-            if threading.current_thread() is not self._results_thread:
-                self._results_thread.join()
+        """Resolve what the results thread still holds, then end it."""
+        self.results.close()
 
     # -- the user's side --------------------------------------------------------------------
     def function_key(self, fn: Callable[..., Any]) -> tuple[str, bytes]:
@@ -369,7 +355,7 @@ class Dispatcher:
                 held.clear()
                 self.on_work()
         if delivered:
-            self._outcomes.put(delivered)  # one hand-over per exchange: the results thread resolves
+            self.results.put(delivered)  # one hand-over per exchange: the results thread resolves
         if fatal is not None:
             self._initializer_failed(fatal)
             return {"stop": True}
@@ -394,7 +380,7 @@ class Dispatcher:
                 return None
         finally:
             if failed:
-                self._outcomes.put(failed)
+                self.results.put(failed)
 
     def _stop(self, worker: Worker) -> dict[str, Any] | None:
         if worker.items:
@@ -484,48 +470,12 @@ class Dispatcher:
         tb = Error(*pickle.loads(fatal)).traceback
         self.break_(BrokenClusterExecutor(f"the initializer failed on a worker, so no call can run:\n{tb}"))
 
-    # -- the results thread -------------------------------------------------------------------
-    def _resolve_loop(self) -> None:
-        while True:
-            outcomes = self._outcomes.get()
-            if outcomes is None:
-                return
-            self.resolve(outcomes)
-            del outcomes  # nothing here keeps a result alive while waiting for the next
-
-    def resolve(self, outcomes: list[Outcome]) -> None:
-        """Resolve each Future in its own ``try``: one that fails cannot strand the others; the
-        failure breaks the executor (which fails every call still on the books) and fails it too."""
-        with self._lock:  # off the books first: a done-callback may wait until nothing is outstanding
-            self._unresolved -= len(outcomes)
-        tally: dict[int, Tally] = {}
-        released: collections.Counter[str] = collections.Counter()
-        echo = self._echo_output
-        for item, outcome in outcomes:
-            seconds = 0.0
-            try:
-                if isinstance(outcome, BaseException):  # e.g. its arguments did not pickle
-                    _set_exception(item.future, outcome)
-                    error: str | None = f"{type(outcome).__name__}: {outcome}"
-                else:
-                    released[item.fn_key] += 1
-                    seconds = outcome.seconds
-                    error = _resolve(item.future, outcome, echo, self.environment_synced)
-            except BaseException as exc:  # noqa: BLE001 - a bug must break the executor, not hang it
-                log.exception("resolving a call failed")
-                broken = BrokenClusterExecutor(f"internal error while resolving a result: {exc!r}")
-                _set_exception(item.future, broken)
-                error = str(broken)
-                self.break_(broken)
-            counts = tally.get(item.batch)
-            if counts is None:
-                counts = tally[item.batch] = Tally()
-            counts.add(seconds, error)
-        self.stats.ended_tallies(tally)
+    def _resolved(self, count: int, released: collections.Counter[str]) -> None:
+        """The results thread resolved ``count`` calls, of these functions: off the books."""
         with self._lock:
-            for key, count in released.items():
-                self._release_function(key, count)
-        self.on_change()
+            self._unresolved -= count
+            for key, uses in released.items():
+                self._release_function(key, uses)
 
     # -- the job manager's side ------------------------------------------------------------
     def take_lost(self, worker_id: str) -> list[WorkItem]:
@@ -607,7 +557,7 @@ class Dispatcher:
                 if item.future.running() or item.future.set_running_or_notify_cancel():
                     failed = text if outcome == "failed" else None
                     self.stats.ended(item.batch, outcome, error=failed, was_running=item.attempt > 0)
-                    _set_exception(item.future, error)
+                    set_exception(item.future, error)
                 else:
                     self.stats.ended(item.batch, "cancelled", was_running=False)
             except Exception:  # noqa: BLE001 - the others must still end
@@ -681,41 +631,3 @@ def _dumps_arguments(item: WorkItem) -> bytes:
         else:
             return pickle.dumps((args, NO_KWARGS), protocol=pickling.PICKLE_PROTOCOL)
     return pickling.dumps(item.arguments())
-
-
-def _set_exception(future: Future[Any], error: BaseException) -> None:
-    if not future.done():
-        try:
-            future.set_exception(error)
-        except Exception:  # resolved meanwhile by another thread
-            pass
-
-
-def _resolve(future: Future[Any], result: Result, echo: bool, synced: bool = False) -> str | None:
-    """Resolve a Future from a worker's result; return the error's text when the call failed."""
-    stdout, stderr = result.stdout, result.stderr
-    if stdout or stderr or type(future) is not CallFuture:  # a CallFuture's are "" by default
-        future.remote_stdout = stdout  # type: ignore[attr-defined]
-        future.remote_stderr = stderr  # type: ignore[attr-defined]
-        future.remote_output = stdout + stderr  # type: ignore[attr-defined]
-    if echo:
-        for text, stream in ((stdout, sys.stdout), (stderr, sys.stderr)):
-            if text:
-                print(text, end="" if text.endswith("\n") else "\n", file=stream)
-    try:
-        loaded = pickle.loads(result.data)
-    except Exception as load_error:  # noqa: BLE001 - e.g. a module missing on the client
-        message = f"the result could not be unpickled here: {load_error!r}"
-        _set_exception(future, RemoteCallError(message))
-        return message
-    if result.ok:
-        if not future.done():
-            future.set_result(loaded)
-        return None
-    error = rebuild_error(Error(*loaded))
-    fit_advice(error, synced)
-    for name, text in (("stdout", stdout), ("stderr", stderr)):
-        if text:
-            add_note(error, f"{name} of the call on the node:\n{text.rstrip()}")
-    _set_exception(future, error)
-    return str(error.__cause__)

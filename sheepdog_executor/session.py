@@ -194,7 +194,7 @@ class Session:
         session directory; the scheduler the jobs go to is made with its interpreter."""
         head = HeadNode(self.shell, self.scheduler.options, self.scheduler.command_setup)
         synced = environment.prepare(head, root)
-        self.dispatcher.environment_synced = True
+        self.dispatcher.results.environment_synced = True
         record = f"{self.session_dir}/{ENVIRONMENT_RECORD}"
         self.shell.put(record, f"{synced.key}\n".encode(), 0o600)
         self.scheduler = self.scheduler.with_python(synced.python)
