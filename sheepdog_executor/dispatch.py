@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
 import pickle
 import threading
 from collections import deque
@@ -32,17 +31,13 @@ from sheepdog_executor.errors import (
     BrokenClusterExecutor,
     PythonVersionMismatch,
 )
+from sheepdog_executor.functions import FunctionCache
+from sheepdog_executor.handout import MAX_BYTES_PER_REPLY, HandOut
 from sheepdog_executor.remote.protocol import Error, Item, Result
 from sheepdog_executor.results import Outcome, Results, set_exception
 from sheepdog_executor.stats import Stats
 
 log = logging.getLogger("sheepdog_executor")
-
-#: Upper bound on the calls and bytes handed to a worker in one reply.
-MAX_ITEMS_PER_REPLY = 2000
-MAX_BYTES_PER_REPLY = 16 * 1024 * 1024
-#: About this much work (by the calls' average duration) goes out in one reply.
-REPLY_SECONDS = 0.25
 
 #: WorkItem.state: waiting for a worker, held by one (or lost, being diagnosed), resolved.
 QUEUED, HELD, ENDED = 0, 1, 2
@@ -144,8 +139,8 @@ class Dispatcher:
         self.retries = retries
         self.disconnect_tolerance = disconnect_tolerance
         self.max_workers = max_workers
-        #: Moving average of a call's run time on the workers; None until the first result.
-        self.call_seconds: float | None = None
+        #: How many calls go out in one reply.
+        self.hand_out = HandOut(max_workers)
         self.idle_timeout = idle_timeout
         self.heartbeat = heartbeat
         self._initializer = initializer
@@ -155,10 +150,7 @@ class Dispatcher:
         self._pending: deque[WorkItem] = deque()
         self._stale = 0  # entries of _pending whose call was cancelled (skipped when reached)
         self._unresolved = 0  # calls added whose Future is not resolved yet
-        self._functions: dict[str, bytes] = {}
-        self._function_users: dict[str, int] = {}
-        #: id(fn) -> (fn, key, pickle) while calls of fn are outstanding: fn is pickled once.
-        self._by_identity: dict[int, tuple[Any, str, bytes]] = {}
+        self._functions = FunctionCache()
         self.workers: dict[str, Worker] = {}
         self.stats = Stats()
         self.tasks_seen: set[tuple[str, int]] = set()  # (job, task) that ever said hello
@@ -184,12 +176,12 @@ class Dispatcher:
     # -- the user's side --------------------------------------------------------------------
     def function_key(self, fn: Callable[..., Any]) -> tuple[str, bytes]:
         """(key, pickle) of ``fn``: pickled once while calls of it are outstanding."""
-        known = self._by_identity.get(id(fn))
-        if known is not None and known[0] is fn:
-            return known[1], known[2]
+        known = self._functions.known(fn)
+        if known is not None:
+            return known
         key, blob = pickling.dump_function(fn)
         with self._lock:
-            self._by_identity.setdefault(id(fn), (fn, key, blob))
+            self._functions.remember(fn, key, blob)
         return key, blob
 
     def add(
@@ -208,9 +200,7 @@ class Dispatcher:
             if self.broken is not None:
                 raise BrokenClusterExecutor(str(self.broken)) from self.broken
             was_short = len(self._pending) - self._stale == 0 or self._unresolved < self.max_workers
-            self._functions.setdefault(key, blob)
-            self._by_identity.setdefault(id(fn), (fn, key, blob))
-            self._function_users[key] = self._function_users.get(key, 0) + count
+            self._functions.use(fn, key, blob, count)
             first = self._next_id
             self._next_id += count
             pending = self._pending
@@ -339,7 +329,7 @@ class Dispatcher:
                 del held[result.item]
                 item.state = ENDED
                 worker.calls_done += 1
-                self._observe(result.seconds)
+                self.hand_out.observe(result.seconds)
                 delivered.append((item, result))
             # A worker asks for work only once it has run everything it was given: calls it still
             # holds never reached it (the reply was lost with its connection). Queue them again.
@@ -367,11 +357,10 @@ class Dispatcher:
                 batch = self._take(worker, failed)
                 if batch:
                     worker.idle_since = None
-                    functions = {
-                        k: self._functions[k] for k in {i[2] for i in batch} if k not in worker.functions_sent
-                    }
+                    keys = {item.fn_key for item in batch} - worker.functions_sent
+                    functions = {key: self._functions.blob(key) for key in keys}
                     worker.functions_sent.update(functions)
-                    return {"items": batch, "functions": functions}
+                    return {"items": [item.wire() for item in batch], "functions": functions}
                 now = awake_or_asleep()
                 if worker.idle_since is None:
                     worker.idle_since = now
@@ -397,7 +386,7 @@ class Dispatcher:
                 return  # taken meanwhile, or already accounted for
             item.state = ENDED
             item.future._item = None  # type: ignore[attr-defined]
-            self._release_function(item.fn_key)
+            self._functions.release(item.fn_key)
             self._stale += 1
             self._unresolved -= 1
             if self._stale == len(self._pending):
@@ -406,22 +395,11 @@ class Dispatcher:
         self.stats.ended(item.batch, "cancelled", was_running=False)
         self.on_change()
 
-    def _observe(self, seconds: float) -> None:
-        average = self.call_seconds
-        self.call_seconds = seconds if average is None else 0.8 * average + 0.2 * seconds
-
-    def _take(self, worker: Worker, failed: list[Outcome]) -> list[tuple[Any, ...]]:
-        """Guided self-scheduling: a share of the pending calls for each of the workers expected,
-        shrinking as the queue drains, and never more than about REPLY_SECONDS of work. Until a
-        call's duration is known, one call: long calls then spread over all workers. Returns the
-        calls as they go on the wire, their arguments pickled now; a call whose arguments do not
-        pickle goes to ``failed``."""
-        expected = max(len(self.workers), min(self.max_workers, self._unresolved))
-        share = math.ceil((len(self._pending) - self._stale) / (2 * expected))
-        seconds = self.call_seconds
-        by_time = 1 if seconds is None else int(REPLY_SECONDS / max(seconds, 1e-6))
-        want = max(1, min(MAX_ITEMS_PER_REPLY, share, by_time))
-        batch: list[tuple[Any, ...]] = []
+    def _take(self, worker: Worker, failed: list[Outcome]) -> list[Item]:
+        """The calls of the next reply (as many as ``hand_out`` says), their arguments pickled now;
+        a call whose arguments do not pickle goes to ``failed``."""
+        want = self.hand_out.share(len(self._pending) - self._stale, len(self.workers), self._unresolved)
+        batch: list[Item] = []
         taken: list[WorkItem] = []
         size = 0
         pending, held = self._pending, worker.items
@@ -432,7 +410,7 @@ class Dispatcher:
                 continue
             if item.attempt == 0 and not item.future.set_running_or_notify_cancel():
                 item.state = ENDED  # cancelled just now: its own cancel() finds it taken
-                self._release_function(item.fn_key)
+                self._functions.release(item.fn_key)
                 self._unresolved -= 1
                 self.stats.ended(item.batch, "cancelled", was_running=False)
                 continue
@@ -441,7 +419,7 @@ class Dispatcher:
                 payload = _dumps_arguments(item)
             except Exception as exc:  # noqa: BLE001 - the call's own error, as ProcessPoolExecutor's
                 item.state = ENDED
-                self._release_function(item.fn_key)
+                self._functions.release(item.fn_key)
                 self.stats.started(item.batch, worker.host)
                 failed.append((item, exc))
                 continue
@@ -449,22 +427,12 @@ class Dispatcher:
             item.worker = worker.id
             item.state = HELD
             held[item.id] = item
-            batch.append(Item(item.id, item.attempt, item.fn_key, payload).wire())
+            batch.append(Item(item.id, item.attempt, item.fn_key, payload))
             taken.append(item)
             size += len(payload)
         for batch_id, count in collections.Counter(item.batch for item in taken).items():
             self.stats.started(batch_id, worker.host, count)
         return batch
-
-    def _release_function(self, key: str, count: int = 1) -> None:
-        users = self._function_users[key] - count
-        if users:
-            self._function_users[key] = users
-            return
-        del self._function_users[key]
-        self._functions.pop(key, None)
-        for fn_id in [i for i, known in self._by_identity.items() if known[1] == key]:
-            del self._by_identity[fn_id]
 
     def _initializer_failed(self, fatal: bytes) -> None:
         tb = Error(*pickle.loads(fatal)).traceback
@@ -475,7 +443,7 @@ class Dispatcher:
         with self._lock:
             self._unresolved -= count
             for key, uses in released.items():
-                self._release_function(key, uses)
+                self._functions.release(key, uses)
 
     # -- the job manager's side ------------------------------------------------------------
     def take_lost(self, worker_id: str) -> list[WorkItem]:
@@ -550,7 +518,7 @@ class Dispatcher:
             items = [item for item in items if item.state != ENDED]
             for item in items:
                 item.state = ENDED
-                self._release_function(item.fn_key)
+                self._functions.release(item.fn_key)
         text = f"{type(error).__name__}: {error}"
         for item in items:
             try:
@@ -590,7 +558,7 @@ class Dispatcher:
             for item in items:
                 item.state = ENDED
                 item.future._item = None  # type: ignore[attr-defined]
-                self._release_function(item.fn_key)
+                self._functions.release(item.fn_key)
             kept = [item for item in self._pending if item.state == QUEUED and item.attempt > 0]
             self._pending = deque(kept)
             self._stale = 0
