@@ -21,8 +21,8 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any
 
 from sheepdog_executor import pickling
 from sheepdog_executor.callfuture import CallFuture
@@ -33,6 +33,7 @@ from sheepdog_executor.errors import (
 )
 from sheepdog_executor.functions import FunctionCache
 from sheepdog_executor.handout import MAX_BYTES_PER_REPLY, HandOut
+from sheepdog_executor.registry import Worker, WorkerRegistry, WorkerSeen
 from sheepdog_executor.remote.protocol import Error, Item, Result
 from sheepdog_executor.results import Outcome, Results, set_exception
 from sheepdog_executor.stats import Stats
@@ -75,36 +76,6 @@ class WorkItem:
     def arguments(self) -> tuple[Any, dict[str, Any] | None]:
         """What the worker's ``call`` unpickles for this item: ``(args, kwargs)``."""
         return (self.args, self.kwargs)
-
-
-@dataclass(eq=False)
-class Worker:
-    """A worker that said hello: where it runs and what it holds."""
-
-    id: str
-    job: str
-    task: int
-    host: str
-    last_seen: float
-    items: dict[int, WorkItem] = field(default_factory=dict)
-    functions_sent: set[str] = field(default_factory=set)
-    idle_since: float | None = None
-    calls_done: int = 0
-    #: The route it reached this client by ("direct", "tunnel", ...).
-    route: str = ""
-
-
-#: What the results thread resolves: (item, worker's result tuple) or (item, an error to set).
-
-
-class WorkerSeen(NamedTuple):
-    """A registered worker as the job manager sees it."""
-
-    id: str
-    job: str
-    task: int
-    host: str
-    last_seen: float
 
 
 @dataclass(frozen=True)
@@ -151,9 +122,9 @@ class Dispatcher:
         self._stale = 0  # entries of _pending whose call was cancelled (skipped when reached)
         self._unresolved = 0  # calls added whose Future is not resolved yet
         self._functions = FunctionCache()
-        self.workers: dict[str, Worker] = {}
+        #: The workers that said hello.
+        self.registry = WorkerRegistry()
         self.stats = Stats()
-        self.tasks_seen: set[tuple[str, int]] = set()  # (job, task) that ever said hello
         self.broken: BaseException | None = None
         self.stopping = False
         #: The results thread: it alone unpickles results and resolves Futures.
@@ -219,21 +190,8 @@ class Dispatcher:
 
     def snapshot(self) -> dict[str, Any]:
         """Batches, recent errors and live workers, JSON-able (for the status page and progress)."""
-        now = awake_or_asleep()
         with self._lock:
-            workers = [
-                {
-                    "id": w.id,
-                    "host": w.host,
-                    "job": w.job,
-                    "task": w.task,
-                    "calls_done": w.calls_done,
-                    "holding": len(w.items),
-                    "seen_seconds_ago": round(now - w.last_seen, 1),
-                    "route": w.route,
-                }
-                for w in self.workers.values()
-            ]
+            workers = self.registry.rows(awake_or_asleep())
         return {
             **self.stats.snapshot(),
             "workers": workers,
@@ -252,25 +210,31 @@ class Dispatcher:
     def liveness(self) -> Liveness:
         """A snapshot of the workers and counts, for the job manager (which reads no table here)."""
         with self._lock:
-            workers = tuple(
-                WorkerSeen(w.id, w.job, w.task, w.host, w.last_seen) for w in self.workers.values()
-            )
+            workers, seen = self.registry.seen()
             pending = len(self._pending) - self._stale
-            held = self._unresolved - pending
-            return Liveness(workers, frozenset(self.tasks_seen), pending, held, self.heartbeat)
+            return Liveness(workers, seen, pending, self._unresolved - pending, self.heartbeat)
+
+    @property
+    def workers(self) -> dict[str, Worker]:
+        """The registered workers by id (the registry's table: read under the lock)."""
+        return self.registry.workers
+
+    @property
+    def tasks_seen(self) -> set[tuple[str, int]]:
+        return self.registry.tasks_seen
 
     @property
     def _items(self) -> dict[int, WorkItem]:
         """The calls workers hold, by id (for tests that act as a worker)."""
         with self._lock:
-            return {i: item for w in self.workers.values() for i, item in w.items.items()}
+            return self.registry.held()
 
     # -- the endpoint's side ----------------------------------------------------------------
     def hello(self, message: dict[str, Any]) -> dict[str, Any]:
         python = tuple(message.get("python", ()))[:2]
         job, task = str(message.get("job")), int(message.get("task", 0))
         with self._lock:
-            self.tasks_seen.add((job, task))
+            self.registry.tasks_seen.add((job, task))
         if self._python is not None and python != self._python:
             error = PythonVersionMismatch(
                 f"the workers run Python {'.'.join(map(str, message.get('python', ())))} on "
@@ -287,7 +251,7 @@ class Dispatcher:
         with self._lock:
             if self.stopping:
                 return {"error": "the executor is shutting down"}
-            self.workers[worker.id] = worker
+            self.registry.workers[worker.id] = worker
         log.debug("worker %s on %s said hello (route %s)", worker.id, worker.host, worker.route)
         self.on_change()
         return {
@@ -298,10 +262,7 @@ class Dispatcher:
 
     def heartbeat_from(self, worker_id: str) -> bool:
         with self._lock:
-            worker = self.workers.get(worker_id)
-            if worker is not None:
-                worker.last_seen = awake_or_asleep()
-            return worker is not None
+            return self.registry.heard_from(worker_id) is not None
 
     def exchange(
         self, worker_id: str, results: list[Result], fatal: bytes | None = None
@@ -317,10 +278,9 @@ class Dispatcher:
     def _exchange(self, worker_id: str, results: list[Result], fatal: bytes | None) -> dict[str, Any] | None:
         delivered: list[Outcome] = []
         with self._lock:
-            worker = self.workers.get(worker_id)
+            worker = self.registry.heard_from(worker_id)
             if worker is None:
                 return {"stop": True}
-            worker.last_seen = awake_or_asleep()
             held = worker.items
             for result in results:
                 item = held.get(result.item)
@@ -374,7 +334,7 @@ class Dispatcher:
     def _stop(self, worker: Worker) -> dict[str, Any] | None:
         if worker.items:
             return None  # it still owes results; let it deliver them first
-        self.workers.pop(worker.id, None)
+        self.registry.workers.pop(worker.id, None)
         self.on_change()
         return {"stop": True}
 
@@ -398,7 +358,9 @@ class Dispatcher:
     def _take(self, worker: Worker, failed: list[Outcome]) -> list[Item]:
         """The calls of the next reply (as many as ``hand_out`` says), their arguments pickled now;
         a call whose arguments do not pickle goes to ``failed``."""
-        want = self.hand_out.share(len(self._pending) - self._stale, len(self.workers), self._unresolved)
+        want = self.hand_out.share(
+            len(self._pending) - self._stale, len(self.registry.workers), self._unresolved
+        )
         batch: list[Item] = []
         taken: list[WorkItem] = []
         size = 0
@@ -449,7 +411,7 @@ class Dispatcher:
     def take_lost(self, worker_id: str) -> list[WorkItem]:
         """Forget a dead worker; return the calls it held (unresolved, held by nobody)."""
         with self._lock:
-            worker = self.workers.pop(worker_id, None)
+            worker = self.registry.workers.pop(worker_id, None)
             if worker is None:
                 return []
             items = [worker.items[i] for i in sorted(worker.items)]
@@ -465,14 +427,8 @@ class Dispatcher:
         """Forget the workers that hold calls of ``batch`` and of nothing else; return each with
         those calls (unresolved, held by nobody): an interrupted map stops them where they run.
         A worker that also holds calls of another batch is left to finish them."""
-        taken = []
         with self._lock:
-            for worker in list(self.workers.values()):
-                items = [worker.items[i] for i in sorted(worker.items)]
-                if items and all(item.batch == batch for item in items):
-                    del self.workers[worker.id]
-                    worker.items.clear()
-                    taken.append((worker, items))
+            taken = self.registry.take_holding_only(batch)
         if taken:
             self.on_change()
         return taken
@@ -545,7 +501,7 @@ class Dispatcher:
             items = [item for item in self._pending if item.state == QUEUED]
             self._pending.clear()
             self._stale = 0
-            for worker in self.workers.values():
+            for worker in self.registry.workers.values():
                 items.extend(worker.items.values())
                 worker.items.clear()
         self.fail_items(items, error)
