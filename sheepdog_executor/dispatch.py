@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
 import pickle
-import queue
-import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sheepdog_executor import pickling
@@ -33,19 +30,15 @@ from sheepdog_executor.clock import awake_or_asleep
 from sheepdog_executor.errors import (
     BrokenClusterExecutor,
     PythonVersionMismatch,
-    RemoteCallError,
 )
-from sheepdog_executor.remote.compat import add_note
-from sheepdog_executor.stats import Stats, Tally
-from sheepdog_executor.tracebacks import fit_advice, rebuild_error
+from sheepdog_executor.functions import FunctionCache
+from sheepdog_executor.handout import MAX_BYTES_PER_REPLY, HandOut
+from sheepdog_executor.remote.protocol import Error, Item, Result
+from sheepdog_executor.results import Outcome, Results, set_exception
+from sheepdog_executor.stats import Stats
+from sheepdog_executor.workers import Worker, WorkerRegistry, WorkerSeen
 
 log = logging.getLogger("sheepdog_executor")
-
-#: Upper bound on the calls and bytes handed to a worker in one reply.
-MAX_ITEMS_PER_REPLY = 2000
-MAX_BYTES_PER_REPLY = 16 * 1024 * 1024
-#: About this much work (by the calls' average duration) goes out in one reply.
-REPLY_SECONDS = 0.25
 
 #: WorkItem.state: waiting for a worker, held by one (or lost, being diagnosed), resolved.
 QUEUED, HELD, ENDED = 0, 1, 2
@@ -53,9 +46,9 @@ NO_KWARGS: dict[str, Any] = {}
 
 
 class WorkItem:
-    """One call (or one chunk of a map) waiting for, or held by, a worker."""
+    """One call (a map's chunk is a call of ``run_chunk``) waiting for, or held by, a worker."""
 
-    __slots__ = ("id", "future", "fn_key", "kind", "args", "kwargs", "batch", "attempt", "worker",
+    __slots__ = ("id", "future", "fn_key", "args", "kwargs", "batch", "attempt", "worker",
                  "losses", "undelivered", "state")  # fmt: skip
 
     def __init__(
@@ -63,7 +56,6 @@ class WorkItem:
         id: int,
         future: Future[Any],
         fn_key: str,
-        kind: str,
         args: Any,
         kwargs: dict[str, Any] | None = None,
         batch: int = 0,
@@ -71,7 +63,6 @@ class WorkItem:
         self.id = id
         self.future = future
         self.fn_key = fn_key
-        self.kind = kind  # "call": fn(*args, **kwargs); "chunk": args is a list of (args, kwargs)
         self.args = args
         self.kwargs = kwargs
         self.batch = batch
@@ -82,35 +73,23 @@ class WorkItem:
         self.undelivered = 0
         self.state = QUEUED
 
-    def arguments(self) -> Any:
-        """What the worker's ``run_item`` unpickles for this item."""
-        return (self.args, self.kwargs) if self.kind == "call" else self.args
+    def arguments(self) -> tuple[Any, dict[str, Any] | None]:
+        """What the worker's ``call`` unpickles for this item: ``(args, kwargs)``."""
+        return (self.args, self.kwargs)
 
 
-@dataclass(eq=False)
-class Worker:
-    """A worker that said hello: where it runs and what it holds."""
+@dataclass(frozen=True)
+class Liveness:
+    """What the job manager judges workers and jobs by: the dispatcher's view at one moment."""
 
-    id: str
-    job: str
-    task: int
-    host: str
-    last_seen: float
-    items: dict[int, WorkItem] = field(default_factory=dict)
-    functions_sent: set[str] = field(default_factory=set)
-    idle_since: float | None = None
-    calls_done: int = 0
-    #: The route it reached this client by ("direct", "tunnel", ...).
-    route: str = ""
-    #: The number of its latest ``/work`` request, and the calls this client answered it with: a
-    #: copy of that request (the worker did not get the answer) gets the same calls again, and a
-    #: copy of an older one (sent on a connection the worker has left) changes nothing.
-    request: int = 0
-    answer: dict[str, Any] | None = None
-
-
-#: What the results thread resolves: (item, worker's result tuple) or (item, an error to set).
-Outcome = tuple[WorkItem, Any]
+    workers: tuple[WorkerSeen, ...]
+    #: (job, task) of every task whose worker ever said hello.
+    tasks_seen: frozenset[tuple[str, int]]
+    #: Calls waiting for a worker, and calls taken by workers and not resolved yet.
+    pending: int
+    held: int
+    #: The workers' heartbeat interval.
+    heartbeat: float
 
 
 class Dispatcher:
@@ -131,33 +110,25 @@ class Dispatcher:
         self.retries = retries
         self.disconnect_tolerance = disconnect_tolerance
         self.max_workers = max_workers
-        #: Moving average of a call's run time on the workers; None until the first result.
-        self.call_seconds: float | None = None
+        #: How many calls go out in one reply.
+        self.hand_out = HandOut(max_workers)
         self.idle_timeout = idle_timeout
         self.heartbeat = heartbeat
         self._initializer = initializer
         self._python = python
-        self._echo_output = echo_output
-        #: Whether the nodes run this client's packages (``environment="sync"``): for the advice.
-        self.environment_synced = False
         self._lock = threading.Lock()
         self._next_id = 1
         self._pending: deque[WorkItem] = deque()
         self._stale = 0  # entries of _pending whose call was cancelled (skipped when reached)
         self._unresolved = 0  # calls added whose Future is not resolved yet
-        self._functions: dict[str, bytes] = {}
-        self._function_users: dict[str, int] = {}
-        #: id(fn) -> (fn, key, pickle) while calls of fn are outstanding: fn is pickled once.
-        self._by_identity: dict[int, tuple[Any, str, bytes]] = {}
-        self.workers: dict[str, Worker] = {}
+        self._functions = FunctionCache()
+        #: The workers that said hello.
+        self.registry = WorkerRegistry()
         self.stats = Stats()
-        self.tasks_seen: set[tuple[str, int]] = set()  # (job, task) that ever said hello
         self.broken: BaseException | None = None
         self.stopping = False
-        self._outcomes: queue.SimpleQueue[list[Outcome] | None] = queue.SimpleQueue()
-        self._results_thread = threading.Thread(
-            target=self._resolve_loop, name="sheepdog-results", daemon=True
-        )
+        #: The results thread: it alone unpickles results and resolves Futures.
+        self.results = Results(self.stats, self._resolved, self.break_, lambda: self.on_change(), echo_output)
         #: Called (from any thread) when there is new work or the state changed; set by the owner.
         self.on_change: Callable[[], None] = lambda: None
         self.on_work: Callable[[], None] = lambda: None
@@ -167,53 +138,46 @@ class Dispatcher:
     # -- life ---------------------------------------------------------------------------------
     def start(self) -> None:
         """Start the results thread."""
-        self._results_thread.start()
+        self.results.start()
 
     def close(self) -> None:
-        """Resolve what the results thread still holds, then end it (joined, unless this is that
-        thread: a done-callback that shuts the executor down)."""
-        if self._results_thread.is_alive():
-            self._outcomes.put(None)
-            if threading.current_thread() is not self._results_thread:
-                self._results_thread.join()
+        """Resolve what the results thread still holds, then end it."""
+        self.results.close()
 
     # -- the user's side --------------------------------------------------------------------
     def function_key(self, fn: Callable[..., Any]) -> tuple[str, bytes]:
         """(key, pickle) of ``fn``: pickled once while calls of it are outstanding."""
-        known = self._by_identity.get(id(fn))
-        if known is not None and known[0] is fn:
-            return known[1], known[2]
+        known = self._functions.known(fn)
+        if known is not None:
+            return known
         key, blob = pickling.dump_function(fn)
         with self._lock:
-            self._by_identity.setdefault(id(fn), (fn, key, blob))
+            self._functions.remember(fn, key, blob)
         return key, blob
 
     def add(
         self,
         fn: Callable[..., Any],
-        kind: str,
         arguments: Sequence[tuple[Any, dict[str, Any] | None]],
         futures: Sequence[Future[Any]],
         batch: int = 0,
         label: str = "",
     ) -> None:
-        """Queue calls of ``fn`` as part of ``batch``: (args, kwargs) and a Future each. A "chunk"
-        is a list of (args, kwargs) with kwargs None; it is pickled only when a worker takes it."""
+        """Queue calls of ``fn`` as part of ``batch``: (args, kwargs) and a Future each; the
+        arguments are pickled only when a worker takes the call."""
         key, blob = self.function_key(fn)
         count = len(futures)
         with self._lock:
             if self.broken is not None:
                 raise BrokenClusterExecutor(str(self.broken)) from self.broken
             was_short = len(self._pending) - self._stale == 0 or self._unresolved < self.max_workers
-            self._functions.setdefault(key, blob)
-            self._by_identity.setdefault(id(fn), (fn, key, blob))
-            self._function_users[key] = self._function_users.get(key, 0) + count
+            self._functions.use(fn, key, blob, count)
             first = self._next_id
             self._next_id += count
             pending = self._pending
             for i, (args, kwargs) in enumerate(arguments):
                 future = futures[i]
-                item = WorkItem(first + i, future, key, kind, args, kwargs, batch)
+                item = WorkItem(first + i, future, key, args, kwargs, batch)
                 if type(future) is CallFuture:
                     future._on_cancel = self._forget_cancelled
                     future._item = item
@@ -226,21 +190,8 @@ class Dispatcher:
 
     def snapshot(self) -> dict[str, Any]:
         """Batches, recent errors and live workers, JSON-able (for the status page and progress)."""
-        now = awake_or_asleep()
         with self._lock:
-            workers = [
-                {
-                    "id": w.id,
-                    "host": w.host,
-                    "job": w.job,
-                    "task": w.task,
-                    "calls_done": w.calls_done,
-                    "holding": len(w.items),
-                    "seen_seconds_ago": round(now - w.last_seen, 1),
-                    "route": w.route,
-                }
-                for w in self.workers.values()
-            ]
+            workers = self.registry.rows(awake_or_asleep())
         return {
             **self.stats.snapshot(),
             "workers": workers,
@@ -256,18 +207,34 @@ class Dispatcher:
     def outstanding(self) -> int:
         return self._unresolved
 
+    def liveness(self) -> Liveness:
+        """A snapshot of the workers and counts, for the job manager (which reads no table here)."""
+        with self._lock:
+            workers, seen = self.registry.seen()
+            pending = len(self._pending) - self._stale
+            return Liveness(workers, seen, pending, self._unresolved - pending, self.heartbeat)
+
+    @property
+    def workers(self) -> dict[str, Worker]:
+        """The registered workers by id (the registry's table: read under the lock)."""
+        return self.registry.workers
+
+    @property
+    def tasks_seen(self) -> set[tuple[str, int]]:
+        return self.registry.tasks_seen
+
     @property
     def _items(self) -> dict[int, WorkItem]:
         """The calls workers hold, by id (for tests that act as a worker)."""
         with self._lock:
-            return {i: item for w in self.workers.values() for i, item in w.items.items()}
+            return self.registry.held()
 
     # -- the endpoint's side ----------------------------------------------------------------
     def hello(self, message: dict[str, Any]) -> dict[str, Any]:
         python = tuple(message.get("python", ()))[:2]
         job, task = str(message.get("job")), int(message.get("task", 0))
         with self._lock:
-            self.tasks_seen.add((job, task))
+            self.registry.tasks_seen.add((job, task))
         if self._python is not None and python != self._python:
             error = PythonVersionMismatch(
                 f"the workers run Python {'.'.join(map(str, message.get('python', ())))} on "
@@ -284,7 +251,7 @@ class Dispatcher:
         with self._lock:
             if self.stopping:
                 return {"error": "the executor is shutting down"}
-            self.workers[worker.id] = worker
+            self.registry.workers[worker.id] = worker
         log.debug("worker %s on %s said hello (route %s)", worker.id, worker.host, worker.route)
         self.on_change()
         return {
@@ -295,15 +262,12 @@ class Dispatcher:
 
     def heartbeat_from(self, worker_id: str) -> bool:
         with self._lock:
-            worker = self.workers.get(worker_id)
-            if worker is not None:
-                worker.last_seen = awake_or_asleep()
-            return worker is not None
+            return self.registry.heard_from(worker_id) is not None
 
     def exchange(
         self,
         worker_id: str,
-        results: list[tuple[Any, ...]],
+        results: list[Result],
         fatal: bytes | None = None,
         request: int | None = None,
     ) -> dict[str, Any] | None:
@@ -318,14 +282,13 @@ class Dispatcher:
             return {"stop": True}
 
     def _exchange(
-        self, worker_id: str, results: list[tuple[Any, ...]], fatal: bytes | None, request: int | None
+        self, worker_id: str, results: list[Result], fatal: bytes | None, request: int | None
     ) -> dict[str, Any] | None:
         delivered: list[Outcome] = []
         with self._lock:
-            worker = self.workers.get(worker_id)
+            worker = self.registry.heard_from(worker_id)
             if worker is None:
                 return {"stop": True}
-            worker.last_seen = awake_or_asleep()
             if request is not None:
                 # copies of a request arrive late when the client was away (suspended, offline):
                 # the worker sent it again on another connection, or has moved on since
@@ -336,13 +299,13 @@ class Dispatcher:
                 worker.request, worker.answer = request, None
             held = worker.items
             for result in results:
-                item = held.get(result[0])
-                if item is None or item.attempt != result[1]:
+                item = held.get(result.item)
+                if item is None or item.attempt != result.attempt:
                     continue  # late, duplicate or replayed
-                del held[result[0]]
+                del held[result.item]
                 item.state = ENDED
                 worker.calls_done += 1
-                self._observe(result[5])
+                self.hand_out.observe(result.seconds)
                 delivered.append((item, result))
             # A worker asks for work only once it has run everything it was given: calls it still
             # holds never reached it (the reply was lost with its connection). Queue them again.
@@ -358,7 +321,7 @@ class Dispatcher:
                 held.clear()
                 self.on_work()
         if delivered:
-            self._outcomes.put(delivered)  # one hand-over per exchange: the results thread resolves
+            self.results.put(delivered)  # one hand-over per exchange: the results thread resolves
         if fatal is not None:
             self._initializer_failed(fatal)
             return {"stop": True}
@@ -370,11 +333,10 @@ class Dispatcher:
                 batch = self._take(worker, failed)
                 if batch:
                     worker.idle_since = None
-                    functions = {
-                        k: self._functions[k] for k in {i[2] for i in batch} if k not in worker.functions_sent
-                    }
+                    keys = {item.fn_key for item in batch} - worker.functions_sent
+                    functions = {key: self._functions.blob(key) for key in keys}
                     worker.functions_sent.update(functions)
-                    worker.answer = {"items": batch, "functions": functions}
+                    worker.answer = {"items": [item.wire() for item in batch], "functions": functions}
                     return worker.answer
                 now = awake_or_asleep()
                 if worker.idle_since is None:
@@ -384,12 +346,12 @@ class Dispatcher:
                 return None
         finally:
             if failed:
-                self._outcomes.put(failed)
+                self.results.put(failed)
 
     def _stop(self, worker: Worker) -> dict[str, Any] | None:
         if worker.items:
             return None  # it still owes results; let it deliver them first
-        self.workers.pop(worker.id, None)
+        self.registry.workers.pop(worker.id, None)
         self.on_change()
         return {"stop": True}
 
@@ -401,7 +363,7 @@ class Dispatcher:
                 return  # taken meanwhile, or already accounted for
             item.state = ENDED
             item.future._item = None  # type: ignore[attr-defined]
-            self._release_function(item.fn_key)
+            self._functions.release(item.fn_key)
             self._stale += 1
             self._unresolved -= 1
             if self._stale == len(self._pending):
@@ -410,22 +372,13 @@ class Dispatcher:
         self.stats.ended(item.batch, "cancelled", was_running=False)
         self.on_change()
 
-    def _observe(self, seconds: float) -> None:
-        average = self.call_seconds
-        self.call_seconds = seconds if average is None else 0.8 * average + 0.2 * seconds
-
-    def _take(self, worker: Worker, failed: list[Outcome]) -> list[tuple[Any, ...]]:
-        """Guided self-scheduling: a share of the pending calls for each of the workers expected,
-        shrinking as the queue drains, and never more than about REPLY_SECONDS of work. Until a
-        call's duration is known, one call: long calls then spread over all workers. Returns the
-        calls as they go on the wire, their arguments pickled now; a call whose arguments do not
-        pickle goes to ``failed``."""
-        expected = max(len(self.workers), min(self.max_workers, self._unresolved))
-        share = math.ceil((len(self._pending) - self._stale) / (2 * expected))
-        seconds = self.call_seconds
-        by_time = 1 if seconds is None else int(REPLY_SECONDS / max(seconds, 1e-6))
-        want = max(1, min(MAX_ITEMS_PER_REPLY, share, by_time))
-        batch: list[tuple[Any, ...]] = []
+    def _take(self, worker: Worker, failed: list[Outcome]) -> list[Item]:
+        """The calls of the next reply (as many as ``hand_out`` says), their arguments pickled now;
+        a call whose arguments do not pickle goes to ``failed``."""
+        want = self.hand_out.share(
+            len(self._pending) - self._stale, len(self.registry.workers), self._unresolved
+        )
+        batch: list[Item] = []
         taken: list[WorkItem] = []
         size = 0
         pending, held = self._pending, worker.items
@@ -436,7 +389,7 @@ class Dispatcher:
                 continue
             if item.attempt == 0 and not item.future.set_running_or_notify_cancel():
                 item.state = ENDED  # cancelled just now: its own cancel() finds it taken
-                self._release_function(item.fn_key)
+                self._functions.release(item.fn_key)
                 self._unresolved -= 1
                 self.stats.ended(item.batch, "cancelled", was_running=False)
                 continue
@@ -445,7 +398,7 @@ class Dispatcher:
                 payload = _dumps_arguments(item)
             except Exception as exc:  # noqa: BLE001 - the call's own error, as ProcessPoolExecutor's
                 item.state = ENDED
-                self._release_function(item.fn_key)
+                self._functions.release(item.fn_key)
                 self.stats.started(item.batch, worker.host)
                 failed.append((item, exc))
                 continue
@@ -453,78 +406,29 @@ class Dispatcher:
             item.worker = worker.id
             item.state = HELD
             held[item.id] = item
-            batch.append((item.id, item.attempt, item.fn_key, item.kind, payload))
+            batch.append(Item(item.id, item.attempt, item.fn_key, payload))
             taken.append(item)
             size += len(payload)
         for batch_id, count in collections.Counter(item.batch for item in taken).items():
             self.stats.started(batch_id, worker.host, count)
         return batch
 
-    def _release_function(self, key: str, count: int = 1) -> None:
-        users = self._function_users[key] - count
-        if users:
-            self._function_users[key] = users
-            return
-        del self._function_users[key]
-        self._functions.pop(key, None)
-        for fn_id in [i for i, known in self._by_identity.items() if known[1] == key]:
-            del self._by_identity[fn_id]
-
     def _initializer_failed(self, fatal: bytes) -> None:
-        tb = pickle.loads(fatal)[1]  # (pickle, traceback, type, message): see the worker's _dump_error
+        tb = Error(*pickle.loads(fatal)).traceback
         self.break_(BrokenClusterExecutor(f"the initializer failed on a worker, so no call can run:\n{tb}"))
 
-    # -- the results thread -------------------------------------------------------------------
-    def _resolve_loop(self) -> None:
-        while True:
-            outcomes = self._outcomes.get()
-            if outcomes is None:
-                return
-            self.resolve(outcomes)
-            del outcomes  # nothing here keeps a result alive while waiting for the next
-
-    def resolve(self, outcomes: list[Outcome]) -> None:
-        """Resolve each Future in its own ``try``: one that fails cannot strand the others; the
-        failure breaks the executor (which fails every call still on the books) and fails it too."""
-        with self._lock:  # off the books first: a done-callback may wait until nothing is outstanding
-            self._unresolved -= len(outcomes)
-        tally: dict[int, Tally] = {}
-        released: collections.Counter[str] = collections.Counter()
-        echo = self._echo_output
-        for item, outcome in outcomes:
-            seconds = 0.0
-            try:
-                if isinstance(outcome, BaseException):  # e.g. its arguments did not pickle
-                    _set_exception(item.future, outcome)
-                    error: str | None = f"{type(outcome).__name__}: {outcome}"
-                else:
-                    released[item.fn_key] += 1
-                    seconds = outcome[5]
-                    stderr = outcome[6] if len(outcome) > 6 and type(outcome[6]) is str else ""
-                    error = _resolve(
-                        item.future, outcome[2], outcome[3], outcome[4], stderr, echo, self.environment_synced
-                    )
-            except BaseException as exc:  # noqa: BLE001 - a bug must break the executor, not hang it
-                log.exception("resolving a call failed")
-                broken = BrokenClusterExecutor(f"internal error while resolving a result: {exc!r}")
-                _set_exception(item.future, broken)
-                error = str(broken)
-                self.break_(broken)
-            counts = tally.get(item.batch)
-            if counts is None:
-                counts = tally[item.batch] = Tally()
-            counts.add(seconds, error)
-        self.stats.ended_tallies(tally)
+    def _resolved(self, count: int, released: collections.Counter[str]) -> None:
+        """The results thread resolved ``count`` calls, of these functions: off the books."""
         with self._lock:
-            for key, count in released.items():
-                self._release_function(key, count)
-        self.on_change()
+            self._unresolved -= count
+            for key, uses in released.items():
+                self._functions.release(key, uses)
 
     # -- the job manager's side ------------------------------------------------------------
     def take_lost(self, worker_id: str) -> list[WorkItem]:
         """Forget a dead worker; return the calls it held (unresolved, held by nobody)."""
         with self._lock:
-            worker = self.workers.pop(worker_id, None)
+            worker = self.registry.workers.pop(worker_id, None)
             if worker is None:
                 return []
             items = [worker.items[i] for i in sorted(worker.items)]
@@ -540,14 +444,8 @@ class Dispatcher:
         """Forget the workers that hold calls of ``batch`` and of nothing else; return each with
         those calls (unresolved, held by nobody): an interrupted map stops them where they run.
         A worker that also holds calls of another batch is left to finish them."""
-        taken = []
         with self._lock:
-            for worker in list(self.workers.values()):
-                items = [worker.items[i] for i in sorted(worker.items)]
-                if items and all(item.batch == batch for item in items):
-                    del self.workers[worker.id]
-                    worker.items.clear()
-                    taken.append((worker, items))
+            taken = self.registry.take_holding_only(batch)
         if taken:
             self.on_change()
         return taken
@@ -593,14 +491,14 @@ class Dispatcher:
             items = [item for item in items if item.state != ENDED]
             for item in items:
                 item.state = ENDED
-                self._release_function(item.fn_key)
+                self._functions.release(item.fn_key)
         text = f"{type(error).__name__}: {error}"
         for item in items:
             try:
                 if item.future.running() or item.future.set_running_or_notify_cancel():
                     failed = text if outcome == "failed" else None
                     self.stats.ended(item.batch, outcome, error=failed, was_running=item.attempt > 0)
-                    _set_exception(item.future, error)
+                    set_exception(item.future, error)
                 else:
                     self.stats.ended(item.batch, "cancelled", was_running=False)
             except Exception:  # noqa: BLE001 - the others must still end
@@ -620,7 +518,7 @@ class Dispatcher:
             items = [item for item in self._pending if item.state == QUEUED]
             self._pending.clear()
             self._stale = 0
-            for worker in self.workers.values():
+            for worker in self.registry.workers.values():
                 items.extend(worker.items.values())
                 worker.items.clear()
         self.fail_items(items, error)
@@ -633,7 +531,7 @@ class Dispatcher:
             for item in items:
                 item.state = ENDED
                 item.future._item = None  # type: ignore[attr-defined]
-                self._release_function(item.fn_key)
+                self._functions.release(item.fn_key)
             kept = [item for item in self._pending if item.state == QUEUED and item.attempt > 0]
             self._pending = deque(kept)
             self._stale = 0
@@ -667,49 +565,10 @@ def _dumps_arguments(item: WorkItem) -> bytes:
     """Pickle a call's arguments; a call of a few scalars (most of a big map's) takes the C
     pickler directly, everything else ``pickling.dumps``."""
     args = item.args
-    if item.kind == "call" and not item.kwargs and type(args) is tuple and len(args) <= 8:
+    if not item.kwargs and type(args) is tuple and len(args) <= 8:
         for arg in args:
             if type(arg) not in _SCALARS:
                 break
         else:
             return pickle.dumps((args, NO_KWARGS), protocol=pickling.PICKLE_PROTOCOL)
     return pickling.dumps(item.arguments())
-
-
-def _set_exception(future: Future[Any], error: BaseException) -> None:
-    if not future.done():
-        try:
-            future.set_exception(error)
-        except Exception:  # resolved meanwhile by another thread
-            pass
-
-
-def _resolve(
-    future: Future[Any], ok: bool, data: bytes, stdout: str, stderr: str, echo: bool, synced: bool = False
-) -> str | None:
-    """Resolve a Future from a worker's result; return the error's text when the call failed."""
-    if stdout or stderr or type(future) is not CallFuture:  # a CallFuture's are "" by default
-        future.remote_stdout = stdout  # type: ignore[attr-defined]
-        future.remote_stderr = stderr  # type: ignore[attr-defined]
-        future.remote_output = stdout + stderr  # type: ignore[attr-defined]
-    if echo:
-        for text, stream in ((stdout, sys.stdout), (stderr, sys.stderr)):
-            if text:
-                print(text, end="" if text.endswith("\n") else "\n", file=stream)
-    try:
-        loaded = pickle.loads(data)
-    except Exception as load_error:  # noqa: BLE001 - e.g. a module missing on the client
-        message = f"the result could not be unpickled here: {load_error!r}"
-        _set_exception(future, RemoteCallError(message))
-        return message
-    if ok:
-        if not future.done():
-            future.set_result(loaded)
-        return None
-    error = rebuild_error(*loaded)
-    fit_advice(error, synced)
-    for name, text in (("stdout", stdout), ("stderr", stderr)):
-        if text:
-            add_note(error, f"{name} of the call on the node:\n{text.rstrip()}")
-    _set_exception(future, error)
-    return str(error.__cause__)

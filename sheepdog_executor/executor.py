@@ -10,40 +10,32 @@ jobs and session directory are removed), and interpreter exit waits for outstand
 from __future__ import annotations
 
 import collections
-import dataclasses
 import functools
-import hashlib
 import itertools
 import logging
 import os
-import secrets
-import shlex
 import sys
 import threading
 import time
 import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import CancelledError, Executor, Future
+from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FuturesTimeout
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from sheepdog_executor import notebook, pickling
-from sheepdog_executor.background import in_background, settle
-from sheepdog_executor.bundle import worker_bundle
+from sheepdog_executor.background import in_background
 from sheepdog_executor.callfuture import CallFuture
 from sheepdog_executor.config import uses_config
-from sheepdog_executor.dispatch import NO_KWARGS, Dispatcher
+from sheepdog_executor.dispatch import NO_KWARGS
 from sheepdog_executor.environment import (
-    ENVIRONMENT_RECORD,
     EnvironmentSync,
-    HeadNode,
     SyncedEnvironment,
     stderr_progress,
 )
-from sheepdog_executor.errors import BrokenClusterExecutor, ConfigurationError, ExecutorShutDown
-from sheepdog_executor.jobs import JobManager
-from sheepdog_executor.jobscript import JobOptions, WorkerLaunch
-from sheepdog_executor.remote.reach import ROUTES_FILE
+from sheepdog_executor.errors import BrokenClusterExecutor, ConfigurationError
+from sheepdog_executor.jobscript import JobOptions
+from sheepdog_executor.remote.worker import run_chunk
 from sheepdog_executor.scheduler import (
     GridEngineOptions,
     GridEngineScheduler,
@@ -52,14 +44,8 @@ from sheepdog_executor.scheduler import (
     SlurmOptions,
     SlurmScheduler,
 )
-from sheepdog_executor.server import Endpoint
-from sheepdog_executor.sessiondir import make_session_dir, prepare_root, this_client
+from sheepdog_executor.session import _OPEN, Session, _collected
 from sheepdog_executor.shell import LocalShell, Shell, SSHShell, SSHTarget
-from sheepdog_executor.status import StatusPage
-from sheepdog_executor.tunnel import Route, choose_route
-
-if TYPE_CHECKING:
-    from sheepdog_executor.tls import Certificate
 
 log = logging.getLogger("sheepdog_executor")
 T = TypeVar("T")
@@ -71,340 +57,6 @@ SUBMIT_BATCH_SECONDS = 1.0
 #: it has lasted this many seconds.
 AUTO_PROGRESS_CALLS = 100
 AUTO_PROGRESS_SECONDS = 2.0
-
-
-class Session:
-    """Everything an executor runs: set up in ``open``, torn down exactly once in ``close``."""
-
-    def __init__(
-        self,
-        shell: Shell,
-        scheduler: Scheduler,
-        *,
-        max_workers: int,
-        retries: int,
-        initializer: bytes | None,
-        batch_window: float,
-        poll_interval: float,
-        idle_timeout: float,
-        heartbeat: float,
-        heartbeat_timeout: float,
-        callback_address: str | None,
-        callback_port: int,
-        callback: str,
-        tls: bool | None,
-        session_root: str,
-        echo_output: bool,
-        status_page: bool = True,
-        environment: EnvironmentSync | None = None,
-        disconnect_tolerance: float = 600.0,
-    ) -> None:
-        self.shell = shell
-        self.scheduler = scheduler
-        self.dispatcher = Dispatcher(
-            retries=retries,
-            idle_timeout=idle_timeout,
-            heartbeat=heartbeat,
-            initializer=initializer,
-            python=sys.version_info[:2],
-            echo_output=echo_output,
-            max_workers=max_workers,
-            disconnect_tolerance=disconnect_tolerance,
-        )
-        self._closed = False
-        self._close_lock = threading.Lock()
-        self._close_done = threading.Event()
-        self._empty = threading.Condition()
-        self.dispatcher.on_change = self._changed
-        secret = secrets.token_hex(32).encode()
-        bundle = worker_bundle()
-        #: The synced environment the nodes run (``environment="sync"``), else None.
-        self.environment: SyncedEnvironment | None = None
-        self.session_dir = ""  # set as soon as it exists: what a failed set-up removes
-        #: The site's largest array, asked now for the first submit (not awaited here).
-        self.array_limit = in_background(scheduler.max_array_size, "sheepdog-array-limit")
-        steps: list[Future[Any]] = []
-        try:
-            self.dispatcher.start()  # inside: a set-up that fails from here on closes it again
-            # independent steps at once, each SSH command in a session of its own; their results
-            # are taken in the order of a one-after-the-other set-up, whose first error is raised
-            checked = in_background(scheduler.prepare, "sheepdog-setup-check")
-            steps.append(checked)
-            make = functools.partial(self._make_session_dir, session_root, secret, bundle)
-            made = in_background(make, "sheepdog-setup-dir")
-            steps.append(made)
-            open_endpoint = functools.partial(
-                self._open_endpoint, secret, callback, callback_address, callback_port, tls, status_page
-            )
-            opened = in_background(open_endpoint, "sheepdog-setup-endpoint")
-            steps.append(opened)
-            checked.result()  # the scheduler's commands are there (SchedulerError naming the fix)
-            root = made.result()  # the 0700 session directory, the 0600 secret and the bundle
-            if environment is not None:  # after the checks: a build takes minutes
-                head = HeadNode(shell, scheduler.options, scheduler.command_setup)
-                self.environment = environment.prepare(head, root)
-                self.dispatcher.environment_synced = True
-                record = f"{self.session_dir}/{ENVIRONMENT_RECORD}"
-                self.shell.put(record, f"{self.environment.key}\n".encode(), 0o600)
-                scheduler.options = dataclasses.replace(scheduler.options, python=self.environment.python)
-            route, certificate = opened.result()  # the endpoint and the workers' routes to it
-            self.launch = WorkerLaunch(
-                self.session_dir,
-                self._url(*self.routes[0]),
-                certificate.fingerprint if certificate else None,
-                bundle_sha256=hashlib.sha256(bundle).hexdigest(),  # the task checks it before running it
-            )
-            self._write_routes()
-            self.jobs = JobManager(
-                scheduler,
-                self.dispatcher,
-                self.launch,
-                max_workers=max_workers,
-                batch_window=batch_window,
-                poll_interval=poll_interval,
-                heartbeat_timeout=heartbeat_timeout,
-                disconnect_tolerance=disconnect_tolerance,
-                array_limit=self.array_limit,
-            )
-            self.jobs.start()
-            log.info("session %s on %s, endpoint %s", self.session_dir, shell.description, self.launch.url)
-            #: The status page's address with its token (None with ``status_page=False``).
-            self.status_url: str | None = None
-            if self.status_page is not None:
-                self.status_url = self.status_page.url(
-                    self.endpoint.scheme, route.listen_address, self.endpoint.port
-                )
-                log.info("status page: %s", self.status_url)
-        except BaseException:
-            # nothing half-made stays behind: the endpoint, the tunnel, the session directory
-            settle(steps)  # no step still making something
-            self._discard_partial()
-            raise
-
-    def _make_session_dir(self, session_root: str, secret: bytes, bundle: bytes) -> str:
-        """Make a new 0700 session directory of the user's (or raise), and put the secret and the
-        worker bundle in it, both 0600; return the canonical session root."""
-        # refused if another user could replace it (canonical path, created 0700 if missing)
-        root = prepare_root(self.shell, session_root)
-        # with who owns it: `cleanup` of another cluster sharing this home must leave it alone
-        self.session_dir = make_session_dir(self.shell, root, owner=this_client(self.scheduler.name))
-        self.shell.put(f"{self.session_dir}/secret", secret, 0o600)
-        self.shell.put(f"{self.session_dir}/bundle.zip", bundle, 0o600)
-        return root
-
-    def _open_endpoint(
-        self,
-        secret: bytes,
-        callback: str,
-        callback_address: str | None,
-        callback_port: int,
-        tls: bool | None,
-        status_page: bool,
-    ) -> tuple[Route, Certificate | None]:
-        """Decide how workers reach us (direct or SSH tunnel), start the endpoint there and open the
-        routes. With TLS (``tls=True``; by default, on the routes through the head node's relay,
-        which other users share) a certificate they pin by its fingerprint, which goes on their
-        command line: it is not secret, only the secret file is."""
-        shell = self.shell
-        route = choose_route(shell, callback, callback_address or shell.callback_address(), callback_port)
-        certificate = None
-        try:
-            if tls or (tls is None and route.through_head_node):
-                # imported here: without paramiko (LocalShell, tls=True) cryptography costs 0.5 s
-                from sheepdog_executor.tls import make_certificate
-
-                certificate = make_certificate()
-            context = certificate.server_context() if certificate else None
-            self.status_page = StatusPage(self.status, shell.description) if status_page else None
-            self.endpoint = Endpoint(
-                self.dispatcher,
-                secret,
-                address=route.listen_address,
-                port=route.listen_port,
-                ssl_context=context if tls else None,
-                routes=self.status_page.routes() if self.status_page else (),
-                tunnel_ssl=context if tls is None else None,
-            )
-            self.dispatcher.on_lost = self.endpoint.parts.forget  # a dead worker's parts are freed
-            self.endpoint.start()
-        except BaseException:
-            route.discard()
-            raise
-        try:
-            #: (label, host, port) of each way the workers may reach us, best first
-            self.routes = route.open(shell, self.endpoint, self._tunnel_moved)
-        except BaseException:
-            self.endpoint.stop()
-            raise
-        return route, certificate
-
-    def _write_routes(self) -> None:
-        """Tell the workers how to reach us: the routes file they read (and re-read when their
-        connection fails), and the endpoint record `sheepdog-executor cleanup` reads, both 0600."""
-        lines = [f"{route[0]} {self._url(*route)}\n" for route in self.routes]
-        self.shell.put(f"{self.session_dir}/{ROUTES_FILE}", "".join(lines).encode(), 0o600, replace=True)
-        self.shell.put(f"{self.session_dir}/endpoint", f"{self._url(*self.routes[0])}\n".encode(), 0o600)
-
-    def _url(self, label: str, host: str, port: int) -> str:
-        """The URL of a route: through the tunnel, TLS by default (``Endpoint.tunnel_scheme``)."""
-        scheme = self.endpoint.tunnel_scheme if label == "tunnel" else self.endpoint.scheme
-        return f"{scheme}://{host}:{port}"
-
-    def _tunnel_moved(self, host: str, port: int, moved: bool) -> None:
-        """The tunnel was re-made, perhaps elsewhere (its port was taken): workers learn it from the
-        routes file, and get time to come back before their silence counts."""
-        jobs = getattr(self, "jobs", None)
-        if jobs is not None:
-            jobs.away.mark_back()
-        if not moved:
-            return
-        self.routes = [
-            (label, *((host, port) if label == "tunnel" else (h, p))) for label, h, p in self.routes
-        ]
-        log.warning(
-            "the tunnel's relay moved to %s:%d; the workers are told through %s", host, port, ROUTES_FILE
-        )
-        self._write_routes()
-
-    def _discard_partial(self) -> None:
-        endpoint = getattr(self, "endpoint", None)
-        if endpoint is not None:
-            endpoint.stop()
-        self.dispatcher.close()
-        self._remove_session_dir()
-
-    def _remove_session_dir(self) -> None:
-        """Best effort: a failure here must not hide the error or the teardown around it."""
-        if not self.session_dir:
-            return
-        try:
-            self.shell.run(f"rm -rf {shlex.quote(self.session_dir)}", timeout=30)
-        except Exception as exc:  # noqa: BLE001
-            log.warning("could not remove %s: %s", self.session_dir, exc)
-
-    def status(self) -> dict[str, Any]:
-        """The dispatcher's snapshot and the ids of the jobs submitted so far."""
-        jobs = getattr(self, "jobs", None)  # None while the session is still being set up
-        return {
-            **self.dispatcher.snapshot(),
-            "jobs": list(jobs.submitted_jobs) if jobs else [],
-            "polls": jobs.polls.snapshot() if jobs else {},
-            "routes": [f"{label} {host}:{port}" for label, host, port in getattr(self, "routes", [])],
-        }
-
-    def interrupt(self, batch: int) -> None:
-        """A map was interrupted (Ctrl-C, a notebook's stop button) while it waited: its queued calls
-        are cancelled already; stop its running ones where they run (their tasks are removed, in
-        the background, so the prompt comes back at once), as the end of a script would. The
-        executor stays open: the next map starts new workers."""
-        taken = self.dispatcher.take_batch(batch)
-        if not taken:
-            return
-        stopped = CancelledError("the map was interrupted (KeyboardInterrupt); the call was stopped")
-        self.dispatcher.fail_items([item for _, items in taken for item in items], stopped, "cancelled")
-        tasks = sorted({(worker.job, worker.task) for worker, _ in taken})
-        in_background(functools.partial(self._remove_tasks, tasks), "sheepdog-interrupt")
-
-    def _remove_tasks(self, tasks: list[tuple[str, int]]) -> None:
-        for job, task in tasks:
-            try:
-                self.scheduler.cancel_task(job, task)
-            except Exception as exc:  # noqa: BLE001 - e.g. the executor was shut down meanwhile
-                log.debug("could not remove task %s.%d of an interrupted map: %s", job, task, exc)
-
-    def _changed(self) -> None:
-        jobs = getattr(self, "jobs", None)  # None while the session is still being set up
-        if jobs is not None:
-            jobs.wake()
-        with self._empty:
-            self._empty.notify_all()
-
-    def wait_until_done(self) -> None:
-        """Block until no call is unresolved."""
-        with self._empty:
-            self._empty.wait_for(lambda: self.dispatcher.outstanding() == 0)
-
-    def close(self, abort: bool = False) -> None:
-        """Stop everything; with ``abort``, first stop unfinished calls. Safe to call from several
-        threads: the first does the work, the others return when it is done."""
-        if abort:
-            self.dispatcher.cancel_pending("the executor was shut down before this call started")
-            self.dispatcher.fail_all(
-                ExecutorShutDown("the executor was shut down before this call finished; its task was removed")
-            )
-        with self._close_lock:
-            first = not self._closed
-            self._closed = True
-        if not first:
-            self._close_done.wait()
-            return
-        try:
-            self._teardown(abort)
-        finally:
-            self._close_done.set()
-
-    def _teardown(self, abort: bool) -> None:
-        self.dispatcher.stop()
-        try:
-            self.jobs.stop(grace=0 if abort else 5.0)
-        except Exception as exc:  # noqa: BLE001 - teardown goes on; say what may be left
-            log.warning("could not remove jobs %s: %s", list(self.jobs.jobs), exc)
-        self.endpoint.stop()
-        self.dispatcher.close()
-        self._remove_session_dir()
-        settle([self.array_limit], timeout=30)
-        self.shell.close()
-
-
-#: Every session set up and not collected: interpreter exit waits for their outstanding calls.
-_OPEN: weakref.WeakSet[Session] = weakref.WeakSet()
-#: Sessions whose executor was collected while calls were outstanding, held until those end.
-_RELEASING: set[Session] = set()
-
-
-def _collected(session: Session) -> None:
-    """An executor was garbage-collected (or is at interpreter exit) without a shutdown: as
-    ``shutdown(wait=False)``, the calls still outstanding finish, then everything is removed."""
-    if session.dispatcher.outstanding() == 0:
-        session.close()
-        return
-    _RELEASING.add(session)
-    threading.Thread(target=_close_when_done, args=(session,), name="sheepdog-release", daemon=True).start()
-
-
-def _close_when_done(session: Session) -> None:
-    try:
-        session.wait_until_done()
-        session.close()
-    finally:
-        _RELEASING.discard(session)
-
-
-def _wait_at_exit() -> None:
-    """At interpreter exit, as ``ProcessPoolExecutor`` does: outstanding calls of executors never
-    shut down finish first, then their sessions are closed here (a daemon thread would be cut off
-    mid-way). Ctrl-C meanwhile stops them and removes their jobs."""
-    sessions = [s for s in list(_OPEN) if s.dispatcher.outstanding() or s in _RELEASING]
-    calls = sum(s.dispatcher.outstanding() for s in sessions)
-    if calls:
-        log.warning(
-            "waiting at exit for %d call(s) of executors never shut down, as ProcessPoolExecutor "
-            "does; Ctrl-C stops them and removes their jobs",
-            calls,
-        )
-    try:
-        for session in sessions:
-            session.wait_until_done()
-    except KeyboardInterrupt:
-        for session in sessions:
-            session.close(abort=True)
-        print("sheepdog: interrupted at exit; unfinished calls stopped, their jobs removed", file=sys.stderr)
-    for session in sessions:
-        session.close()
-
-
-# before the atexit handlers (weakref.finalize's among them), as concurrent.futures registers its own
-threading._register_atexit(_wait_at_exit)  # type: ignore[attr-defined]
 
 
 class ClusterExecutor(Executor):
@@ -534,7 +186,7 @@ class ClusterExecutor(Executor):
                 self._submit_label = f"submit({_name_of(fn)})"
             self._last_submit = now
             self._session.dispatcher.add(
-                fn, "call", ((args, kwargs),), (future,), self._submit_batch, self._submit_label
+                fn, ((args, kwargs),), (future,), self._submit_batch, self._submit_label
             )
         return future
 
@@ -557,26 +209,28 @@ class ClusterExecutor(Executor):
         if buffersize is not None and buffersize < 1:
             raise ValueError("buffersize must be None or > 0")
         end_time = None if timeout is None else timeout + time.monotonic()
-        calls: Iterator[tuple[Any, Any]]  # (args, kwargs) of a call, or (list of those, None) of a chunk
+        calls: Iterator[tuple[Any, Any]]  # (args, kwargs) of each call
+        target: Callable[..., Any] = fn
         argument_sets = zip(*iterables)  # noqa: B905 - as Executor.map
+        label = f"map({_name_of(fn)})"
         if chunksize == 1:
-            kind, calls = "call", ((args, NO_KWARGS) for args in argument_sets)
-        else:
+            calls = ((args, NO_KWARGS) for args in argument_sets)
+        else:  # a chunk is one call of run_chunk, as ProcessPoolExecutor's _process_chunk
             chunks = iter(lambda: [(a, NO_KWARGS) for a in itertools.islice(argument_sets, chunksize)], [])
-            kind, calls = "chunk", ((chunk, None) for chunk in chunks)
+            calls = (((chunk,), NO_KWARGS) for chunk in chunks)
+            target = functools.partial(run_chunk, fn)
         with self._shutdown_lock:
             self._check_open()
             batch = next(self._batch_ids)
             self._last_submit = 0.0  # the next submit starts a batch of its own
-        label = f"map({_name_of(fn)})"
         refill: Callable[[], Future[Any] | None] | None = None
         if buffersize is None:
             arguments = list(calls)
-            futures = self._queue(fn, kind, arguments, batch, label)
-            total: int | None = len(arguments) if chunksize == 1 else sum(len(a) for a, _ in arguments)
+            futures = self._queue(target, arguments, batch, label)
+            total: int | None = len(arguments) if chunksize == 1 else sum(len(a[0]) for a, _ in arguments)
             del arguments
         else:
-            futures = self._queue(fn, kind, list(itertools.islice(calls, buffersize)), batch, label)
+            futures = self._queue(target, list(itertools.islice(calls, buffersize)), batch, label)
             total = None
             executor = weakref.ref(self)
 
@@ -586,7 +240,7 @@ class ClusterExecutor(Executor):
                 call = next(calls, None) if alive is not None else None
                 if alive is None or call is None:
                     return None
-                return alive._queue(fn, kind, [call], batch, label)[0]
+                return alive._queue(target, [call], batch, label)[0]
 
         self._session.jobs.wake(flush=True)
         interrupted = functools.partial(self._session.interrupt, batch)
@@ -594,12 +248,12 @@ class ClusterExecutor(Executor):
         return self._with_progress(_flatten(results) if chunksize > 1 else results, total, label)
 
     def _queue(
-        self, fn: Callable[..., Any], kind: str, arguments: list[Any], batch: int, label: str
+        self, fn: Callable[..., Any], arguments: list[Any], batch: int, label: str
     ) -> list[Future[Any]]:
         futures: list[Future[Any]] = [CallFuture() for _ in arguments]
         with self._shutdown_lock:
             self._check_open()
-            self._session.dispatcher.add(fn, kind, arguments, futures, batch, label)
+            self._session.dispatcher.add(fn, arguments, futures, batch, label)
         return futures
 
     def _with_progress(self, results: Iterator[T], total: int | None, desc: str) -> Iterator[T]:
@@ -643,8 +297,12 @@ class ClusterExecutor(Executor):
         self._finalizer.detach()
         self._session.close()
 
-    def _abort(self) -> None:
-        """Stop now: cancel what waits, fail what runs, remove every job."""
+    def abort(self) -> None:
+        """Stop now, as on an error in the ``with`` body: the calls not started are cancelled, the
+        running ones fail with ``ExecutorShutDown``, the workers stop and every job is removed; the
+        executor is shut down."""
+        with self._shutdown_lock:
+            self._shutdown = True
         self._finalizer.detach()
         self._session.close(abort=True)
 
@@ -652,9 +310,7 @@ class ClusterExecutor(Executor):
         if exc_type is None:
             self.shutdown(wait=True)
         else:  # Ctrl-C or an error in the with body: stop now, leave nothing on the cluster
-            with self._shutdown_lock:
-                self._shutdown = True
-            self._abort()
+            self.abort()
 
     # -- introspection ------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sheepdog_executor.clock import awake_or_asleep
-from sheepdog_executor.dispatch import Dispatcher, WorkItem
+from sheepdog_executor.diagnosis import Diagnosis
+from sheepdog_executor.dispatch import Dispatcher, Liveness, WorkItem
 from sheepdog_executor.errors import (
     BrokenClusterExecutor,
     ConnectionFailed,
@@ -28,14 +29,11 @@ from sheepdog_executor.errors import (
     WorkerLost,
     WorkerStartFailed,
 )
-from sheepdog_executor.jobscript import WORKER_DEATH_TAIL, WorkerLaunch, setup_failure, worker_exit_status
+from sheepdog_executor.jobscript import WorkerLaunch, setup_failure, worker_exit_status
 from sheepdog_executor.scheduler.base import JobStates, Scheduler, TaskState
-from sheepdog_executor.tracebacks import restore_source
 
 log = logging.getLogger("sheepdog_executor")
 
-#: How long a failed task's accounting record may take to appear (schedulers write it lazily).
-ACCOUNTING_WAIT_SECONDS = 20.0
 #: A gap this much longer than expected in the job manager's own loop means this process was
 #: suspended (SIGSTOP, a laptop's sleep) or starved: workers are not judged on the silence it caused.
 PAUSE_SECONDS = 15.0
@@ -167,6 +165,10 @@ class JobManager:
         #: The scheduler's answer to ``max_array_size``, asked early (during the set-up), if it was.
         self._early_array_limit = array_limit
         self._thread = threading.Thread(target=self._run, name="sheepdog-jobs", daemon=True)
+        #: Gathers lost tasks' stderr and accounting on a thread of its own (joined in ``stop``).
+        self.diagnosis = Diagnosis(
+            scheduler, launch, lambda items: dispatcher.retry_or_split(items)[1], dispatcher.fail_items, clock
+        )
 
     # -- control from other threads --------------------------------------------------------
     def start(self) -> None:
@@ -185,6 +187,7 @@ class JobManager:
         self._wake.set()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout=60)
+        self.diagnosis.stop()
         if grace > 0:
             self._cancel_queued()  # nothing is outstanding: a queued task would start only to stop
             self._wait_gone(grace, warn=False)  # what is left now is removed next
@@ -334,7 +337,7 @@ class JobManager:
             log.warning("%s answers again, after %d failed poll(s)", self.scheduler.name, polls.streak)
             polls.failing_since, polls.streak = None, 0
 
-    def _look(self, job: Job, listed: dict[int, TaskState], now: float) -> None:
+    def _look(self, job: Job, listed: dict[int, TaskState], now: float, live: Liveness) -> None:
         """Take the scheduler's answer for ``job``, but believe a task gone only on a second look
         (still missing ``SECOND_LOOK_SECONDS`` later) and never while its worker's heartbeat is
         current; an error state likewise only when it lasts."""
@@ -344,7 +347,7 @@ class JobManager:
         for task, state in job.alive.items():
             if task not in listed:
                 first = job.missing.setdefault(task, now)
-                if now - first < SECOND_LOOK_SECONDS or self._heard_from(job.id, task):
+                if now - first < SECOND_LOOK_SECONDS or self._heard_from(job.id, task, live):
                     alive[task] = state
         if TaskState.ERROR not in listed.values():
             job.errored_since = None
@@ -352,25 +355,23 @@ class JobManager:
             job.errored_since = now
         job.alive = alive
 
-    def _heard_from(self, job: str, task: int) -> bool:
+    def _heard_from(self, job: str, task: int, live: Liveness) -> bool:
         """Whether a worker of this task sent a heartbeat (or anything) within a few intervals."""
-        recent = self.clock() - CURRENT_HEARTBEATS * self.dispatcher.heartbeat
-        return any(
-            w.job == job and w.task == task and w.last_seen > recent
-            for w in list(self.dispatcher.workers.values())
-        )
+        recent = self.clock() - CURRENT_HEARTBEATS * live.heartbeat
+        return any(w.job == job and w.task == task and w.last_seen > recent for w in live.workers)
 
     def _reconcile(self, states: JobStates | None) -> None:
         """Find workers that died and jobs that ended; forget finished jobs. ``states``: the
         scheduler's answer, or None to judge on the last view (its answer could not be read)."""
         now = self.clock()
+        live = self.dispatcher.liveness()
         ended: list[Job] = []
         errored: list[Job] = []
         with self._jobs_lock:
             for job in list(self.jobs.values()):
                 if states is None:
                     continue
-                self._look(job, states.get(job.id, {}), now)
+                self._look(job, states.get(job.id, {}), now, live)
                 if not job.alive:
                     del self.jobs[job.id]
                     ended.append(job)
@@ -378,7 +379,7 @@ class JobManager:
                     errored.append(job)
         for job in errored:  # held in an error state by the scheduler: it would wait there forever
             self._fail_errored(job)
-        for worker in list(self.dispatcher.workers.values()):
+        for worker in live.workers:
             gone = worker.job in {j.id for j in ended} or (
                 worker.job in self.jobs and worker.task not in self.jobs[worker.job].alive
             )
@@ -409,10 +410,9 @@ class JobManager:
                         unless_killed=gone,
                         make=self._lost(worker.host, why, ended=gone),
                     )
-        pending, _ = self.dispatcher.counts()
-        seen = self.dispatcher.tasks_seen
+        pending, _ = self.dispatcher.counts()  # after the lost workers' calls were queued again
         for job in ended:
-            started = any((job.id, t) in seen for t in range(1, job.tasks + 1))
+            started = any((job.id, t) in live.tasks_seen for t in range(1, job.tasks + 1))
             if not started and not job.cancelled and pending:
                 items = self.dispatcher.take_pending()
                 self._diagnose_later(
@@ -492,9 +492,10 @@ class JobManager:
 
     def _scale(self) -> None:
         """Submit a job when calls wait for workers; remove queued tasks nobody needs."""
-        pending, held = self.dispatcher.counts()
-        registered = {(w.job, w.task) for w in list(self.dispatcher.workers.values())}
-        seen = self.dispatcher.tasks_seen
+        live = self.dispatcher.liveness()
+        pending, held = live.pending, live.held
+        registered = {(w.job, w.task) for w in live.workers}
+        seen = live.tasks_seen
         with self._jobs_lock:
             capacity = 0
             queued: dict[str, list[int]] = {}
@@ -576,7 +577,7 @@ class JobManager:
         make: Callable[..., WorkerError],
     ) -> None:
         """Retry lost calls that may be, fail the others with an error that carries the task's
-        accounting and stderr (gathered off this thread: accounting can take seconds to appear).
+        accounting and stderr (gathered by ``diagnosis``: accounting can take seconds to appear).
         ``unless_killed``: retry only once the accounting shows that the scheduler did not kill the
         task over a limit (time, memory), which the call would only hit again."""
         judge_later = retry and unless_killed and self.dispatcher.retries > 0
@@ -584,29 +585,4 @@ class JobManager:
         if not failed:
             return
 
-        def diagnose() -> None:
-            tail, record = "", dict[str, str]()
-            deadline = self.clock() + ACCOUNTING_WAIT_SECONDS
-            try:
-                # a crash's faulthandler traceback names <dynamic-code> for functions shipped by value
-                tail = self.scheduler.output_tail(self.launch, job_id, task_id, WORKER_DEATH_TAIL)
-                tail = restore_source(tail)
-                while not record and self.clock() < deadline and not self._stopping:
-                    record = self.scheduler.accounting(job_id, task_id)
-                    if not record:
-                        time.sleep(2)
-            except Exception as exc:  # noqa: BLE001 - the call fails anyway, with what we know
-                tail = tail or f"(could not read the task's stderr: {exc})"
-            lost = failed
-            if judge_later:
-                killed = self.scheduler.killed_for(record)
-                if killed:
-                    log.warning("not running again the calls of job %s, task %s: %s", job_id, task_id, killed)
-                else:
-                    lost = self.dispatcher.retry_or_split(lost)[1]
-            if lost:
-                self.dispatcher.fail_items(
-                    lost, make(job_id=job_id, task_id=task_id, accounting=record, stderr_tail=tail)
-                )
-
-        threading.Thread(target=diagnose, name="sheepdog-diagnose", daemon=True).start()
+        self.diagnosis.add(failed, job_id, task_id, make, judge_later)

@@ -36,9 +36,10 @@ import tornado.web
 
 from sheepdog_executor import httpserver
 from sheepdog_executor.dispatch import Dispatcher
-from sheepdog_executor.errors import ConfigurationError
+from sheepdog_executor.errors import ConfigurationError, RemoteCallError
 from sheepdog_executor.httpserver import HTTPServer
 from sheepdog_executor.remote import protocol
+from sheepdog_executor.remote.protocol import Error, Result
 
 log = logging.getLogger("sheepdog_executor")
 
@@ -118,24 +119,24 @@ class ResultParts:
             self._results[key] = (buffer, received, now)
             return True
 
-    def join(self, worker: str, result: Any) -> Any:
+    def join(self, worker: str, result: Result) -> Result:
         """``result`` with its value joined from its parts when it says it was sent in parts
-        (field 7: the pickled size), or with an error saying what did not arrive."""
-        if len(result) < 8 or type(result[7]) is not int or result[7] <= 0:
+        (``parted``: the pickled size), or with an error saying what did not arrive."""
+        if not result.parted:
             return result
-        total = result[7]
-        key = (worker, result[0], result[1])
+        total = result.parted
+        key = (worker, result.item, result.attempt)
         with self._lock:
             buffer, received, _ = self._results.pop(key, (bytearray(), {}, 0.0))
             refused = self._refused.pop(key, None)
         if len(buffer) == total and sum(received.values()) == total:
-            return (*result[:3], buffer, *result[4:7])
+            return result._replace(data=buffer, parted=0)
         text = refused or (
             f"sheepdog: the call's result ({total} bytes pickled) reached the client incomplete "
             f"({sum(received.values())} bytes)"
         )
-        # as the worker's _dump_error sends an error (pickle, traceback, type, message): this one is ours
-        return (result[0], result[1], False, pickle.dumps((None, "", "", text)), *result[4:7])
+        error = Error(pickle.dumps(RemoteCallError(text)), text, "sheepdog_executor.RemoteCallError", text)
+        return result._replace(ok=False, data=pickle.dumps(tuple(error)), parted=0)
 
     def forget(self, worker: str) -> None:
         """Free the parts of a worker declared lost; parts it still sends are not kept."""
@@ -255,24 +256,6 @@ def _is_hello(message: dict[str, Any]) -> bool:
     )
 
 
-# a result: item id (int), attempt (int), ok (bool), pickled value or error (bytes), output (str)
-_SCALARS = (int, float, str, bytes, bool, type(None))  # what a newer worker may add after them
-
-
-def _is_result(result: Any) -> bool:
-    # written out rather than with all()/zip(): it runs once per call on the hot path
-    if type(result) not in (tuple, list) or len(result) < 5:
-        return False
-    if not (type(result[0]) is int and type(result[1]) is int and type(result[2]) is bool):
-        return False
-    if not (type(result[3]) is bytes and type(result[4]) is str):
-        return False
-    for extra in result[5:]:
-        if type(extra) not in _SCALARS:
-            return False
-    return True
-
-
 def _is_part(message: dict[str, Any]) -> bool:
     fields = [message.get(name) for name in ("item", "attempt", "offset", "total")]
     return (
@@ -283,14 +266,19 @@ def _is_part(message: dict[str, Any]) -> bool:
 
 
 def _is_work(message: dict[str, Any]) -> bool:
+    """A /work message of good shape; its results are read into ``protocol.Result`` on the way."""
     results = message.get("results", [])
-    return (
-        _is_worker(message)
-        and isinstance(message.get("fatal"), (bytes, type(None)))
-        and type(message.get("request", 0)) is int
-        and isinstance(results, list)
-        and all(_is_result(r) for r in results)
-    )
+    if not (_is_worker(message) and isinstance(message.get("fatal"), (bytes, type(None)))):
+        return False
+    if type(message.get("request", 0)) is not int:
+        return False
+    if not isinstance(results, list):
+        return False
+    parsed = [protocol.parse_result(r) for r in results]
+    if None in parsed:
+        return False
+    message["results"] = parsed
+    return True
 
 
 @tornado.web.stream_request_body

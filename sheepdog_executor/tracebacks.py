@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from sheepdog_executor.errors import RemoteCallError, RemoteTraceback
 from sheepdog_executor.pickling import SHIPPED
 from sheepdog_executor.remote.compat import add_note
+from sheepdog_executor.remote.protocol import Error
 
 #: The node's note on a missing module (remote/worker.py ``explain_missing_module``).
 _MISSING_MODULE = re.compile(r"^sheepdog: .* is not importable on the nodes")
@@ -98,11 +99,11 @@ def fit_advice(error: BaseException, synced: bool) -> None:
         )
 
 
-def rebuild_error(blob: bytes | None, tb: str, name: str, message: str) -> BaseException:
+def rebuild_error(sent: Error) -> BaseException:
     """The exception a call raised on a node (as the worker's ``_dump_error`` sent it), with its
     traceback as ``__cause__``; when its pickle cannot be loaded here, a ``RemoteCallError`` that
-    keeps its type's name and message. An error of this client's own making (a result that did not
-    arrive whole) has no ``name`` nor traceback: a ``RemoteCallError`` with ``message``."""
+    keeps its type's name and message."""
+    blob, tb, name, message = sent.pickled, sent.traceback, sent.type_name, sent.message
     error: BaseException | None = None
     why = "which could not be pickled there"
     if blob is not None:
@@ -111,8 +112,6 @@ def rebuild_error(blob: bytes | None, tb: str, name: str, message: str) -> BaseE
         except Exception as exc:  # noqa: BLE001 - e.g. an __init__ that takes other arguments
             why = f"which could not be rebuilt here: {exc!r}"
     if not isinstance(error, BaseException):
-        if not name:
-            return RemoteCallError(message)
         error = RemoteCallError(f"{name.rsplit('.', 1)[-1]}: {message}", remote_type=name)
         add_note(error, f"sheepdog: this stands for the {name} the call raised on the node, {why}")
     error.__cause__ = RemoteTraceback(restore_source(tb))

@@ -16,6 +16,7 @@ from conftest import our_jobs, slurm_jobs
 from sheepdog_executor import (
     BrokenGridEngineExecutor,
     ClusterExecutor,
+    ExecutorShutDown,
     GridEngineExecutor,
     LocalExecutor,
     SlurmExecutor,
@@ -93,6 +94,24 @@ def test_shutdown_cancel_futures(make: Callable[..., ClusterExecutor]) -> None:
     assert all(f.cancelled() for f in pending)
     with pytest.raises(cf.CancelledError, match=r"cancelled by shutdown\(cancel_futures=True\)"):
         pending[-1].result()
+
+
+def test_abort_cancels_the_waiting_calls_and_fails_the_running_ones(
+    make: Callable[..., ClusterExecutor],
+) -> None:
+    """The public abort (what the joblib backend uses): at once, no call left and the executor shut."""
+    executor = make(max_workers=1)
+    running = executor.submit(slow, 60, "never")
+    assert _wait_for(running.running, 90)
+    pending = [executor.submit(slow, 0.01, i) for i in range(3)]
+    started = time.monotonic()
+    executor.abort()
+    assert time.monotonic() - started < 30  # not the 60 s call
+    assert all(f.cancelled() for f in pending)
+    with pytest.raises(ExecutorShutDown, match="its task was removed"):
+        running.result(timeout=0)
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        executor.submit(slow, 0)
 
 
 def test_shutdown_without_wait_returns_at_once(make: Callable[..., ClusterExecutor]) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from conftest import wait_until
 
-from sheepdog_executor import GridEngineExecutor, LocalExecutor, dispatch
+from sheepdog_executor import GridEngineExecutor, LocalExecutor, results
 
 
 class MyObject:
@@ -77,7 +77,7 @@ def test_a_result_that_fails_to_resolve_strands_no_other_future(
     local: Callable[..., LocalExecutor], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Issue 9.6: the results of one worker's reply are resolved each in its own try."""
-    real = dispatch._resolve
+    real = results._resolve
     seen = itertools.count(1)
 
     def flaky(*args: Any) -> Any:
@@ -85,7 +85,7 @@ def test_a_result_that_fails_to_resolve_strands_no_other_future(
             raise RuntimeError("injected failure while resolving")
         return real(*args)
 
-    monkeypatch.setattr(dispatch, "_resolve", flaky)
+    monkeypatch.setattr(results, "_resolve", flaky)
     executor = local()
     futures = [executor.submit(abs, -i) for i in range(20)]
     _, not_done = cf.wait(futures, timeout=60)

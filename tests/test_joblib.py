@@ -187,7 +187,7 @@ def test_cold_start_batches_do_not_hold_back_auto_batching(monkeypatch: pytest.M
 
 
 class FakeExecutor:
-    """What ReusableExecutors uses of an executor: status(), shutdown(), __exit__()."""
+    """What ReusableExecutors uses of an executor: status(), shutdown(), abort()."""
 
     def __init__(self, broken: str | None = None) -> None:
         self.broken = broken
@@ -200,7 +200,7 @@ class FakeExecutor:
     def shutdown(self, wait: bool = True) -> None:
         self.shut_down.set()
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def abort(self) -> None:
         self.stopped = True
 
 

@@ -4,6 +4,7 @@ the test moves: fast, and each case exact (the cell tests cover the real schedul
 from __future__ import annotations
 
 import inspect
+import threading
 import time
 from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import Future
@@ -125,7 +126,7 @@ class Rig:
             array_limit=array_limit,
         )
         self.futures: list[Future[Any]] = [CallFuture() for _ in range(calls)]
-        self.dispatcher.add(abs, "call", [((-1,), {})] * calls, self.futures, 1, "abs")
+        self.dispatcher.add(abs, [((-1,), {})] * calls, self.futures, 1, "abs")
 
     def step(self, advance: float = 2.0) -> None:
         """One turn of the job manager's thread, ``advance`` seconds after the last."""
@@ -264,6 +265,25 @@ def test_a_lost_call_is_retried_unless_its_task_was_killed_over_a_limit(over_lim
         while rig.dispatcher.counts() != (1, 0) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert rig.dispatcher.counts() == (1, 0) and not rig.futures[0].done()
+
+
+def test_lost_tasks_are_diagnosed_on_one_thread_that_stop_joins() -> None:
+    """One thread waits for the accounting of every lost task (not one thread each), and the job
+    manager's stop ends it: the calls fail with what is known, and no thread is left behind."""
+    rig = Rig(3)
+    rig.scheduler.accounting = lambda job_id, task_id: {}  # type: ignore[method-assign]  # never written
+    before = set(threading.enumerate())
+    rig.step()
+    rig.scheduler.run_all("101")
+    for task in (1, 2, 3):
+        rig.dispatcher.exchange(rig.hello("101", task), [])
+    rig.step(advance=61.0)  # three silent workers: lost
+    diagnosing = [t for t in set(threading.enumerate()) - before if t.name == "sheepdog-diagnose"]
+    assert len(diagnosing) == 1
+    rig.manager.stop(grace=0, timeout=5)
+    assert not diagnosing[0].is_alive()
+    errors = [future.exception(timeout=0) for future in rig.futures]
+    assert all(isinstance(error, WorkerLost) and "no heartbeat for" in str(error) for error in errors)
 
 
 def test_a_silent_worker_is_lost_and_its_task_removed() -> None:

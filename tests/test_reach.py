@@ -94,7 +94,7 @@ class _Unreachable:
 def test_the_client_gives_up_on_a_cluster_unreachable_for_twice_the_tolerance() -> None:
     dispatcher = Dispatcher()
     future: Future[Any] = Future()
-    dispatcher.add(abs, "call", [((-1,), {})], [future])
+    dispatcher.add(abs, [((-1,), {})], [future])
     manager = JobManager(
         _Unreachable(),  # type: ignore[arg-type]
         dispatcher,

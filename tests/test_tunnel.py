@@ -319,7 +319,7 @@ def test_tunnel_survives_a_reconnect_and_goes_away_with_the_executor(
     try:
         _reconnect_and_close(executor)
     except BaseException:
-        executor._abort()  # calls lost with the connection must not hang the teardown
+        executor.abort()  # calls lost with the connection must not hang the teardown
         raise
 
 

@@ -28,6 +28,7 @@ from sheepdog_executor.jobscript import (
     with_setup,
 )
 from sheepdog_executor.remote import protocol
+from sheepdog_executor.remote.protocol import Error, Result
 from sheepdog_executor.scheduler.base import Scheduler, TaskState, session_of
 from sheepdog_executor.scheduler.gridengine import (
     GridEngineOptions,
@@ -255,8 +256,8 @@ def test_submit_reads_the_job_id_or_says_what_the_command_said(
         submit("cat >/dev/null")
 
 
-def _result(item_id: int, attempt: int, value: Any) -> tuple[Any, ...]:
-    return (item_id, attempt, True, cloudpickle.dumps(value), "", 0.001)
+def _result(item_id: int, attempt: int, value: Any) -> Result:
+    return Result(item_id, attempt, True, cloudpickle.dumps(value), "", 0.001)
 
 
 @pytest.fixture
@@ -282,7 +283,7 @@ def _hello(dispatcher: Dispatcher, name: str) -> None:
 def test_late_or_replayed_results_never_resolve_twice(make_dispatcher: Callable[..., Dispatcher]) -> None:
     dispatcher = make_dispatcher(retries=1, idle_timeout=60, python=(3, 11), max_workers=2)
     future: Future[Any] = Future()
-    dispatcher.add(abs, "call", [((-1,), {})], [future])
+    dispatcher.add(abs, [((-1,), {})], [future])
     _hello(dispatcher, "w1")
     reply = dispatcher.exchange("w1", [])
     assert reply is not None and len(reply["items"]) == 1
@@ -307,7 +308,7 @@ def test_late_or_replayed_results_never_resolve_twice(make_dispatcher: Callable[
 def test_out_of_retries_fails_with_the_error_given(make_dispatcher: Callable[..., Dispatcher]) -> None:
     dispatcher = make_dispatcher(retries=0, idle_timeout=60, python=(3, 11))
     future: Future[Any] = Future()
-    dispatcher.add(abs, "call", [((-1,), {})], [future])
+    dispatcher.add(abs, [((-1,), {})], [future])
     _hello(dispatcher, "w1")
     dispatcher.exchange("w1", [])
     retried, failed = dispatcher.retry_or_split(dispatcher.take_lost("w1"))
@@ -321,7 +322,7 @@ def test_out_of_retries_fails_with_the_error_given(make_dispatcher: Callable[...
 def test_python_mismatch_fails_pending_calls(make_dispatcher: Callable[..., Dispatcher]) -> None:
     dispatcher = make_dispatcher(python=(3, 11))
     future: Future[Any] = Future()
-    dispatcher.add(abs, "call", [((-1,), {})], [future])
+    dispatcher.add(abs, [((-1,), {})], [future])
     reply = dispatcher.hello({"worker": "w", "job": "1", "task": 1, "host": "n", "python": [3, 9, 1]})
     assert "Python 3.9.1" in reply["error"]
     assert "3.9.1" in str(future.exception(timeout=1))
@@ -330,7 +331,7 @@ def test_python_mismatch_fails_pending_calls(make_dispatcher: Callable[..., Disp
 def test_calls_whose_reply_was_lost_are_queued_again(make_dispatcher: Callable[..., Dispatcher]) -> None:
     dispatcher = make_dispatcher(retries=0, idle_timeout=60, python=(3, 11))
     future: Future[Any] = Future()
-    dispatcher.add(abs, "call", [((-1,), {})], [future])
+    dispatcher.add(abs, [((-1,), {})], [future])
     _hello(dispatcher, "w1")
     lost_reply = dispatcher.exchange("w1", [])
     assert lost_reply is not None and len(lost_reply["items"]) == 1
@@ -351,8 +352,8 @@ def test_late_copies_of_a_workers_requests_run_no_call_twice(
     copy without the results of calls the worker had since run queued them again: they ran twice."""
     dispatcher = make_dispatcher(retries=0, idle_timeout=60, python=(3, 11), max_workers=1)
     futures: list[Future[Any]] = [Future() for _ in range(3)]
-    dispatcher.add(abs, "call", [((-i,), {}) for i in range(3)], futures)
-    dispatcher.call_seconds = 1.0  # one call per reply
+    dispatcher.add(abs, [((-i,), {}) for i in range(3)], futures)
+    dispatcher.hand_out.call_seconds = 1.0  # one call per reply
     _hello(dispatcher, "w1")
     first = dispatcher.exchange("w1", [], request=1)
     assert first is not None and len(first["items"]) == 1
@@ -378,7 +379,7 @@ def test_a_cancelled_call_leaves_the_queue_at_once(make_dispatcher: Callable[...
 
     dispatcher = make_dispatcher(python=(3, 11))
     futures = [CallFuture() for _ in range(3)]
-    dispatcher.add(abs, "call", [((-1,), {})] * 3, futures)
+    dispatcher.add(abs, [((-1,), {})] * 3, futures)
     assert futures[1].cancel() and futures[1].cancel()  # twice: counted once
     assert dispatcher.counts() == (2, 0) and dispatcher.outstanding() == 2
     _hello(dispatcher, "w1")
@@ -500,12 +501,13 @@ def test_result_parts_are_joined_once_each_and_a_missing_one_is_an_error() -> No
     for offset in [*range(0, total, 8), 8]:  # a part sent again (its answer lost) counts once
         assert parts.add("w", 1, 1, offset, total, value[offset : offset + 8])
     assert not parts.add("w", 1, 1, 16, total, b"x" * 64)  # past the end
-    joined = parts.join("w", (1, 1, True, b"", "out", 0.5, "err", total))
-    assert pickle.loads(joined[3]) == b"abcdefghij" and joined[4:] == ("out", 0.5, "err")
+    joined = parts.join("w", Result(1, 1, True, b"", "out", 0.5, "err", total))
+    assert pickle.loads(joined.data) == b"abcdefghij"
+    assert (joined.stdout, joined.seconds, joined.stderr, joined.parted) == ("out", 0.5, "err", 0)
     assert parts.add("w", 2, 1, 0, total, value[:8])
-    failed = parts.join("w", (2, 1, True, b"", "", 0.1, "", total))
-    assert failed[2] is False
-    assert pickle.loads(failed[3])[3].endswith(
+    failed = parts.join("w", Result(2, 1, True, b"", "", 0.1, "", total))
+    assert failed.ok is False
+    assert Error(*pickle.loads(failed.data)).traceback.endswith(
         f"({total} bytes pickled) reached the client incomplete (8 bytes)"
     )
 
@@ -534,9 +536,9 @@ def test_a_set_up_that_fails_leaves_no_thread_behind(tmp_path: Any) -> None:
 def test_result_parts_refuse_a_total_beyond_the_limit_and_free_a_lost_workers() -> None:
     parts = ResultParts(limit=lambda: 100)
     assert not parts.add("w", 1, 1, 0, 101, b"x" * 8) and parts.held() == 0  # nothing allocated
-    refused = parts.join("w", (1, 1, True, b"", "", 0.1, "", 101))
-    assert refused[2] is False and "(101 bytes pickled) is larger than the client can take" in str(
-        pickle.loads(refused[3])[3]
+    refused = parts.join("w", Result(1, 1, True, b"", "", 0.1, "", 101))
+    assert refused.ok is False and "(101 bytes pickled) is larger than the client can take" in (
+        Error(*pickle.loads(refused.data)).message
     )
     assert parts.add("w", 2, 1, 0, 60, b"x" * 8) and parts.held() == 60
     assert not parts.add("v", 1, 1, 0, 60, b"x" * 8)  # 52 bytes promised to w's result are not free

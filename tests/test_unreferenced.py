@@ -19,7 +19,7 @@ import pytest
 from conftest import NODE_PYTHON, Cluster
 
 from sheepdog_executor import ClusterExecutor, LocalExecutor
-from sheepdog_executor.executor import Session
+from sheepdog_executor.session import Session
 
 
 def launch(make: Callable[[], ClusterExecutor]) -> tuple[Session, list[Future[int]]]:

@@ -363,9 +363,8 @@ def _shut_down(executor: ClusterExecutor) -> None:
 
 
 def _stop_now(executor: ClusterExecutor) -> None:
-    """Leave the executor as on an error in its ``with`` body: running calls stop, jobs go, at once."""
-    error = RuntimeError("joblib aborted the Parallel call")
-    executor.__exit__(type(error), error, None)
+    """Running calls stop, jobs go, at once."""
+    executor.abort()
 
 
 class SlurmBackend(GridEngineBackend):

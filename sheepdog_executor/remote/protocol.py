@@ -124,6 +124,77 @@ def check_response(secret: bytes, nonce: str, body: bytes, header: str | None) -
     return digest is not None and hmac.compare_digest(hashlib.sha256(body).hexdigest(), digest)
 
 
+# -- what /work carries, by name (pickled as plain tuples: a worker and its client agree on the order)
+class Item(NamedTuple):
+    """A call handed to a worker, which runs ``functions[fn_key](*args, **kwargs)`` with the
+    ``(args, kwargs)`` pickled in ``payload`` (a map's chunk is a call of ``worker.run_chunk``)."""
+
+    id: int
+    attempt: int
+    fn_key: str
+    payload: bytes
+
+    def wire(self) -> tuple[Any, ...]:
+        """The plain tuple sent (a NamedTuple would pickle its class's name)."""
+        return tuple(self)
+
+
+class Result(NamedTuple):
+    """A worker's answer for one ``Item``."""
+
+    item: int
+    attempt: int
+    ok: bool
+    #: The pickled value, or the pickled ``Error`` when the call raised; empty when sent in parts
+    #: (a bytearray once the endpoint joined them).
+    data: bytes | bytearray
+    stdout: str
+    seconds: float = 0.0
+    stderr: str = ""
+    #: The pickled size when ``data`` went to /part in pieces (joined by the endpoint), else 0.
+    parted: int = 0
+
+    def wire(self) -> tuple[Any, ...]:
+        """The plain tuple sent: without ``parted`` unless it was sent in parts."""
+        return tuple(self) if self.parted else self[:7]
+
+
+class Error(NamedTuple):
+    """A call's exception as the worker sends it: the text travels beside the pickle, so an exception
+    the client cannot rebuild (a class whose ``__init__`` takes other arguments than ``args``, a
+    module missing there) keeps its message."""
+
+    pickled: bytes | None
+    traceback: str
+    type_name: str
+    message: str
+
+
+#: What a newer worker may add after a result's known fields.
+_SCALARS = (int, float, str, bytes, bool, type(None))
+
+
+def parse_result(raw: Any) -> Result | None:
+    """A result as a worker sent it (a tuple or list: item id, attempt, ok, data, stdout, then
+    optionally seconds, stderr, parted size and scalars a newer worker adds), or None if malformed."""
+    # written out rather than with all()/zip(): it runs once per call on the hot path
+    if type(raw) not in (tuple, list) or len(raw) < 5:
+        return None
+    if not (type(raw[0]) is int and type(raw[1]) is int and type(raw[2]) is bool):
+        return None
+    if not (type(raw[3]) is bytes and type(raw[4]) is str):
+        return None
+    for extra in raw[5:]:
+        if type(extra) not in _SCALARS:
+            return None
+    # an optional field of another type counts as absent (a newer worker may mean something else)
+    n = len(raw)
+    seconds = raw[5] if n > 5 and type(raw[5]) in (int, float) else 0.0
+    stderr = raw[6] if n > 6 and type(raw[6]) is str else ""
+    parted = raw[7] if n > 7 and type(raw[7]) is int and raw[7] > 0 else 0
+    return Result(raw[0], raw[1], raw[2], raw[3], raw[4], seconds, stderr, parted)
+
+
 def dumps(obj: Any) -> bytes:
     """Serialise a protocol message (plain dicts, lists, bytes, str, numbers)."""
     return pickle.dumps(obj, protocol=PICKLE_PROTOCOL)

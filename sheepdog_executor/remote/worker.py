@@ -286,25 +286,32 @@ def explain_missing_module(error: BaseException, what: str) -> None:
 
 
 def run_items(
-    items: list[tuple[int, int, str, str, bytes]],
-    functions: dict[str, Callable[..., Any]],
-    capture: Capture,
-) -> list[tuple[int, int, bool, bytes, str, float, str]]:
-    """Run a reply's calls under one capture (entering it costs a dozen system calls: per call, it
-    would cost more than a small call itself); each call's output is its own stretch of it."""
+    items: list[tuple[Any, ...]], functions: dict[str, Callable[..., Any]], capture: Capture
+) -> list[protocol.Result]:
+    """Run a reply's calls (``protocol.Item``) under one capture (entering it costs a dozen system
+    calls: per call, it would cost more than a small call itself); each call's output is its own
+    stretch of it."""
     results = []
     with capture:
         mark = capture.mark()
-        for item_id, attempt, fn_key, kind, payload in items:
+        for sent in items:
+            item = protocol.Item(*sent)
             started = time.perf_counter()
-            ok, data = call(functions[fn_key], kind, payload)
+            ok, data = call(functions[item.fn_key], item.payload)
             out, err, mark = capture.since(mark)
-            results.append((item_id, attempt, ok, data, out, time.perf_counter() - started, err))
+            seconds = time.perf_counter() - started
+            results.append(protocol.Result(item.id, item.attempt, ok, data, out, seconds, err))
     return results
 
 
-def call(fn: Callable[..., Any], kind: str, payload: bytes) -> tuple[bool, bytes]:
-    """Run one call (or one chunk of calls); return (ok, pickled value or error).
+def run_chunk(fn: Callable[..., Any], calls: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> list[Any]:
+    """A map's chunk (``chunksize``), shipped as ``functools.partial(run_chunk, fn)``: the results
+    of its calls in order (as ``concurrent.futures.process._process_chunk``)."""
+    return [fn(*args, **kwargs) for args, kwargs in calls]
+
+
+def call(fn: Callable[..., Any], payload: bytes) -> tuple[bool, bytes]:
+    """Run one call; return (ok, pickled value or error).
 
     Whatever the call raises, BaseException included (KeyboardInterrupt, SystemExit), is the call's
     result, as with ProcessPoolExecutor: only the worker's death is a lost worker."""
@@ -314,12 +321,9 @@ def call(fn: Callable[..., Any], kind: str, payload: bytes) -> tuple[bool, bytes
         except BaseException as exc:
             explain_missing_module(exc, "an argument of the call could not be unpickled")
             raise
+        args, kwargs = arguments
         try:
-            if kind == "chunk":
-                value: Any = [fn(*args, **kwargs) for args, kwargs in arguments]
-            else:
-                args, kwargs = arguments
-                value = fn(*args, **kwargs)
+            value = fn(*args, **kwargs)
         except BaseException as exc:
             if not getattr(exc, "__notes__", None):
                 explain_missing_module(exc, "the call failed to import a module")
@@ -330,27 +334,27 @@ def call(fn: Callable[..., Any], kind: str, payload: bytes) -> tuple[bool, bytes
 
 
 def send_in_parts(
-    channel: Channel, worker_id: str, results: list[tuple[Any, ...]], part_bytes: int
-) -> list[tuple[Any, ...]]:
+    channel: Channel, worker_id: str, results: list[protocol.Result], part_bytes: int
+) -> list[protocol.Result]:
     """Send the pickled values that would make the /work body larger than ``part_bytes`` to /part,
-    in pieces of at most that size; their results then carry the pickled size (field 7) instead."""
+    in pieces of at most that size; their results then carry the pickled size (``parted``) instead."""
     inline = 0
-    sent: list[tuple[Any, ...]] = []
+    sent: list[protocol.Result] = []
     for result in results:
-        data = result[3]
+        data = result.data
         if inline + len(data) <= part_bytes:
             inline += len(data)
             sent.append(result)
             continue
         view = memoryview(data)
         for offset in range(0, len(data), part_bytes):
-            part = {"worker": worker_id, "item": result[0], "attempt": result[1], "offset": offset}
+            part = {"worker": worker_id, "item": result.item, "attempt": result.attempt, "offset": offset}
             reply = channel.call(
                 "/part", {**part, "total": len(data), "data": bytes(view[offset : offset + part_bytes])}
             )
             if not reply.get("kept", True):  # refused (too large for the client): the rest would be too
                 break
-        sent.append((*result[:3], b"", *result[4:7], len(data)))
+        sent.append(result._replace(data=b"", parted=len(data)))
     return sent
 
 
@@ -387,9 +391,7 @@ def _dump_value(value: Any) -> bytes:
 
 
 def _dump_error(exc: BaseException) -> bytes:
-    """An exception as (its pickle or None, formatted traceback, type's qualified name, str()): the
-    text travels beside the pickle, so an exception the client cannot rebuild (a class whose
-    ``__init__`` takes other arguments than ``args``, a module missing there) keeps its message."""
+    """An exception as a pickled ``protocol.Error`` (a plain tuple)."""
     import cloudpickle
 
     kind = type(exc)
@@ -404,7 +406,7 @@ def _dump_error(exc: BaseException) -> bytes:
         blob: bytes | None = cloudpickle.dumps(exc, protocol=protocol.PICKLE_PROTOCOL)
     except Exception:  # the exception itself does not pickle: its text goes alone
         blob = None
-    return pickle.dumps((blob, tb, name, message), protocol=protocol.PICKLE_PROTOCOL)
+    return pickle.dumps(tuple(protocol.Error(blob, tb, name, message)), protocol=protocol.PICKLE_PROTOCOL)
 
 
 class Heartbeat(threading.Thread):
@@ -477,7 +479,7 @@ def serve(url: str, secret_file: str, fingerprint: str | None = None) -> int:
     heartbeat.start()
     functions: dict[str, Callable[..., Any]] = {}
     capture = Capture()
-    results: list[tuple[Any, ...]] = []
+    results: list[protocol.Result] = []
     request = 0
     part_bytes = hello.get("part_bytes")
     try:
@@ -485,7 +487,8 @@ def serve(url: str, secret_file: str, fingerprint: str | None = None) -> int:
             if part_bytes:
                 results = send_in_parts(channel, worker_id, results, part_bytes)
             request += 1  # a retry of the same request keeps its number
-            reply = channel.call("/work", {"worker": worker_id, "results": results, "request": request})
+            wire = [r.wire() for r in results]
+            reply = channel.call("/work", {"worker": worker_id, "results": wire, "request": request})
             results = []
             if reply.get("stop"):
                 return 0

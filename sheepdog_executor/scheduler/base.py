@@ -76,6 +76,11 @@ class Scheduler(ABC):
         self.command_setup = [command_setup] if isinstance(command_setup, str) else list(command_setup)
         self.site = site if site is not None else self.Options()
 
+    def with_python(self, python: str) -> Scheduler:
+        """A scheduler like this one whose tasks run ``python`` (a synced environment's)."""
+        options = dataclasses.replace(self.options, python=python)
+        return type(self)(self.shell, options, self.command_setup, self.site)
+
     # -- what every scheduler does ----------------------------------------------------------------
     @abstractmethod
     def submit(self, launch: WorkerLaunch, tasks: int) -> str:
