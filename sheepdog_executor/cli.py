@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import io
 import logging
 import re
@@ -45,10 +44,11 @@ from sheepdog_executor.errors import (
 )
 from sheepdog_executor.jobscript import JobOptions, WorkerLaunch, with_setup
 from sheepdog_executor.liveness import probe_client
+from sheepdog_executor.options import ExecutorOptions, defaults, lines
 from sheepdog_executor.scheduler import Scheduler, SessionJob, TaskState
 from sheepdog_executor.scheduler.base import plain_name
 from sheepdog_executor.sessiondir import OWNER_RECORD, Owner, make_session_dir, prepare_root
-from sheepdog_executor.shell import Shell, SSHShell, SSHTarget
+from sheepdog_executor.shell import Shell, SSHShell, connect
 
 if TYPE_CHECKING:
     from sheepdog_executor.executor import ClusterExecutor
@@ -57,13 +57,6 @@ if TYPE_CHECKING:
 ENDPOINT_RECORD = "endpoint"
 #: A doctor probe directory this old (minutes) without jobs is left over from a doctor that died.
 DOCTOR_LEFTOVER_MINUTES = 10
-_SSH_ARGUMENTS = {
-    "user": "user",
-    "port": "port",
-    "key_filename": "key_filename",
-    "ssh_config": "config_path",
-    "connect_timeout": "connect_timeout",
-}
 _PROBE_MAIN = (
     "import socket, sys\n"
     'sys.stdout.write("sheepdog-probe %d.%d.%d %s\\n" % (sys.version_info[0], sys.version_info[1], '
@@ -166,13 +159,9 @@ class CheckFailed(SheepdogError):
 
 
 def _connect(host: str, options: Mapping[str, Any]) -> SSHShell:
-    arguments = {_SSH_ARGUMENTS[k]: v for k, v in options.items() if k in _SSH_ARGUMENTS}
-    return SSHShell(SSHTarget.resolve(host, **arguments))
-
-
-def _command_setup(options: Mapping[str, Any]) -> list[str]:
-    command_setup = options.get("command_setup", ())
-    return [command_setup] if isinstance(command_setup, str) else list(command_setup)
+    shell = connect(host, options)
+    assert isinstance(shell, SSHShell)  # a host was given
+    return shell
 
 
 def _executors() -> dict[str, type[ClusterExecutor]]:
@@ -198,7 +187,7 @@ def detect_executor(
         f"command -v {cls.scheduler_class.commands[0]} >/dev/null && echo {name}"
         for name, cls in executors.items()
     )
-    found = shell.run("\n".join([*_command_setup(options), probe]), timeout=60).stdout.split()
+    found = shell.run("\n".join([*lines(options.get("command_setup", ())), probe]), timeout=60).stdout.split()
     if len(found) > 1:
         return executors[found[0]], (
             f"{' and '.join(found)} found, checking {found[0]} (--scheduler, or scheduler = "
@@ -223,15 +212,8 @@ def _scheduler(
 
 
 def executor_default(option: str) -> Any:
-    """An executor's own default for an option: its signature is where defaults are written."""
-    from sheepdog_executor.executor import ClusterExecutor
-
-    classes: list[type[ClusterExecutor]] = [*_executors().values(), ClusterExecutor]
-    for cls in classes:
-        parameter = inspect.signature(cls.__init__).parameters.get(option)
-        if parameter is not None and parameter.default is not parameter.empty:
-            return parameter.default
-    raise KeyError(option)
+    """An executor's own default for an option, from its declaration (``options.py``)."""
+    return defaults(ExecutorOptions)[option]
 
 
 def _session_root(shell: Shell, options: Mapping[str, Any]) -> str:
@@ -643,7 +625,7 @@ def cleanup(
             f"session(s), under {root} on {host}",
             file=out,
         )
-        head = HeadNode(shell, JobOptions.from_options(options), _command_setup(options))
+        head = HeadNode(shell, JobOptions.from_options(options), lines(options.get("command_setup", ())))
         in_use = {key: name for name, key in environments_of(shell, root).items() if name in live}
         clean_environments(head, f"{root}/envs", remove=envs, dry_run=dry_run, out=out, in_use=in_use)
         return 0
