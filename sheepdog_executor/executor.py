@@ -28,7 +28,7 @@ from concurrent.futures import CancelledError, Executor, Future
 from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from sheepdog_executor import notebook, pickling
+from sheepdog_executor import notebook, pickling, registry
 from sheepdog_executor.background import in_background, settle
 from sheepdog_executor.bundle import worker_bundle
 from sheepdog_executor.callfuture import CallFuture
@@ -44,7 +44,7 @@ from sheepdog_executor.environment import (
 from sheepdog_executor.errors import BrokenClusterExecutor, ExecutorShutDown
 from sheepdog_executor.jobs import JobManager
 from sheepdog_executor.jobscript import JobOptions, WorkerLaunch
-from sheepdog_executor.options import ExecutorOptions
+from sheepdog_executor.options import ExecutorOptions, defaults
 from sheepdog_executor.remote.reach import ROUTES_FILE
 from sheepdog_executor.scheduler import GridEngineScheduler, LocalScheduler, Scheduler, SlurmScheduler
 from sheepdog_executor.server import Endpoint
@@ -742,6 +742,53 @@ class LocalExecutor(ClusterExecutor):
             python=python,
             **options,
         )
+
+
+def executor_class(key: str) -> type[ClusterExecutor]:
+    """The executor class of the scheduler registered as ``key`` (``registry.py``): the library's own
+    for its rows, else one made once from the scheduler's declaration (its ``Options`` are the
+    class's keyword arguments, config tables and all)."""
+    row = registry.entry(key)
+    scheduler = row.load()
+    own = globals().get(row.executor)
+    if isinstance(own, type) and issubclass(own, ClusterExecutor) and own.scheduler_class is scheduler:
+        return own
+    with _MADE_LOCK:
+        made = _MADE.get(key)
+        if made is None or made.scheduler_class is not scheduler:
+            made = _MADE[key] = _make_executor_class(row.executor, scheduler)
+    return made
+
+
+_MADE: dict[str, type[ClusterExecutor]] = {}
+_MADE_LOCK = threading.Lock()
+
+
+def _make_executor_class(name: str, scheduler: type[Scheduler[Any]]) -> type[ClusterExecutor]:
+    """A ``ClusterExecutor`` subclass for ``scheduler``, whose signature names its options."""
+    own = defaults(scheduler.Options)
+
+    def __init__(
+        self: ClusterExecutor,
+        max_workers: int | None = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple[Any, ...] = (),
+        **options: Any,
+    ) -> None:
+        own = {
+            f.name: options.pop(f.name) for f in dataclasses.fields(scheduler.Options) if f.name in options
+        }
+        site = _site_options(scheduler, own)
+        ClusterExecutor.__init__(self, max_workers, initializer, initargs, scheduler_options=site, **options)
+
+    signature = inspect.signature(__init__)
+    parameters = list(signature.parameters.values())
+    keywords = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d) for n, d in own.items()]
+    written = signature.replace(parameters=[*parameters[:-1], *keywords, parameters[-1]])
+    __init__.__signature__ = written  # type: ignore[attr-defined]
+    doc = f"Run calls as {scheduler.name} jobs (``{scheduler.__module__}.{scheduler.__qualname__}``)."
+    namespace = {"__init__": uses_config(__init__), "scheduler_class": scheduler, "__doc__": doc}
+    return type(name, (ClusterExecutor,), namespace)
 
 
 #: The options ``Session`` takes (as a mapping of name to value), read from its signature.
