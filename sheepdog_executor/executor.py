@@ -44,7 +44,7 @@ from sheepdog_executor.environment import (
 from sheepdog_executor.errors import BrokenClusterExecutor, ExecutorShutDown
 from sheepdog_executor.jobs import JobManager
 from sheepdog_executor.jobscript import JobOptions, WorkerLaunch
-from sheepdog_executor.options import ExecutorOptions, defaults
+from sheepdog_executor.options import DEFAULT_MAX_WORKERS, ExecutorOptions, defaults
 from sheepdog_executor.remote.reach import ROUTES_FILE
 from sheepdog_executor.scheduler import GridEngineScheduler, LocalScheduler, Scheduler, SlurmScheduler
 from sheepdog_executor.server import Endpoint
@@ -59,7 +59,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("sheepdog_executor")
 T = TypeVar("T")
 
-DEFAULT_MAX_WORKERS = 32
 #: Calls submitted within this many seconds of each other are counted as one batch.
 SUBMIT_BATCH_SECONDS = 1.0
 #: With ``progress=None``, a map on a terminal shows a bar at once above this many calls, else once
@@ -571,7 +570,7 @@ class ClusterExecutor(Executor):
         """``results`` behind a progress bar on stderr, as the ``progress`` option says."""
         if self._progress is False:
             return results
-        from sheepdog_executor.integrations.progress import progress
+        from sheepdog_executor.progress import progress
 
         auto = self._progress is None
         delay = AUTO_PROGRESS_SECONDS if auto and (total or 0) <= AUTO_PROGRESS_CALLS else 0.0

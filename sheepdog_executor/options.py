@@ -18,6 +18,8 @@ from sheepdog_executor.errors import ConfigurationError
 
 #: How workers reach the client (``callback=``).
 CALLBACK_MODES = ("auto", "direct", "tunnel")
+#: The most workers at once without ``max_workers=`` (``LocalExecutor``: the CPUs).
+DEFAULT_MAX_WORKERS = 32
 _META = "sheepdog"
 
 

@@ -1,11 +1,13 @@
-"""Glue to tools users already run: joblib (``joblib_backend``), progress bars (``progress``).
+"""Glue to tools users already run: joblib (``joblib_backend``).
 
 dask needs no glue: it takes any ``concurrent.futures.Executor`` as its scheduler,
 ``dask.compute(x, scheduler=executor)``; its nodes need dask (and numpy for arrays).
 
-Importing this package makes joblib's ``"gridengine"`` backend available without importing joblib
-(which costs about half a second, numpy included): at once when joblib is already imported, else
-right after ``joblib.parallel`` first loads. ``joblib_backend`` itself loads on the backend's first use.
+Importing this package makes joblib's backends (one per registered scheduler: ``"gridengine"``,
+``"slurm"``, ...) available without importing joblib (which costs about half a second, numpy
+included): at once when joblib is already imported, else right after ``joblib.parallel`` first loads.
+``import sheepdog_executor`` imports this package only when joblib is loaded already (no import hook
+of its own). ``joblib_backend`` itself loads on a backend's first use.
 Inside a worker (a call on a node) the names mean joblib's loky on that node (``remote.nested``).
 """
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import atexit
 import functools
-import inspect
 import logging
 import threading
 import time
@@ -43,11 +42,9 @@ from sheepdog_executor import ClusterExecutor, GridEngineExecutor, SlurmExecutor
 from sheepdog_executor.config import resolve_options
 from sheepdog_executor.executor import executor_class
 from sheepdog_executor.integrations import JOBLIB_BACKEND, SLURM_JOBLIB_BACKEND
+from sheepdog_executor.options import DEFAULT_MAX_WORKERS, ExecutorOptions  # n_jobs=-1 without max_workers
 
 log = logging.getLogger("sheepdog_executor")
-
-#: What ``n_jobs=-1`` means without ``max_workers=``: GridEngineExecutor's own default.
-DEFAULT_MAX_WORKERS = 32
 
 #: Keywords joblib passes to every backend's ``configure``: they are not executor options.
 _JOBLIB_KEYWORDS = frozenset(
@@ -55,7 +52,7 @@ _JOBLIB_KEYWORDS = frozenset(
 )
 
 #: How long an idle worker stays up unless ``idle_timeout`` says otherwise: the executor's default.
-DEFAULT_IDLE_TIMEOUT: float = inspect.signature(ClusterExecutor).parameters["idle_timeout"].default
+DEFAULT_IDLE_TIMEOUT: float = ExecutorOptions().idle_timeout
 
 
 class ReusableExecutors:
