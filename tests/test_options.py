@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from pathlib import Path
 
 import pytest
 
@@ -46,3 +47,10 @@ def test_the_options_object_checks_values_and_is_a_read_only_mapping() -> None:
     assert options["retries"] == 2 and dict(options)["job_name"] == "sheepdog"
     with pytest.raises(dataclasses.FrozenInstanceError):
         options.retries = 3  # type: ignore[misc]
+
+
+def test_the_readme_documents_every_declared_option() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.rst").read_text()
+    for executor in (GridEngineExecutor, SlurmExecutor):
+        names = [*declared(ExecutorOptions), *declared(executor.scheduler_class.Options)]
+        assert [name for name in names if f"``{name}``" not in readme] == [], executor
