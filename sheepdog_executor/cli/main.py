@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from sheepdog_executor import registry
 from sheepdog_executor.cli.cleanup import cleanup
 from sheepdog_executor.cli.doctor import Doctor
+from sheepdog_executor.options import ExecutorOptions, declared
 
 if TYPE_CHECKING:
     pass
@@ -54,10 +55,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Check, in order, what an executor on HOST needs; stop at the first "
         "failure and say what to change. Options come from the config file and SHEEPDOG_* variables.",
     )
-    doctor.add_argument("--python", metavar="PY", help="the interpreter on the nodes (python=)")
-    doctor.add_argument(
-        "--callback-address", metavar="ADDR", help="address of this machine the nodes connect to"
-    )
+    for name, metavar in (("python", "PY"), ("callback_address", "ADDR")):  # executor options
+        doc = declared(ExecutorOptions)[name].doc
+        doctor.add_argument(f"--{name.replace('_', '-')}", metavar=metavar, help=f"{doc} ({name}=)")
     doctor.add_argument(
         "--timeout", type=float, default=90.0, metavar="S", help="seconds a test job may take (90)"
     )
