@@ -774,11 +774,9 @@ def _make_executor_class(name: str, scheduler: type[Scheduler[Any]]) -> type[Clu
         initargs: tuple[Any, ...] = (),
         **options: Any,
     ) -> None:
-        own = {
-            f.name: options.pop(f.name) for f in dataclasses.fields(scheduler.Options) if f.name in options
-        }
-        site = _site_options(scheduler, own)
-        ClusterExecutor.__init__(self, max_workers, initializer, initargs, scheduler_options=site, **options)
+        site = _site_options(scheduler, options)
+        shared = {name: value for name, value in options.items() if name not in own}
+        ClusterExecutor.__init__(self, max_workers, initializer, initargs, scheduler_options=site, **shared)
 
     signature = inspect.signature(__init__)
     parameters = list(signature.parameters.values())
