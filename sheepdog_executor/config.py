@@ -45,11 +45,20 @@ class OptionTable(Mapping[str, Option]):
     shared ones (``ExecutorOptions``) and each registered scheduler's own (its ``Options``), read
     from their declarations on each use (a scheduler registered later is in it)."""
 
+    def __init__(self) -> None:
+        self._made: tuple[Any, dict[str, Option]] = (None, {})
+
     def _table(self) -> dict[str, Option]:
+        schedulers = registry.scheduler_classes()
+        key = tuple((name, id(cls), id(cls.Options)) for name, cls in schedulers.items())
+        made_for, table = self._made
+        if made_for == key:
+            return table
         table = {k: v for k, v in declared(ExecutorOptions).items() if v.configurable}
-        for scheduler in registry.scheduler_classes().values():
+        for scheduler in schedulers.values():
             for name, spec in declared(scheduler.Options, scheduler.name).items():
                 table.setdefault(name, spec)
+        self._made = (key, table)
         return table
 
     def __getitem__(self, name: str) -> Option:
