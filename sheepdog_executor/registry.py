@@ -3,17 +3,22 @@ host's table, joblib's backend name): the built-in rows below, the ``sheepdog_ex
 entry points of installed packages, and ``register()`` at run time.
 
 A row names its scheduler class as ``"module:Class"``, loaded on first use: this module imports
-nothing of the package, so ``config`` can read it. The executor classes are made from the rows in
-``executor.executor_class``.
+nothing of the package but ``errors``, so ``config`` can read it. The executor classes are made
+from the rows in ``executor.executor_class``.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import threading
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
+
+from sheepdog_executor.errors import ConfigurationError
+
+log = logging.getLogger("sheepdog_executor")
 
 #: Installed packages add schedulers here: ``[project.entry-points."sheepdog_executor.schedulers"]``
 #: ``pbs = "sheepdog_pbs:PBSScheduler"``.
@@ -35,7 +40,14 @@ class SchedulerEntry:
         if not isinstance(self.target, str):
             return self.target
         module, _, name = self.target.partition(":")
-        return getattr(importlib.import_module(module), name)
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as exc:
+            raise ConfigurationError(
+                f"the scheduler {self.key!r} cannot be loaded from {self.target!r}: {exc}; install the "
+                f"package that provides it, or uninstall the one whose {ENTRY_POINT_GROUP!r} entry point "
+                "names it"
+            ) from exc
 
 
 BUILTIN = (
@@ -48,6 +60,7 @@ BUILTIN = (
 _lock = threading.Lock()
 _added: dict[str, SchedulerEntry] = {}
 _from_entry_points: dict[str, SchedulerEntry] | None = None
+_warned: set[str] = set()
 
 
 def register(key: str, scheduler: Any, executor: str = "") -> SchedulerEntry:
@@ -85,5 +98,14 @@ def entry(key: str) -> SchedulerEntry:
 
 
 def scheduler_classes() -> dict[str, Any]:
-    """Every known scheduler class by key (each imported)."""
-    return {key: row.load() for key, row in entries().items()}
+    """Every known scheduler class by key (each imported); one that cannot be loaded is left out
+    with a warning, so that a broken plug-in does not stop the other schedulers."""
+    found = {}
+    for key, row in entries().items():
+        try:
+            found[key] = row.load()
+        except ConfigurationError as exc:
+            if key not in _warned:
+                _warned.add(key)
+                log.warning("%s", exc)
+    return found

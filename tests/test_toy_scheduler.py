@@ -144,3 +144,14 @@ def test_an_entry_point_adds_a_scheduler(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(registry, "_from_entry_points", None)
     assert registry.entries()["toy"].load() is ToyScheduler
     assert executor_class("toy").scheduler_class is ToyScheduler
+
+
+def test_a_broken_row_leaves_the_others_working(caplog: pytest.LogCaptureFixture) -> None:
+    registry.register("broken", "no_such_plugin:Scheduler")
+    try:
+        assert "label" in OPTIONS and "queue" in OPTIONS
+        assert "cannot be loaded from 'no_such_plugin:Scheduler'" in caplog.text
+        with pytest.raises(ConfigurationError, match="install the package that provides it"):
+            executor_class("broken")
+    finally:
+        registry.unregister("broken")
