@@ -3,6 +3,7 @@ signatures, written out for users and IDEs, say the same names and defaults."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import inspect
 from pathlib import Path
@@ -54,3 +55,17 @@ def test_the_readme_documents_every_declared_option() -> None:
     for executor in (GridEngineExecutor, SlurmExecutor):
         names = [*declared(ExecutorOptions), *declared(executor.scheduler_class.Options)]
         assert [name for name in names if f"``{name}``" not in readme] == [], executor
+
+
+@pytest.mark.parametrize(
+    ("module", "allowed"),
+    [("config", {"errors", "options", "registry"}), ("options", {"errors"}), ("registry", {"errors"})],
+)
+def test_the_ground_floor_imports_nothing_above_it(module: str, allowed: set[str]) -> None:
+    path = Path(__file__).resolve().parent.parent / "sheepdog_executor" / f"{module}.py"
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sheepdog_executor"):
+            names = [node.module.partition(".")[2]] if "." in node.module else [a.name for a in node.names]
+            found.update(names)
+    assert found <= allowed
