@@ -17,13 +17,13 @@ import os
 import shutil
 import sys
 import warnings
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from sheepdog_executor import registry
 from sheepdog_executor.errors import ConfigurationError, OptionOfAnotherScheduler
-from sheepdog_executor.tunnel import CALLBACK_MODES
+from sheepdog_executor.options import ExecutorOptions, Option, declared
 
 CONFIG_ENV = "SHEEPDOG_EXECUTOR_CONFIG"
 #: The usual cluster's host (or ssh alias) when an executor is given none.
@@ -31,8 +31,6 @@ HOST_ENV = "SHEEPDOG_HOST"
 #: ``SHEEPDOG_*`` variables that are not options: the config file's, the host's, and those the
 #: worker's task sets (a worker's own client, e.g. a nested executor, sees them).
 NOT_OPTIONS = frozenset({CONFIG_ENV, HOST_ENV, "SHEEPDOG_JOB_ID", "SHEEPDOG_TASK_ID", "SHEEPDOG_CPUS"})
-#: What ``--scheduler`` and a host table's ``scheduler`` key take.
-SCHEDULER_CHOICES = ("gridengine", "slurm")
 DEFAULT_CONFIG_PATH = "~/.config/sheepdog-executor/config.toml"
 ENV_PREFIX = "SHEEPDOG_"
 
@@ -42,91 +40,44 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
-@dataclass(frozen=True)
-class Option:
-    """How one option is written: ``kind`` is int, float, bool, str, "lines", "args" or "resources"."""
+class OptionTable(Mapping[str, Option]):
+    """Every option a file or the environment may set (not callables, not the host), by name: the
+    shared ones (``ExecutorOptions``) and each registered scheduler's own (its ``Options``), read
+    from their declarations on each use (a scheduler registered later is in it)."""
 
-    kind: type | str
-    #: The values a string option may take, when only a few are valid.
-    choices: tuple[str, ...] = ()
-    #: The scheduler whose executor alone takes the option (its ``Scheduler.name``); "" for all.
-    scheduler: str = ""
+    def __init__(self) -> None:
+        self._made: tuple[Any, dict[str, Option]] = (None, {})
 
-    @property
-    def scalar(self) -> bool:
-        """Scalars can also be set from the environment."""
-        return isinstance(self.kind, type)
+    def _table(self) -> dict[str, Option]:
+        schedulers = registry.scheduler_classes()
+        key = tuple((name, id(cls), id(cls.Options)) for name, cls in schedulers.items())
+        made_for, table = self._made
+        if made_for == key:
+            return table
+        table = {k: v for k, v in declared(ExecutorOptions).items() if v.configurable}
+        for scheduler in schedulers.values():
+            for name, spec in declared(scheduler.Options, scheduler.name).items():
+                table.setdefault(name, spec)
+        self._made = (key, table)
+        return table
 
-    def describe(self) -> str:
-        if self.choices:
-            return "one of " + ", ".join(repr(c) for c in self.choices)
-        return {
-            int: "an integer",
-            float: "a number",
-            bool: "true or false",
-            str: "a string",
-            "lines": "a string or an array of strings",
-            "args": "an array of strings",
-            "resources": 'a table of strings (h_vmem = "2G") or an array of "name=value" strings',
-        }[self.kind]
+    def __getitem__(self, name: str) -> Option:
+        return self._table()[name]
 
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._table())
 
-GRID_ENGINE, SLURM = "Grid Engine", "Slurm"
-#: ``--scheduler``'s name of each scheduler.
-_SCHEDULER_KEYS = {GRID_ENGINE: "gridengine", SLURM: "slurm"}
+    def __len__(self) -> int:
+        return len(self._table())
+
 
 #: Every option of the executors that a file or the environment may set (not callables, not host).
-OPTIONS: dict[str, Option] = {
-    "max_workers": Option(int),
-    # SSH
-    "user": Option(str),
-    "port": Option(int),
-    "key_filename": Option(str),
-    "ssh_config": Option(str),
-    "connect_timeout": Option(float),
-    # the jobs, under any scheduler
-    "job_name": Option(str),
-    "working_directory": Option(str),
-    "setup": Option("lines"),
-    "setup_shell": Option(str),
-    "python": Option(str),
-    "command_setup": Option("lines"),
-    # the jobs, Grid Engine
-    "queue": Option(str, scheduler=GRID_ENGINE),
-    "resources": Option("resources", scheduler=GRID_ENGINE),
-    "parallel_environment": Option(str, scheduler=GRID_ENGINE),
-    "slots": Option(int, scheduler=GRID_ENGINE),
-    "qsub_args": Option("args", scheduler=GRID_ENGINE),
-    # the jobs, Slurm
-    "partition": Option(str, scheduler=SLURM),
-    "account": Option(str, scheduler=SLURM),
-    "qos": Option(str, scheduler=SLURM),
-    "time": Option(str, scheduler=SLURM),
-    "mem": Option(str, scheduler=SLURM),
-    "cpus_per_task": Option(int, scheduler=SLURM),
-    "gres": Option(str, scheduler=SLURM),
-    "constraint": Option(str, scheduler=SLURM),
-    "sbatch_args": Option("args", scheduler=SLURM),
-    # the executor
-    "retries": Option(int),
-    "batch_window": Option(float),
-    "poll_interval": Option(float),
-    "idle_timeout": Option(float),
-    "heartbeat": Option(float),
-    "heartbeat_timeout": Option(float),
-    "disconnect_tolerance": Option(float),
-    "callback_address": Option(str),
-    "callback_port": Option(int),
-    "callback": Option(str, CALLBACK_MODES),
-    "tls": Option(bool),
-    "session_root": Option(str),
-    "echo_output": Option(bool),
-    "status_page": Option(bool),
-    "progress": Option(bool),
-    "environment": Option(str, ("sync", "none")),
-    "environment_add": Option("args"),
-    "environment_exclude": Option("args"),
-}
+OPTIONS: Mapping[str, Option] = OptionTable()
+
+
+def scheduler_keys() -> dict[str, str]:
+    """``--scheduler``'s key of each registered scheduler, by the scheduler's name."""
+    return {cls.name: key for key, cls in registry.scheduler_classes().items()}
 
 
 def env_name(option: str) -> str:
@@ -173,10 +124,11 @@ def configured_scheduler(host: str) -> tuple[str, str] | None:
     where = f'[hosts."{host}"] in {config_path()}'
     if "scheduler" in table:
         return table["scheduler"], f"scheduler = {table['scheduler']!r} in {where}"
-    names = {OPTIONS[k].scheduler for k in table if k in OPTIONS and OPTIONS[k].scheduler}
+    options = dict(OPTIONS)
+    names = {options[k].scheduler for k in table if k in options and options[k].scheduler}
     if len(names) == 1:
         name = names.pop()
-        return _SCHEDULER_KEYS[name], f"{name}'s options in {where}"
+        return scheduler_keys()[name], f"{name}'s options in {where}"
     return None
 
 
@@ -202,7 +154,7 @@ def load_config(path: Path | None = None) -> tuple[dict[str, Any], dict[str, dic
     hosts = data.get("hosts", {})
     if not isinstance(hosts, dict):
         raise ConfigurationError(f'{path}: "hosts" must be tables, written [hosts."ALIAS"]')
-    scheduler = {"scheduler": Option(str, SCHEDULER_CHOICES)}
+    scheduler = {"scheduler": Option(str, tuple(registry.entries()))}
     per_host = {
         name: _table(path, f'[hosts."{name}"]', table, extra=scheduler) for name, table in hosts.items()
     }
@@ -249,8 +201,9 @@ def uses_config(init: F) -> F:
         _check_scheduler_options(type(self), scheduler, arguments)
         resolved = resolve_options(arguments.get("host"), arguments)
         # a [default] table may hold options of several schedulers: each executor takes its own
-        for name in [n for n in resolved if n not in arguments and n in OPTIONS]:
-            if scheduler and OPTIONS[name].scheduler not in ("", scheduler):
+        options = dict(OPTIONS)
+        for name in [n for n in resolved if n not in arguments and n in options]:
+            if scheduler and options[name].scheduler not in ("", scheduler):
                 del resolved[name]
         if resolved.get("host") is None and scheduler_class is not None:
             _check_local_scheduler(scheduler_class, resolved)
@@ -261,29 +214,19 @@ def uses_config(init: F) -> F:
 
 def _check_scheduler_options(cls: type, scheduler: str, arguments: Mapping[str, Any]) -> None:
     """Refuse an option of another scheduler's executor, naming that executor and this one's own
-    options (from OPTIONS and the executors' ``scheduler_class``), instead of Python's "unexpected
-    keyword argument"."""
+    options (from the registry's rows), instead of Python's "unexpected keyword argument"."""
+    options = dict(OPTIONS)
     for name in arguments:
-        option = OPTIONS.get(name)
+        option = options.get(name)
         if option is None or not scheduler or option.scheduler in ("", scheduler):
             continue
-        owners = [c.__name__ for c in _executor_classes(cls) if c.scheduler_class.name == option.scheduler]
-        own = ", ".join(f"{n}=" for n, o in OPTIONS.items() if o.scheduler == scheduler)
+        rows = registry.entries()
+        owners = [rows[key].executor for key in rows if rows[key].load().name == option.scheduler]
+        own = ", ".join(f"{n}=" for n, o in options.items() if o.scheduler == scheduler)
         raise OptionOfAnotherScheduler(
             f"{name}= is an option of {owners[0] if owners else 'another executor'} ({option.scheduler}), "
             f"not of {cls.__name__}; on {scheduler} the jobs are shaped by {own}"
         )
-
-
-def _executor_classes(cls: type) -> list[Any]:
-    """The executor classes: every class under the base of ``cls`` that declares ``scheduler_class``."""
-    base = next(c for c in reversed(cls.__mro__) if "scheduler_class" in getattr(c, "__annotations__", {}))
-    found, stack = [], [base]
-    while stack:
-        current = stack.pop()
-        found.append(current)
-        stack.extend(current.__subclasses__())
-    return [c for c in found if "scheduler_class" in vars(c)]
 
 
 def _check_local_scheduler(scheduler_class: Any, resolved: Mapping[str, Any]) -> None:

@@ -10,7 +10,9 @@ jobs and session directory are removed), and interpreter exit waits for outstand
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
+import inspect
 import itertools
 import logging
 import os
@@ -23,7 +25,7 @@ from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import Any, ClassVar, TypeVar
 
-from sheepdog_executor import notebook, pickling
+from sheepdog_executor import notebook, pickling, registry
 from sheepdog_executor.background import in_background
 from sheepdog_executor.callfuture import CallFuture
 from sheepdog_executor.config import uses_config
@@ -33,24 +35,22 @@ from sheepdog_executor.environment import (
     SyncedEnvironment,
     stderr_progress,
 )
-from sheepdog_executor.errors import BrokenClusterExecutor, ConfigurationError
+from sheepdog_executor.errors import BrokenClusterExecutor
 from sheepdog_executor.jobscript import JobOptions
+from sheepdog_executor.options import DEFAULT_MAX_WORKERS, ExecutorOptions, defaults
 from sheepdog_executor.remote.worker import run_chunk
 from sheepdog_executor.scheduler import (
-    GridEngineOptions,
     GridEngineScheduler,
     LocalScheduler,
     Scheduler,
-    SlurmOptions,
     SlurmScheduler,
 )
 from sheepdog_executor.session import _OPEN, Session, _collected
-from sheepdog_executor.shell import LocalShell, Shell, SSHShell, SSHTarget
+from sheepdog_executor.shell import connect
 
 log = logging.getLogger("sheepdog_executor")
 T = TypeVar("T")
 
-DEFAULT_MAX_WORKERS = 32
 #: Calls submitted within this many seconds of each other are counted as one batch.
 SUBMIT_BATCH_SECONDS = 1.0
 #: With ``progress=None``, a map on a terminal shows a bar at once above this many calls, else once
@@ -108,26 +108,14 @@ class ClusterExecutor(Executor):
         environment_exclude: Sequence[str] | str = (),
         disconnect_tolerance: float = 600.0,
     ) -> None:
-        if max_workers is not None and max_workers <= 0:
-            raise ConfigurationError("max_workers must be greater than 0")
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
-        if retries < 0:
-            raise ConfigurationError("retries must be 0 or more")
-        if not disconnect_tolerance >= 10:
-            raise ConfigurationError(
-                f"disconnect_tolerance must be at least 10 (seconds), not {disconnect_tolerance!r}: "
-                "it is how long workers wait for this client before they give up and exit"
-            )
-        job_options = JobOptions.from_options(
-            {
-                "job_name": job_name,
-                "working_directory": working_directory,
-                "setup": setup,
-                "setup_shell": setup_shell,
-                "python": python,
-            }
-        )
+        # the signature above is ExecutorOptions' fields, written out for users and IDEs (a test
+        # keeps the two equal): the options object checks and holds them
+        given = locals()
+        options = ExecutorOptions(**{name: given[name] for name in ExecutorOptions.__dataclass_fields__})
+        del given  # no second reference to this frame's values
+        job_options = JobOptions.from_options(options)
         self._max_workers = max_workers or DEFAULT_MAX_WORKERS
         self._progress = progress
         self._shutdown_lock = threading.Lock()
@@ -139,34 +127,16 @@ class ClusterExecutor(Executor):
         # on a thread of its own: paramiko keeps a caught exception in a reference cycle with its
         # frames, whose callers' frames would keep this executor alive until a full garbage
         # collection, and with it its jobs after its last reference went (see _collected)
-        connect = functools.partial(_connect, host, user, port, key_filename, ssh_config, connect_timeout)
-        shell = in_background(connect, "sheepdog-connect").result()
+        shell = in_background(functools.partial(connect, host, options), "sheepdog-connect").result()
         init_blob = pickling.dumps((initializer, tuple(initargs))) if initializer is not None else None
         try:
             sync = EnvironmentSync.from_options(
                 environment, environment_add, environment_exclude, stderr_progress(progress)
             )
-            self._session = Session(
-                shell,
-                self.scheduler_class(shell, job_options, command_setup, scheduler_options),
-                max_workers=self._max_workers,
-                retries=retries,
-                initializer=init_blob,
-                batch_window=batch_window,
-                poll_interval=poll_interval,
-                idle_timeout=idle_timeout,
-                heartbeat=heartbeat,
-                heartbeat_timeout=heartbeat_timeout,
-                callback_address=callback_address,
-                callback_port=callback_port,
-                callback=callback,
-                tls=tls,
-                session_root=session_root,
-                echo_output=echo_output,
-                status_page=status_page,
-                environment=sync,
-                disconnect_tolerance=disconnect_tolerance,
-            )
+            session_options = {name: options[name] for name in _SESSION_OPTIONS}
+            session_options.update(max_workers=self._max_workers, initializer=init_blob, environment=sync)
+            scheduler = self.scheduler_class(shell, job_options, command_setup, scheduler_options)
+            self._session = Session(shell, scheduler, **session_options)
         except BaseException:
             shell.close()
             raise
@@ -260,7 +230,7 @@ class ClusterExecutor(Executor):
         """``results`` behind a progress bar on stderr, as the ``progress`` option says."""
         if self._progress is False:
             return results
-        from sheepdog_executor.integrations.progress import progress
+        from sheepdog_executor.progress import progress
 
         auto = self._progress is None
         delay = AUTO_PROGRESS_SECONDS if auto and (total or 0) <= AUTO_PROGRESS_CALLS else 0.0
@@ -372,20 +342,8 @@ class GridEngineExecutor(ClusterExecutor):
         qsub_args: Sequence[str] = (),
         **options: Any,
     ) -> None:
-        site = GridEngineOptions(
-            queue=queue,
-            resources=resources if resources is not None else {},
-            parallel_environment=parallel_environment,
-            slots=slots,
-            qsub_args=tuple(qsub_args),
-        )
-        super().__init__(
-            max_workers,
-            initializer,
-            initargs,
-            scheduler_options=site,
-            **options,
-        )
+        site = _site_options(self.scheduler_class, locals())
+        super().__init__(max_workers, initializer, initargs, scheduler_options=site, **options)
 
 
 class SlurmExecutor(ClusterExecutor):
@@ -418,17 +376,7 @@ class SlurmExecutor(ClusterExecutor):
         sbatch_args: Sequence[str] = (),
         **options: Any,
     ) -> None:
-        site = SlurmOptions(
-            partition=partition,
-            account=account,
-            qos=qos,
-            time=time,
-            mem=mem,
-            cpus_per_task=cpus_per_task,
-            gres=gres,
-            constraint=constraint,
-            sbatch_args=tuple(sbatch_args) if not isinstance(sbatch_args, str) else sbatch_args,
-        )
+        site = _site_options(self.scheduler_class, locals())
         super().__init__(max_workers, initializer, initargs, scheduler_options=site, **options)
 
 
@@ -457,27 +405,62 @@ class LocalExecutor(ClusterExecutor):
         )
 
 
-def _connect(
-    host: str | None,
-    user: str | None,
-    port: int | None,
-    key_filename: str | None,
-    ssh_config: str,
-    connect_timeout: float,
-) -> Shell:
-    """The shell to the head node: SSH, or this machine with ``host=None``."""
-    if host is None:
-        return LocalShell()
-    return SSHShell(
-        SSHTarget.resolve(
-            host,
-            user=user,
-            port=port,
-            key_filename=key_filename,
-            config_path=ssh_config,
-            connect_timeout=connect_timeout,
-        )
-    )
+def executor_class(key: str) -> type[ClusterExecutor]:
+    """The executor class of the scheduler registered as ``key`` (``registry.py``): the library's own
+    for its rows, else one made once from the scheduler's declaration (its ``Options`` are the
+    class's keyword arguments, config tables and all)."""
+    row = registry.entry(key)
+    scheduler = row.load()
+    own = globals().get(row.executor)
+    if isinstance(own, type) and issubclass(own, ClusterExecutor) and own.scheduler_class is scheduler:
+        return own
+    with _MADE_LOCK:
+        made = _MADE.get(key)
+        if made is None or made.scheduler_class is not scheduler:
+            made = _MADE[key] = _make_executor_class(row.executor, scheduler)
+    return made
+
+
+_MADE: dict[str, type[ClusterExecutor]] = {}
+_MADE_LOCK = threading.Lock()
+
+
+def _make_executor_class(name: str, scheduler: type[Scheduler[Any]]) -> type[ClusterExecutor]:
+    """A ``ClusterExecutor`` subclass for ``scheduler``, whose signature names its options."""
+    own = defaults(scheduler.Options)
+
+    def __init__(
+        self: ClusterExecutor,
+        max_workers: int | None = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple[Any, ...] = (),
+        **options: Any,
+    ) -> None:
+        site = _site_options(scheduler, options)
+        shared = {name: value for name, value in options.items() if name not in own}
+        ClusterExecutor.__init__(self, max_workers, initializer, initargs, scheduler_options=site, **shared)
+
+    signature = inspect.signature(__init__)
+    parameters = list(signature.parameters.values())
+    keywords = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d) for n, d in own.items()]
+    written = signature.replace(parameters=[*parameters[:-1], *keywords, parameters[-1]])
+    __init__.__signature__ = written  # type: ignore[attr-defined]
+    doc = f"Run calls as {scheduler.name} jobs (``{scheduler.__module__}.{scheduler.__qualname__}``)."
+    namespace = {"__init__": uses_config(__init__), "scheduler_class": scheduler, "__doc__": doc}
+    return type(name, (ClusterExecutor,), namespace)
+
+
+#: The options ``Session`` takes (as a mapping of name to value), read from its signature.
+_SESSION_OPTIONS = tuple(
+    name for name in inspect.signature(Session).parameters if name in ExecutorOptions.__dataclass_fields__
+)
+
+
+def _site_options(scheduler: type[Scheduler[Any]], given: Mapping[str, Any]) -> Any:
+    """A scheduler's own options (its ``Options``) out of an executor's arguments; unset ones
+    (None) take the declaration's default."""
+    names = [f.name for f in dataclasses.fields(scheduler.Options)]
+    return scheduler.site_options({name: given[name] for name in names if name in given})
 
 
 def _name_of(fn: Callable[..., Any]) -> str:

@@ -134,15 +134,27 @@ def owner_and_mode(ls_line: str) -> tuple[int, int]:
     return int(fields[2]), mode
 
 
+def _quoted_root(session_root: str) -> str:
+    """``session_root`` for a shell line: "~" is expanded by the shell only when unquoted, so it is
+    written as "$HOME" and the rest quoted."""
+    tilde = session_root == "~" or session_root.startswith("~/")
+    return ('"$HOME"' + shlex.quote(session_root[1:])) if tilde else shlex.quote(session_root)
+
+
+def canonical_root(shell: Shell, session_root: str) -> str:
+    """The canonical path of ``session_root`` on the head node (``~`` expanded, symbolic links
+    resolved) without creating it: as given, "~" expanded, when it does not exist."""
+    script = f'r={_quoted_root(session_root)}\ncd -P -- "$r" 2>/dev/null && pwd || printf "%s\\n" "$r"'
+    found = shell.run(script, timeout=30).stdout.strip()
+    return found.rstrip("/") or "/"
+
+
 def prepare_root(shell: Shell, session_root: str) -> str:
     """Create ``session_root`` on the head node if missing (mode 0700) and return its canonical path
     (``~`` expanded, symbolic links resolved); ConfigurationError if another user could change it."""
     check_no_control_characters("session_root", session_root)
-    # "~" is expanded by the shell only when unquoted: expand it by hand, quote the rest
-    tilde = session_root == "~" or session_root.startswith("~/")
-    quoted = ('"$HOME"' + shlex.quote(session_root[1:])) if tilde else shlex.quote(session_root)
     script = (
-        f"r={quoted}\n"
+        f"r={_quoted_root(session_root)}\n"
         'id -u\n[ -d "$r" ] || mkdir -p -m 700 -- "$r" || exit 3\n'
         'p=$(cd -P -- "$r" && pwd) || exit 3\necho "$p"\n'
         'while :; do ls -ldn -- "$p" || exit 3; [ "$p" = / ] && break; p=$(dirname -- "$p"); done'

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -539,3 +540,22 @@ def _drain(channel: Any) -> tuple[bytes, bytes]:
     out = channel.makefile("rb").read()
     err = channel.makefile_stderr("rb").read()
     return out, err
+
+
+#: The executor options (``options.ExecutorOptions``) that say how to reach the head node, and
+#: ``SSHTarget.resolve``'s name of each.
+SSH_OPTIONS = {
+    "user": "user",
+    "port": "port",
+    "key_filename": "key_filename",
+    "ssh_config": "config_path",
+    "connect_timeout": "connect_timeout",
+}
+
+
+def connect(host: str | None, options: Mapping[str, Any]) -> Shell:
+    """The shell to the head node from an executor's options: SSH, or this machine with ``host=None``."""
+    if host is None:
+        return LocalShell()
+    arguments = {SSH_OPTIONS[k]: v for k, v in options.items() if k in SSH_OPTIONS and v is not None}
+    return SSHShell(SSHTarget.resolve(host, **arguments))

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from sheepdog_executor.background import in_background, settle
 from sheepdog_executor.errors import ConfigurationError, ConnectionFailed
+from sheepdog_executor.options import CALLBACK_MODES
 from sheepdog_executor.shell import Shell, SSHShell, open_session, shutdown_write
 
 if TYPE_CHECKING:
@@ -49,7 +50,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sheepdog_executor")
 
-CALLBACK_MODES = ("auto", "direct", "tunnel")
 #: Start the head node's Python (relay and probe are stdlib only, 3.6+).
 _PYTHON = (
     'PY=$(command -v python3 || command -v python) || { echo "no python3 on the head node" >&2; exit 127; }; '

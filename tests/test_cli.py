@@ -22,7 +22,8 @@ import pytest
 from conftest import NODE_PYTHON, our_jobs, require_up, slurm_jobs, ssh, wait_until
 
 from sheepdog_executor import GridEngineExecutor, SlurmExecutor, __version__
-from sheepdog_executor.cli import ENDPOINT_RECORD, main
+from sheepdog_executor.cli import main
+from sheepdog_executor.cli.cleanup import ENDPOINT_RECORD
 from sheepdog_executor.config import CONFIG_ENV, OPTIONS, env_name
 from sheepdog_executor.sessiondir import OWNER_RECORD
 

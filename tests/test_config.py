@@ -280,6 +280,8 @@ def test_no_host_and_no_scheduler_here_names_the_fix(monkeypatch: pytest.MonkeyP
 def test_joblib_without_a_host_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
     import joblib
 
+    from sheepdog_executor.integrations import joblib_backend  # noqa: F401 - registers the backends
+
     monkeypatch.setenv("PATH", "/nonexistent")
     with (
         joblib.parallel_config(backend="gridengine"),

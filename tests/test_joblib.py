@@ -142,6 +142,25 @@ def test_importing_the_package_registers_without_importing_joblib() -> None:
     assert done.stdout.split() == ["GridEngineBackend", "5"]
 
 
+def test_importing_the_package_after_joblib_registers_and_installs_no_import_hook() -> None:
+    script = textwrap.dedent(
+        """
+        import sys
+        import sheepdog_executor
+        assert "sheepdog_executor.integrations" not in sys.modules
+        assert not [f for f in sys.meta_path if type(f).__module__.startswith("sheepdog_executor")]
+        import joblib
+        import sheepdog_executor.executor
+        assert "gridengine" not in joblib.parallel.BACKENDS  # registered only when joblib came first
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    after = "import joblib, sheepdog_executor; print('slurm' in joblib.parallel.BACKENDS)"
+    done = subprocess.run([sys.executable, "-c", after], capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["True"], done.stderr
+
+
 def test_n_jobs_maps_to_max_workers() -> None:
     assert GridEngineBackend(max_workers=8).effective_n_jobs(-1) == 8
     assert GridEngineBackend(max_workers=8).effective_n_jobs(-3) == 6

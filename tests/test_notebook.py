@@ -260,7 +260,7 @@ def test_the_card_escapes_what_it_shows() -> None:
 def test_ctrl_c_while_the_bar_counts_a_result(monkeypatch: pytest.MonkeyPatch, chunksize: int) -> None:
     """The interrupt lands in the progress bar's update, outside the map's wait: the bar closes the
     map's iterator meanwhile, and that stops the running calls just the same."""
-    from sheepdog_executor.integrations import progress
+    from sheepdog_executor import progress
 
     executor = LocalExecutor(max_workers=2, progress=True)
 

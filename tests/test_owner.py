@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from sheepdog_executor.cli import Here, SessionDir, judge_session
+from sheepdog_executor.cli.cleanup import Here, SessionDir, judge_session
 from sheepdog_executor.sessiondir import OWNER_RECORD, Owner, make_session_dir, this_client
 from sheepdog_executor.shell import LocalShell
 

@@ -13,7 +13,7 @@ from concurrent.futures import Future
 import pytest
 
 from sheepdog_executor import GridEngineExecutor
-from sheepdog_executor.integrations.progress import LineBar, interactive, progress
+from sheepdog_executor.progress import LineBar, interactive, progress
 
 
 class FakeTTY(io.StringIO):

@@ -224,6 +224,8 @@ def test_a_task_over_its_time_limit_is_lost_saying_so_and_not_run_again(
 def test_joblib_backend_slurm(slurm_cell: str) -> None:
     import joblib
 
+    from sheepdog_executor.integrations import joblib_backend  # noqa: F401 - registers the backends
+
     options = {"host": slurm_cell, "max_workers": 2, "poll_interval": 0.5, "job_name": "sd-slurm-joblib"}
     with joblib.parallel_config(backend="slurm", **options):
         out = joblib.Parallel()(joblib.delayed(_task)() for _ in range(4))

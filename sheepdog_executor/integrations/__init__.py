@@ -1,19 +1,23 @@
-"""Glue to tools users already run: joblib (``joblib_backend``), progress bars (``progress``).
+"""Glue to tools users already run: joblib (``joblib_backend``).
 
 dask needs no glue: it takes any ``concurrent.futures.Executor`` as its scheduler,
 ``dask.compute(x, scheduler=executor)``; its nodes need dask (and numpy for arrays).
 
-Importing this package makes joblib's ``"gridengine"`` backend available without importing joblib
-(which costs about half a second, numpy included): at once when joblib is already imported, else
-right after ``joblib.parallel`` first loads. ``joblib_backend`` itself loads on the backend's first use.
+Importing this package makes joblib's backends (one per registered scheduler: ``"gridengine"``,
+``"slurm"``, ...) available without importing joblib (which costs about half a second, numpy
+included): at once when joblib is already imported, else right after ``joblib.parallel`` first loads.
+``import sheepdog_executor`` imports this package only when joblib is loaded already (no import hook
+of its own). ``joblib_backend`` itself loads on a backend's first use.
 Inside a worker (a call on a node) the names mean joblib's loky on that node (``remote.nested``).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
+from sheepdog_executor import registry
 from sheepdog_executor.remote import nested
 
 log = logging.getLogger("sheepdog_executor")
@@ -23,27 +27,22 @@ log = logging.getLogger("sheepdog_executor")
 JOBLIB_BACKEND, SLURM_JOBLIB_BACKEND = nested.CLUSTER_BACKENDS
 
 
-def _gridengine_backend(**options: Any) -> Any:
-    """joblib's factory for the backend: loads ``joblib_backend`` only when the backend is used."""
-    from sheepdog_executor.integrations.joblib_backend import GridEngineBackend
+def _backend(key: str, **options: Any) -> Any:
+    """joblib's factory for a backend: loads ``joblib_backend`` only when the backend is used."""
+    from sheepdog_executor.integrations.joblib_backend import backend_class
 
-    return GridEngineBackend(**options)
-
-
-def _slurm_backend(**options: Any) -> Any:
-    from sheepdog_executor.integrations.joblib_backend import SlurmBackend
-
-    return SlurmBackend(**options)
+    return backend_class(key)(**options)
 
 
 def _register_with_joblib() -> None:
+    """A backend for each registered scheduler, named by its registry key."""
     try:
         from joblib.parallel import register_parallel_backend
 
-        register_parallel_backend(JOBLIB_BACKEND, _gridengine_backend)
-        register_parallel_backend(SLURM_JOBLIB_BACKEND, _slurm_backend)
+        for key in registry.entries():
+            register_parallel_backend(key, functools.partial(_backend, key))
     except Exception as exc:  # noqa: BLE001 - never break the user's import of joblib
-        log.warning("could not register the joblib backend %r: %s", JOBLIB_BACKEND, exc)
+        log.warning("could not register the joblib backends %s: %s", list(registry.entries()), exc)
 
 
 def _register_joblib_backend_lazily() -> None:

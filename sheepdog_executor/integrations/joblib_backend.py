@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import atexit
 import functools
-import inspect
 import logging
 import threading
 import time
@@ -39,14 +38,13 @@ from typing import Any
 import joblib
 from joblib.parallel import AutoBatchingMixin, FallbackToBackend, ParallelBackendBase, SequentialBackend
 
-from sheepdog_executor import ClusterExecutor, GridEngineExecutor, SlurmExecutor
+from sheepdog_executor import ClusterExecutor, GridEngineExecutor, SlurmExecutor, registry
 from sheepdog_executor.config import resolve_options
+from sheepdog_executor.executor import executor_class
 from sheepdog_executor.integrations import JOBLIB_BACKEND, SLURM_JOBLIB_BACKEND
+from sheepdog_executor.options import DEFAULT_MAX_WORKERS, ExecutorOptions  # n_jobs=-1 without max_workers
 
 log = logging.getLogger("sheepdog_executor")
-
-#: What ``n_jobs=-1`` means without ``max_workers=``: GridEngineExecutor's own default.
-DEFAULT_MAX_WORKERS = 32
 
 #: Keywords joblib passes to every backend's ``configure``: they are not executor options.
 _JOBLIB_KEYWORDS = frozenset(
@@ -54,7 +52,7 @@ _JOBLIB_KEYWORDS = frozenset(
 )
 
 #: How long an idle worker stays up unless ``idle_timeout`` says otherwise: the executor's default.
-DEFAULT_IDLE_TIMEOUT: float = inspect.signature(ClusterExecutor).parameters["idle_timeout"].default
+DEFAULT_IDLE_TIMEOUT: float = ExecutorOptions().idle_timeout
 
 
 class ReusableExecutors:
@@ -373,11 +371,33 @@ class SlurmBackend(GridEngineBackend):
     executor_class = SlurmExecutor
 
 
+_BACKENDS: dict[str, type[GridEngineBackend]] = {
+    JOBLIB_BACKEND: GridEngineBackend,
+    SLURM_JOBLIB_BACKEND: SlurmBackend,
+}
+
+
+def backend_class(key: str) -> type[GridEngineBackend]:
+    """The backend over the executor of the scheduler registered as ``key`` (its joblib name)."""
+    executor = executor_class(key)
+    found = _BACKENDS.get(key)
+    if found is None or found.executor_class is not executor:
+        doc = f"The backend over ``{executor.__name__}``: ``parallel_config(backend={key!r}, ...)``."
+        found = _BACKENDS[key] = type(
+            f"{executor.__name__}Backend", (GridEngineBackend,), {"executor_class": executor, "__doc__": doc}
+        )
+    return found
+
+
 def register() -> None:
-    """Make ``backend="gridengine"`` and ``"slurm"`` available to joblib (importing this module does
-    it too)."""
-    joblib.register_parallel_backend(JOBLIB_BACKEND, GridEngineBackend)
-    joblib.register_parallel_backend(SLURM_JOBLIB_BACKEND, SlurmBackend)
+    """Make a backend of each registered scheduler (``"gridengine"``, ``"slurm"``, ...) available to
+    joblib, named as the registry names it (importing this module does it too)."""
+    for key in registry.entries():
+        joblib.register_parallel_backend(key, functools.partial(_make_backend, key))
+
+
+def _make_backend(key: str, **options: Any) -> GridEngineBackend:
+    return backend_class(key)(**options)
 
 
 register()

@@ -10,10 +10,11 @@ import shlex
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from sheepdog_executor.errors import CommandTimedOut, PollFailed, SchedulerError
 from sheepdog_executor.jobscript import JobOptions, WorkerLaunch
+from sheepdog_executor.options import lines
 from sheepdog_executor.shell import TIMED_OUT, Completed, Shell, bound_seconds, bounded
 
 
@@ -44,11 +45,18 @@ class NoOptions:
     """A scheduler without options of its own."""
 
 
-class Scheduler(ABC):
+OptionsT = TypeVar("OptionsT")
+
+
+class Scheduler(ABC, Generic[OptionsT]):
     """Turns a request for N workers into array jobs, and reports on and removes their tasks.
 
-    A new scheduler is one module with one subclass: the class attributes below, ``submit``,
-    ``poll``, ``cancel`` and, to explain failures, ``accounting``/``error_reason``/``session_jobs``.
+    A new scheduler is one module with one subclass, ``Scheduler[ItsOptions]``: the class attributes
+    below, ``submit``, ``poll``, ``cancel`` and, to explain failures,
+    ``accounting``/``error_reason``/``session_jobs``; plus one registry row (``registry.py``, or an
+    entry point of the ``sheepdog_executor.schedulers`` group). Its ``Options`` dataclass declares
+    its own options once, with ``options.option`` fields: the executor class, the config table and
+    the CLI take them from there.
     """
 
     #: How users and messages name the scheduler ("Grid Engine", "Slurm").
@@ -57,8 +65,9 @@ class Scheduler(ABC):
     commands: ClassVar[tuple[str, ...]] = ()
     #: What to change when the commands are missing (after "add ... to PATH").
     setup_hint: ClassVar[str] = ""
-    #: The options of the scheduler's own (a frozen dataclass), e.g. queue or partition.
-    Options: ClassVar[type] = NoOptions
+    #: The options of the scheduler's own (a frozen dataclass of ``option()`` fields, e.g. queue or
+    #: partition): ``OptionsT`` itself, as a class.
+    Options: ClassVar[type[Any]] = NoOptions
     #: The accounting fields worth showing in an error message, in order.
     summary_keys: ClassVar[tuple[str, ...]] = ()
     #: How long a poll of the scheduler may take before it counts as failed (ended on the head node).
@@ -69,12 +78,12 @@ class Scheduler(ABC):
         shell: Shell,
         options: JobOptions,
         command_setup: Sequence[str] | str = (),
-        site: Any = None,
+        site: OptionsT | None = None,
     ) -> None:
         self.shell = shell
         self.options = options
-        self.command_setup = [command_setup] if isinstance(command_setup, str) else list(command_setup)
-        self.site = site if site is not None else self.Options()
+        self.command_setup = lines(command_setup)
+        self.site: OptionsT = site if site is not None else self.Options()
 
     def with_python(self, python: str) -> Scheduler:
         """A scheduler like this one whose tasks run ``python`` (a synced environment's)."""
@@ -96,7 +105,7 @@ class Scheduler(ABC):
 
     # -- with defaults ----------------------------------------------------------------------------
     @classmethod
-    def site_options(cls, options: Mapping[str, Any]) -> Any:
+    def site_options(cls, options: Mapping[str, Any]) -> OptionsT:
         """The scheduler's own options (its ``Options``) out of all of an executor's options;
         raises ConfigurationError for a bad value."""
         names = {f.name for f in dataclasses.fields(cls.Options)}

@@ -10,10 +10,11 @@ import re
 import shlex
 import xml.etree.ElementTree as ET
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from sheepdog_executor.errors import ConfigurationError, PollFailed, SchedulerError
 from sheepdog_executor.jobscript import WorkerLaunch, check_options, render_script
+from sheepdog_executor.options import option
 from sheepdog_executor.scheduler.base import JobStates, Scheduler, SessionJob, TaskState, session_of
 
 _TERSE_JOB_ID = re.compile(r"^(\d+)(?:\.\d+-\d+:\d+)?$")
@@ -25,14 +26,20 @@ _JOB_VAR, _TASK_VAR = "$JOB_ID", "$TASK_ID"
 class GridEngineOptions:
     """Grid Engine's own job options, in its words."""
 
-    queue: str | None = None
-    #: ``-l`` resources, e.g. ``{"h_vmem": "2G", "h_rt": "1:00:00"}`` or ``["h_vmem=2G"]``.
-    resources: Mapping[str, str] | Sequence[str] = field(default_factory=dict)
-    parallel_environment: str | None = None
-    slots: int = 1
-    qsub_args: Sequence[str] = ()
+    queue: str | None = option(None, "the queue (-q)", str)
+    resources: Mapping[str, str] | Sequence[str] = option(
+        None,
+        '-l resources, e.g. {"h_vmem": "2G", "h_rt": "1:00:00"} or ["h_vmem=2G"]',
+        "resources",
+        factory=dict,
+    )
+    parallel_environment: str | None = option(None, "the parallel environment of slots= (-pe)", str)
+    slots: int = option(1, "slots per task (with parallel_environment=)", int)
+    qsub_args: Sequence[str] = option((), "more qsub arguments", "args")
 
     def __post_init__(self) -> None:
+        if not isinstance(self.qsub_args, str):
+            object.__setattr__(self, "qsub_args", tuple(self.qsub_args))
         check_options(self)
         if self.slots < 1:
             raise ConfigurationError("slots must be 1 or more")
@@ -45,13 +52,12 @@ class GridEngineOptions:
         return list(self.resources)
 
 
-class GridEngineScheduler(Scheduler):
+class GridEngineScheduler(Scheduler[GridEngineOptions]):
     name = "Grid Engine"
     commands = ("qsub", "qstat", "qdel")
     setup_hint = "pass command_setup=['. $SGE_ROOT/default/common/settings.sh']"
     Options = GridEngineOptions
     summary_keys = ("failed", "exit_status", "maxvmem", "ru_wallclock", "hostname")
-    site: GridEngineOptions
 
     def render(self, launch: WorkerLaunch, tasks: int) -> str:
         """The script handed to ``qsub`` on stdin for an array job of ``tasks`` workers."""

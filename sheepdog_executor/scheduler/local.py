@@ -11,10 +11,10 @@ from collections.abc import Collection
 from typing import Any
 
 from sheepdog_executor.jobscript import WorkerLaunch, task_body
-from sheepdog_executor.scheduler.base import JobStates, Scheduler, TaskState
+from sheepdog_executor.scheduler.base import JobStates, NoOptions, Scheduler, TaskState
 
 
-class LocalScheduler(Scheduler):
+class LocalScheduler(Scheduler[NoOptions]):
     """Each "job" is a group of local processes; task ids count from 1 as in an array job."""
 
     name = "local processes"

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from sheepdog_executor.errors import ConfigurationError, PollFailed
 from sheepdog_executor.jobscript import WorkerLaunch, check_options, render_script
+from sheepdog_executor.options import option
 from sheepdog_executor.scheduler.base import JobStates, Scheduler, SessionJob, TaskState, session_of
 
 #: sbatch's placeholders in --output/--error: the array's job id and the task's index.
@@ -45,19 +46,19 @@ _ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED", "CO
 class SlurmOptions:
     """Slurm's own job options, as sbatch names them (``cpus_per_task`` is ``--cpus-per-task``)."""
 
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    #: Wall time per task, in sbatch's forms: ``"30"`` (minutes), ``"1:00:00"``, ``"2-00:00:00"``.
-    time: str | None = None
-    #: Memory per node (per task here), e.g. ``"4G"``.
-    mem: str | None = None
-    cpus_per_task: int = 1
-    gres: str | None = None
-    constraint: str | None = None
-    sbatch_args: Sequence[str] = ()
+    partition: str | None = option(None, "the partition (--partition)", str)
+    account: str | None = option(None, "the account charged (--account)", str)
+    qos: str | None = option(None, "the quality of service (--qos)", str)
+    time: str | None = option(None, 'wall time per task: "30" (minutes), "1:00:00", "2-00:00:00"', str)
+    mem: str | None = option(None, 'memory per node (per task here), e.g. "4G"', str)
+    cpus_per_task: int = option(1, "CPUs per task (--cpus-per-task)", int)
+    gres: str | None = option(None, "generic resources (--gres)", str)
+    constraint: str | None = option(None, "node features (--constraint)", str)
+    sbatch_args: Sequence[str] = option((), "more sbatch arguments", "args")
 
     def __post_init__(self) -> None:
+        if not isinstance(self.sbatch_args, str):
+            object.__setattr__(self, "sbatch_args", tuple(self.sbatch_args))
         check_options(self)
         if isinstance(self.cpus_per_task, bool) or not isinstance(self.cpus_per_task, int):
             raise ConfigurationError(f"cpus_per_task must be an integer, not {self.cpus_per_task!r}")
@@ -87,13 +88,12 @@ class SlurmOptions:
         return arguments + list(self.sbatch_args)
 
 
-class SlurmScheduler(Scheduler):
+class SlurmScheduler(Scheduler[SlurmOptions]):
     name = "Slurm"
     commands = ("sbatch", "squeue", "scancel")
     setup_hint = "pass command_setup=['module load slurm'] (whatever your site uses)"
     Options = SlurmOptions
     summary_keys = ("State", "ExitCode", "MaxRSS", "ReqMem", "Elapsed", "Timelimit", "NodeList")
-    site: SlurmOptions
 
     def render(self, launch: WorkerLaunch) -> str:
         """The script handed to ``sbatch`` on stdin (its options are on sbatch's command line)."""
