@@ -253,7 +253,7 @@ class ClusterExecutor(Executor):
             try:
                 self._session.wait_until_done()
             except KeyboardInterrupt:  # Ctrl-C, a notebook's stop button: stop now, leave no job
-                self._finalizer()
+                self.abort()
                 raise
             self._finalizer.detach()
             self._session.close()
