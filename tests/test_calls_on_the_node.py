@@ -61,3 +61,23 @@ def test_calls_run_in_the_working_directory_on_the_shared_filesystem(
         assert cluster.ssh(f"cat {elsewhere}/{name}").stdout == "written on the node"
     finally:
         cluster.ssh(f"rm -rf {home}/{name} {elsewhere}")
+
+
+def memory_limit() -> int:
+    import resource
+
+    return resource.getrlimit(resource.RLIMIT_AS)[0]
+
+
+def test_calls_with_different_needs_go_to_executors_open_at_once(
+    make_executor: Callable[..., ClusterExecutor],
+) -> None:
+    """The README's two executors with other resources, used together: each call runs under its
+    own executor's limit (Grid Engine enforces h_vmem as an address-space limit), in its own job."""
+    small = make_executor(max_workers=2, resources={"h_vmem": "1G"})
+    big = make_executor(max_workers=1, resources={"h_vmem": "2G"})
+    smalls = [small.submit(memory_limit) for _ in range(3)]
+    bigs = [big.submit(memory_limit) for _ in range(2)]
+    assert {f.result(timeout=180) for f in smalls} == {1024**3}
+    assert {f.result(timeout=180) for f in bigs} == {2 * 1024**3}
+    assert not set(small.job_ids) & set(big.job_ids)

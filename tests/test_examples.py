@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,23 @@ def test_quickstart_without_the_cluster() -> None:
     assert done.returncode == 0, done.stderr
     assert "cannot reach 'no-such-host.invalid'" in done.stderr and "LocalExecutor instead" in done.stderr
     assert "their sum is 332833500" in done.stdout
+
+
+@pytest.mark.cluster
+def test_first_map_on_both_schedulers(cell: str, slurm_cell: str) -> None:
+    out = run_example("first_map.py", cell, slurm_cell)
+    assert "Grid Engine: 100 areas, the largest 20000" in out
+    assert "Slurm: 100 areas, the same: True" in out
+
+
+def test_the_readme_shows_the_first_map_as_the_example_runs_it() -> None:
+    """The README's first map is the code between the example's two ``# ---`` lines, verbatim."""
+    example = (EXAMPLES / "first_map.py").read_text().split("# ---\n")[1].strip()
+    readme = (EXAMPLES.parent / "README.rst").read_text()
+    section = readme.split("\nYour first map\n==============\n", 1)[1]
+    block = re.search(r"::\n\n((?:(?: {4}.*)?\n)+)", section)
+    assert block, "the section has no code block"
+    assert textwrap.dedent(block.group(1)).strip() == example
 
 
 @pytest.mark.cluster
