@@ -56,6 +56,8 @@ class SessionDir:
     old: bool
     #: Its owner record; None when it has none (made by an older version) or it is unreadable.
     owner: Owner | None = None
+    #: The KEY of the synced environment its workers run, if it recorded one.
+    environment: str | None = None
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,7 @@ def cleanup(
             file=out,
         )
         head = HeadNode(shell, JobOptions.from_options(options), lines(options.get("command_setup", ())))
-        in_use = {key: name for name, key in environments_of(shell, root).items() if name in live}
+        in_use = {s.environment: s.name for s in sessions.values() if s.environment and s.name in live}
         clean_environments(head, f"{root}/envs", remove=envs, dry_run=dry_run, out=out, in_use=in_use)
         return 0
     except SheepdogError as exc:
@@ -127,23 +129,6 @@ def cleanup(
         return 1
     finally:
         shell.close()
-
-
-def environments_of(shell: Shell, root: str) -> dict[str, str]:
-    """Session name -> the KEY of the synced environment its workers run, for the sessions under
-    ``root`` that recorded one."""
-    script = (
-        f"cd {shlex.quote(root)} 2>/dev/null || exit 0\n"
-        f'for d in */; do d=${{d%/}}; [ -f "$d/{ENVIRONMENT_RECORD}" ] || continue\n'
-        f'  printf "%s\\t%s\\n" "$d" "$(head -n 1 "$d/{ENVIRONMENT_RECORD}")"\n'
-        "done"
-    )
-    found = {}
-    for line in shell.run(script, timeout=60).stdout.splitlines():
-        name, _, key = line.partition("\t")
-        if plain_name(name) and plain_name(key.strip()):
-            found[name] = key.strip()
-    return found
 
 
 def clean_environments(
@@ -182,22 +167,24 @@ def clean_environments(
 
 def list_sessions(shell: Shell, root: str) -> dict[str, SessionDir]:
     """The directories under ``root`` that hold a session's secret or worker bundle, with their
-    endpoint record and whether they are older than any doctor run."""
+    endpoint, owner and environment records and whether they are older than any doctor run."""
     script = (
         f"cd {shlex.quote(root)} 2>/dev/null || exit 0\n"
         'for d in */; do d=${d%/}; [ -d "$d" ] || continue\n'
         '  [ -e "$d/secret" ] || [ -e "$d/bundle.zip" ] || continue\n'
         f'  old=$(find "$d" -maxdepth 0 -mmin +{DOCTOR_LEFTOVER_MINUTES} 2>/dev/null)\n'
-        f'  printf "%s\\t%s\\t%s\\t%s\\n" "$d" "${{old:+old}}" '
-        f'"$(head -n 1 "$d/{ENDPOINT_RECORD}" 2>/dev/null)" "$(head -n 1 "$d/{OWNER_RECORD}" 2>/dev/null)"\n'
+        f'  printf "%s\\t%s\\t%s\\t%s\\t%s\\n" "$d" "${{old:+old}}" '
+        f'"$(head -n 1 "$d/{ENDPOINT_RECORD}" 2>/dev/null)" "$(head -n 1 "$d/{OWNER_RECORD}" 2>/dev/null)" '
+        f'"$(head -n 1 "$d/{ENVIRONMENT_RECORD}" 2>/dev/null)"\n'
         "done"
     )
     sessions = {}
     for line in shell.run(script, timeout=60).stdout.splitlines():
-        name, old, endpoint, owner = (line.split("\t") + ["", "", ""])[:4]
+        name, old, endpoint, owner, key = (line.split("\t") + ["", "", "", ""])[:5]
         if plain_name(name):
             record = Owner.parse(owner) if owner.strip() else None
-            sessions[name] = SessionDir(name, endpoint.strip() or None, old == "old", record)
+            environment = key.strip() if plain_name(key.strip()) else None
+            sessions[name] = SessionDir(name, endpoint.strip() or None, old == "old", record, environment)
     return sessions
 
 
