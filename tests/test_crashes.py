@@ -100,9 +100,12 @@ def test_a_crash_at_the_memory_limit_names_the_likely_cause(
     else:
         executor = make_any_executor(max_workers=1, mem="200M")
         future = executor.submit(fill, 400)
-        cause = "reached its request (ReqMem 200M), the likely cause: ask for more mem="
+        # signal 9 with MaxRSS at ReqMem (no cgroups here): a kill over its memory, said first
+        cause = "Slurm killed its task over its memory (mem=200M: MaxRSS "
     error = future.exception(timeout=150)
     assert isinstance(error, WorkerLost) and cause in str(error).splitlines()[0], str(error)
+    if cluster.scheduler == "slurm":
+        assert "reached ReqMem 200M); ask for more mem=" in str(error).splitlines()[0], str(error)
 
 
 def test_exit_signal_and_memory_hint_from_the_accounting() -> None:
