@@ -285,7 +285,8 @@ class ClusterExecutor(Executor):
     # -- introspection ------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         """A JSON-able picture of the executor: per batch queued/running/done/failed/retried calls,
-        hosts, durations, the last errors, the live workers and the jobs on the cluster."""
+        hosts, durations, the last errors, the live workers, the jobs on the cluster and the head
+        node (``host``)."""
         return self._session.status()
 
     @property

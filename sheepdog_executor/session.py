@@ -280,10 +280,11 @@ class Session:
         self._write_routes()
 
     def status(self) -> dict[str, Any]:
-        """The dispatcher's snapshot and the ids of the jobs submitted so far."""
+        """The dispatcher's snapshot, the head node, and the ids of the jobs submitted so far."""
         jobs = self._jobs  # None while the session is still being set up
         return {
             **self.dispatcher.snapshot(),
+            "host": self.shell.description,
             "jobs": list(jobs.submitted_jobs) if jobs else [],
             "polls": jobs.polls.snapshot() if jobs else {},
             "routes": [f"{label} {host}:{port}" for label, host, port in self.routes],

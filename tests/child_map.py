@@ -35,7 +35,7 @@ def start(host: str, seconds: float, idle_timeout: float = 5.0) -> tuple[Cluster
     """Six calls of ``seconds`` on three workers; their jobs printed once each worker runs."""
     executor = Executor(host=host, max_workers=3, poll_interval=0.5, idle_timeout=idle_timeout)
     futures = [executor.submit(slow, seconds) for _ in range(6)]
-    while len(executor._session.dispatcher.workers) < 3:  # every task runs (or ran) a call
+    while len(executor.status()["workers"]) < 3:  # every task runs (or ran) a call
         time.sleep(0.2)
     print(json.dumps({"jobs": executor.job_ids}), flush=True)
     sys.stdin.readline()  # the test has seen the jobs on the cell
@@ -46,7 +46,7 @@ def main(mode: str, host: str) -> None:
     if mode in ("ctrl-c", "raise"):
         with Executor(host=host, max_workers=3, poll_interval=0.5) as executor:
             results = executor.map(slow, [120.0] * 6)
-            while len(executor._session.dispatcher.workers) < 3:
+            while len(executor.status()["workers"]) < 3:
                 time.sleep(0.2)
             print(json.dumps({"jobs": executor.job_ids}), flush=True)
             sys.stdin.readline()  # the test has seen the jobs on the cell

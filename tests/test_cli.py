@@ -26,6 +26,7 @@ from sheepdog_executor.cli import main
 from sheepdog_executor.cli.cleanup import ENDPOINT_RECORD
 from sheepdog_executor.config import CONFIG_ENV, OPTIONS, env_name
 from sheepdog_executor.sessiondir import OWNER_RECORD
+from sheepdog_executor.testing import internals
 
 CHECKS = ("config", "ssh", "scheduler", "python", "callback")
 
@@ -33,6 +34,7 @@ CHECKS = ("config", "ssh", "scheduler", "python", "callback")
 ABANDONED_CLIENT = """
 import json, sys, time
 from sheepdog_executor import GridEngineExecutor
+from sheepdog_executor.testing import internals
 host, root, report, callback = sys.argv[1:]
 executor = GridEngineExecutor(
     host=host, max_workers=1, session_root=root, poll_interval=0.5, callback=callback
@@ -41,7 +43,7 @@ future = executor.submit(time.sleep, 900)
 deadline = time.monotonic() + 60
 while not (executor.job_ids and future.running()) and time.monotonic() < deadline:
     time.sleep(0.2)
-info = {"session_dir": executor.session_dir, "jobs": executor.job_ids, "url": executor._session.launch.url}
+info = {"session_dir": executor.session_dir, "jobs": executor.job_ids, "url": internals(executor).launch.url}
 with open(report + ".tmp", "w") as handle:
     json.dump(info, handle)
 import os; os.rename(report + ".tmp", report)
@@ -360,7 +362,7 @@ def test_cleanup_keeps_live_clients_and_unchecked_sessions(
     deadline = time.monotonic() + 60
     while not live.job_ids and time.monotonic() < deadline:
         time.sleep(0.2)
-    write_record(live.session_dir, live._session.launch.url)
+    write_record(live.session_dir, internals(live).launch.url)
     client_elsewhere(live.session_dir)  # so that its endpoint is asked
     unchecked = abandon()
     # as left by a client of an older version, without the records

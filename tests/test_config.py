@@ -19,6 +19,7 @@ from sheepdog_executor.config import (
     uses_config,
 )
 from sheepdog_executor.executor import ClusterExecutor
+from sheepdog_executor.testing import internals
 
 
 @pytest.fixture(autouse=True)
@@ -244,10 +245,10 @@ def test_wired_executor_takes_its_options_from_the_config(
     monkeypatch.setenv("SHEEPDOG_JOB_NAME", "sheepdog-configured")
     executor = Configured(2, host=cell)
     try:
-        scheduler = executor._session.scheduler
+        scheduler = internals(executor).scheduler
         assert (scheduler.site.queue, scheduler.options.job_name) == ("all.q", "sheepdog-configured")
         assert executor._max_workers == 2
-        assert executor._session.dispatcher.retries == 1
+        assert internals(executor).retries == 1
         assert executor.submit(abs, -3).result(timeout=90) == 3
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
@@ -323,7 +324,5 @@ def test_the_usual_cluster_from_sheepdog_host(cell: str, monkeypatch: pytest.Mon
     monkeypatch.setenv("SHEEPDOG_HOST", cell)
     with GridEngineExecutor(max_workers=1, python=NODE_PYTHON, poll_interval=0.5) as executor:
         assert executor.submit(abs, -3).result(timeout=90) == 3
-        assert (
-            executor._session.shell.description.startswith(cell)
-            or cell in executor._session.shell.description
-        )
+        host = executor.status()["host"]
+        assert host.startswith(cell) or cell in host

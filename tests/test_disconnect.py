@@ -38,7 +38,7 @@ CLIENT = textwrap.dedent(
         qsub_args=["-tc", "1"],  # one task runs (a 600 s call), the other waits in the queue
     )
     results = executor.map(slow, [600, 600])
-    while not executor._session.dispatcher.workers:
+    while not executor.status()["workers"]:
         time.sleep(0.2)
     print(json.dumps({"jobs": executor.job_ids}), flush=True)
     time.sleep(3600)
@@ -97,7 +97,7 @@ AWAY_CLIENT = textwrap.dedent(
         disconnect_tolerance=float(sys.argv[3]), retries=int(sys.argv[4]),
     )
     futures = [executor.submit(slow, 20) for _ in range(2)]
-    while len(executor._session.dispatcher.workers) < 2:
+    while len(executor.status()["workers"]) < 2:
         time.sleep(0.2)
     print("running", flush=True)
     report = {}

@@ -376,7 +376,7 @@ def test_cleanup_envs_keeps_an_environment_a_live_session_uses(
     )
     synced = executor.environment
     assert synced is not None
-    session = executor._session.session_dir.rsplit("/", 1)[1]
+    session = executor.session_dir.rsplit("/", 1)[1]
     (tmp_path / "config.toml").write_text("")
     monkeypatch.setenv(CONFIG_ENV, str(tmp_path / "config.toml"))
     monkeypatch.setenv("SHEEPDOG_SESSION_ROOT", root)

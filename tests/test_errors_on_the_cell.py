@@ -21,6 +21,7 @@ from sheepdog_executor import (
     UnknownHostKey,
     WorkerStartFailed,
 )
+from sheepdog_executor.testing import internals
 
 pytestmark = pytest.mark.cluster
 
@@ -128,7 +129,7 @@ def test_proxyjump_from_the_ssh_config(cell: str, tmp_path: Path) -> None:
     )
     with GridEngineExecutor(host="behind", ssh_config=str(config), max_workers=1) as executor:
         assert executor.submit(abs, -7).result(timeout=90) == 7
-        shell = executor._session.shell
+        shell = internals(executor).shell
         assert shell._jump is not None and shell._jump.target.alias == "gateway"  # type: ignore[attr-defined]
 
 

@@ -23,6 +23,7 @@ from sheepdog_executor import (
     WorkerLost,
     server,
 )
+from sheepdog_executor.testing import internals
 
 pytestmark = pytest.mark.cluster
 
@@ -123,7 +124,7 @@ def test_a_result_larger_than_the_client_can_take_is_refused_before_it_is_alloca
         RemoteCallError, match=r"result \(\d+ bytes pickled\) is larger than the client can take"
     ):
         executor.submit(bytes, 5 * 1024 * 1024).result(timeout=120)
-    parts = executor._session.endpoint.parts
+    parts = internals(executor).endpoint.parts
     assert parts.held() == 0
     # the worker sent no more parts after the first was refused, and goes on with other calls
     assert len([r for r in caplog.records if "POST /part" in r.getMessage()]) == 1
@@ -154,7 +155,7 @@ def test_the_parts_of_a_lost_worker_are_freed(
 ) -> None:
     monkeypatch.setattr(server, "RESULT_PART_BYTES", 1024 * 1024)
     executor = make_executor(max_workers=1)
-    parts = executor._session.endpoint.parts
+    parts = internals(executor).endpoint.parts
     future = executor.submit(dies_after_one_part, 5 * 1024 * 1024)
     wait_until(lambda: parts.held() > 0 or future.done(), 120, "the first part")
     assert parts.held() > 5 * 1024 * 1024  # the whole result's buffer, for one part received

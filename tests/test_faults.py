@@ -15,6 +15,7 @@ import pytest
 from conftest import CELL_ALIAS, Cluster, our_jobs, own_sshd_config, ssh, wait_until
 
 from sheepdog_executor import ClusterExecutor, GridEngineExecutor, WorkerLost
+from sheepdog_executor.testing import internals
 
 pytestmark = pytest.mark.cluster
 
@@ -35,10 +36,11 @@ def die_once(marker: str) -> tuple[str, int]:
 def running_worker(executor: ClusterExecutor, future: Future[Any]) -> tuple[str, int]:
     """(job, task) of the worker running ``future``'s call, once it runs."""
     wait_until(future.running, 60, "the call to start")
-    workers = executor._session.dispatcher.workers
-    wait_until(lambda: any(w.items for w in workers.values()), 30, "a worker to hold the call")
-    worker = next(w for w in list(workers.values()) if w.items)
-    return worker.job, worker.task
+    wait_until(
+        lambda: any(w["holding"] for w in executor.status()["workers"]), 30, "a worker to hold the call"
+    )
+    worker = next(w for w in executor.status()["workers"] if w["holding"])
+    return worker["job"], worker["task"]
 
 
 def test_worker_killed_with_sigkill_fails_with_accounting(
@@ -98,7 +100,7 @@ def test_no_retry_when_the_call_itself_raised(make_any_executor: Callable[..., C
     calls = executor.submit(lambda: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         calls.result(timeout=60)
-    assert executor._session.dispatcher.tasks_seen  # ran once, on the cell
+    assert internals(executor).tasks_seen  # ran once, on the cell
     assert len(executor.job_ids) == 1
 
 

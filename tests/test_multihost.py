@@ -310,6 +310,7 @@ LAPTOP_CLIENT = textwrap.dedent(
     """
     import json, logging, sys, threading, time, traceback
     from sheepdog_executor import GridEngineExecutor
+    from sheepdog_executor.testing import internals
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(threadName)s %(levelname)s %(message)s")
     logging.getLogger("sheepdog_executor").setLevel(logging.INFO)
 
@@ -328,7 +329,7 @@ LAPTOP_CLIENT = textwrap.dedent(
                 time.sleep(0.5)
             print("started", flush=True)
         threading.Thread(target=started, daemon=True).start()
-        connection = executor._session.shell.transport()
+        connection = internals(executor).shell.transport()
         results = executor.map(call, range(calls), [path] * calls, timeout=1200)
         gathered = []
         try:
@@ -339,7 +340,7 @@ LAPTOP_CLIENT = textwrap.dedent(
             report["gathered"] = len(gathered)
             report["workers"] = executor.status()["workers"]
         report["jobs"] = executor.job_ids
-        report["ssh_remade"] = executor._session.shell.transport() is not connection
+        report["ssh_remade"] = internals(executor).shell.transport() is not connection
     print(json.dumps(report), flush=True)
     """
 )

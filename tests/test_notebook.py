@@ -27,6 +27,7 @@ from nbclient import NotebookClient
 from nbformat import NotebookNode
 
 from sheepdog_executor import LocalExecutor
+from sheepdog_executor.testing import internals
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Where the card's screenshot goes (kept after the run, to look at).
@@ -236,7 +237,7 @@ def test_ctrl_c_in_a_map_stops_its_running_calls() -> None:
         with pytest.raises(KeyboardInterrupt):
             list(results)
         assert time.monotonic() - started < 30
-        scheduler = executor._session.scheduler
+        scheduler = internals(executor).scheduler
         wait_until(lambda: not scheduler.poll(executor.job_ids), 4, "the map's worker processes to end")
         batch = executor.status()["batches"][0]
         assert (batch["done"], batch["cancelled"], batch["running"], batch["queued"]) == (0, 5, 0, 0)
@@ -248,7 +249,7 @@ def test_ctrl_c_in_a_map_stops_its_running_calls() -> None:
 
 def test_the_card_escapes_what_it_shows() -> None:
     with LocalExecutor(max_workers=1) as executor:
-        executor._session.shell.description = "<script>alert(1)</script> & co"
+        internals(executor).shell.description = "<script>alert(1)</script> & co"
         html = executor._repr_html_()
         assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; co" in html and "<script>" not in html
     half_made = LocalExecutor.__new__(LocalExecutor)  # its __init__ failed: still a repr, no error
@@ -276,7 +277,7 @@ def test_ctrl_c_while_the_bar_counts_a_result(monkeypatch: pytest.MonkeyPatch, c
     try:
         with pytest.raises(KeyboardInterrupt):
             list(executor.map(slow, [0.0, 0.0, 60.0, 60.0, 60.0, 60.0], chunksize=chunksize))
-        scheduler = executor._session.scheduler
+        scheduler = internals(executor).scheduler
         wait_until(lambda: not scheduler.poll(executor.job_ids), 4, "the map's worker processes to end")
         batch = executor.status()["batches"][0]
         assert batch["running"] == batch["queued"] == 0
@@ -300,7 +301,7 @@ def test_ctrl_c_while_shutdown_waits_stops_everything() -> None:
         threading.Thread(target=interrupt_when_running, daemon=True).start()
         with pytest.raises(KeyboardInterrupt):
             executor.shutdown(wait=True)
-        scheduler = executor._session.scheduler
+        scheduler = internals(executor).scheduler
         wait_until(lambda: not scheduler.poll(executor.job_ids), 4, "the worker processes to end")
         assert all(future.done() for future in futures)
         assert "shut down" in repr(executor)

@@ -46,6 +46,7 @@ from sheepdog_executor import (
     server,
 )
 from sheepdog_executor.remote import protocol, worker
+from sheepdog_executor.testing import internals
 
 pytestmark = pytest.mark.cluster
 
@@ -65,10 +66,10 @@ class Client:
     """Requests to an executor's endpoint, as anybody on the network could send them."""
 
     def __init__(self, executor: GridEngineExecutor) -> None:
-        url = urllib.parse.urlsplit(executor._session.launch.url)
+        url = urllib.parse.urlsplit(internals(executor).launch.url)
         self.host, self.port = url.hostname or "127.0.0.1", url.port or 80
         self.tls = url.scheme == "https"
-        self.secret = executor._session.endpoint.secret
+        self.secret = internals(executor).endpoint.secret
 
     def socket(self, timeout: float = 30) -> socket.socket:
         """A connected raw socket, TLS-wrapped when the endpoint speaks TLS."""
@@ -133,8 +134,8 @@ class Client:
 
 def state(executor: GridEngineExecutor) -> tuple[set[str], set[tuple[str, int]], int]:
     """What bad input must not change: known workers, tasks that said hello, unresolved calls."""
-    dispatcher = executor._session.dispatcher
-    return set(dispatcher.workers), set(dispatcher.tasks_seen), dispatcher.outstanding()
+    inside = internals(executor)
+    return {w["id"] for w in executor.status()["workers"]}, set(inside.tasks_seen), inside.outstanding()
 
 
 def plausible_header(mac_byte: str = "0") -> str:
@@ -186,7 +187,7 @@ def test_unauthenticated_forged_and_replayed_requests_get_403_and_resolve_nothin
     futures = [executor.submit(square, x) for x in range(3)]
     job = wait_for(lambda: executor.job_ids, what="the held job")[0]
     client = Client(executor)
-    before, refused = state(executor), executor._session.endpoint.refused
+    before, refused = state(executor), internals(executor).endpoint.refused
     pwned = tmp_path / "pwned"
     forged = protocol.dumps(
         {"worker": "intruder", "results": [(i, 1, True, pickle.dumps(666), "", 0.0) for i in (1, 2, 3)]}
@@ -219,7 +220,7 @@ def test_unauthenticated_forged_and_replayed_requests_get_403_and_resolve_nothin
     assert status == 200 and pickle.loads(data) == {"known": False}
     assert client.request("POST", "/heartbeat", heartbeat, {AUTH: header})[0] == 403
 
-    assert executor._session.endpoint.refused == refused + len(attempts) + 1
+    assert internals(executor).endpoint.refused == refused + len(attempts) + 1
     assert state(executor) == before
     assert not any(future.done() for future in futures)
     assert not pwned.exists(), "an unauthenticated pickle was loaded"
@@ -250,7 +251,7 @@ def test_duplicate_replayed_and_foreign_results_are_ignored(
     monkeypatch.setattr(protocol, "sign_request", recording)
     first = executor.submit(square, 12)
     runner = threading.Thread(
-        target=worker.main, args=(executor._session.launch.url, str(secret_file)), daemon=True
+        target=worker.main, args=(internals(executor).launch.url, str(secret_file)), daemon=True
     )
     runner.start()
     assert first.result(timeout=60) == 144
@@ -269,10 +270,8 @@ def test_duplicate_replayed_and_foreign_results_are_ignored(
     hello = {"worker": "other.1.1", "job": "other", "task": 1, "host": "x", "pid": 1, "python": [3, 11]}
     assert client.signed("/hello", protocol.dumps(hello))[0] == 200
     second = executor.submit(slow_square, 5)
-    item = wait_for(lambda: [i for i in executor._session.dispatcher._items], what="the call")[0]
-    wait_for(
-        lambda: executor._session.dispatcher._items[item].worker not in (None, "other.1.1"), what="taken"
-    )
+    item = wait_for(lambda: list(internals(executor).held_calls()), what="the call")[0]
+    wait_for(lambda: internals(executor).held_calls()[item] not in (None, "other.1.1"), what="taken")
     foreign = dict(message, worker="other.1.1", results=[(item, 1, True, cloudpickle.dumps(-5), "", 0.0)])
     assert client.signed("/work", protocol.dumps(foreign))[0] == 200
     assert not second.done()
@@ -488,7 +487,7 @@ def test_gigabyte_bodies_with_a_made_up_signature_cost_the_client_no_memory(
                 stop.set()  # the assertion below fails anyway; do not make the machine swap
     assert peak - before < limit, f"client RSS grew by {(peak - before) >> 20} MiB ({sent=})"
     assert list(results) == [x * x for x in range(40)]
-    assert executor._session.endpoint.refused >= 4
+    assert internals(executor).endpoint.refused >= 4
 
 
 def test_unicode_digits_and_non_ascii_in_headers_get_4xx_and_no_traceback(
@@ -572,10 +571,11 @@ FD_LIMITED_CLIENT = """
 import json, os, resource, sys
 resource.setrlimit(resource.RLIMIT_NOFILE, (1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 from sheepdog_executor import GridEngineExecutor
+from sheepdog_executor.testing import internals
 def square(x):
     return x * x
 with GridEngineExecutor(host=sys.argv[1], max_workers=4, poll_interval=0.5, progress=False) as executor:
-    print(json.dumps({"url": executor._session.launch.url}), flush=True)
+    print(json.dumps({"url": internals(executor).launch.url}), flush=True)
     sys.stdin.readline()
     hogged = []
     try:
@@ -671,13 +671,13 @@ def test_secret_never_in_argv_qstat_environment_or_spool(
     make_executor: Callable[..., GridEngineExecutor],
 ) -> None:
     executor = make_executor(max_workers=2, job_name=f"sdsec-{uuid.uuid4().hex[:6]}")
-    secret = executor._session.endpoint.secret.decode()
+    secret = internals(executor).endpoint.secret.decode()
     session = executor.session_dir
     futures = [executor.submit(slow_square, x) for x in range(2)]
     job = wait_for(lambda: executor.job_ids, what="the job")[0]
     spooled = f"/var/spool/gridengine/execd/localhost/job_scripts/{job}"
     wait_for(lambda: os.path.exists(spooled), what="the job script in the execd spool")
-    wait_for(lambda: executor._session.dispatcher.workers, what="a running worker")
+    wait_for(lambda: executor.status()["workers"], what="a running worker")
 
     qstat = ssh(f"qstat -j {job}")
     assert qstat.returncode == 0 and job in qstat.stdout
@@ -784,7 +784,7 @@ def test_tls_map_works_and_a_wrong_fingerprint_is_refused(
     make_executor: Callable[..., GridEngineExecutor],
 ) -> None:
     executor = make_executor(tls=True)
-    launch = executor._session.launch
+    launch = internals(executor).launch
     assert launch.url.startswith("https://")
     assert launch.fingerprint is not None and len(launch.fingerprint) == 64
     assert list(executor.map(square, range(30), timeout=120)) == [x * x for x in range(30)]
@@ -807,7 +807,7 @@ def test_tls_map_works_and_a_wrong_fingerprint_is_refused(
     )
     assert run.returncode != 0
     assert "not the client's" in run.stderr, run.stderr[-500:]
-    assert ("local", 1) not in executor._session.dispatcher.tasks_seen  # it never said hello
+    assert ("local", 1) not in internals(executor).tasks_seen  # it never said hello
     # the same worker with the right fingerprint is accepted (and sent home: no work)
     run = ssh(
         f"python3 {shlex.quote(launch.bundle_path)} {shlex.quote(launch.url)} "
@@ -815,7 +815,7 @@ def test_tls_map_works_and_a_wrong_fingerprint_is_refused(
         timeout=120,
     )
     assert run.returncode == 0, run.stderr[-500:]
-    assert ("local", 1) in executor._session.dispatcher.tasks_seen
+    assert ("local", 1) in internals(executor).tasks_seen
 
 
 # -- other users' jobs -------------------------------------------------------------------------
@@ -827,7 +827,7 @@ def test_adopting_a_cut_off_qsub_reads_only_the_users_own_jobs(
     executor = make_executor(max_workers=1, qsub_args=["-h"])
     future = executor.submit(square, 3)
     job = wait_for(lambda: executor.job_ids, what="the held job")[0]
-    scheduler = executor._session.scheduler
+    scheduler = internals(executor).scheduler
     commands: list[str] = []
     run = scheduler.run
 
@@ -836,7 +836,7 @@ def test_adopting_a_cut_off_qsub_reads_only_the_users_own_jobs(
         return run(command, **kwargs)
 
     monkeypatch.setattr(scheduler, "run", recording)
-    assert scheduler.find_jobs(executor._session.launch) == [job]
+    assert scheduler.find_jobs(internals(executor).launch) == [job]
     assert any("qstat -xml -u" in c for c in commands) and not any('qstat -j "*"' in c for c in commands)
     assert ssh(f"qrls {job}").returncode == 0
     assert future.result(timeout=120) == 9
@@ -984,7 +984,7 @@ def hijack_after_a_drop(
 ) -> Hijacker:
     """Drop the executor's SSH connection, and start ``HIJACK`` on the relay's old port before the
     tunnel can be re-made; the connection stays down until ``until(hijacker)`` (60 s at most)."""
-    session = executor._session
+    session = internals(executor)
     old_port = session.routes[-1][2]
     with session.shell._lock:  # no reconnect (hence no new relay) until the port is taken
         session.shell._client.get_transport().close()
@@ -1058,14 +1058,14 @@ def test_another_user_passing_the_relay_traffic_through_reads_no_result(
     the head node) not one pickled result is readable there, and the workers leave the old port
     for the one the routes file names. Before: 241 of 400 were read in plain text."""
     executor = make_executor(callback="tunnel", max_workers=4, idle_timeout=60)  # they stay
-    session = executor._session
+    session = internals(executor)
     old_port = session.routes[-1][2]
     results = executor.map(slow_secret, range(400))
     wait_for(lambda: executor.status()["workers"], 120, "workers running")
     # the workers come to the old port while the connection is down (held there until told)
     hijacker = hijack_after_a_drop(executor, "pass", lambda h: bool(h.said("connected")))
     try:
-        executor._session.shell.run("true")  # reconnect now: the relay is re-made on another port
+        internals(executor).shell.run("true")  # reconnect now: the relay is re-made on another port
         wait_for(lambda: session.routes[-1][2] != old_port, 60, "the relay re-made on another port")
         hijacker.tell(str(session.routes[-1][2]))
         assert list(results) == [f"sdsecret-{x:05d}" for x in range(400)]

@@ -18,6 +18,7 @@ import pytest
 
 from sheepdog_executor import GridEngineExecutor
 from sheepdog_executor.status import StatusPage
+from sheepdog_executor.testing import internals
 
 pytestmark = pytest.mark.cluster
 
@@ -73,12 +74,12 @@ def test_the_page_needs_its_token(make_executor: Callable[..., GridEngineExecuto
     assert url is not None and re.search(r"/status/[0-9a-f]{16}/\?token=", url)
     page = Browserless(url)
     base = page.path
-    secret = executor._session.endpoint.secret.decode()
+    secret = internals(executor).endpoint.secret.decode()
     assert page.token not in secret and secret not in url
 
     for path in (base, base + "status.json", base + "?token=", f"{base}status.json?token={page.token[:-1]}x"):
         assert page.get(path).status == 403, path
-    cookie_name = executor._session.status_page.cookie_name  # type: ignore[union-attr]
+    cookie_name = internals(executor).status_page.cookie_name  # type: ignore[union-attr]
     assert page.get(base, {"Cookie": f"{cookie_name}=nope"}).status == 403
     assert page.get(f"{base}?token={page.token}", method="POST").status == 405
     for elsewhere in ("/status", "/status.json", f"/status?token={page.token}"):
@@ -103,7 +104,7 @@ def test_the_page_needs_its_token(make_executor: Callable[..., GridEngineExecuto
     # another executor: another token and cookie; without the page, nothing is served
     other = make_executor(max_workers=1, status_page=False)
     assert other.status_url is None
-    bare = Browserless(executor.status_url.replace(str(page.port), str(other._session.endpoint.port)))
+    bare = Browserless(executor.status_url.replace(str(page.port), str(internals(other).endpoint.port)))
     assert bare.get(f"{base}?token={page.token}").status == 404
     two = [StatusPage(dict) for _ in range(2)]
     assert two[0].path != two[1].path and two[0].cookie_name != two[1].cookie_name

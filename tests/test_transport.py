@@ -25,6 +25,7 @@ from test_security import OTHER_USER
 from test_tunnel import _relay_pid
 
 from sheepdog_executor import GridEngineExecutor
+from sheepdog_executor.testing import internals
 from sheepdog_executor.tunnel import Tunnel
 
 cluster = pytest.mark.cluster
@@ -91,7 +92,7 @@ def test_another_user_holding_1100_idle_connections_to_the_relay_stops_no_map(
 ) -> None:
     """Before: 1,021 idle connections of another user stopped a map at 0 of 600 calls."""
     executor = make_executor(callback="tunnel", max_workers=2)
-    _, host, port = executor._session.routes[-1]
+    _, host, port = internals(executor).routes[-1]
     holder = spawn(
         ["setpriv", f"--reuid={OTHER_USER}", f"--regid={OTHER_USER}", "--clear-groups"]
         + ["/usr/bin/python3", "-c", IDLE_HOLDER, host, str(port), "1100"],
@@ -144,7 +145,7 @@ def test_threads_are_the_same_for_10_and_300_connections(
 ) -> None:
     """Before: one client thread per connection through the tunnel, two in the relay."""
     executor = make_executor(callback="tunnel", max_workers=1, idle_timeout=60)
-    session = executor._session
+    session = internals(executor)
     launch = session.launch
     assert list(executor.map(square, range(10), timeout=120)) == [x * x for x in range(10)]
     relay = _relay_pid(session.routes[-1][2])
@@ -326,7 +327,7 @@ def test_the_tunnel_buffers_nothing_for_a_slow_reader(
     amount (64 KiB a direction, the SSH window in paramiko's buffer), whatever is offered."""
     executor = make_executor(callback="tunnel", max_workers=1)
     upstream = Upstream(reading=False, send=200 << 20)
-    tunnel = Tunnel(executor._session.shell)  # type: ignore[arg-type]
+    tunnel = Tunnel(internals(executor).shell)  # type: ignore[arg-type]
     tunnel.deliver_to("127.0.0.1", upstream.port)
     _, port = tunnel.open()
     try:

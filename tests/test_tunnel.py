@@ -36,6 +36,7 @@ from sheepdog_executor.errors import ConfigurationError
 from sheepdog_executor.remote import worker
 from sheepdog_executor.server import Endpoint
 from sheepdog_executor.shell import LocalShell
+from sheepdog_executor.testing import internals
 from sheepdog_executor.tls import make_certificate
 from sheepdog_executor.tunnel import choose_route
 
@@ -92,12 +93,13 @@ CLIENT = textwrap.dedent(
     """
     import json, logging, subprocess, sys, traceback
     from sheepdog_executor import GridEngineExecutor
+    from sheepdog_executor.testing import internals
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("sheepdog_executor").setLevel(logging.INFO)
     report = {}
     try:
         with GridEngineExecutor(host=sys.argv[1], **json.loads(sys.argv[2])) as executor:
-            report["url"] = executor._session.launch.url
+            report["url"] = internals(executor).launch.url
             report["jobs"] = executor.job_ids
             listening = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True).stdout
             report["listening"] = [line.split()[3] for line in listening.splitlines()]
@@ -324,14 +326,14 @@ def test_tunnel_survives_a_reconnect_and_goes_away_with_the_executor(
 
 
 def _reconnect_and_close(executor: GridEngineExecutor) -> None:
-    relay_port = int(executor._session.launch.url.rsplit(":", 1)[1])
+    relay_port = int(internals(executor).launch.url.rsplit(":", 1)[1])
     first_relay = _relay_pid(relay_port)
     assert first_relay is not None
     assert list(executor.map(square, range(10), timeout=120)) == [x * x for x in range(10)]
     # drop the SSH connection under it: the relay ends with it; once the connection is re-opened,
     # the tunnel is made again on the same ports, so the URL the jobs carry still works
-    executor._session.shell.transport().close()
-    executor._session.shell.run("true")  # reconnects now rather than at the next poll
+    internals(executor).shell.transport().close()
+    internals(executor).shell.run("true")  # reconnects now rather than at the next poll
     wait = time.monotonic() + 30
     while _relay_pid(relay_port) in (None, first_relay) and time.monotonic() < wait:
         time.sleep(0.2)
@@ -351,7 +353,7 @@ def test_relay_port_taken_after_an_ssh_drop(
     """Another user binds the relay's port while the connection is down: the relay is re-made on
     another port, the workers learn it from the session's routes file, and no call fails."""
     executor = make_executor(callback="tunnel", max_workers=4)
-    session = executor._session
+    session = internals(executor)
     old_port = session.routes[-1][2]
     results = executor.map(square, range(400))
     wait_until(lambda: executor.status()["workers"], 120, "workers running")

@@ -19,19 +19,19 @@ import pytest
 from conftest import NODE_PYTHON, Cluster
 
 from sheepdog_executor import ClusterExecutor, LocalExecutor
-from sheepdog_executor.session import Session
+from sheepdog_executor.testing import Internals, internals
 
 
-def launch(make: Callable[[], ClusterExecutor]) -> tuple[Session, list[Future[int]]]:
+def launch(make: Callable[[], ClusterExecutor]) -> tuple[Internals, list[Future[int]]]:
     """The issue's pattern: the executor is dropped when this returns (its session is kept only to
     check afterwards that nothing is left)."""
     executor = make()
-    return executor._session, [executor.submit(pow, 2, i) for i in range(5)]
+    return internals(executor), [executor.submit(pow, 2, i) for i in range(5)]
 
 
 def check_twenty_launches(
     make: Callable[[], ClusterExecutor], left: Callable[[list[str]], list[str]]
-) -> tuple[list[Session], set[str]]:
+) -> tuple[list[Internals], set[str]]:
     """20 launches, then every result is right and every session directory removed (``left`` lists
     those still there); returns the sessions and the ids of the jobs they submitted."""
     gc.disable()  # dropped means gone at once, not at the next full collection (a cycle would wait)
@@ -47,7 +47,7 @@ def check_twenty_launches(
     while remaining := left([s.session_dir for s in sessions]):
         assert time.monotonic() < deadline, f"session directories still there after 300 s: {remaining}"
         time.sleep(0.5)
-    return sessions, {job for session in sessions for job in session.jobs.submitted_jobs}
+    return sessions, {job for session in sessions for job in session.submitted_jobs}
 
 
 def test_an_unreferenced_local_executor_finishes_its_calls() -> None:
@@ -55,7 +55,7 @@ def test_an_unreferenced_local_executor_finishes_its_calls() -> None:
         return LocalExecutor(max_workers=1, progress=False)
 
     sessions, jobs = check_twenty_launches(make, lambda dirs: [d for d in dirs if os.path.exists(d)])
-    assert jobs and not any(s.scheduler.poll(list(s.jobs.submitted_jobs)) for s in sessions), "a task runs"
+    assert jobs and not any(s.scheduler.poll(s.submitted_jobs) for s in sessions), "a task runs"
 
 
 @pytest.mark.cluster
