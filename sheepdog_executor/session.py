@@ -408,13 +408,13 @@ def _wait_at_exit() -> None:
     mid-way). Ctrl-C meanwhile stops them and removes their jobs."""
     sessions = [s for s in list(_OPEN) if s.dispatcher.outstanding() or s in _RELEASING]
     calls = sum(s.dispatcher.outstanding() for s in sessions)
-    if calls:
-        log.warning(
-            "waiting at exit for %d call(s) of executors never shut down, as ProcessPoolExecutor "
-            "does; Ctrl-C stops them and removes their jobs",
-            calls,
-        )
-    try:
+    try:  # a Ctrl-C while the warning is still being written stops them too
+        if calls:
+            log.warning(
+                "waiting at exit for %d call(s) of executors never shut down, as ProcessPoolExecutor "
+                "does; Ctrl-C stops them and removes their jobs",
+                calls,
+            )
         for session in sessions:
             session.wait_until_done()
     except KeyboardInterrupt:
