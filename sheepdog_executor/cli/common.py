@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from sheepdog_executor import registry
 from sheepdog_executor.config import OPTIONS, config_path, configured_scheduler
+from sheepdog_executor.errors import SheepdogError
 from sheepdog_executor.jobscript import JobOptions
 from sheepdog_executor.options import ExecutorOptions, defaults, lines
 from sheepdog_executor.scheduler import Scheduler
@@ -16,6 +17,15 @@ from sheepdog_executor.shell import Shell, SSHShell, connect
 
 if TYPE_CHECKING:
     from sheepdog_executor.executor import ClusterExecutor
+
+
+class CheckFailed(SheepdogError):
+    """A doctor check failed: what was seen, and what to change."""
+
+    def __init__(self, detail: str, fix: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.fix = fix
 
 
 def connect_head(host: str, options: Mapping[str, Any]) -> SSHShell:

@@ -3,26 +3,20 @@ this client and the nodes, and says what to change at the first thing that is wr
 
 from __future__ import annotations
 
-import dataclasses
-import io
-import re
-import shlex
-import socket
 import sys
-import time
-import zipfile
 from collections.abc import Callable, Mapping
-from concurrent.futures import TimeoutError as FuturesTimeout
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
 from sheepdog_executor.cli.common import (
+    CheckFailed,
     connect_head,
     detect_executor,
-    executor_default,
     executors,
     make_scheduler,
     own_options,
 )
+from sheepdog_executor.cli.probe import PythonProbe
+from sheepdog_executor.cli.testcall import callback_route, run_test_call
 from sheepdog_executor.config import (
     config_path,
     env_name,
@@ -33,34 +27,13 @@ from sheepdog_executor.errors import (
     ConfigurationError,
     ConnectionFailed,
     SchedulerError,
-    SheepdogError,
     UnknownHostKey,
-    WorkerStartFailed,
 )
-from sheepdog_executor.jobscript import JobOptions, WorkerLaunch, with_setup
-from sheepdog_executor.scheduler import Scheduler, TaskState
-from sheepdog_executor.sessiondir import make_session_dir, prepare_root
+from sheepdog_executor.jobscript import JobOptions
+from sheepdog_executor.scheduler import Scheduler
 from sheepdog_executor.shell import SSHShell
 
-if TYPE_CHECKING:
-    pass
-
-_PROBE_MAIN = (
-    "import socket, sys\n"
-    'sys.stdout.write("sheepdog-probe %d.%d.%d %s\\n" % (sys.version_info[0], sys.version_info[1], '
-    "sys.version_info[2], socket.gethostname()))\n"
-)
-_PROBE_LINE = re.compile(r"^sheepdog-probe (\d+)\.(\d+)\.(\d+) (\S+)$", re.M)
-_VERSION_SNIPPET = 'import sys; print("%d.%d.%d" % tuple(sys.version_info[:3]))'
-
-
-class CheckFailed(SheepdogError):
-    """A doctor check failed: what was seen, and what to change."""
-
-    def __init__(self, detail: str, fix: str) -> None:
-        super().__init__(detail)
-        self.detail = detail
-        self.fix = fix
+__all__ = ["CheckFailed", "Doctor"]
 
 
 def _indent(text: str) -> str:
@@ -192,8 +165,9 @@ class Doctor:
         python = self.job_options.python
         client = sys.version_info
         wanted = f"{client.major}.{client.minor}"
-        head = self._head_python()
-        version, node, job_id, stderr = self._probe_job()
+        probe = PythonProbe(self.shell, self.options, self.job_options, self.executor_class, self.timeout)
+        head = probe.head_python()
+        version, node, job_id, stderr = probe.run_job()
         on_head = f"{head[0]} on the head node" if head[0] else f"not runnable on the head node ({head[1]})"
         if version is None:
             raise CheckFailed(
@@ -216,173 +190,12 @@ class Doctor:
         )
 
     def check_callback(self) -> str:
-        from sheepdog_executor.tunnel import choose_route
-
         assert self.shell is not None and self.scheduler is not None
-        address = self.options.get("callback_address") or self.shell.callback_address()
-        port = int(self.options.get("callback_port", executor_default("callback_port")))
-        mode = self.options.get("callback", executor_default("callback"))
-        try:  # decided here once (auto probes from the head node), so it can be reported
-            route = choose_route(self.shell, mode, address, port)
-        except ConfigurationError as exc:
-            raise CheckFailed(str(exc), "set callback to 'auto', 'direct' or 'tunnel'") from exc
-        if route.mode == "direct":
-            how = f"directly to {address}"
-            fix = (
-                "the nodes must open TCP connections to this machine: pass --callback-address "
-                "(callback_address = in the config file) an address of it they can route to and let its "
-                'firewall accept them, or use callback = "tunnel" to come back through the SSH connection'
-            )
-            try:  # the executor would find out too, but only after it made its session directory
-                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-                    probe.bind((address, port))
-            except OSError as exc:
-                raise CheckFailed(
-                    f"this client cannot listen on {address}:{port}: {exc}",
-                    "pass --callback-address (callback_address = in the config file) an address of "
-                    'this machine (see `ip -brief address`), or use callback = "tunnel"',
-                ) from exc
-        else:
-            how = "through the SSH connection (tunnel and relay on the head node)"
-            how += f"; a direct connection is impossible: {route.why}" if route.why else ""
-            fix = (
-                "the nodes must reach the relay's port on the head node: ask the admins whether a "
-                'firewall between nodes and head node blocks it, or use callback = "direct" with a '
-                "--callback-address of this machine the nodes can reach"
-            )
+        # decided here once (auto probes from the head node), so that it can be reported
+        route, how, fix = callback_route(self.shell, self.options)
         options = {
             **own_options(self.options, self.executor_class),
             "max_workers": 1,
             "callback": route.mode,
         }
-        started = time.monotonic()
-        try:
-            executor = self.executor_class(host=self.host, **options)
-        except SheepdogError as exc:
-            raise CheckFailed(
-                f"the executor did not start: {exc}", "fix what the message says and run doctor again"
-            ) from exc
-        with executor:  # leaving by an exception aborts: the job is removed at once
-            future = executor.submit(socket.gethostname)
-            try:
-                node = future.result(self.timeout)
-            except FuturesTimeout:
-                raise CheckFailed(self._silence(executor.job_ids, executor.session_dir, how), fix) from None
-            except WorkerStartFailed as exc:
-                raise CheckFailed(f"the test job's worker never came back {how}:\n{exc}", fix) from exc
-            except Exception as exc:
-                raise CheckFailed(
-                    f"the test call failed: {type(exc).__name__}: {exc}",
-                    "fix what the message says and run doctor again",
-                ) from exc
-        return f"a call ran on {node} and came back {how}, {time.monotonic() - started:.1f} s after the start"
-
-    # -- helpers ------------------------------------------------------------------------------
-    def _head_python(self) -> tuple[str | None, str]:
-        """(version, why not) of the interpreter on the head node, after the set-up lines."""
-        assert self.shell is not None
-        command = f"{shlex.quote(self.job_options.python)} -c {shlex.quote(_VERSION_SNIPPET)}"
-        done = self.shell.run(with_setup(self.job_options, command), timeout=60)
-        lines = done.stdout.strip().splitlines()
-        if done.returncode == 0 and lines and re.fullmatch(r"\d+\.\d+\.\d+", lines[-1]):
-            return lines[-1], ""
-        why = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
-        return None, why
-
-    def _probe_job(self) -> tuple[str | None, str, str, str]:
-        """Run the interpreter in one job shaped like the executor's (same options and set-up).
-
-        Returns (version or None, node, job id, stderr of the job)."""
-        assert self.shell is not None
-        shell = self.shell
-        session_root = str(self.options.get("session_root", executor_default("session_root")))
-        try:  # as the executor makes its session directory: the probe runs from it too
-            probe_dir = make_session_dir(shell, prepare_root(shell, session_root), prefix="doctor-")
-        except ConfigurationError as exc:
-            raise CheckFailed(str(exc), "set session_root= to a directory only you can write") from exc
-        launch = WorkerLaunch(probe_dir, "doctor-probe")
-        scheduler = make_scheduler(
-            shell,
-            self.options,
-            dataclasses.replace(self.job_options, job_name="sheepdog-doctor"),
-            self.executor_class.scheduler_class,
-        )
-        job_id = ""
-        try:
-            shell.put(launch.bundle_path, _probe_bundle(), 0o600)
-            try:
-                job_id = scheduler.submit(launch, 1)
-            except SchedulerError as exc:
-                raise CheckFailed(
-                    f"the test job was refused: {exc}",
-                    "check " + ", ".join(scheduler.option_names()) + " in your options",
-                ) from exc
-            self._wait_until_gone(scheduler, job_id)
-            out = shlex.quote(launch.output_path(job_id, 1, "out"))
-            # on a shared filesystem the output file can appear a moment after the job ended
-            wait = f"for i in 1 2 3 4 5 6 7 8 9 10; do [ -e {out} ] && break; sleep 0.5; done; cat {out}"
-            match = _PROBE_LINE.search(shell.run(f"{wait} 2>/dev/null", timeout=30).stdout)
-            stderr = scheduler.output_tail(launch, job_id, 1)
-            if match is None:
-                return None, "?", job_id, stderr
-            return ".".join(match.group(1, 2, 3)), match.group(4), job_id, stderr
-        finally:
-            if job_id and scheduler.poll([job_id]):
-                scheduler.cancel([job_id])
-            shell.run(f"rm -rf {shlex.quote(probe_dir)}", timeout=30)
-
-    def _wait_until_gone(self, scheduler: Scheduler, job_id: str) -> None:
-        deadline = time.monotonic() + self.timeout
-        inspect = scheduler.inspect_command(job_id)
-        while True:
-            tasks = scheduler.poll([job_id]).get(job_id)
-            if not tasks:
-                return
-            queued = all(state is TaskState.QUEUED for state in tasks.values())
-            if TaskState.ERROR in tasks.values():
-                raise CheckFailed(
-                    f"the test job {job_id} is in error state: {scheduler.error_reason(job_id)}",
-                    "check that working_directory exists on the nodes and that the session "
-                    "directory (session_root, on a filesystem the nodes share) is writable there, "
-                    "and "
-                    + ", ".join(scheduler.option_names())
-                    + (f"; `{inspect}` shows the reason" if inspect else ""),
-                )
-            if time.monotonic() > deadline:
-                why = scheduler.pending_reason(job_id) if queued else ""
-                state = "waiting in the queue" if queued else "running"
-                raise CheckFailed(
-                    f"the test job {job_id} was still {state} after {self.timeout:.0f} s"
-                    + (f"; the scheduler says: {why}" if why else ""),
-                    "if the cluster is busy run doctor again with a longer --timeout; otherwise check "
-                    "that "
-                    + ", ".join(scheduler.option_names())
-                    + " fit the cluster"
-                    + (f" (`{inspect}`)" if inspect else ""),
-                )
-            time.sleep(1.0)
-
-    def _silence(self, job_ids: list[str], session_dir: str, how: str) -> str:
-        """Why a call got no answer in time: the job is queued, or runs but never calls back."""
-        assert self.scheduler is not None
-        if not job_ids:
-            return f"no job was submitted within {self.timeout:.0f} s"
-        job_id = job_ids[-1]
-        tasks = self.scheduler.poll([job_id]).get(job_id, {})
-        if tasks and all(state is TaskState.QUEUED for state in tasks.values()):
-            return (
-                f"test job {job_id} was still waiting in the queue after {self.timeout:.0f} s; if the "
-                "cluster is busy, run doctor again with a longer --timeout"
-            )
-        tail = self.scheduler.output_tail(WorkerLaunch(session_dir, ""), job_id, 1).strip()
-        return f"test job {job_id} ran, but no answer came back {how} within {self.timeout:.0f} s" + (
-            f"; stderr of the task:\n{tail}" if tail else ""
-        )
-
-
-def _probe_bundle() -> bytes:
-    """A zip that, run as the worker bundle, prints its Python version and node and exits."""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        archive.writestr("__main__.py", _PROBE_MAIN)
-    return buffer.getvalue()
+        return run_test_call(self.executor_class, self.host, options, self.timeout, self.scheduler, how, fix)
