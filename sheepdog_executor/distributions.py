@@ -172,7 +172,7 @@ def installed_wheel(info: str, out: str) -> str | None:
     not the whole distribution: no WHEEL file (not installed from a wheel), a file missing, or files
     outside its site directory (data, headers) other than its entry points' scripts, which pip
     writes anew. Compiled files (``__pycache__``) and the installation's own records are left out."""
-    meta, site = Path(info), Path(info).parent
+    meta = Path(info)
     try:
         tags = [
             line.split(":", 1)[1].strip()
@@ -184,6 +184,20 @@ def installed_wheel(info: str, out: str) -> str | None:
         return None
     if not tags or not all(len(t.split("-")) == 3 for t in tags):
         return None
+    scripts = _entry_point_scripts(meta)
+    members = _recorded_members(meta, rows, scripts) if scripts is not None else None
+    if members is None:
+        return None
+    prefix = meta.name[: -len(".dist-info")]
+    parts = [t.split("-") for t in tags]
+    tag = "-".join(".".join(dict.fromkeys(p[i] for p in parts)) for i in range(3))
+    wheel = os.path.join(out, f"{prefix}-{tag}.whl")
+    _write_wheel(wheel, meta, members)
+    return wheel
+
+
+def _entry_point_scripts(meta: Path) -> set[str] | None:
+    """The names of a distribution's console and GUI scripts (None: its entry points do not parse)."""
     scripts: set[str] = set()
     if (meta / "entry_points.txt").is_file():
         points = configparser.ConfigParser(delimiters=("=",), interpolation=None)
@@ -194,6 +208,13 @@ def installed_wheel(info: str, out: str) -> str | None:
             return None
         for section in ("console_scripts", "gui_scripts"):
             scripts.update(points[section] if points.has_section(section) else ())
+    return scripts
+
+
+def _recorded_members(meta: Path, rows: list[list[str]], scripts: set[str]) -> list[str] | None:
+    """The files of RECORD's ``rows`` a wheel carries, relative to the site directory; None when
+    one is missing or lies outside it (other than an entry point's script)."""
+    site = meta.parent
     members = []
     for row in rows:
         if not row or not row[0]:
@@ -212,12 +233,14 @@ def installed_wheel(info: str, out: str) -> str | None:
         if not (site / path).is_file():
             return None
         members.append(str(path))
-    prefix = meta.name[: -len(".dist-info")]
-    parts = [t.split("-") for t in tags]
-    tag = "-".join(".".join(dict.fromkeys(p[i] for p in parts)) for i in range(3))
-    wheel = os.path.join(out, f"{prefix}-{tag}.whl")
+    return members
+
+
+def _write_wheel(wheel: str, meta: Path, members: list[str]) -> None:
+    """Zip ``members`` of the site directory into ``wheel`` with a RECORD of their digests."""
+    site = meta.parent
     record = []
-    members.sort(key=lambda m: (m.startswith(meta.name + "/"), m))  # the .dist-info last
+    members = sorted(members, key=lambda m: (m.startswith(meta.name + "/"), m))  # the .dist-info last
     with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as archive:
         for member in members:
             data = (site / member).read_bytes()
@@ -226,7 +249,6 @@ def installed_wheel(info: str, out: str) -> str | None:
             record.append(f"{member},sha256={digest},{len(data)}\n")
         record.append(f"{meta.name}/RECORD,,\n")
         archive.writestr(f"{meta.name}/RECORD", "".join(record))
-    return wheel
 
 
 def tree_digest(root: str) -> str:

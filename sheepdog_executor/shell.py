@@ -18,7 +18,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from sheepdog_executor.errors import CommandTimedOut, ConnectionFailed, DiskFull, UnknownHostKey
 
@@ -294,25 +294,7 @@ class SSHShell(Shell):
         except paramiko.SSHException as exc:
             transport = client.get_transport()
             client.close()
-            if transport is not None and not transport.remote_version:
-                raise ConnectionFailed(
-                    f"{self.description} accepted the TCP connection but sent no SSH banner within "
-                    f"{t.connect_timeout:g} s: is an SSH server listening on port {t.port} of "
-                    f"{t.hostname}? Check the host name and port (`ssh {t.alias}` should work from "
-                    "this machine), or raise connect_timeout= for a slow server"
-                ) from None
-            if "not found in known_hosts" in str(exc):
-                raise UnknownHostKey(
-                    f"the host key of {self.description} is not in ~/.ssh/known_hosts; log in once "
-                    f"with `ssh {t.alias}` (or `ssh-keyscan -p {t.port} {t.hostname} >> "
-                    f"~/.ssh/known_hosts`) after checking its fingerprint"
-                ) from exc
-            if isinstance(exc, paramiko.AuthenticationException):
-                raise ConnectionFailed(
-                    f"SSH authentication to {self.description} failed ({exc}); check the user and "
-                    f"IdentityFile for {t.alias} in ~/.ssh/config, or pass user= / key_filename="
-                ) from exc
-            raise ConnectionFailed(f"SSH to {self.description} failed: {exc}") from exc
+            self._raise_ssh_failure(transport, exc)
         except (OSError, EOFError) as exc:
             raise ConnectionFailed(
                 f"cannot reach {self.description}: {exc}; check the host name and port "
@@ -323,6 +305,32 @@ class SSHShell(Shell):
         transport.set_keepalive(15)
         self._client = client
         log.debug("connected to %s", self.description)
+
+    def _raise_ssh_failure(self, transport: Any, exc: Exception) -> NoReturn:
+        """The SSH handshake failed: raise what happened and what to change (no banner, an unknown
+        host key, authentication, anything else)."""
+        import paramiko
+
+        t = self.target
+        if transport is not None and not transport.remote_version:
+            raise ConnectionFailed(
+                f"{self.description} accepted the TCP connection but sent no SSH banner within "
+                f"{t.connect_timeout:g} s: is an SSH server listening on port {t.port} of "
+                f"{t.hostname}? Check the host name and port (`ssh {t.alias}` should work from "
+                "this machine), or raise connect_timeout= for a slow server"
+            ) from None
+        if "not found in known_hosts" in str(exc):
+            raise UnknownHostKey(
+                f"the host key of {self.description} is not in ~/.ssh/known_hosts; log in once "
+                f"with `ssh {t.alias}` (or `ssh-keyscan -p {t.port} {t.hostname} >> "
+                f"~/.ssh/known_hosts`) after checking its fingerprint"
+            ) from exc
+        if isinstance(exc, paramiko.AuthenticationException):
+            raise ConnectionFailed(
+                f"SSH authentication to {self.description} failed ({exc}); check the user and "
+                f"IdentityFile for {t.alias} in ~/.ssh/config, or pass user= / key_filename="
+            ) from exc
+        raise ConnectionFailed(f"SSH to {self.description} failed: {exc}") from exc
 
     def _reconnect(self, error: BaseException) -> None:
         deadline = time.monotonic() + self._reconnect_timeout

@@ -133,6 +133,40 @@ def _relocate(tmp, final):
                 handle.write(data.replace(old, new))
 
 
+def _clear_leftovers(envs, key, final):
+    """Remove what is here without the lock's holder: left over from a build that died."""
+    for name in os.listdir(envs):
+        path = os.path.join(envs, name)
+        if name.startswith(".build-" + key + "-") or (
+            name.startswith((".staging-", ".trash-")) and time.time() - os.path.getmtime(path) > STALE_SECONDS
+        ):
+            shutil.rmtree(path, ignore_errors=True)
+    if os.path.lexists(final):
+        shutil.rmtree(final, ignore_errors=True)
+
+
+def _install(envs, tmp, spec):
+    """Make a venv in TMP and install the spec into it: None, or the message that says what failed."""
+    code, output = _checked(envs, *_run([sys.executable, "-m", "venv", "--without-pip", tmp]))
+    if code == 0:
+        pip, code, output = _pip(os.path.join(tmp, "bin", "python"))
+        _checked(envs, code, output)
+    if code != 0:
+        return {"status": "venv-failed", "output": output}
+    pip += ["install", "--no-deps", "--no-input", "--disable-pip-version-check"]
+    pip += ["--no-warn-script-location"]
+    if spec["mode"] == "index":
+        pip += ["--prefer-binary", "--retries", "1", "--timeout", "20"]
+    else:
+        pip += ["--no-index", "--find-links", spec["wheel_dir"]]
+    wheels = [os.path.join(spec["wheel_dir"], name) for name in spec["wheels"]]
+    # after "--": pip reads no requirement as an option (-r FILE, --index-url=...)
+    code, output = _checked(envs, *_run(pip + ["--"] + spec["requirements"] + wheels))
+    if code != 0:
+        return {"status": "install-failed", "output": output}
+    return None
+
+
 def build(envs, key, spec_file):
     """Build ENVS/KEY from the spec (JSON: mode "index" or "wheels", requirements, wheels, summary)."""
     with open(spec_file) as handle:
@@ -150,36 +184,12 @@ def build(envs, key, spec_file):
         if _ready(final):
             _say({"status": "ready", "built": False, "waited": waited})
             return 0
-        # whatever is here without the lock's holder is left over from a build that died
-        for name in os.listdir(envs):
-            path = os.path.join(envs, name)
-            if name.startswith(".build-" + key + "-") or (
-                name.startswith((".staging-", ".trash-"))
-                and time.time() - os.path.getmtime(path) > STALE_SECONDS
-            ):
-                shutil.rmtree(path, ignore_errors=True)
-        if os.path.lexists(final):
-            shutil.rmtree(final, ignore_errors=True)
+        _clear_leftovers(envs, key, final)
         tmp = tempfile.mkdtemp(prefix=".build-" + key + "-", dir=envs)
         try:
-            code, output = _checked(envs, *_run([sys.executable, "-m", "venv", "--without-pip", tmp]))
-            if code == 0:
-                pip, code, output = _pip(os.path.join(tmp, "bin", "python"))
-                _checked(envs, code, output)
-            if code != 0:
-                _say({"status": "venv-failed", "output": output})
-                return 0
-            pip += ["install", "--no-deps", "--no-input", "--disable-pip-version-check"]
-            pip += ["--no-warn-script-location"]
-            if spec["mode"] == "index":
-                pip += ["--prefer-binary", "--retries", "1", "--timeout", "20"]
-            else:
-                pip += ["--no-index", "--find-links", spec["wheel_dir"]]
-            wheels = [os.path.join(spec["wheel_dir"], name) for name in spec["wheels"]]
-            # after "--": pip reads no requirement as an option (-r FILE, --index-url=...)
-            code, output = _checked(envs, *_run(pip + ["--"] + spec["requirements"] + wheels))
-            if code != 0:
-                _say({"status": "install-failed", "output": output})
+            failed = _install(envs, tmp, spec)
+            if failed is not None:
+                _say(failed)
                 return 0
             _relocate(tmp, final)
             summary = dict(spec.get("summary", {}))
