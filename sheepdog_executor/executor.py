@@ -26,7 +26,6 @@ from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import Any, ClassVar, TypeVar
 
 from sheepdog_executor import notebook, pickling, registry
-from sheepdog_executor.background import in_background
 from sheepdog_executor.callfuture import CallFuture
 from sheepdog_executor.config import uses_config
 from sheepdog_executor.dispatch import NO_KWARGS
@@ -46,7 +45,6 @@ from sheepdog_executor.scheduler import (
     SlurmScheduler,
 )
 from sheepdog_executor.session import _OPEN, Session, _collected
-from sheepdog_executor.shell import connect
 
 log = logging.getLogger("sheepdog_executor")
 T = TypeVar("T")
@@ -115,49 +113,50 @@ class ClusterExecutor(Executor):
         given = locals()
         options = ExecutorOptions(**{name: given[name] for name in ExecutorOptions.__dataclass_fields__})
         del given  # no second reference to this frame's values
-        job_options = JobOptions.from_options(options)
         self._max_workers = max_workers or DEFAULT_MAX_WORKERS
         self._progress = progress
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
-        self._batch_ids = itertools.count(1)
-        self._submit_batch = 0
-        self._submit_label = ""
-        self._last_submit = 0.0
-        # on a thread of its own: paramiko keeps a caught exception in a reference cycle with its
-        # frames, whose callers' frames would keep this executor alive until a full garbage
-        # collection, and with it its jobs after its last reference went (see _collected)
-        shell = in_background(functools.partial(connect, host, options), "sheepdog-connect").result()
-        init_blob = pickling.dumps((initializer, tuple(initargs))) if initializer is not None else None
-        try:
-            sync = EnvironmentSync.from_options(
-                environment, environment_add, environment_exclude, stderr_progress(progress)
-            )
-            session_options = {name: options[name] for name in _SESSION_OPTIONS}
-            session_options.update(max_workers=self._max_workers, initializer=init_blob, environment=sync)
-            scheduler = self.scheduler_class(shell, job_options, command_setup, scheduler_options)
-            self._session = Session(shell, scheduler, **session_options)
-        except BaseException:
-            shell.close()
-            raise
+        self._batches = _Batches()
+        self._session = self._open_session(options, initializer, initargs, scheduler_options)
         # GC of an executor never shut down, and interpreter exit, both remove its jobs, once the
         # calls outstanding then have ended (see _collected)
         _OPEN.add(self._session)
         self._finalizer = weakref.finalize(self, _collected, self._session)
+
+    def _open_session(
+        self,
+        options: ExecutorOptions,
+        initializer: Callable[..., object] | None,
+        initargs: tuple[Any, ...],
+        scheduler_options: Any,
+    ) -> Session:
+        """The session: connected, set up in its named steps (``session.py``), with the scheduler
+        this class names, shaped by ``options`` and the scheduler's own ``scheduler_options``."""
+        init_blob = pickling.dumps((initializer, tuple(initargs))) if initializer is not None else None
+        sync = EnvironmentSync.from_options(
+            options.environment,
+            options.environment_add,
+            options.environment_exclude,
+            stderr_progress(options.progress),
+        )
+        job_options = JobOptions.from_options(options)
+        scheduler_class, command_setup = self.scheduler_class, options.command_setup
+        return Session(
+            options,
+            lambda shell: scheduler_class(shell, job_options, command_setup, scheduler_options),
+            max_workers=self._max_workers,
+            initializer=init_blob,
+            environment=sync,
+        )
 
     # -- submitting ---------------------------------------------------------------------------
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         future: Future[T] = CallFuture()
         with self._shutdown_lock:
             self._check_open()
-            now = time.monotonic()
-            if now - self._last_submit > SUBMIT_BATCH_SECONDS:
-                self._submit_batch = next(self._batch_ids)
-                self._submit_label = f"submit({_name_of(fn)})"
-            self._last_submit = now
-            self._session.dispatcher.add(
-                fn, ((args, kwargs),), (future,), self._submit_batch, self._submit_label
-            )
+            batch, label = self._batches.of_submit(fn)
+            self._session.dispatcher.add(fn, ((args, kwargs),), (future,), batch, label)
         return future
 
     def map(
@@ -191,8 +190,7 @@ class ClusterExecutor(Executor):
             target = functools.partial(run_chunk, fn)
         with self._shutdown_lock:
             self._check_open()
-            batch = next(self._batch_ids)
-            self._last_submit = 0.0  # the next submit starts a batch of its own
+            batch = self._batches.of_map()
         refill: Callable[[], Future[Any] | None] | None = None
         if buffersize is None:
             arguments = list(calls)
@@ -451,17 +449,37 @@ def _make_executor_class(name: str, scheduler: type[Scheduler[Any]]) -> type[Clu
     return type(name, (ClusterExecutor,), namespace)
 
 
-#: The options ``Session`` takes (as a mapping of name to value), read from its signature.
-_SESSION_OPTIONS = tuple(
-    name for name in inspect.signature(Session).parameters if name in ExecutorOptions.__dataclass_fields__
-)
-
-
 def _site_options(scheduler: type[Scheduler[Any]], given: Mapping[str, Any]) -> Any:
     """A scheduler's own options (its ``Options``) out of an executor's arguments; unset ones
     (None) take the declaration's default."""
     names = [f.name for f in dataclasses.fields(scheduler.Options)]
     return scheduler.site_options({name: given[name] for name in names if name in given})
+
+
+class _Batches:
+    """Which batch a call belongs to (the status counts per batch): submits within
+    ``SUBMIT_BATCH_SECONDS`` of each other are one batch, and each map is one of its own. Used
+    under the executor's lock."""
+
+    def __init__(self) -> None:
+        self._ids = itertools.count(1)
+        self._submit_batch = 0
+        self._submit_label = ""
+        self._last_submit = 0.0
+
+    def of_submit(self, fn: Callable[..., Any]) -> tuple[int, str]:
+        """The batch and label of a call submitted now."""
+        now = time.monotonic()
+        if now - self._last_submit > SUBMIT_BATCH_SECONDS:
+            self._submit_batch = next(self._ids)
+            self._submit_label = f"submit({_name_of(fn)})"
+        self._last_submit = now
+        return self._submit_batch, self._submit_label
+
+    def of_map(self) -> int:
+        """A new batch for a map; the next submit starts a batch of its own."""
+        self._last_submit = 0.0
+        return next(self._ids)
 
 
 def _name_of(fn: Callable[..., Any]) -> str:

@@ -1,5 +1,6 @@
 """The session an executor runs: the shell to the head node, the scheduler, the endpoint, the
-dispatcher and the job manager, set up in ``Session.__init__`` and torn down exactly once in ``close``.
+dispatcher and the job manager, set up in named steps (connect first) in ``Session.__init__`` and
+torn down exactly once in ``close``.
 The session, not the executor, is what threads and finalizers hold; interpreter exit waits for the
 outstanding calls of sessions never shut down.
 """
@@ -26,11 +27,12 @@ from sheepdog_executor.environment import ENVIRONMENT_RECORD, EnvironmentSync, H
 from sheepdog_executor.errors import ExecutorShutDown
 from sheepdog_executor.jobs import JobManager
 from sheepdog_executor.jobscript import WorkerLaunch
+from sheepdog_executor.options import ExecutorOptions
 from sheepdog_executor.remote.reach import ROUTES_FILE
 from sheepdog_executor.scheduler import Scheduler
 from sheepdog_executor.server import Endpoint
 from sheepdog_executor.sessiondir import Owner, make_session_dir, prepare_root, this_client
-from sheepdog_executor.shell import Shell
+from sheepdog_executor.shell import Shell, connect
 from sheepdog_executor.status import StatusPage
 from sheepdog_executor.tunnel import Route, choose_route
 
@@ -58,39 +60,15 @@ class Session:
 
     def __init__(
         self,
-        shell: Shell,
-        scheduler: Scheduler,
+        options: ExecutorOptions,
+        make_scheduler: Callable[[Shell], Scheduler],
         *,
         max_workers: int,
-        retries: int,
         initializer: bytes | None,
-        batch_window: float,
-        poll_interval: float,
-        idle_timeout: float,
-        heartbeat: float,
-        heartbeat_timeout: float,
-        callback_address: str | None,
-        callback_port: int,
-        callback: str,
-        tls: bool | None,
-        session_root: str,
-        echo_output: bool,
-        status_page: bool = True,
         environment: EnvironmentSync | None = None,
-        disconnect_tolerance: float = 600.0,
     ) -> None:
-        self.shell = shell
-        self.scheduler = scheduler
-        self.dispatcher = Dispatcher(
-            retries=retries,
-            idle_timeout=idle_timeout,
-            heartbeat=heartbeat,
-            initializer=initializer,
-            python=sys.version_info[:2],
-            echo_output=echo_output,
-            max_workers=max_workers,
-            disconnect_tolerance=disconnect_tolerance,
-        )
+        """Connect to ``options.host``, make the scheduler (``make_scheduler(shell)``) and the
+        dispatcher, then the other steps (``_set_up``)."""
         self._closed = False
         self._close_lock = threading.Lock()
         self._close_done = threading.Event()
@@ -98,39 +76,41 @@ class Session:
         #: The job manager, made last: what callbacks during the set-up find (None) until then.
         self._jobs: JobManager | None = None
         self.routes: list[tuple[str, str, int]] = []
-        self.dispatcher.on_change = self._changed
-        #: The site's largest array, asked now for the first submit (not awaited here).
-        self.array_limit = in_background(scheduler.max_array_size, "sheepdog-array-limit")
-        jobs = functools.partial(
-            JobManager,
-            max_workers=max_workers,
-            batch_window=batch_window,
-            poll_interval=poll_interval,
-            heartbeat_timeout=heartbeat_timeout,
-            disconnect_tolerance=disconnect_tolerance,
-            array_limit=self.array_limit,
-        )
-        endpoint = functools.partial(
-            self._open_endpoint,
-            callback=callback,
-            callback_address=callback_address,
-            callback_port=callback_port,
-            tls=tls,
-            status_page=status_page,
-        )
         with contextlib.ExitStack() as undo:
-            self.dispatcher.start()
+            self.shell = _connect(options)
+            undo.callback(self.shell.close)
+            self.scheduler = make_scheduler(self.shell)
+            self.dispatcher = self._start_dispatcher(options, max_workers, initializer)
             undo.callback(self.dispatcher.close)
-            self._set_up(undo, session_root, endpoint, environment, jobs)
+            #: The site's largest array, asked now for the first submit (not awaited here).
+            self.array_limit = in_background(self.scheduler.max_array_size, "sheepdog-array-limit")
+            self._set_up(undo, options, environment, max_workers)
             undo.pop_all()  # set up: from here on, ``close`` undoes it
+
+    def _start_dispatcher(
+        self, options: ExecutorOptions, max_workers: int, initializer: bytes | None
+    ) -> Dispatcher:
+        """The dispatcher, started: it tells this session of every change (``_changed``)."""
+        dispatcher = Dispatcher(
+            retries=options.retries,
+            idle_timeout=options.idle_timeout,
+            heartbeat=options.heartbeat,
+            initializer=initializer,
+            python=sys.version_info[:2],
+            echo_output=options.echo_output,
+            max_workers=max_workers,
+            disconnect_tolerance=options.disconnect_tolerance,
+        )
+        dispatcher.on_change = self._changed
+        dispatcher.start()
+        return dispatcher
 
     def _set_up(
         self,
         undo: contextlib.ExitStack,
-        session_root: str,
-        open_endpoint: Callable[[bytes], _Opened],
+        options: ExecutorOptions,
         environment: EnvironmentSync | None,
-        jobs: Callable[..., JobManager],
+        max_workers: int,
     ) -> None:
         """The steps, the independent ones at once (each SSH command in a session of its own); their
         results are taken in the order of a one-after-the-other set-up, whose first error is raised,
@@ -141,12 +121,15 @@ class Session:
         checked = self._step(undo, self.scheduler.prepare, "check", None)
         made = self._step(
             undo,
-            functools.partial(_make_session_dir, self.shell, session_root, owner, secret, bundle),
+            functools.partial(_make_session_dir, self.shell, options.session_root, owner, secret, bundle),
             "dir",
             lambda made: _remove_dir(self.shell, made[1]),
         )
         opened = self._step(
-            undo, functools.partial(open_endpoint, secret), "endpoint", lambda o: o.endpoint.stop()
+            undo,
+            functools.partial(self._open_endpoint, secret, options),
+            "endpoint",
+            lambda o: o.endpoint.stop(),
         )
         checked.result()  # the scheduler's commands are there (SchedulerError naming the fix)
         root, self.session_dir = made.result()  # 0700, with the 0600 secret and bundle
@@ -161,8 +144,7 @@ class Session:
             bundle_sha256=hashlib.sha256(bundle).hexdigest(),  # the task checks it before running it
         )
         self._write_routes()
-        self._jobs = jobs(self.scheduler, self.dispatcher, self.launch)
-        self._jobs.start()
+        self._jobs = self._start_jobs(options, max_workers)
         undo.callback(self._jobs.stop, grace=0)
         log.info("session %s on %s, endpoint %s", self.session_dir, self.shell.description, self.launch.url)
         #: The status page's address with its token (None with ``status_page=False``).
@@ -172,6 +154,22 @@ class Session:
                 self.endpoint.scheme, route.listen_address, self.endpoint.port
             )
             log.info("status page: %s", self.status_url)
+
+    def _start_jobs(self, options: ExecutorOptions, max_workers: int) -> JobManager:
+        """The job manager, started: it submits, polls and removes this session's jobs."""
+        jobs = JobManager(
+            self.scheduler,
+            self.dispatcher,
+            self.launch,
+            max_workers=max_workers,
+            batch_window=options.batch_window,
+            poll_interval=options.poll_interval,
+            heartbeat_timeout=options.heartbeat_timeout,
+            disconnect_tolerance=options.disconnect_tolerance,
+            array_limit=self.array_limit,
+        )
+        jobs.start()
+        return jobs
 
     @staticmethod
     def _step(
@@ -200,22 +198,15 @@ class Session:
         self.scheduler = self.scheduler.with_python(synced.python)
         return synced
 
-    def _open_endpoint(
-        self,
-        secret: bytes,
-        *,
-        callback: str,
-        callback_address: str | None,
-        callback_port: int,
-        tls: bool | None,
-        status_page: bool,
-    ) -> _Opened:
+    def _open_endpoint(self, secret: bytes, options: ExecutorOptions) -> _Opened:
         """Decide how workers reach us (direct or SSH tunnel), start the endpoint there and open the
         routes. With TLS (``tls=True``; by default, on the routes through the head node's relay,
         which other users share) a certificate they pin by its fingerprint, which goes on their
         command line: it is not secret, only the secret file is."""
         shell = self.shell
-        route = choose_route(shell, callback, callback_address or shell.callback_address(), callback_port)
+        tls = options.tls
+        address = options.callback_address or shell.callback_address()
+        route = choose_route(shell, options.callback, address, options.callback_port)
         certificate = None
         try:
             if tls or (tls is None and route.through_head_node):
@@ -224,7 +215,7 @@ class Session:
 
                 certificate = make_certificate()
             context = certificate.server_context() if certificate else None
-            page = StatusPage(self.status, shell.description) if status_page else None
+            page = StatusPage(self.status, shell.description) if options.status_page else None
             endpoint = Endpoint(
                 self.dispatcher,
                 secret,
@@ -351,6 +342,14 @@ class Session:
         _remove_dir(self.shell, self.session_dir)
         settle([self.array_limit], timeout=30)
         self.shell.close()
+
+
+def _connect(options: ExecutorOptions) -> Shell:
+    """The shell to the head node (``shell.connect``). On a thread of its own: paramiko keeps a
+    caught exception in a reference cycle with its frames, whose callers' frames (the executor's
+    among them) would keep the executor alive until a full garbage collection, and with it its
+    jobs after its last reference went (see ``_collected``)."""
+    return in_background(functools.partial(connect, options.host, options), "sheepdog-connect").result()
 
 
 def _make_session_dir(
