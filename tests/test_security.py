@@ -63,13 +63,20 @@ def slow_square(x: int) -> int:
 
 
 class Client:
-    """Requests to an executor's endpoint, as anybody on the network could send them."""
+    """Requests to an endpoint at ``url``, as anybody on the network could send them (``secret``:
+    what a holder of the executor's secret signs with)."""
 
-    def __init__(self, executor: GridEngineExecutor) -> None:
-        url = urllib.parse.urlsplit(internals(executor).launch.url)
-        self.host, self.port = url.hostname or "127.0.0.1", url.port or 80
-        self.tls = url.scheme == "https"
-        self.secret = internals(executor).endpoint.secret
+    def __init__(self, url: str, secret: bytes) -> None:
+        parts = urllib.parse.urlsplit(url)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        self.tls = parts.scheme == "https"
+        self.secret = secret
+
+    @classmethod
+    def of(cls, executor: GridEngineExecutor) -> Client:
+        """A client of ``executor``'s endpoint, by the URL its workers use."""
+        inside = internals(executor)
+        return cls(inside.launch.url, inside.endpoint.secret)
 
     def socket(self, timeout: float = 30) -> socket.socket:
         """A connected raw socket, TLS-wrapped when the endpoint speaks TLS."""
@@ -132,7 +139,10 @@ class Client:
             return reply
 
 
-def state(executor: GridEngineExecutor) -> tuple[set[str], set[tuple[str, int]], int]:
+State = tuple[set[str], set[tuple[str, int]], int]
+
+
+def state(executor: GridEngineExecutor) -> State:
     """What bad input must not change: known workers, tasks that said hello, unresolved calls."""
     inside = internals(executor)
     return {w["id"] for w in executor.status()["workers"]}, set(inside.tasks_seen), inside.outstanding()
@@ -176,30 +186,21 @@ class RunsCommand:
         return (os.system, (self.command,))
 
 
-# -- authentication -----------------------------------------------------------------------------
-
-
-def test_unauthenticated_forged_and_replayed_requests_get_403_and_resolve_nothing(
-    make_executor: Callable[..., GridEngineExecutor], tmp_path: Path
-) -> None:
-    # a held job: no real worker can take the calls while we try to resolve them
-    executor = make_executor(max_workers=1, qsub_args=["-h"])
-    futures = [executor.submit(square, x) for x in range(3)]
-    job = wait_for(lambda: executor.job_ids, what="the held job")[0]
-    client = Client(executor)
-    before, refused = state(executor), internals(executor).endpoint.refused
-    pwned = tmp_path / "pwned"
+def forged_requests(secret: bytes, pwned: Path) -> list[tuple[str, bytes, dict[str, str]]]:
+    """(path, body, headers) of requests nobody without ``secret`` can make count: unsigned, made-up,
+    wrongly keyed, signed for another path or body, an hour old; they post results for calls 1 to 3,
+    and a pickle that would create ``pwned`` if it were ever loaded."""
     forged = protocol.dumps(
         {"worker": "intruder", "results": [(i, 1, True, pickle.dumps(666), "", 0.0) for i in (1, 2, 3)]}
     )
     evil = pickle.dumps(RunsCommand(f"touch {shlex.quote(str(pwned))}"))
     wrong_key = os.urandom(32).hex().encode()
-    hello_header, _ = protocol.sign_request(client.secret, "POST", "/hello", forged)
-    good_header, _ = protocol.sign_request(client.secret, "POST", "/work", forged)
+    hello_header, _ = protocol.sign_request(secret, "POST", "/hello", forged)
+    good_header, _ = protocol.sign_request(secret, "POST", "/work", forged)
     stale_ts, nonce = str(int(time.time()) - 3600), os.urandom(16).hex()
     digest = hashlib.sha256(forged).hexdigest()
-    stale_mac = protocol._request_mac(client.secret, "POST", "/work", stale_ts, nonce, len(forged), digest)
-    attempts: list[tuple[str, bytes, dict[str, str]]] = [
+    stale_mac = protocol._request_mac(secret, "POST", "/work", stale_ts, nonce, len(forged), digest)
+    return [
         ("/work", forged, {}),  # no header at all
         ("/work", evil, {}),  # a pickle that runs a command, unsigned
         ("/work", evil, {AUTH: plausible_header()}),  # ... with a made-up MAC
@@ -210,17 +211,38 @@ def test_unauthenticated_forged_and_replayed_requests_get_403_and_resolve_nothin
         ("/work", forged, {AUTH: f"{stale_ts}:{nonce}:{digest}:{stale_mac}"}),  # an hour old
         ("/heartbeat", evil, {AUTH: plausible_header("f")}),
     ]
+
+
+def refuse_forged_and_replayed(client: Client, pwned: Path) -> int:
+    """Send ``forged_requests`` and a genuine request replayed byte for byte: each gets a 403 with
+    no signature. Returns how many requests were refused."""
+    attempts = forged_requests(client.secret, pwned)
     for path, body, headers in attempts:
         status, data, signature = client.request("POST", path, body, headers)
         assert status == 403, (path, headers, status, data)
         assert signature is None
-    # a genuine request, replayed byte for byte
     heartbeat = protocol.dumps({"worker": "nobody"})
     status, data, header = client.signed("/heartbeat", heartbeat)
     assert status == 200 and pickle.loads(data) == {"known": False}
     assert client.request("POST", "/heartbeat", heartbeat, {AUTH: header})[0] == 403
+    return len(attempts) + 1
 
-    assert internals(executor).endpoint.refused == refused + len(attempts) + 1
+
+# -- authentication -----------------------------------------------------------------------------
+
+
+def test_unauthenticated_forged_and_replayed_requests_get_403_and_resolve_nothing(
+    make_executor: Callable[..., GridEngineExecutor], tmp_path: Path
+) -> None:
+    # a held job: no real worker can take the calls while we try to resolve them
+    executor = make_executor(max_workers=1, qsub_args=["-h"])
+    futures = [executor.submit(square, x) for x in range(3)]
+    job = wait_for(lambda: executor.job_ids, what="the held job")[0]
+    client = Client.of(executor)
+    before, refused = state(executor), internals(executor).endpoint.refused
+    pwned = tmp_path / "pwned"
+    sent = refuse_forged_and_replayed(client, pwned)
+    assert internals(executor).endpoint.refused == refused + sent
     assert state(executor) == before
     assert not any(future.done() for future in futures)
     assert not pwned.exists(), "an unauthenticated pickle was loaded"
@@ -237,7 +259,7 @@ def test_duplicate_replayed_and_foreign_results_are_ignored(
     second worker that does not hold the call (ignored)."""
     monkeypatch.setattr(server, "LONG_POLL_SECONDS", 1.0)
     executor = make_executor(max_workers=1, qsub_args=["-h"], idle_timeout=120)
-    client = Client(executor)
+    client = Client.of(executor)
     secret_file = tmp_path / "secret"
     secret_file.write_bytes(client.secret)
     recorded: list[tuple[str, bytes, str]] = []
@@ -289,8 +311,14 @@ def test_malformed_truncated_oversized_and_wrong_method_get_4xx(
     make_executor: Callable[..., GridEngineExecutor],
 ) -> None:
     executor = make_executor()
-    client = Client(executor)
-    before = state(executor)
+    check_malformed_requests(Client.of(executor), lambda: state(executor))
+    assert list(executor.map(square, range(10), timeout=120)) == [x * x for x in range(10)]
+
+
+def check_malformed_requests(client: Client, state: Callable[[], State]) -> None:
+    """Malformed, truncated, oversized requests, wrong methods and paths: each gets a 4xx (or the
+    connection closed), and ``state()`` is what it was."""
+    before = state()
     status_of = client.request
 
     # malformed HTTP
@@ -329,7 +357,7 @@ def test_malformed_truncated_oversized_and_wrong_method_get_4xx(
     assert client.raw(head("BREW", "/work", "Host: x")).startswith(b"HTTP/1.1 4")
     for path in ("/", "/admin", "/work/", "/hello/../work", "/%00"):
         assert status_of("POST", path, body, {AUTH: header})[0] == 404, path
-    assert state(executor) == before
+    assert state() == before
 
     # authenticated, but not a message: 400 (a worker of another version, or a bug)
     for path, bad in (
@@ -344,16 +372,21 @@ def test_malformed_truncated_oversized_and_wrong_method_get_4xx(
         ("/heartbeat", protocol.dumps({})),
     ):
         assert client.signed(path, bad)[0] == 400, (path, bad)
-    assert state(executor) == before
-    assert list(executor.map(square, range(10), timeout=120)) == [x * x for x in range(10)]
+    assert state() == before
 
 
 def test_fuzzed_requests_get_4xx_and_the_endpoint_keeps_working(
     make_executor: Callable[..., GridEngineExecutor],
 ) -> None:
     executor = make_executor()
-    client = Client(executor)
-    before = state(executor)
+    fuzz_requests(Client.of(executor), lambda: state(executor), examples=400)
+    assert list(executor.map(square, range(20), timeout=120)) == [x * x for x in range(20)]
+
+
+def fuzz_requests(client: Client, state: Callable[[], State], examples: int) -> None:
+    """Fuzzed requests (hypothesis, about ``examples`` of each kind): without the secret, a 4xx
+    and no change of ``state()``; signed by a holder of the secret, never a 5xx."""
+    before = state()
     known_paths = ["/hello", "/work", "/heartbeat", "/", "/work/", "/hello?x=1", "/heartbeat#x"]
     paths = st.one_of(
         st.sampled_from(known_paths),
@@ -386,7 +419,9 @@ def test_fuzzed_requests_get_4xx_and_the_endpoint_keeps_working(
     )
     bodies = st.one_of(st.binary(max_size=4096), messages.map(protocol.dumps))
     methods = st.sampled_from(["POST", "POST", "POST", "GET", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"])
-    fuzz = settings(max_examples=400, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    fuzz = settings(
+        max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
 
     @fuzz
     @given(methods, paths, auth, bodies)
@@ -395,7 +430,7 @@ def test_fuzzed_requests_get_4xx_and_the_endpoint_keeps_working(
         status, _, signature = client.request(method, path, body, headers)
         assert 400 <= status < 500 and signature is None, (method, path, header, status)
 
-    @settings(fuzz, max_examples=200)
+    @settings(fuzz, max_examples=examples // 2)
     @given(st.binary(min_size=1, max_size=2048))
     def raw_bytes(data: bytes) -> None:
         reply = client.raw(data, patience=0.05)  # mostly an unfinished request: end it soon
@@ -422,7 +457,7 @@ def test_fuzzed_requests_get_4xx_and_the_endpoint_keeps_working(
     )
     junk_length = st.one_of(st.text("0123456789²³¹٣० ,+-", min_size=1, max_size=8), st.none())
 
-    @settings(fuzz, max_examples=200)
+    @settings(fuzz, max_examples=examples // 2)
     @given(st.sampled_from(["/hello", "/work", "/heartbeat"]), junk_auth, junk_length)
     def junk_headers(path: str, header: str, length: str | None) -> None:
         lines = ["Host: x", f"{AUTH}: {header}"] + ([f"Content-Length: {length}"] if length else [])
@@ -432,9 +467,8 @@ def test_fuzzed_requests_get_4xx_and_the_endpoint_keeps_working(
     unauthenticated()
     raw_bytes()
     junk_headers()
-    assert state(executor) == before
+    assert state() == before
     signed_garbage()
-    assert list(executor.map(square, range(20), timeout=120)) == [x * x for x in range(20)]
 
 
 def rss() -> int:
@@ -456,7 +490,7 @@ def test_gigabyte_bodies_with_a_made_up_signature_cost_the_client_no_memory(
     a map running meanwhile is unaffected. Through the relay on the head node, too (the bytes then
     cross the client's SSH connection)."""
     executor = make_executor(tls=tls, callback=callback)
-    client = Client(executor)
+    client = Client.of(executor)
     list(executor.map(square, range(4), timeout=120))  # warm: workers up, buffers allocated
     zeros, gigabyte, limit = bytes(1 << 20), 1 << 30, 32 * 1024 * 1024
     stop = threading.Event()
@@ -497,7 +531,7 @@ def test_unicode_digits_and_non_ascii_in_headers_get_4xx_and_no_traceback(
     non-ASCII text: none of that may reach the user as a 500 or a traceback."""
     caplog.set_level(logging.DEBUG)
     executor = make_executor()
-    client = Client(executor)
+    client = Client.of(executor)
     genuine = plausible_header()
     ts, *middle, _ = genuine.split(":")
 
@@ -528,7 +562,7 @@ def test_unauthenticated_connections_are_capped_and_closed_after_a_deadline(
     accepted (6 s here instead of 10); one that made a signed request stays open."""
     monkeypatch.setattr(httpserver, "FIRST_REQUEST_SECONDS", 6.0)
     executor = make_executor()
-    client = Client(executor)
+    client = Client.of(executor)
     trusted = client.connect()
     heartbeat = protocol.dumps({"worker": "nobody"})
 
@@ -789,7 +823,7 @@ def test_tls_map_works_and_a_wrong_fingerprint_is_refused(
     assert launch.fingerprint is not None and len(launch.fingerprint) == 64
     assert list(executor.map(square, range(30), timeout=120)) == [x * x for x in range(30)]
     # the certificate served is the one pinned
-    client = Client(executor)
+    client = Client.of(executor)
     conn = client.connect()
     conn.connect()
     der = conn.sock.getpeercert(binary_form=True)  # type: ignore[union-attr]
