@@ -59,7 +59,8 @@ def test_a_crashing_call_keeps_its_story(make_any_executor: Callable[..., Cluste
 
 
 def test_a_crashing_call_keeps_its_story_locally() -> None:
-    with LocalExecutor(max_workers=2, progress=False) as executor:
+    # a worker heard from within 3 heartbeats is believed alive: 1 s ones make the loss seen in ~3 s
+    with LocalExecutor(max_workers=2, progress=False, heartbeat=1.0) as executor:
         check_crash_stories(executor)
         error = executor.submit(leave_with_status_3).exception(timeout=120)
         assert isinstance(error, WorkerLost) and "its process exited with status 3" in str(error)

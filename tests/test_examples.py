@@ -15,8 +15,8 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def run_example(name: str, *args: str, timeout: float = 240) -> str:
-    done = subprocess.run(
+def start_example(name: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [sys.executable, str(EXAMPLES / name), *args],
         capture_output=True,
         text=True,
@@ -26,6 +26,10 @@ def run_example(name: str, *args: str, timeout: float = 240) -> str:
         # this checkout's package, not whichever one is installed
         env={**os.environ, "PYTHONPATH": str(EXAMPLES.parent)},
     )
+
+
+def run_example(name: str, *args: str, timeout: float = 240) -> str:
+    done = start_example(name, *args, timeout=timeout)
     assert done.returncode == 0, f"{name} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout
 
@@ -39,13 +43,7 @@ def test_quickstart(cell: str) -> None:
 
 
 def test_quickstart_without_the_cluster() -> None:
-    done = subprocess.run(
-        [sys.executable, str(EXAMPLES / "quickstart.py"), "no-such-host.invalid"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = start_example("quickstart.py", "no-such-host.invalid", timeout=120)
     assert done.returncode == 0, done.stderr
     assert "cannot reach 'no-such-host.invalid'" in done.stderr and "LocalExecutor instead" in done.stderr
     assert "their sum is 332833500" in done.stdout
