@@ -68,7 +68,13 @@ def wait_until(predicate: Callable[[], Any], within: float, what: str) -> None:
 
 def require_up(alias: str, probe: str, up_if: Callable[[str], bool], what: str, start: str) -> str:
     """``alias`` when ``probe`` succeeds there with an output that ``up_if`` accepts; otherwise skip
-    (or fail in CI), saying that the command ``start`` brings ``what`` up."""
+    (or fail in CI), saying that the command ``start`` brings ``what`` up. In the unit tier
+    (``SHEEPDOG_TEST_NO_CELL=1``, scripts/run-unit-tests.sh) a test that asks for a cell fails."""
+    if os.environ.get("SHEEPDOG_TEST_NO_CELL") == "1":
+        pytest.fail(
+            f"this test needs the {what} '{alias}' but is not marked cluster or multihost: the unit "
+            "tier (SHEEPDOG_TEST_NO_CELL=1, scripts/run-unit-tests.sh) runs without any cell"
+        )
     try:
         done = ssh_to(alias, probe, timeout=30)
         up = done.returncode == 0 and up_if(done.stdout)
@@ -233,13 +239,12 @@ class Cluster:
         return ssh_to(self.alias, command, timeout)
 
 
-@pytest.fixture(params=["gridengine", "slurm"])
-def cluster(request: pytest.FixtureRequest) -> Cluster:
-    """Each real scheduler in turn (tests that use it run on both)."""
-    if request.param == "gridengine":
+def cluster_of(scheduler: str, alias: str) -> Cluster:
+    """The test cluster of ``scheduler`` ("gridengine" or "slurm") reached as ``alias``."""
+    if scheduler == "gridengine":
         return Cluster(
             "gridengine",
-            request.getfixturevalue("cell"),
+            alias,
             GridEngineExecutor,
             our_jobs,
             {"working_directory": "/nonexistent/dir"},
@@ -250,7 +255,7 @@ def cluster(request: pytest.FixtureRequest) -> Cluster:
         )
     return Cluster(
         "slurm",
-        request.getfixturevalue("slurm_cell"),
+        alias,
         SlurmExecutor,
         slurm_jobs,
         {"partition": "short", "time": "5"},  # more than its MaxTime: PartitionTimeLimit (or Config)
@@ -259,6 +264,16 @@ def cluster(request: pytest.FixtureRequest) -> Cluster:
         "scancel {job}_{task}",
         ("State", "CANCELLED"),
     )
+
+
+#: The fixture that brings up (or skips) each real cluster, by scheduler.
+CELL_FIXTURES = {"gridengine": "cell", "slurm": "slurm_cell"}
+
+
+@pytest.fixture(params=["gridengine", "slurm"])
+def cluster(request: pytest.FixtureRequest) -> Cluster:
+    """Each real scheduler in turn (tests that use it run on both)."""
+    return cluster_of(request.param, request.getfixturevalue(CELL_FIXTURES[request.param]))
 
 
 @pytest.fixture

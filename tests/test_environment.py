@@ -160,6 +160,7 @@ def git_installed(tmp: Path, python: str = sys.executable, keep: bool = False) -
     return site, value, commit.strip()
 
 
+@pytest.mark.slow  # pip builds from a git repository: 5-12 s each
 def test_a_distribution_installed_from_git_ships_as_installed(tmp_path: Path) -> None:
     site, value, commit = git_installed(tmp_path)
     (wanted,) = client_distributions([str(site)])
@@ -188,6 +189,7 @@ def test_a_distribution_installed_from_git_ships_as_installed(tmp_path: Path) ->
     assert done.stdout.strip() == value
 
 
+@pytest.mark.slow  # pip builds from a git repository: 5-12 s each
 def test_a_git_install_whose_files_are_not_all_here_is_built_from_its_commit(tmp_path: Path) -> None:
     site, value, commit = git_installed(tmp_path, keep=True)
     (site / "sdvcspkg" / "__init__.py").unlink()  # its RECORD names a file that is gone

@@ -140,7 +140,7 @@ def test_wait_as_completed_timeouts_callbacks(make: Callable[..., ClusterExecuto
     fast.add_done_callback(seen.append)  # added after completion: called at once
     assert seen == [late, fast]
     with pytest.raises(cf.TimeoutError):
-        list(executor.map(slow, [5, 5], timeout=0.5))
+        list(executor.map(slow, [2, 2], timeout=0.5))
 
 
 def test_running_is_true_while_the_call_runs(make: Callable[..., ClusterExecutor]) -> None:

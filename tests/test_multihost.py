@@ -296,6 +296,7 @@ def test_auto_when_only_the_head_node_reaches_the_client(head_only_client: HeadO
     assert not jobs_named(name)
 
 
+@multihost
 def test_the_cell_is_really_several_hosts(multi_cell: str) -> None:
     """Premise of this module: distinct host names and /tmp on the hosts, one /home."""
     marker = f"/tmp/mh-premise-{uuid.uuid4().hex[:6]}"

@@ -6,24 +6,37 @@ fixture in ``conftest.py`` and passes these tests: submit an array whose tasks s
 tasks in one call; cancel a whole job and a single task; account for a finished task; find the
 user's own jobs of a session; report a job that can never start as ``TaskState.ERROR`` with the
 scheduler's reason; know the site's largest array.
+
+Each test runs twice per scheduler: on the real cell (marked ``cluster``), and in the unit tier
+against that cell's answers as recorded (``tests/recorded/SCHEDULER.json``, played back by
+``recorded_shell.ReplayShell``): every built-in scheduler of the registry must have a recording.
+After a change of what a scheduler runs, record again on the cells:
+``SHEEPDOG_RECORD_SCHEDULERS=1 python3 -m pytest tests/test_scheduler_contract.py -m cluster``.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import secrets
 import shlex
 import zipfile
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
-from conftest import Cluster, wait_until
+from conftest import CELL_FIXTURES, Cluster, cluster_of, wait_until
+from recorded_shell import RecordingShell, ReplayShell
 
+from sheepdog_executor import registry
 from sheepdog_executor.jobscript import JobOptions, WorkerLaunch
 from sheepdog_executor.scheduler import Scheduler, TaskState
 from sheepdog_executor.shell import SSHShell, SSHTarget
 
-pytestmark = pytest.mark.cluster
+#: Every built-in scheduler, checked against its recorded answers (no cell) and on its cell.
+SCHEDULERS = [row.key for row in registry.BUILTIN]
+#: Record each cell's answers for the unit tier (tests/recorded/) while the cell tests run.
+RECORD = os.environ.get("SHEEPDOG_RECORD_SCHEDULERS") == "1"
 
 #: Stands in for the worker bundle: prints the task's identity, then sleeps argv[1] seconds.
 _PROBE = (
@@ -40,12 +53,32 @@ def _bundle() -> bytes:
     return buffer.getvalue()
 
 
+@pytest.fixture(
+    params=[
+        *(pytest.param(("cell", key), marks=pytest.mark.cluster, id=f"{key}-cell") for key in SCHEDULERS),
+        *(pytest.param(("recorded", key), id=f"{key}-recorded") for key in SCHEDULERS),
+    ]
+)
+def cluster(request: pytest.FixtureRequest) -> Cluster:
+    """The cluster of each built-in scheduler: the real one, or its recorded answers."""
+    mode, key = request.param
+    return cluster_of(key, request.getfixturevalue(CELL_FIXTURES[key]) if mode == "cell" else mode)
+
+
 @pytest.fixture
-def scheduler(cluster: Cluster) -> Iterator[tuple[Scheduler, str]]:
-    """(the cluster's scheduler over SSH, a fresh session directory with the probe bundle)."""
-    shell = SSHShell(SSHTarget.resolve(cluster.alias))
+def scheduler(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[tuple[Scheduler, str]]:
+    """(the cluster's scheduler, a session directory with the probe bundle): over SSH to the
+    cell (its answers recorded with ``SHEEPDOG_RECORD_SCHEDULERS=1``), or played back."""
+    test = request.node.originalname
+    shell: Any
+    if cluster.alias == "recorded":
+        shell = ReplayShell(cluster.scheduler, test)
+        session = shell.session
+    else:
+        shell = RecordingShell(SSHShell(SSHTarget.resolve(cluster.alias)))
+        session = f"{{home}}/.sheepdog-executor/contract-{secrets.token_hex(4)}"
     home = shell.run('printf %s "$HOME"').stdout
-    session = f"{home}/.sheepdog-executor/contract-{secrets.token_hex(4)}"
+    session = session.replace("{home}", home)
     shell.put(f"{session}/bundle.zip", _bundle(), 0o600)
     made = cluster.executor.scheduler_class(
         shell, JobOptions(job_name="sd-contract"), site=cluster.executor.scheduler_class.Options()
@@ -65,6 +98,8 @@ def scheduler(cluster: Cluster) -> Iterator[tuple[Scheduler, str]]:
         made.cancel(submitted)
         shell.run(f"rm -rf {shlex.quote(session)}")
         shell.close()
+        if RECORD and isinstance(shell, RecordingShell):
+            shell.save(cluster.scheduler, test, session)
 
 
 def test_submit_poll_identity_and_output(scheduler: tuple[Scheduler, str]) -> None:
