@@ -250,6 +250,7 @@ def test_ctrl_c_in_a_map_stops_its_running_calls() -> None:
 def test_the_card_escapes_what_it_shows() -> None:
     with LocalExecutor(max_workers=1) as executor:
         internals(executor).shell.description = "<script>alert(1)</script> & co"
+        assert executor.status()["host"] == "<script>alert(1)</script> & co"  # the head node, as shown
         html = executor._repr_html_()
         assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; co" in html and "<script>" not in html
     half_made = LocalExecutor.__new__(LocalExecutor)  # its __init__ failed: still a repr, no error

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+from conftest import require_up
 from support import read_line, spawn
 
 pytestmark = pytest.mark.pythons
@@ -51,3 +52,11 @@ def test_read_line_says_when_a_client_ended_without_a_line() -> None:
     )
     with pytest.raises(AssertionError, match=r"(?s)it ended without one.*gone early"):
         read_line(child, 30, "the report")
+
+
+def test_the_unit_tier_fails_a_test_that_asks_for_a_cell(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under SHEEPDOG_TEST_NO_CELL=1 (scripts/run-unit-tests.sh) a cell fixture fails the test, so
+    that a test missing its ``cluster`` mark cannot pass the unit tier by skipping."""
+    monkeypatch.setenv("SHEEPDOG_TEST_NO_CELL", "1")
+    with pytest.raises(pytest.fail.Exception, match="not marked cluster or multihost"):
+        require_up("fear", "echo up", bool, "test cell", "scripts/test-cell.sh")
