@@ -383,10 +383,8 @@ def test_fuzzed_requests_get_4xx_and_the_endpoint_keeps_working(
     assert list(executor.map(square, range(20), timeout=120)) == [x * x for x in range(20)]
 
 
-def fuzz_requests(client: Client, state: Callable[[], State], examples: int) -> None:
-    """Fuzzed requests (hypothesis, about ``examples`` of each kind): without the secret, a 4xx
-    and no change of ``state()``; signed by a holder of the secret, never a 5xx."""
-    before = state()
+def _request_strategies() -> tuple[Any, Any, Any, Any]:
+    """Hypothesis strategies for requests of anybody: methods, paths, auth headers, bodies."""
     known_paths = ["/hello", "/work", "/heartbeat", "/", "/work/", "/hello?x=1", "/heartbeat#x"]
     paths = st.one_of(
         st.sampled_from(known_paths),
@@ -419,6 +417,34 @@ def fuzz_requests(client: Client, state: Callable[[], State], examples: int) -> 
     )
     bodies = st.one_of(st.binary(max_size=4096), messages.map(protocol.dumps))
     methods = st.sampled_from(["POST", "POST", "POST", "GET", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"])
+    return methods, paths, auth, bodies
+
+
+def _junk_header_strategies() -> tuple[Any, Any]:
+    """Auth headers and lengths with what ``str.isdigit()`` and ``\\d`` take but ``int()`` or
+    ``compare_digest`` do not: Unicode digits, non-ASCII."""
+    tricky = "0123456789abcdef:²³¹٣०é\u00a0"
+    junk_auth = st.one_of(
+        st.text(tricky, max_size=180),
+        st.builds(
+            lambda ts, nonce, digest, mac: f"{ts}:{nonce}:{digest}:{mac}",
+            st.one_of(st.just(str(int(time.time()))), st.text(tricky, min_size=1, max_size=12)),
+            st.text(tricky, min_size=32, max_size=32),
+            st.text(tricky, min_size=64, max_size=64),
+            st.text(tricky, min_size=64, max_size=64),
+        ),
+    )
+    junk_length = st.one_of(st.text("0123456789²³¹٣० ,+-", min_size=1, max_size=8), st.none())
+
+    return junk_auth, junk_length
+
+
+def fuzz_requests(client: Client, state: Callable[[], State], examples: int) -> None:
+    """Fuzzed requests (hypothesis, about ``examples`` of each kind): without the secret, a 4xx
+    and no change of ``state()``; signed by a holder of the secret, never a 5xx."""
+    before = state()
+    methods, paths, auth, bodies = _request_strategies()
+    junk_auth, junk_length = _junk_header_strategies()
     fuzz = settings(
         max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck)
     )
@@ -442,20 +468,6 @@ def fuzz_requests(client: Client, state: Callable[[], State], examples: int) -> 
         # holders of the secret may change state; even they never get a 5xx or stop the endpoint
         status = client.signed(path, body)[0]
         assert status == 200 or 400 <= status < 500, (path, status)
-
-    # what str.isdigit() and \d take but int() or compare_digest do not: Unicode digits, non-ASCII
-    tricky = "0123456789abcdef:²³¹٣०é\u00a0"
-    junk_auth = st.one_of(
-        st.text(tricky, max_size=180),
-        st.builds(
-            lambda ts, nonce, digest, mac: f"{ts}:{nonce}:{digest}:{mac}",
-            st.one_of(st.just(str(int(time.time()))), st.text(tricky, min_size=1, max_size=12)),
-            st.text(tricky, min_size=32, max_size=32),
-            st.text(tricky, min_size=64, max_size=64),
-            st.text(tricky, min_size=64, max_size=64),
-        ),
-    )
-    junk_length = st.one_of(st.text("0123456789²³¹٣० ,+-", min_size=1, max_size=8), st.none())
 
     @settings(fuzz, max_examples=examples // 2)
     @given(st.sampled_from(["/hello", "/work", "/heartbeat"]), junk_auth, junk_length)
