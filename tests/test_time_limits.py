@@ -57,6 +57,20 @@ def test_the_worker_stops_before_a_call_that_would_not_end_in_time() -> None:
     assert [r.item for r in results] == [1]  # the rest go back to the client unrun
 
 
+def test_the_worker_stops_before_a_call_that_would_take_it_over_its_memory_limit() -> None:
+    budget = Budget(None, memory_limit=10**12)
+    assert budget.fits("grow")
+    budget.ran("grow", 0.1)
+    now = budget.memory()[0]
+    assert now > 0  # /proc/self/status read
+    budget.memory_limit = int(now / 0.9)  # no room above what it holds now
+    budget._rise["grow"] = 50 * 2**20  # a call of it raised the memory by 50 MB
+    assert not budget.fits("grow") and budget.fits("other")
+    limited = Budget.from_environment({"SHEEPDOG_MEMORY_LIMIT": "209715200 vmem"})
+    assert limited.memory_limit == 200 * 2**20 and limited.memory()[0] > now  # its address space
+    assert Budget.from_environment({"SHEEPDOG_MEMORY_LIMIT": "0 rss"}).memory_limit is None
+
+
 # -- what each scheduler tells the worker, and how its accounting reads ------------------------
 def test_time_limits_are_read_in_each_schedulers_words() -> None:
     assert [grid_engine_time(v) for v in ("15", "1:30", "0:0:5", "2:00:00", "INFINITY")] == [
@@ -82,6 +96,10 @@ def test_the_job_script_exports_when_the_tasks_time_ends() -> None:
     script = grid.render(LAUNCH, 2)
     assert 'SHEEPDOG_DEADLINE="$(( $(date +%s) + 60 ))"; export SHEEPDOG_DEADLINE' in script
     assert "SHEEPDOG_MEMORY_ADVICE='raise h_vmem in resources='" in script
+    assert "SHEEPDOG_MEMORY_LIMIT" not in script
+    site = GridEngineOptions(resources={"h_vmem": "400M"}, parallel_environment="smp", slots=2)
+    script = GridEngineScheduler(LocalShell(), JobOptions(), site=site).render(LAUNCH, 1)
+    assert f'SHEEPDOG_MEMORY_LIMIT="{800 * 2**20} vmem"' in script  # h_vmem is per slot
     assert "SHEEPDOG_DEADLINE" not in GridEngineScheduler(LocalShell(), JobOptions()).render(LAUNCH, 2)
     slurm = SlurmScheduler(LocalShell(), JobOptions(), site=SlurmOptions(time="2")).render(LAUNCH)
     assert 'SHEEPDOG_DEADLINE="${SLURM_JOB_END_TIME:-$(( $(date +%s) + 120 ))}"' in slurm
@@ -154,6 +172,30 @@ def test_a_memory_error_under_h_vmem_says_the_task_went_over_its_memory(
         "address-space limit of 400 MiB (ulimit -v); raise h_vmem in resources="
     )
     assert len(executor.job_ids) == 1
+
+
+LEAKED: list[bytes] = []
+
+
+def leak(megabytes: int) -> int:
+    """Keep ``megabytes`` more in the worker after each call (a cache that grows, a leak)."""
+    import time
+
+    LEAKED.append(b"x" * (megabytes * 2**20))
+    time.sleep(2)  # Slurm samples the memory every 5 s here
+    return len(LEAKED)
+
+
+@pytest.mark.cluster
+def test_a_worker_whose_memory_grows_retires_before_its_task_goes_over_mem(
+    cluster: Cluster, make_any_executor: Callable[..., ClusterExecutor]
+) -> None:
+    if cluster.scheduler != "slurm":
+        pytest.skip("Grid Engine's h_vmem fails the allocation (MemoryError) rather than kill")
+    # each call keeps 60 MB more: one worker would go over mem=300M at its fifth call and be killed
+    executor = make_any_executor(max_workers=1, retries=0, mem="300M")
+    kept = list(executor.map(leak, [60] * 8, timeout=240))
+    assert len(executor.job_ids) >= 2 and max(kept) <= 4 and kept[0] == 1, kept
 
 
 def hold_in_two_processes(megabytes: int) -> None:

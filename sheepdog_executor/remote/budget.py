@@ -1,5 +1,6 @@
-"""A task's budget: whether the next call can finish before the task's time ends, and what a
-``MemoryError`` under the task's memory limit means. Stdlib only (runs on the nodes).
+"""A task's budget: whether the next call can finish before the task's time ends and within its
+memory, and what a ``MemoryError`` under the task's memory limit means. Stdlib only (runs on the
+nodes).
 
 A task runs many calls, but the scheduler's time limit (Slurm's ``--time``, Grid Engine's ``h_rt``)
 bounds the task, not each call. The job script exports when the task's time ends as
@@ -10,6 +11,12 @@ before each call, checks that this much (times ``SAFETY``, plus ``RESERVE_SECOND
 is left; when it is not, it hands back the calls it has not started and retires, and the executor
 starts a fresh task for them. A function the worker has not run yet is run: there is nothing to
 judge it by, and a fresh task always makes progress.
+
+Memory likewise, where a task's use accumulates across calls (caches, leaks, memory the allocator
+keeps): with ``SHEEPDOG_MEMORY_LIMIT`` ("BYTES rss" or "BYTES vmem": what the scheduler counts
+against the task, e.g. Slurm's ``mem=`` against its resident memory, Grid Engine's ``h_vmem``
+against its address space), the worker keeps each function's largest rise in memory during a call
+and takes no call that would bring it above ``MEMORY_FRACTION`` of the limit; it retires instead.
 """
 
 from __future__ import annotations
@@ -24,17 +31,32 @@ from sheepdog_executor.remote.compat import add_note
 SAFETY = 1.25
 #: ... plus this, to send its result before the scheduler ends the task.
 RESERVE_SECONDS = 3.0
+#: A call is expected to raise the worker's memory by up to its function's largest rise so far times
+#: ``SAFETY``; the worker retires rather than go above this share of the task's memory limit.
+MEMORY_FRACTION = 0.9
+_STATUS_FIELDS = {"rss": ("VmRSS:", "VmHWM:"), "vmem": ("VmSize:", "VmPeak:")}
 
 
 class Budget:
     """The task's time left, and the longest run of each function seen by this worker."""
 
-    def __init__(self, deadline: float | None, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        deadline: float | None,
+        clock: Callable[[], float] = time.time,
+        memory_limit: int | None = None,
+        memory_kind: str = "rss",
+    ) -> None:
         now = clock()
         #: When the task's time ends, on ``time.monotonic``'s clock (None: not known). A deadline
         #: already past is a wrong clock or expression, not a reason to stop: ignored.
         self._ends = time.monotonic() + deadline - now if deadline is not None and deadline > now else None
         self._longest: dict[str, float] = {}
+        #: The task's memory limit in bytes (None: not known), and what it is counted against.
+        self.memory_limit = memory_limit if memory_kind in _STATUS_FIELDS else None
+        self._fields = _STATUS_FIELDS.get(memory_kind, _STATUS_FIELDS["rss"])
+        self._rise: dict[str, int] = {}
+        self._before = (0, 0)
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] = os.environ) -> Budget:
@@ -42,21 +64,52 @@ class Budget:
             deadline: float | None = float(environ.get("SHEEPDOG_DEADLINE", ""))
         except ValueError:
             deadline = None
-        return cls(deadline)
+        size, _, kind = environ.get("SHEEPDOG_MEMORY_LIMIT", "").partition(" ")
+        limit = int(size) if size.isdigit() and int(size) > 0 else None
+        return cls(deadline, memory_limit=limit, memory_kind=kind or "rss")
 
     def left(self) -> float | None:
         """Seconds until the task's time ends (None: not known)."""
         return None if self._ends is None else self._ends - time.monotonic()
 
     def ran(self, fn_key: str, seconds: float) -> None:
-        """A call of ``fn_key`` ran for ``seconds``."""
+        """A call of ``fn_key`` ran for ``seconds`` (since ``fits`` said it did)."""
         if seconds > self._longest.get(fn_key, 0.0):
             self._longest[fn_key] = seconds
+        if self.memory_limit is not None:
+            now, peak = self.memory()
+            before, peak_before = self._before
+            # the peak during the call when it set a new one, else what it left behind
+            rise = (peak if peak > peak_before else now) - before
+            if rise > self._rise.get(fn_key, 0):
+                self._rise[fn_key] = rise
 
     def fits(self, fn_key: str) -> bool:
-        """Whether a call of ``fn_key`` is expected to end (and report) before the task's time does."""
+        """Whether a call of ``fn_key`` is expected to end (and report) before the task's time does,
+        and within its memory."""
         left, longest = self.left(), self._longest.get(fn_key)
-        return left is None or longest is None or left >= longest * SAFETY + RESERVE_SECONDS
+        if left is not None and longest is not None and left < longest * SAFETY + RESERVE_SECONDS:
+            return False
+        if self.memory_limit is None:
+            return True
+        self._before = self.memory()
+        rise = self._rise.get(fn_key)
+        return rise is None or self._before[0] + rise * SAFETY <= MEMORY_FRACTION * self.memory_limit
+
+    def memory(self) -> tuple[int, int]:
+        """This process's memory as the task's limit counts it, now and at its peak (bytes; 0 when
+        ``/proc`` cannot say)."""
+        current, peak = self._fields
+        found = {current: 0, peak: 0}
+        try:
+            with open("/proc/self/status", "rb") as status:
+                for line in status.read().decode("ascii", "replace").splitlines():
+                    name, _, value = line.partition("\t")
+                    if name in found:
+                        found[name] = int(value.split()[0]) * 1024  # "1668 kB"
+        except (OSError, ValueError, IndexError):
+            pass
+        return found[current], found[peak]
 
 
 def explain_memory_error(error: BaseException, environ: Mapping[str, str] = os.environ) -> None:

@@ -302,7 +302,7 @@ def run_items(
         for sent in items:
             item = protocol.Item(*sent)
             if budget is not None and not budget.fits(item.fn_key):
-                break
+                break  # it retires; a fresh task takes this call and the rest
             started = time.perf_counter()
             ok, data = call(functions[item.fn_key], item.payload)
             out, err, mark = capture.since(mark)

@@ -211,15 +211,23 @@ class Scheduler(ABC, Generic[OptionsT]):
         limit = self.time_limit()
         return f"$(( $(date +%s) + {int(limit)} ))" if limit else ""
 
+    def memory_limit(self) -> str:
+        """A shell word of the task's memory limit as the worker measures it, "BYTES rss" or
+        "BYTES vmem" (what the scheduler counts against it); "" when none was asked for."""
+        return ""
+
     def task_environment(self) -> dict[str, str]:
         """What the job script exports for the worker first thing (name -> shell word): when the
         task's time ends (``SHEEPDOG_DEADLINE``: the worker takes no call that would not finish
-        before it) and what to change when a call runs out of memory (``SHEEPDOG_MEMORY_ADVICE``);
-        see ``remote/budget.py``."""
+        before it), its memory limit (``SHEEPDOG_MEMORY_LIMIT``: nor one that would go over it)
+        and what to change when a call runs out of memory (``SHEEPDOG_MEMORY_ADVICE``); see
+        ``remote/budget.py``."""
         environment = {}
         deadline = self.deadline_expression()
         if deadline:
             environment["SHEEPDOG_DEADLINE"] = f'"{deadline}"'
+        if self.memory_limit():
+            environment["SHEEPDOG_MEMORY_LIMIT"] = self.memory_limit()
         if self.memory_advice:
             environment["SHEEPDOG_MEMORY_ADVICE"] = shlex.quote(self.memory_advice)
         return environment

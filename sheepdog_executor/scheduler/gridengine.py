@@ -121,6 +121,10 @@ class GridEngineScheduler(Scheduler[GridEngineOptions]):
         asked = self._resource("h_rt")
         return parse_time(asked) if asked else None
 
+    def memory_limit(self) -> str:
+        vmem = memory_bytes(self._resource("h_vmem") or "")  # per slot, on every process's address space
+        return f'"{vmem * self.site.slots} vmem"' if vmem else ""
+
     def limit_hit(self, accounting: Mapping[str, str]) -> str:
         # "37 : qmaster enforced h_rt, h_cpu, or h_vmem limit": which one, the record's figures say
         if accounting.get("failed", "").split(":")[0].strip() != "37":

@@ -111,6 +111,11 @@ class SlurmScheduler(Scheduler[SlurmOptions]):
     def time_limit(self) -> float | None:
         return parse_time(self.site.time) if self.site.time else None
 
+    def memory_limit(self) -> str:
+        # what the task got (mem= or the site's default), in MB, against its resident memory
+        per_node = "${SLURM_MEM_PER_NODE:-$(( ${SLURM_MEM_PER_CPU:-0} * ${SLURM_CPUS_ON_NODE:-1} ))}"
+        return f'"$(( {per_node} * 1048576 )) rss"'
+
     def deadline_expression(self) -> str:
         # Slurm 23.02 and later set SLURM_JOB_END_TIME; before, the time= asked for, counted from
         # now, or (no time= given: the partition's default) squeue's end time, asked once per task
