@@ -34,11 +34,12 @@ RESERVE_SECONDS = 3.0
 #: A call is expected to raise the worker's memory by up to its function's largest rise so far times
 #: ``SAFETY``; the worker retires rather than go above this share of the task's memory limit.
 MEMORY_FRACTION = 0.9
-_STATUS_FIELDS = {"rss": ("VmRSS:", "VmHWM:"), "vmem": ("VmSize:", "VmPeak:")}
+_KINDS = ("rss", "vmem")
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 class Budget:
-    """The task's time left, and the longest run of each function seen by this worker."""
+    """The task's time and memory left, and what each function took of them in this worker."""
 
     def __init__(
         self,
@@ -53,8 +54,9 @@ class Budget:
         self._ends = time.monotonic() + deadline - now if deadline is not None and deadline > now else None
         self._longest: dict[str, float] = {}
         #: The task's memory limit in bytes (None: not known), and what it is counted against.
-        self.memory_limit = memory_limit if memory_kind in _STATUS_FIELDS else None
-        self._fields = _STATUS_FIELDS.get(memory_kind, _STATUS_FIELDS["rss"])
+        self.memory_limit = memory_limit if memory_kind in _KINDS else None
+        self._kind = memory_kind
+        self._statm: int | None = None
         self._rise: dict[str, int] = {}
         self._before = (0, 0)
 
@@ -98,18 +100,20 @@ class Budget:
 
     def memory(self) -> tuple[int, int]:
         """This process's memory as the task's limit counts it, now and at its peak (bytes; 0 when
-        ``/proc`` cannot say)."""
-        current, peak = self._fields
-        found = {current: 0, peak: 0}
+        ``/proc`` cannot say). A few microseconds: ``/proc/self/statm`` read again on one open
+        descriptor, and ``getrusage`` for the peak of resident memory (of the address space, the
+        current size stands for the peak)."""
         try:
-            with open("/proc/self/status", "rb") as status:
-                for line in status.read().decode("ascii", "replace").splitlines():
-                    name, _, value = line.partition("\t")
-                    if name in found:
-                        found[name] = int(value.split()[0]) * 1024  # "1668 kB"
-        except (OSError, ValueError, IndexError):
-            pass
-        return found[current], found[peak]
+            if self._statm is None:
+                self._statm = os.open("/proc/self/statm", os.O_RDONLY)
+            size, resident = os.pread(self._statm, 128, 0).split()[:2]
+        except (OSError, ValueError):
+            return 0, 0
+        if self._kind == "vmem":
+            return int(size) * _PAGE, int(size) * _PAGE
+        import resource
+
+        return int(resident) * _PAGE, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def explain_memory_error(error: BaseException, environ: Mapping[str, str] = os.environ) -> None:
