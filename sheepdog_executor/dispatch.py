@@ -279,8 +279,9 @@ class Dispatcher:
     ) -> dict[str, Any] | None:
         """Take a worker's results; return its next calls, ``{"stop": True}``, or None to wait.
         ``request`` numbers the worker's ``/work`` requests (a retry keeps its number); None for a
-        long-polling request asking again. A worker that ``retire``s (its task's time would end
-        under its next call: ``remote/budget.py``) hands back the calls it did not run, and stops."""
+        long-polling request asking again. A worker that ``retire``s (its task's time or memory
+        would run out under its next call: ``remote/budget.py``) hands back the calls it did not
+        run, and stops."""
         try:
             return self._exchange(worker_id, results, fatal, request, retire)
         except Exception as exc:  # a bug here must fail the futures loudly, never strand them
