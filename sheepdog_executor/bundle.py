@@ -27,6 +27,7 @@ def worker_bundle() -> bytes:
         archive.writestr("sheepdog_executor/__init__.py", _STUB)
         for name in (
             "__init__.py",
+            "budget.py",
             "compat.py",
             "joblib_local.py",
             "nested.py",

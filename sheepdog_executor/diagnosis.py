@@ -23,6 +23,17 @@ log = logging.getLogger("sheepdog_executor")
 #: How long the scheduler's accounting of a lost task is waited for, and how often it is asked.
 ACCOUNTING_WAIT_SECONDS = 20.0
 ACCOUNTING_ASK_SECONDS = 2.0
+#: A call handed out more than this many seconds after its worker first asked for calls did not
+#: have its task's whole time: killed by the task's time limit, it runs again in a new task without
+#: using up a retry (at most ``FREE_RERUNS`` times), and is not reported as over the limit.
+LATE_SECONDS = 2.0
+FREE_RERUNS = 3
+
+
+def ran_out_under(item: WorkItem) -> bool:
+    """Whether a call lost with a task killed over its time limit was the task's time running out
+    under it (it started late in the task), not the call alone being longer than the limit."""
+    return item.head_start > LATE_SECONDS and len(item.losses) <= FREE_RERUNS
 
 
 @dataclass
@@ -136,6 +147,21 @@ class Diagnosis:
         lost = case.items
         if case.judge_later:
             killed = self.scheduler.killed_for(case.record)
+            if self.scheduler.limit_hit(case.record) == "time":
+                late = [item for item in lost if ran_out_under(item)]
+                if late:
+                    log.info(
+                        "the time of job %s, task %s ran out under %d call(s) it started late; running "
+                        "them again in a new task",
+                        case.job_id,
+                        case.task_id,
+                        len(late),
+                    )
+                    for item in late:
+                        item.undelivered += 1  # a run cut short by its task's time uses up no retry
+                    lost = [item for item in lost if item not in late] + self._retry(late)
+            if not lost:
+                return
             if killed:
                 log.warning(
                     "not running again the calls of job %s, task %s: %s", case.job_id, case.task_id, killed

@@ -49,7 +49,7 @@ class WorkItem:
     """One call (a map's chunk is a call of ``run_chunk``) waiting for, or held by, a worker."""
 
     __slots__ = ("id", "future", "fn_key", "args", "kwargs", "batch", "attempt", "worker",
-                 "losses", "undelivered", "state")  # fmt: skip
+                 "losses", "undelivered", "state", "head_start")  # fmt: skip
 
     def __init__(
         self,
@@ -69,9 +69,14 @@ class WorkItem:
         self.attempt = 0
         self.worker: str | None = None
         self.losses: tuple[str, ...] = ()  # the workers lost while holding it (rare: no list per call)
-        #: Hand-outs whose reply never reached the worker: not runs, so they use up no retry.
+        #: Hand-outs that use up no retry: replies that never reached the worker, calls a retiring
+        #: worker handed back unrun, runs its task's time ran out under (``diagnosis``).
         self.undelivered = 0
         self.state = QUEUED
+        #: Seconds between its worker's first request for calls and this call's latest hand-out:
+        #: a call handed out late in its task may be killed by the task's time limit, not by its
+        #: own length.
+        self.head_start = 0.0
 
     def arguments(self) -> tuple[Any, dict[str, Any] | None]:
         """What the worker's ``call`` unpickles for this item: ``(args, kwargs)``."""
@@ -270,19 +275,22 @@ class Dispatcher:
         results: list[Result],
         fatal: bytes | None = None,
         request: int | None = None,
+        retire: bool = False,
     ) -> dict[str, Any] | None:
         """Take a worker's results; return its next calls, ``{"stop": True}``, or None to wait.
         ``request`` numbers the worker's ``/work`` requests (a retry keeps its number); None for a
-        long-polling request asking again."""
+        long-polling request asking again. A worker that ``retire``s (its task's time or memory
+        would run out under its next call: ``remote/budget.py``) hands back the calls it did not
+        run, and stops."""
         try:
-            return self._exchange(worker_id, results, fatal, request)
+            return self._exchange(worker_id, results, fatal, request, retire)
         except Exception as exc:  # a bug here must fail the futures loudly, never strand them
             log.exception("dispatcher failed")
             self.break_(BrokenClusterExecutor(f"internal error in the dispatcher: {exc!r}"))
             return {"stop": True}
 
     def _exchange(
-        self, worker_id: str, results: list[Result], fatal: bytes | None, request: int | None
+        self, worker_id: str, results: list[Result], fatal: bytes | None, request: int | None, retire: bool
     ) -> dict[str, Any] | None:
         delivered: list[Outcome] = []
         with self._lock:
@@ -316,7 +324,10 @@ class Dispatcher:
                 item.undelivered += 1
                 self._pending.appendleft(item)
                 self.stats.requeued(item.batch)
-                log.warning("call %d never reached worker %s; queued again", item.id, worker_id)
+                if retire:
+                    log.debug("call %d handed back by retiring worker %s; queued again", item.id, worker_id)
+                else:
+                    log.warning("call %d never reached worker %s; queued again", item.id, worker_id)
             if held:
                 held.clear()
                 self.on_work()
@@ -328,7 +339,7 @@ class Dispatcher:
         failed: list[Outcome] = []
         try:
             with self._lock:
-                if self.stopping or self.broken is not None:
+                if self.stopping or self.broken is not None or retire:
                     return self._stop(worker)
                 batch = self._take(worker, failed)
                 if batch:
@@ -382,6 +393,10 @@ class Dispatcher:
         taken: list[WorkItem] = []
         size = 0
         pending, held = self._pending, worker.items
+        now = awake_or_asleep()
+        if worker.first_asked is None:
+            worker.first_asked = now
+        head_start = now - worker.first_asked
         while pending and len(batch) < want and size < MAX_BYTES_PER_REPLY:
             item = pending.popleft()
             if item.state != QUEUED:  # cancelled while queued
@@ -405,6 +420,7 @@ class Dispatcher:
             item.attempt += 1
             item.worker = worker.id
             item.state = HELD
+            item.head_start = head_start
             held[item.id] = item
             batch.append(Item(item.id, item.attempt, item.fn_key, payload))
             taken.append(item)

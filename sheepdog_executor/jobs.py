@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sheepdog_executor.clock import awake_or_asleep
-from sheepdog_executor.diagnosis import Diagnosis
+from sheepdog_executor.diagnosis import LATE_SECONDS, Diagnosis
 from sheepdog_executor.dispatch import Dispatcher, Liveness, WorkItem
 from sheepdog_executor.errors import (
     BrokenClusterExecutor,
@@ -579,8 +579,10 @@ class JobManager:
         """Retry lost calls that may be, fail the others with an error that carries the task's
         accounting and stderr (gathered by ``diagnosis``: accounting can take seconds to appear).
         ``unless_killed``: retry only once the accounting shows that the scheduler did not kill the
-        task over a limit (time, memory), which the call would only hit again."""
-        judge_later = retry and unless_killed and self.dispatcher.retries > 0
+        task over a limit (time, memory), which the call would only hit again, unless the task's
+        time ran out under a call it started late (``ran_out_under``: run again, retries or not)."""
+        late = any(item.head_start > LATE_SECONDS for item in items)
+        judge_later = retry and unless_killed and (self.dispatcher.retries > 0 or late)
         failed = self.dispatcher.retry_or_split(items)[1] if retry and not judge_later else items
         if not failed:
             return

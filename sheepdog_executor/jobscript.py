@@ -280,13 +280,23 @@ def thread_limits(cpus: str) -> str:
 
 
 def render_script(
-    directives: Sequence[str], job_id: str, task_id: str, cpus: str, options: JobOptions, launch: WorkerLaunch
+    directives: Sequence[str],
+    job_id: str,
+    task_id: str,
+    cpus: str,
+    options: JobOptions,
+    launch: WorkerLaunch,
+    environment: Mapping[str, str] | None = None,
 ) -> str:
     """A whole array-task script: the scheduler's ``directives`` (``#$ ...``, ``#SBATCH ...``), the
-    task's identity as ``SHEEPDOG_JOB_ID``/``SHEEPDOG_TASK_ID`` (the only names the worker reads;
+    variables it exports for the worker first thing (``environment``: name -> a shell word, e.g.
+    ``SHEEPDOG_DEADLINE``, see ``Scheduler.task_environment``), the task's identity as
+    ``SHEEPDOG_JOB_ID``/``SHEEPDOG_TASK_ID`` (the only names the worker reads;
     ``job_id``/``task_id`` are shell expressions of the scheduler's own variables), its cores
     (``cpus``, likewise) as the default of the thread counts of numerical libraries, then the body."""
     lines = ["#!/bin/sh", *directives]
+    for name, word in (environment or {}).items():
+        lines.append(f"{name}={word}; export {name}")
     lines.append(f'SHEEPDOG_JOB_ID="{job_id}"; SHEEPDOG_TASK_ID="{task_id}"')
     lines.append("export SHEEPDOG_JOB_ID SHEEPDOG_TASK_ID")
     lines.append(thread_limits(cpus))

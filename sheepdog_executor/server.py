@@ -272,6 +272,8 @@ def _is_work(message: dict[str, Any]) -> bool:
         return False
     if type(message.get("request", 0)) is not int:
         return False
+    if type(message.get("retire", False)) is not bool:
+        return False
     if not isinstance(results, list):
         return False
     parsed = [protocol.parse_result(r) for r in results]
@@ -329,7 +331,8 @@ class _Work(_Signed):
         worker = self.message["worker"]
         results = [self.endpoint.parts.join(worker, r) for r in self.message.get("results", [])]
         request = self.message.get("request")
-        reply = dispatcher.exchange(worker, results, self.message.get("fatal"), request)
+        retire = self.message.get("retire", False)
+        reply = dispatcher.exchange(worker, results, self.message.get("fatal"), request, retire)
         deadline = time.monotonic() + LONG_POLL_SECONDS
         # stop waiting when the worker's connection is gone (a dropped tunnel, a killed task):
         # calls handed to a reply nobody reads would wait for a worker that never gets them

@@ -23,6 +23,9 @@ class Worker:
     items: dict[int, WorkItem] = field(default_factory=dict)
     functions_sent: set[str] = field(default_factory=set)
     idle_since: float | None = None
+    #: When it first asked for calls, about when its task started (its calls' ``head_start``
+    #: counts from then).
+    first_asked: float | None = None
     calls_done: int = 0
     #: The route it reached this client by ("direct", "tunnel", ...).
     route: str = ""

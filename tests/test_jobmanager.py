@@ -81,6 +81,9 @@ class FakeScheduler(Scheduler):
     def killed_for(self, accounting: Mapping[str, str]) -> str:
         return "killed over its time limit" if accounting.get("limit") == "time" else ""
 
+    def limit_hit(self, accounting: Mapping[str, str]) -> str:
+        return accounting.get("limit", "")
+
     def output_tail(self, launch: WorkerLaunch, job_id: str, task_id: int, limit: int = 3000) -> str:
         return "Killed\n"
 
@@ -265,6 +268,55 @@ def test_a_lost_call_is_retried_unless_its_task_was_killed_over_a_limit(over_lim
         while rig.dispatcher.counts() != (1, 0) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert rig.dispatcher.counts() == (1, 0) and not rig.futures[0].done()
+
+
+@pytest.mark.parametrize("started_late", [False, True])
+def test_a_call_the_tasks_time_ran_out_under_runs_again_without_using_a_retry(started_late: bool) -> None:
+    """A task killed over its time limit: the call it started late (after others ran) is queued
+    again for a new task, retries=0 or not; the call it started first was over the limit alone."""
+    rig = Rig(1, retries=0)
+    rig.scheduler.over_limit = True
+    rig.step()
+    rig.scheduler.run_all("101")
+    rig.dispatcher.exchange(rig.hello("101", 1), [])
+    if started_late:
+        (item,) = rig.dispatcher._items.values()
+        item.head_start = 30.0  # handed out 30 s after the worker first asked for calls
+    rig.step()
+    del rig.scheduler.states["101"][1]  # the task ended; its accounting says: over its time limit
+    rig.step()
+    rig.second_look()
+    if started_late:
+        deadline = time.monotonic() + 10
+        while rig.dispatcher.counts() != (1, 0) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert rig.dispatcher.counts() == (1, 0) and not rig.futures[0].done()
+        rig.step()
+        assert [tasks for _, tasks in rig.scheduler.submitted] == [1, 1]  # a fresh task for it
+    else:
+        error = rig.futures[0].exception(timeout=10)
+        assert isinstance(error, WorkerLost) and "lost: killed over its time limit" in str(error)
+
+
+def test_a_retiring_worker_hands_back_its_calls_and_a_fresh_task_takes_them() -> None:
+    """A worker whose task's time would end under its next call retires: the calls it did not run
+    are queued again (no retry used, no error), it is told to stop, and a new task is submitted."""
+    rig = Rig(2, max_workers=1, retries=0)
+    rig.step()
+    rig.scheduler.run_all("101")
+    worker = rig.hello("101", 1)
+    reply = rig.dispatcher.exchange(worker, [], request=1)
+    assert reply is not None and len(reply["items"]) == 1
+    assert rig.dispatcher.exchange(worker, [], request=2, retire=True) == {"stop": True}
+    assert rig.dispatcher.counts() == (2, 0) and worker not in rig.dispatcher.workers
+    del rig.scheduler.states["101"]  # the worker exited; its task ended
+    rig.step()
+    rig.second_look()
+    assert [tasks for _, tasks in rig.scheduler.submitted] == [1, 1]
+    assert not any(future.done() for future in rig.futures)
+    worker = rig.hello("102", 1)
+    (sent,) = rig.dispatcher.exchange(worker, [], request=1)["items"]  # type: ignore[index]
+    assert sent[1] == 2  # its second hand-out: attempt 2, of which one used up no retry
 
 
 def test_lost_tasks_are_diagnosed_on_one_thread_that_stop_joins() -> None:

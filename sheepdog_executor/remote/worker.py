@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sheepdog_executor.remote import protocol
+from sheepdog_executor.remote.budget import Budget, explain_memory_error
 from sheepdog_executor.remote.compat import add_note
 from sheepdog_executor.remote.reach import (
     EXIT_CLIENT_UNREACHABLE,
@@ -286,20 +287,28 @@ def explain_missing_module(error: BaseException, what: str) -> None:
 
 
 def run_items(
-    items: list[tuple[Any, ...]], functions: dict[str, Callable[..., Any]], capture: Capture
+    items: list[tuple[Any, ...]],
+    functions: dict[str, Callable[..., Any]],
+    capture: Capture,
+    budget: Budget | None = None,
 ) -> list[protocol.Result]:
     """Run a reply's calls (``protocol.Item``) under one capture (entering it costs a dozen system
     calls: per call, it would cost more than a small call itself); each call's output is its own
-    stretch of it."""
+    stretch of it. With a ``budget``, stop before a call that would not end before the task's time
+    does: the calls not run are the ones without a result (the client queues them again)."""
     results = []
     with capture:
         mark = capture.mark()
         for sent in items:
             item = protocol.Item(*sent)
+            if budget is not None and not budget.fits(item.fn_key):
+                break  # it retires; a fresh task takes this call and the rest
             started = time.perf_counter()
             ok, data = call(functions[item.fn_key], item.payload)
             out, err, mark = capture.since(mark)
             seconds = time.perf_counter() - started
+            if budget is not None:
+                budget.ran(item.fn_key, seconds)
             results.append(protocol.Result(item.id, item.attempt, ok, data, out, seconds, err))
     return results
 
@@ -327,6 +336,7 @@ def call(fn: Callable[..., Any], payload: bytes) -> tuple[bool, bytes]:
         except BaseException as exc:
             if not getattr(exc, "__notes__", None):
                 explain_missing_module(exc, "the call failed to import a module")
+            explain_memory_error(exc)
             raise
         return True, _dump_value(value)
     except BaseException as exc:  # noqa: BLE001 - all of it goes back to the client
@@ -482,20 +492,26 @@ def serve(url: str, secret_file: str, fingerprint: str | None = None) -> int:
     results: list[protocol.Result] = []
     request = 0
     part_bytes = hello.get("part_bytes")
+    budget = Budget.from_environment()
+    retire = False
     try:
         while True:
             if part_bytes:
                 results = send_in_parts(channel, worker_id, results, part_bytes)
             request += 1  # a retry of the same request keeps its number
-            wire = [r.wire() for r in results]
-            reply = channel.call("/work", {"worker": worker_id, "results": wire, "request": request})
+            message: dict[str, Any] = {"worker": worker_id, "results": [r.wire() for r in results]}
+            message["request"] = request
+            if retire:  # the calls it has no result for go back to the queue; it gets a stop
+                message["retire"] = True
+            reply = channel.call("/work", message)
             results = []
             if reply.get("stop"):
                 return 0
             for key, blob in reply.get("functions", {}).items():
                 functions[key] = load_function(blob)
             if reply.get("items"):
-                results = run_items(reply["items"], functions, capture)
+                results = run_items(reply["items"], functions, capture, budget)
+                retire = len(results) < len(reply["items"])
     finally:
         # joined, not abandoned: a daemon thread inside an SSL call while the interpreter shuts
         # down can crash it (SIGBUS seen here), which would look like a lost task

@@ -70,6 +70,8 @@ class Scheduler(ABC, Generic[OptionsT]):
     Options: ClassVar[type[Any]] = NoOptions
     #: The accounting fields worth showing in an error message, in order.
     summary_keys: ClassVar[tuple[str, ...]] = ()
+    #: What to change when a task runs out of memory, in the scheduler's words ("ask for more mem=").
+    memory_advice: ClassVar[str] = ""
     #: How long a poll of the scheduler may take before it counts as failed (ended on the head node).
     poll_timeout: ClassVar[float] = 60.0
 
@@ -193,6 +195,42 @@ class Scheduler(ABC, Generic[OptionsT]):
         """Why the scheduler itself ended a task, read from its ``accounting`` ("" when it does not
         say, e.g. a plain SIGKILL): a limit the task went over, and the option to change."""
         return ""
+
+    def limit_hit(self, accounting: Mapping[str, str]) -> str:
+        """Which limit the scheduler ended a task for, read from its ``accounting``: "time",
+        "memory", or "" (none, or the record does not say which)."""
+        return ""
+
+    def time_limit(self) -> float | None:
+        """The seconds each task may run, as this executor asked for them (None: not asked)."""
+        return None
+
+    def deadline_expression(self) -> str:
+        """A shell expression, evaluated first thing in a task, of when the task's time ends (seconds
+        since the epoch; empty when not known)."""
+        limit = self.time_limit()
+        return f"$(( $(date +%s) + {int(limit)} ))" if limit else ""
+
+    def memory_limit(self) -> str:
+        """A shell word of the task's memory limit as the worker measures it, "BYTES rss" or
+        "BYTES vmem" (what the scheduler counts against it); "" when none was asked for."""
+        return ""
+
+    def task_environment(self) -> dict[str, str]:
+        """What the job script exports for the worker first thing (name -> shell word): when the
+        task's time ends (``SHEEPDOG_DEADLINE``: the worker takes no call that would not finish
+        before it), its memory limit (``SHEEPDOG_MEMORY_LIMIT``: nor one that would go over it)
+        and what to change when a call runs out of memory (``SHEEPDOG_MEMORY_ADVICE``); see
+        ``remote/budget.py``."""
+        environment = {}
+        deadline = self.deadline_expression()
+        if deadline:
+            environment["SHEEPDOG_DEADLINE"] = f'"{deadline}"'
+        if self.memory_limit():
+            environment["SHEEPDOG_MEMORY_LIMIT"] = self.memory_limit()
+        if self.memory_advice:
+            environment["SHEEPDOG_MEMORY_ADVICE"] = shlex.quote(self.memory_advice)
+        return environment
 
     def exit_signal(self, accounting: Mapping[str, str]) -> int | None:
         """The signal that ended a task, from its ``accounting`` (an exit status of 128+N, as

@@ -57,6 +57,7 @@ class GridEngineScheduler(Scheduler[GridEngineOptions]):
     commands = ("qsub", "qstat", "qdel")
     setup_hint = "pass command_setup=['. $SGE_ROOT/default/common/settings.sh']"
     Options = GridEngineOptions
+    memory_advice = "raise h_vmem in resources="
     summary_keys = ("failed", "exit_status", "maxvmem", "ru_wallclock", "hostname")
 
     def render(self, launch: WorkerLaunch, tasks: int) -> str:
@@ -80,7 +81,8 @@ class GridEngineScheduler(Scheduler[GridEngineOptions]):
             lines.append(f"#$ -pe {q(site.parallel_environment)} {int(site.slots)}")
         if site.qsub_args:
             lines.append("#$ " + " ".join(q(a) for a in site.qsub_args))
-        return render_script(lines, "$JOB_ID", "$SGE_TASK_ID", "${NSLOTS:-1}", options, launch)
+        environment = self.task_environment()
+        return render_script(lines, "$JOB_ID", "$SGE_TASK_ID", "${NSLOTS:-1}", options, launch, environment)
 
     def submit(self, launch: WorkerLaunch, tasks: int) -> str:
         return self.submit_script("qsub -terse", self.render(launch, tasks), _TERSE_JOB_ID)
@@ -115,23 +117,56 @@ class GridEngineScheduler(Scheduler[GridEngineOptions]):
         done = self.run(f"qacct -j {shlex.quote(job_id)} -t {int(task_id)} 2>/dev/null", timeout=60)
         return parse_qacct(done.stdout)
 
+    def time_limit(self) -> float | None:
+        asked = self._resource("h_rt")
+        return parse_time(asked) if asked else None
+
+    def memory_limit(self) -> str:
+        vmem = memory_bytes(self._resource("h_vmem") or "")  # per slot, on every process's address space
+        return f'"{vmem * self.site.slots} vmem"' if vmem else ""
+
+    def limit_hit(self, accounting: Mapping[str, str]) -> str:
+        # "37 : qmaster enforced h_rt, h_cpu, or h_vmem limit": which one, the record's figures say
+        if accounting.get("failed", "").split(":")[0].strip() != "37":
+            return ""
+        limit = self.time_limit()
+        wall = re.match(r"[\d.]+", accounting.get("ru_wallclock", ""))
+        if limit and wall and float(wall.group()) >= limit - 1:  # ru_wallclock is in whole seconds
+            return "time"
+        vmem = memory_bytes(self._resource("h_vmem") or "")
+        if vmem and memory_bytes(accounting.get("maxvmem", "")) >= 0.9 * vmem * self.site.slots:
+            return "memory"  # seen: maxvmem 418MB of an h_vmem of 300M (two processes of 200 MB)
+        return ""
+
     def killed_for(self, accounting: Mapping[str, str]) -> str:
-        failed = accounting.get("failed", "")
-        if failed.split(":")[0].strip() != "37":  # "37 : qmaster enforced h_rt, h_cpu, or h_vmem limit"
+        hit = self.limit_hit(accounting)
+        if hit == "time":
+            return (
+                f"Grid Engine killed its task over its time limit (h_rt={self._resource('h_rt')}: "
+                f"ru_wallclock {accounting.get('ru_wallclock', '?')}; qacct failed 37); "
+                "raise h_rt in resources="
+            )
+        if hit == "memory":
+            slots = f" x {self.site.slots} slots" if self.site.slots > 1 else ""
+            return (
+                f"Grid Engine killed its task over its memory (h_vmem={self._resource('h_vmem')}{slots}: "
+                f"maxvmem {accounting.get('maxvmem', '?')}; qacct failed 37); raise h_vmem in resources="
+            )
+        if accounting.get("failed", "").split(":")[0].strip() != "37":
             return ""
         limits = [r for r in self.site.resource_list() if r.split("=")[0] in ("h_rt", "h_cpu", "h_vmem")]
         asked = ", ".join(limits) or "the queue's limits"
         return f"Grid Engine killed its task over a limit ({asked}; qacct failed 37); raise it in resources="
 
     def memory_hint(self, accounting: Mapping[str, str]) -> str:
-        asked = [r.split("=", 1)[1] for r in self.site.resource_list() if r.split("=")[0] == "h_vmem"]
-        used, limit = memory_bytes(accounting.get("maxvmem", "")), memory_bytes(asked[-1] if asked else "")
+        asked = self._resource("h_vmem") or ""
+        used, limit = memory_bytes(accounting.get("maxvmem", "")), memory_bytes(asked)
         # a failed allocation is not counted, so the peak can stay well below the limit (258 MB of
         # an h_vmem of 400M seen when an 8 MB allocation failed)
         if not used or not limit or used < 0.5 * limit * self.site.slots:
             return ""
         return (
-            f"its memory (maxvmem {accounting['maxvmem']}) came close to its limit (h_vmem={asked[-1]}"
+            f"its memory (maxvmem {accounting['maxvmem']}) came close to its limit (h_vmem={asked}"
             f"{f' x {self.site.slots} slots' if self.site.slots > 1 else ''}), the likely cause: raise "
             "h_vmem in resources="
         )
@@ -163,6 +198,12 @@ class GridEngineScheduler(Scheduler[GridEngineOptions]):
         return found
 
     # -- helpers ----------------------------------------------------------------------------------
+    def _resource(self, name: str) -> str | None:
+        """The value asked for resource ``name`` in resources= (the last one), or None."""
+        pairs = [r.partition("=") for r in self.site.resource_list()]
+        values = [value for key, _, value in pairs if key.strip() == name]
+        return values[-1].strip() if values else None
+
     def _job_fields(self, job_id: str) -> dict[str, list[str]]:
         done = self.run(f"qstat -j {shlex.quote(job_id)} 2>/dev/null", timeout=60)
         return parse_qstat_j(done.stdout)
@@ -270,6 +311,18 @@ def memory_bytes(size: str) -> int:
     unit = match.group(2)
     base = 1000 if unit.islower() else 1024
     return int(float(match.group(1)) * base ** (" kmgt".index(unit.lower()) if unit else 0))
+
+
+def parse_time(value: str) -> float | None:
+    """Seconds in a Grid Engine time: ``90``, ``1:30``, ``1:00:00`` ([[h:]m:]s); None for
+    ``INFINITY`` or what is not a time."""
+    parts = value.strip().split(":")
+    if len(parts) > 3 or not all(re.fullmatch(r"\d+", p) for p in parts):
+        return None
+    seconds = 0
+    for part in parts:
+        seconds = 60 * seconds + int(part)
+    return float(seconds)
 
 
 def parse_max_aj_tasks(qconf_sconf: str) -> int | None:

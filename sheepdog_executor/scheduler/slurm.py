@@ -93,6 +93,7 @@ class SlurmScheduler(Scheduler[SlurmOptions]):
     commands = ("sbatch", "squeue", "scancel")
     setup_hint = "pass command_setup=['module load slurm'] (whatever your site uses)"
     Options = SlurmOptions
+    memory_advice = "ask for more mem="
     summary_keys = ("State", "ExitCode", "MaxRSS", "ReqMem", "Elapsed", "Timelimit", "NodeList")
 
     def render(self, launch: WorkerLaunch) -> str:
@@ -104,7 +105,25 @@ class SlurmScheduler(Scheduler[SlurmOptions]):
             "${SLURM_CPUS_PER_TASK:-1}",
             self.options,
             launch,
+            self.task_environment(),
         )
+
+    def time_limit(self) -> float | None:
+        return parse_time(self.site.time) if self.site.time else None
+
+    def memory_limit(self) -> str:
+        # what the task got (mem= or the site's default), in MB, against its resident memory
+        per_node = "${SLURM_MEM_PER_NODE:-$(( ${SLURM_MEM_PER_CPU:-0} * ${SLURM_CPUS_ON_NODE:-1} ))}"
+        return f'"$(( {per_node} * 1048576 )) rss"'
+
+    def deadline_expression(self) -> str:
+        # Slurm 23.02 and later set SLURM_JOB_END_TIME; before, the time= asked for, counted from
+        # now, or (no time= given: the partition's default) squeue's end time, asked once per task
+        asked = super().deadline_expression()
+        if not asked:
+            end = '$(squeue -h -j "$SLURM_JOB_ID" -o %e 2>/dev/null)'
+            asked = f'$(_e="{end}"; case $_e in 2*) date -d "$_e" +%s 2>/dev/null;; esac)'
+        return f"${{SLURM_JOB_END_TIME:-{asked}}}"
 
     def sbatch_command(self, launch: WorkerLaunch, tasks: int) -> str:
         """The sbatch command line for an array job of ``tasks`` workers."""
@@ -155,9 +174,19 @@ class SlurmScheduler(Scheduler[SlurmOptions]):
         done = self.run("scontrol show config 2>/dev/null", timeout=30)
         return parse_max_array_size(done.stdout)
 
-    def killed_for(self, accounting: Mapping[str, str]) -> str:
+    def limit_hit(self, accounting: Mapping[str, str]) -> str:
         state = accounting.get("State", "").split(" ")[0]
         if state == "TIMEOUT":
+            return "time"
+        # a site that enforces memory without cgroups (OverMemoryKill): SIGKILL, State FAILED
+        if state == "OUT_OF_MEMORY" or (self.exit_signal(accounting) == 9 and self.memory_hint(accounting)):
+            return "memory"
+        return ""
+
+    def killed_for(self, accounting: Mapping[str, str]) -> str:
+        state = accounting.get("State", "").split(" ")[0]
+        hit = self.limit_hit(accounting)
+        if hit == "time":
             asked = f"time={self.site.time}" if self.site.time else "the partition's default time"
             limit = accounting.get("Timelimit", "?")
             return (
@@ -167,8 +196,7 @@ class SlurmScheduler(Scheduler[SlurmOptions]):
         limit = accounting.get("ReqMem", "?")
         if state == "OUT_OF_MEMORY":
             return f"Slurm killed its task over its memory ({asked}, ReqMem {limit}); ask for more mem="
-        if self.exit_signal(accounting) == 9 and self.memory_hint(accounting):
-            # a site that enforces memory without cgroups (OverMemoryKill): SIGKILL, State FAILED
+        if hit == "memory":
             used = accounting.get("MaxRSS", "?")
             return (
                 f"Slurm killed its task over its memory ({asked}: MaxRSS {used} reached ReqMem {limit}); "
@@ -284,6 +312,23 @@ def _bytes(size: str) -> int:
     if not match:
         return 0
     return int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2) or " "))
+
+
+def parse_time(value: str) -> float | None:
+    """Seconds in a Slurm time: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS; None for
+    what is not one (``UNLIMITED``)."""
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", value.strip())
+    if not match:
+        return None
+    days, first, second, third = (int(g) if g else None for g in match.groups())
+    assert first is not None
+    if days is not None:  # D-HH[:MM[:SS]]
+        return float(((days * 24 + first) * 60 + (second or 0)) * 60 + (third or 0))
+    if third is not None:  # HH:MM:SS
+        return float((first * 60 + (second or 0)) * 60 + third)
+    if second is not None:  # MM:SS
+        return float(first * 60 + second)
+    return float(first * 60)  # minutes
 
 
 def parse_max_array_size(scontrol_config: str) -> int | None:
