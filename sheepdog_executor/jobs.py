@@ -24,6 +24,7 @@ from sheepdog_executor.jobbook import Job, JobBook
 from sheepdog_executor.jobscript import WorkerLaunch
 from sheepdog_executor.losses import Losses
 from sheepdog_executor.scheduler.base import JobStates, Scheduler, TaskState
+from sheepdog_executor.sitelimits import SiteLimits
 from sheepdog_executor.submission import Submitter
 
 log = logging.getLogger("sheepdog_executor")
@@ -72,7 +73,7 @@ class JobManager:
         heartbeat_timeout: float,
         disconnect_tolerance: float = 600.0,
         clock: Callable[[], float] = awake_or_asleep,
-        array_limit: Future[int | None] | None = None,
+        limits: Future[SiteLimits] | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.dispatcher = dispatcher
@@ -101,7 +102,7 @@ class JobManager:
             self.away,
             max_workers=max_workers,
             wake=self._wake.set,
-            array_limit=array_limit,
+            limits=limits,
         )
 
     @property
@@ -157,23 +158,26 @@ class JobManager:
                 if states and warn:
                     log.warning("jobs %s still listed by the scheduler after removal", list(states))
                 return
-            time.sleep(0.2)
+            time.sleep(0.5)
 
     def _cancel_queued(self) -> None:
-        """Remove the tasks that have not started yet (whole jobs when none of theirs started)."""
+        """Remove the tasks that have not started yet: whole jobs when none of theirs started, in
+        one command, and the queued tasks of the others in one more."""
         job_ids = self.book.ids()
         try:
             states = self.scheduler.poll(job_ids) if job_ids else {}
         except PollFailed as exc:  # cancel_all() removes them all next
             log.debug("polling for queued tasks: %s", exc)
             return
-        whole = [job for job, tasks in states.items() if all(s is TaskState.QUEUED for s in tasks.values())]
+        queued = {
+            job: [t for t, s in tasks.items() if s is TaskState.QUEUED] for job, tasks in states.items()
+        }
+        whole = [job for job, tasks in states.items() if len(queued[job]) == len(tasks)]
         if whole:
             self.scheduler.cancel(whole)
-        for job, tasks in states.items():
-            if job not in whole:
-                for task in (t for t, s in tasks.items() if s is TaskState.QUEUED):
-                    self.scheduler.cancel_task(job, task)
+        partly = {job: tasks for job, tasks in queued.items() if tasks and job not in whole}
+        if partly:
+            self.scheduler.cancel_tasks(partly)
 
     def cancel_all(self) -> None:
         with self.book.lock:
@@ -230,7 +234,7 @@ class JobManager:
             self._last_poll = now
             job_ids = self.book.ids()
             try:
-                states = self.scheduler.poll(job_ids) if job_ids else {}
+                asked, states = self._poll(job_ids, pending)
             except PollFailed as exc:
                 self._poll_failed(exc, now)
                 if self.dispatcher.broken is not None:
@@ -238,10 +242,10 @@ class JobManager:
                 if self.clock() - now < PAUSE_SECONDS:  # else judge nobody on a pause it hid
                     self._reconcile(None)  # the last view stays; silent workers are still found
             else:
-                self._poll_answered(bool(job_ids))
+                self._poll_answered(asked)
                 # back after SSH failures (only an answer of the cluster says so): a grace period,
                 # granted before anyone is judged
-                if job_ids:
+                if asked:
                     self.away.reached()
                 # a poll this slow means this client was cut off (or suspended) while it waited: the
                 # workers could not reach it either; judge them next round, with a grace period
@@ -249,6 +253,15 @@ class JobManager:
                     self._reconcile(states)
         if self.dispatcher.broken is None and not self._stopping:
             self.submitter.scale()
+
+    def _poll(self, job_ids: list[str], pending: int) -> tuple[bool, JobStates]:
+        """(whether the scheduler was asked, the states of these jobs). With caps on the user's
+        jobs, the listing of all of them (every session's) is what is asked, and kept for the
+        submitter to count; else only when there are jobs of ours."""
+        if self.submitter.wants_listing() and (job_ids or pending):
+            listed = self.submitter.listed = self.scheduler.listing()
+            return True, {job: listed[job] for job in job_ids if job in listed}
+        return bool(job_ids), self.scheduler.poll(job_ids) if job_ids else {}
 
     def _poll_failed(self, error: PollFailed, since: float) -> None:
         """A poll whose answer cannot be used: keep the last view, warn once, and give up on the

@@ -78,9 +78,11 @@ class Session:
         status_page: bool = True,
         environment: EnvironmentSync | None = None,
         disconnect_tolerance: float = 600.0,
+        commands_per_minute: float = 60.0,
     ) -> None:
         self.shell = shell
         self.scheduler = scheduler
+        scheduler.meter.per_minute = commands_per_minute
         self.dispatcher = Dispatcher(
             retries=retries,
             idle_timeout=idle_timeout,
@@ -99,8 +101,9 @@ class Session:
         self._jobs: JobManager | None = None
         self.routes: list[tuple[str, str, int]] = []
         self.dispatcher.on_change = self._changed
-        #: The site's largest array, asked now for the first submit (not awaited here).
-        self.array_limit = in_background(scheduler.max_array_size, "sheepdog-array-limit")
+        #: The site's limits (largest array, caps on the user's jobs), asked now for the first
+        #: submit (not awaited here).
+        self.site_limits = in_background(scheduler.site_limits, "sheepdog-site-limits")
         jobs = functools.partial(
             JobManager,
             max_workers=max_workers,
@@ -108,7 +111,7 @@ class Session:
             poll_interval=poll_interval,
             heartbeat_timeout=heartbeat_timeout,
             disconnect_tolerance=disconnect_tolerance,
-            array_limit=self.array_limit,
+            limits=self.site_limits,
         )
         endpoint = functools.partial(
             self._open_endpoint,
@@ -286,6 +289,8 @@ class Session:
             **self.dispatcher.snapshot(),
             "jobs": list(jobs.submitted_jobs) if jobs else [],
             "polls": jobs.polls.snapshot() if jobs else {},
+            "scheduler_commands": self.scheduler.meter.snapshot(),
+            "site_limits": jobs.submitter.snapshot() if jobs else {},
             "routes": [f"{label} {host}:{port}" for label, host, port in self.routes],
         }
 
@@ -303,11 +308,13 @@ class Session:
         in_background(functools.partial(self._remove_tasks, tasks), "sheepdog-interrupt")
 
     def _remove_tasks(self, tasks: list[tuple[str, int]]) -> None:
+        by_job: dict[str, list[int]] = {}
         for job, task in tasks:
-            try:
-                self.scheduler.cancel_task(job, task)
-            except Exception as exc:  # noqa: BLE001 - e.g. the executor was shut down meanwhile
-                log.debug("could not remove task %s.%d of an interrupted map: %s", job, task, exc)
+            by_job.setdefault(job, []).append(task)
+        try:
+            self.scheduler.cancel_tasks(by_job)
+        except Exception as exc:  # noqa: BLE001 - e.g. the executor was shut down meanwhile
+            log.debug("could not remove tasks %s of an interrupted map: %s", tasks, exc)
 
     def _changed(self) -> None:
         if self._jobs is not None:  # None while the session is still being set up
@@ -348,7 +355,7 @@ class Session:
         self.endpoint.stop()
         self.dispatcher.close()
         _remove_dir(self.shell, self.session_dir)
-        settle([self.array_limit], timeout=30)
+        settle([self.site_limits], timeout=30)
         self.shell.close()
 
 

@@ -1,19 +1,21 @@
-"""How many workers to start, and starting them: arrays no bigger than the site allows, a
-submission cut off by a dropped connection adopted rather than repeated, queued tasks nobody needs
-removed."""
+"""How many workers to start, and starting them: arrays no bigger than the site allows, never past
+the user's caps (``sitelimits``: work waits for room), a submission cut off by a dropped connection
+adopted rather than repeated, queued tasks nobody needs removed."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
 from concurrent.futures import Future
+from typing import Any
 
 from sheepdog_executor.away import AwayClock
 from sheepdog_executor.dispatch import Dispatcher
-from sheepdog_executor.errors import ConnectionFailed
+from sheepdog_executor.errors import ConnectionFailed, SubmitRefused
 from sheepdog_executor.jobbook import JobBook
 from sheepdog_executor.jobscript import WorkerLaunch
-from sheepdog_executor.scheduler.base import Scheduler, TaskState
+from sheepdog_executor.scheduler.base import JobStates, Scheduler, TaskState
+from sheepdog_executor.sitelimits import SiteLimits, room
 
 log = logging.getLogger("sheepdog_executor")
 
@@ -31,7 +33,7 @@ class Submitter:
         *,
         max_workers: int,
         wake: Callable[[], None],
-        array_limit: Future[int | None] | None = None,
+        limits: Future[SiteLimits] | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.dispatcher = dispatcher
@@ -41,10 +43,13 @@ class Submitter:
         self.max_workers = max_workers
         #: Asks the job manager's thread for another turn soon.
         self._wake = wake
-        self._max_array: int | None = None
-        self._array_limit_known = False
-        #: The scheduler's answer to ``max_array_size``, asked early (during the set-up), if it was.
-        self._early_array_limit = array_limit
+        self._limits: SiteLimits | None = None
+        #: The scheduler's answer to ``site_limits``, asked early (during the set-up), if it was.
+        self._early_limits = limits
+        #: The last listing of all the user's jobs (taken by the job manager's polls when there are caps).
+        self.listed: JobStates = {}
+        #: Why calls wait although workers are short ("" when they do not): the cap that left no room.
+        self.waiting = ""
 
     def scale(self) -> None:
         """Submit a job when calls wait for workers; remove queued tasks nobody needs."""
@@ -65,14 +70,10 @@ class Submitter:
                         capacity += 1
         wanted = min(self.max_workers, pending + held)
         if wanted > capacity and pending:
-            # arrays no bigger than the site allows (Grid Engine's max_aj_tasks, Slurm's MaxArraySize)
-            tasks, limit = wanted - capacity, self._array_limit()
-            while tasks > 0:
-                size = min(tasks, limit) if limit else tasks
-                if not self.submit(size, pending):
-                    return
-                tasks -= size
-        elif not pending and not held and queued:
+            self._start(wanted - capacity, pending)
+            return
+        self.waiting = ""
+        if not pending and not held and queued:
             fully_queued = [j for j, tasks in queued.items() if len(tasks) == self.book.jobs[j].tasks]
             if fully_queued:
                 log.debug("removing unneeded queued jobs %s", fully_queued)
@@ -80,11 +81,40 @@ class Submitter:
                     self.book.jobs[job_id].cancelled = True
                 self.scheduler.cancel(fully_queued)
 
+    def _start(self, tasks: int, pending: int) -> None:
+        """Submit ``tasks`` more workers in arrays no bigger than the site allows (Grid Engine's
+        max_aj_tasks, Slurm's MaxArraySize), as far as the user's caps leave room."""
+        limits = self.limits()
+        self.waiting = ""
+        jobs_left, limited, short = None, False, ""
+        if limits.caps:
+            with self.book.lock:
+                ours = {job.id: job.alive for job in self.book.jobs.values()}
+            free = room(limits.caps, self.listed, ours)
+            jobs_left, short = free.jobs, f"waiting for room: {free.binding}"
+            if free.tasks is not None and free.tasks < tasks:
+                tasks, limited = free.tasks, True
+        while tasks > 0:
+            if jobs_left == 0:
+                limited = True
+                break
+            size = min(tasks, limits.max_array) if limits.max_array else tasks
+            if not self.submit(size, pending):
+                return
+            tasks -= size
+            jobs_left = None if jobs_left is None else jobs_left - 1
+        if limited:
+            self.waiting = short
+
     def submit(self, tasks: int, pending: int) -> bool:
         """Submit one array job of ``tasks`` workers; False when a dropped connection cut the
         submission off before the scheduler took it (the thread is woken to try again)."""
         try:
             job_id = self.scheduler.submit(self.launch, tasks)
+        except SubmitRefused as exc:  # another session took the room first: wait for room
+            log.info("%s; waiting for room", exc)
+            self.waiting = f"waiting for room: {exc}"
+            return False
         except ConnectionFailed:
             # the connection dropped during the submission: the job may exist; adopt it, never submit twice
             with self.book.lock:
@@ -101,13 +131,22 @@ class Submitter:
         self.book.add(job_id, tasks)
         return True
 
-    def _array_limit(self) -> int | None:
-        """The site's largest array, asked once (the early answer if it came, else now)."""
-        if not self._array_limit_known:
-            early = self._early_array_limit
+    def limits(self) -> SiteLimits:
+        """The site's limits, asked once (the early answer if it came, else now)."""
+        if self._limits is None:
+            early = self._early_limits
             if early is not None and early.exception() is None:
-                self._max_array = early.result()
+                self._limits = early.result()
             else:  # not asked early, or that failed (a dropped connection): ask now
-                self._max_array = self.scheduler.max_array_size()
-            self._array_limit_known = True
-        return self._max_array
+                self._limits = self.scheduler.site_limits()
+            if self._limits.caps:
+                log.info("site limits: %s", ", ".join(self._limits.describe()))
+        return self._limits
+
+    def snapshot(self) -> dict[str, Any]:
+        """For ``status()``: the limits found (once asked) and why calls wait for room, if they do."""
+        return {"limits": self._limits.describe() if self._limits else [], "waiting": self.waiting}
+
+    def wants_listing(self) -> bool:
+        """Whether polls should list all the user's jobs (there are caps to count them against)."""
+        return bool(self.limits().caps)
