@@ -171,7 +171,7 @@ def test_slurm_caps_are_those_of_the_association_and_qos_the_jobs_go_to() -> Non
     [
         (
             GridEngineScheduler,
-            "Unable to run job: job rejected: Only 2 jobs are allowed per user (current job count: 2)",
+            "Unable to run job: job rejected: only 2 jobs are allowed per user (current job count: 3)",
         ),
         (
             SlurmScheduler,

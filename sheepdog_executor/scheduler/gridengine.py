@@ -60,7 +60,7 @@ class GridEngineScheduler(Scheduler[GridEngineOptions]):
     setup_hint = "pass command_setup=['. $SGE_ROOT/default/common/settings.sh']"
     Options = GridEngineOptions
     summary_keys = ("failed", "exit_status", "maxvmem", "ru_wallclock", "hostname")
-    #: qsub: "job rejected: Only 2 jobs are allowed per user (current job count: 2)"
+    #: qsub: "job rejected: only 2 jobs are allowed per user (current job count: 3)"
     refusals = ("jobs are allowed per user", "max_u_jobs")
 
     def render(self, launch: WorkerLaunch, tasks: int) -> str:
