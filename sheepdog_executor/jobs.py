@@ -129,7 +129,7 @@ class JobManager:
             self._flush = True
         self._wake.set()
 
-    def stop(self, grace: float = 5.0, timeout: float = 20.0) -> None:
+    def stop(self, grace: float = 5.0, timeout: float = 10.0) -> None:
         """Stop the thread, give idle workers ``grace`` seconds to exit by themselves, remove
         every job still on the cluster and wait (up to ``timeout``) until the scheduler dropped them."""
         self._stopping = True
