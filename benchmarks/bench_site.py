@@ -9,7 +9,8 @@ and how long a shutdown with hundreds of tasks on the books takes.
    (the cell has few slots: most tasks are still queued when it ends), then ``shutdown()`` is timed,
    and the scheduler's listing is checked for the executor's jobs afterwards.
 
-Run: ``python benchmarks/bench_site.py [--scheduler gridengine|slurm] [--host fear] [--only sweep,shutdown]``
+Run: ``python benchmarks/bench_site.py [--scheduler gridengine|slurm] [--host fear] [--only sweep,shutdown]
+[--commands-per-minute 12]``
 """
 
 from __future__ import annotations
@@ -46,9 +47,11 @@ def nap(seconds: float) -> float:
     return seconds
 
 
-def sweep(executor_class: type[ClusterExecutor], host: str, seconds: float, workers: int) -> None:
+def sweep(
+    executor_class: type[ClusterExecutor], host: str, seconds: float, workers: int, **options: Any
+) -> None:
     calls, each = int(seconds / 5) * workers, 5.0
-    with executor_class(host=host, max_workers=workers, job_name="bench-site-sweep") as executor:
+    with executor_class(host=host, max_workers=workers, job_name="bench-site-sweep", **options) as executor:
         start = time.monotonic()
         commands.clear()
         list(executor.map(nap, [each] * calls))
@@ -90,12 +93,16 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--tasks", type=int, default=300)
     parser.add_argument("--only", default="sweep,shutdown")
+    parser.add_argument(
+        "--commands-per-minute", type=float, help="the executor's ceiling (its default if not given)"
+    )
     args = parser.parse_args()
     host = args.host or HOSTS[args.scheduler]
     executor_class = EXECUTORS[args.scheduler]
     only = args.only.split(",")
     if "sweep" in only:
-        sweep(executor_class, host, args.sweep, args.workers)
+        ceiling = {"commands_per_minute": args.commands_per_minute} if args.commands_per_minute else {}
+        sweep(executor_class, host, args.sweep, args.workers, **ceiling)
     if "shutdown" in only:
         shutdown(executor_class, host, args.tasks, args.scheduler)
 

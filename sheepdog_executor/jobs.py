@@ -23,6 +23,7 @@ from sheepdog_executor.errors import BrokenClusterExecutor, ConnectionFailed, Po
 from sheepdog_executor.jobbook import Job, JobBook
 from sheepdog_executor.jobscript import WorkerLaunch
 from sheepdog_executor.losses import Losses
+from sheepdog_executor.removal import Removal
 from sheepdog_executor.scheduler.base import JobStates, Scheduler, TaskState
 from sheepdog_executor.sitelimits import SiteLimits
 from sheepdog_executor.submission import Submitter
@@ -93,6 +94,7 @@ class JobManager:
         self.polls = PollCounts()
         self._last_poll = -float("inf")
         self._thread = threading.Thread(target=self._run, name="sheepdog-jobs", daemon=True)
+        self.removal = Removal(scheduler, self.book, clock)
         self.losses = Losses(scheduler, dispatcher, launch, self.away, disconnect_tolerance, clock)
         self.submitter = Submitter(
             scheduler,
@@ -137,56 +139,7 @@ class JobManager:
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout=60)
         self.diagnosis.stop()
-        if grace > 0:
-            self._cancel_queued()  # nothing is outstanding: a queued task would start only to stop
-            self._wait_gone(grace, warn=False)  # what is left now is removed next
-        self.cancel_all()
-        self._wait_gone(timeout)
-
-    def _wait_gone(self, timeout: float, warn: bool = True) -> None:
-        """Wait until the scheduler lists none of the jobs (a failed poll: ask again); the jobs stay
-        on the books, for ``cancel_all`` (an answer that wrongly omits a job must not spare it)."""
-        deadline = self.clock() + timeout
-        job_ids = self.book.ids()
-        while job_ids:
-            try:
-                states: JobStates | None = self.scheduler.poll(job_ids)
-            except PollFailed as exc:
-                log.debug("polling removed jobs: %s", exc)
-                states = None
-            if states == {} or self.clock() > deadline:
-                if states and warn:
-                    log.warning("jobs %s still listed by the scheduler after removal", list(states))
-                return
-            time.sleep(0.5)
-
-    def _cancel_queued(self) -> None:
-        """Remove the tasks that have not started yet: whole jobs when none of theirs started, in
-        one command, and the queued tasks of the others in one more."""
-        job_ids = self.book.ids()
-        try:
-            states = self.scheduler.poll(job_ids) if job_ids else {}
-        except PollFailed as exc:  # cancel_all() removes them all next
-            log.debug("polling for queued tasks: %s", exc)
-            return
-        queued = {
-            job: [t for t, s in tasks.items() if s is TaskState.QUEUED] for job, tasks in states.items()
-        }
-        whole = [job for job, tasks in states.items() if len(queued[job]) == len(tasks)]
-        if whole:
-            self.scheduler.cancel(whole)
-        partly = {job: tasks for job, tasks in queued.items() if tasks and job not in whole}
-        if partly:
-            self.scheduler.cancel_tasks(partly)
-
-    def cancel_all(self) -> None:
-        with self.book.lock:
-            live = [job.id for job in self.jobs.values()]
-            for job in self.jobs.values():
-                job.cancelled = True
-        if live:
-            log.debug("removing jobs %s", live)
-            self.scheduler.cancel(live)
+        self.removal.leave(grace, timeout)
 
     # -- the thread ---------------------------------------------------------------------------
     def _run(self) -> None:

@@ -92,7 +92,7 @@ def test_shutdown_removes_queued_tasks_in_one_command_per_kind() -> None:
     for future in rig.futures:
         future.cancel()
     rig.manager._stopping = True
-    rig.manager._cancel_queued()
+    rig.manager.removal.cancel_queued()
     assert [{job: sorted(tasks) for job, tasks in r.items()} for r in removed] == [
         {"101": list(range(9, 301))}
     ]
