@@ -186,13 +186,14 @@ class JobManager:
         if now - self._last_poll >= self.poll_interval:  # one poll per interval, however busy
             self._last_poll = now
             job_ids = self.book.ids()
+            throttled = self.scheduler.meter.waited_here()
             try:
                 asked, states = self._poll(job_ids, pending)
             except PollFailed as exc:
                 self._poll_failed(exc, now)
                 if self.dispatcher.broken is not None:
                     return
-                if self.clock() - now < PAUSE_SECONDS:  # else judge nobody on a pause it hid
+                if self._took(now, throttled) < PAUSE_SECONDS:  # else judge nobody on a pause it hid
                     self._reconcile(None)  # the last view stays; silent workers are still found
             else:
                 self._poll_answered(asked)
@@ -202,10 +203,15 @@ class JobManager:
                     self.away.reached()
                 # a poll this slow means this client was cut off (or suspended) while it waited: the
                 # workers could not reach it either; judge them next round, with a grace period
-                if not self.away.check_gap(self.clock() - now):
+                if not self.away.check_gap(self._took(now, throttled)):
                     self._reconcile(states)
         if self.dispatcher.broken is None and not self._stopping:
             self.submitter.scale()
+
+    def _took(self, since: float, throttled: float) -> float:
+        """How long the poll that started at ``since`` took, less what its command waited under the
+        ceiling of commands per minute (``throttled``: this thread's wait before): no pause, that."""
+        return self.clock() - since - (self.scheduler.meter.waited_here() - throttled)
 
     def _poll(self, job_ids: list[str], pending: int) -> tuple[bool, JobStates]:
         """(whether the scheduler was asked, the states of these jobs). With caps on the user's

@@ -4,9 +4,10 @@ per minute: sites ask users to keep ``qstat``/``squeue`` and their kin rare."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 #: Scheduler commands per minute without ``commands_per_minute=`` (a poll every 2 s is 30).
@@ -31,9 +32,12 @@ class CommandMeter:
         self.total = 0
         #: Seconds commands waited for the ceiling, in all.
         self.waited = 0.0
+        self._here = threading.local()
 
     def take(self, urgent: bool = False) -> None:
-        """Count a command about to be sent; first wait while the last minute is full."""
+        """Count a command about to be sent; first wait while the last minute is full (unless
+        ``urgent``, or within ``urgent()`` on this thread)."""
+        urgent = urgent or getattr(self._here, "urgent", False)
         while True:
             with self._lock:
                 now = self._clock()
@@ -42,9 +46,24 @@ class CommandMeter:
                     self._recent.append(now)
                     self.total += 1
                     return
-                wait = self._recent[0] + _WINDOW - now
+                wait = max(self._recent[0] + _WINDOW - now, 0.01)
                 self.waited += wait
-            self._sleep(max(wait, 0.01))
+            self._here.waited = self.waited_here() + wait
+            self._sleep(wait)
+
+    def waited_here(self) -> float:
+        """Seconds this thread's commands waited for the ceiling, in all (the job manager does
+        not mistake them for a pause of this process)."""
+        return float(getattr(self._here, "waited", 0.0))
+
+    @contextlib.contextmanager
+    def urgent(self) -> Iterator[None]:
+        """This thread's commands meanwhile never wait (removing jobs, watching them leave)."""
+        self._here.urgent = True
+        try:
+            yield
+        finally:
+            self._here.urgent = False
 
     def _forget(self, now: float) -> None:
         while self._recent and self._recent[0] <= now - _WINDOW:

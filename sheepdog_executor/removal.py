@@ -23,12 +23,14 @@ class Removal:
 
     def leave(self, grace: float, timeout: float) -> None:
         """With ``grace``, remove the queued tasks and give the running ones that long to end by
-        themselves; then remove every job and wait up to ``timeout`` for the listing to clear."""
-        if grace > 0:
-            self.cancel_queued()  # nothing is outstanding: a queued task would start only to stop
-            self.wait_gone(grace, warn=False)  # what is left now is removed next
-        self.cancel_all()
-        self.wait_gone(timeout)
+        themselves; then remove every job and wait up to ``timeout`` for the listing to clear. None
+        of these commands waits for the ceiling per minute."""
+        with self.scheduler.meter.urgent():
+            if grace > 0:
+                self.cancel_queued()  # nothing is outstanding: a queued task would start only to stop
+                self.wait_gone(grace, warn=False)  # what is left now is removed next
+            self.cancel_all()
+            self.wait_gone(timeout)
 
     def wait_gone(self, timeout: float, warn: bool = True) -> None:
         """Wait until the scheduler lists none of the jobs (a failed poll: ask again); the jobs stay

@@ -182,3 +182,28 @@ def test_slurm_caps_are_those_of_the_association_and_qos_the_jobs_go_to() -> Non
 )
 def test_a_refusal_over_a_per_user_limit_is_recognised(scheduler: type, said: str) -> None:
     assert any(word in said for word in scheduler.refusals)
+
+
+def test_a_poll_held_back_by_the_ceiling_is_no_pause_and_removals_pass_it() -> None:
+    """A poll that waited 50 s for the ceiling must not read as this client being away (which
+    would excuse silent workers); leaving the cluster never waits for it."""
+    rig = Rig(2)
+
+    def sleep(seconds: float) -> None:
+        rig.clock.now += seconds
+
+    meter = rig.scheduler.meter = CommandMeter(per_minute=6, clock=rig.clock, sleep=sleep)
+    poll = rig.scheduler.poll
+    rig.scheduler.poll = lambda ids: meter.take() or poll(ids)  # type: ignore[method-assign]  # as run() does
+    rig.step()  # submits job 101
+    for _ in range(6):
+        meter.take()  # the minute is full
+    before = rig.clock.now
+    rig.step(advance=0.5 + rig.manager.poll_interval)
+    assert rig.clock.now - before > 50  # the poll waited for the oldest command to leave the minute
+    assert rig.manager.away.last_absence == 0 and meter.snapshot()["waited_seconds"] > 50
+    for _ in range(5):
+        meter.take()  # the minute full again (with the poll)
+    now = rig.clock.now
+    rig.manager.stop(grace=1.0, timeout=1.0)
+    assert rig.clock.now - now < 5 and "101" in rig.scheduler.cancelled
