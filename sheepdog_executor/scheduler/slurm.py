@@ -41,12 +41,14 @@ NEVER_STARTS = {
     "launch failed requeued held": "the job failed to launch and Slurm holds it",
 }
 _SPLIT = "@@sheepdog@@"
-#: The user's limits, in one command: the largest array, the default account, the associations, the QOSes.
-_LIMITS_COMMAND = f"""scontrol show config 2>/dev/null | grep -i '^MaxArraySize'; echo {_SPLIT}
-sacctmgr -nP show user "$(id -un)" format=DefaultAccount 2>/dev/null; echo {_SPLIT}
-sacctmgr -nP show assoc where user="$(id -un)" format=Account,Partition,MaxSubmitJobs,MaxJobs,QOS,DefaultQOS \
-  2>/dev/null; echo {_SPLIT}
-sacctmgr -nP show qos format=Name,MaxSubmitPU,MaxJobsPU 2>/dev/null"""
+#: The user's limits, in one command: the largest array, the default account, the associations, the
+#: QOSes; each sacctmgr bounded at 10 s (slurmdbd may be slow or down: then no caps are known).
+_LIMITS_COMMAND = f"""b() {{ if command -v timeout >/dev/null 2>&1; then timeout 10 "$@"; else "$@"; fi; }}
+scontrol show config 2>/dev/null | grep -i '^MaxArraySize'; echo {_SPLIT}
+b sacctmgr -nP show user "$(id -un)" format=DefaultAccount 2>/dev/null; echo {_SPLIT}
+b sacctmgr -nP show assoc where user="$(id -un)" \
+  format=Account,Partition,MaxSubmitJobs,MaxJobs,QOS,DefaultQOS 2>/dev/null; echo {_SPLIT}
+b sacctmgr -nP show qos format=Name,MaxSubmitPU,MaxJobsPU 2>/dev/null"""
 _ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED", "COMPLETING", "CONFIGURING"}
 
 
