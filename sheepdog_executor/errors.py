@@ -40,6 +40,11 @@ class SchedulerError(SheepdogError):
     """A scheduler command (qsub, sbatch, qstat, squeue, ...) failed or is missing on the head node."""
 
 
+class SubmitRefused(SchedulerError):
+    """The scheduler refused a submission over a per-user limit (another session of the user's took
+    the room first): the job manager waits for room and submits again; no call fails for it."""
+
+
 class PollFailed(SchedulerError):
     """The scheduler's answer to a poll could not be used: the command failed, hung, or printed
     something that does not parse. The job manager keeps its last view and asks again."""

@@ -105,6 +105,7 @@ class ClusterExecutor(Executor):
         environment_add: Sequence[str] | str = (),
         environment_exclude: Sequence[str] | str = (),
         disconnect_tolerance: float = 600.0,
+        commands_per_minute: float = 60.0,
     ) -> None:
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")

@@ -1,42 +1,37 @@
 """The job manager: the one thread that owns the cluster side of an executor.
 
-It submits array jobs when calls wait and workers are short (after a short batching window), polls
-the scheduler for all of the executor's jobs in one call, notices workers that died or never
-started, and removes tasks that are no longer needed.
+It polls the scheduler for all of the executor's jobs in one call, notices workers that died or never
+started and jobs held in an error state (``losses``), has workers submitted when calls wait
+(``submission``, after a short batching window), and removes the jobs when the executor stops.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import signal
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from sheepdog_executor.away import PAUSE_SECONDS, AwayClock
 from sheepdog_executor.clock import awake_or_asleep
-from sheepdog_executor.diagnosis import LATE_SECONDS, Diagnosis
-from sheepdog_executor.dispatch import Dispatcher, Liveness, WorkItem
-from sheepdog_executor.errors import (
-    BrokenClusterExecutor,
-    ConnectionFailed,
-    PollFailed,
-    SchedulerError,
-    WorkerError,
-    WorkerLost,
-    WorkerStartFailed,
-)
-from sheepdog_executor.jobscript import WorkerLaunch, setup_failure, worker_exit_status
+from sheepdog_executor.diagnosis import Diagnosis
+from sheepdog_executor.dispatch import Dispatcher, Liveness
+from sheepdog_executor.errors import BrokenClusterExecutor, ConnectionFailed, PollFailed, SchedulerError
+from sheepdog_executor.jobbook import Job, JobBook
+from sheepdog_executor.jobscript import WorkerLaunch
+from sheepdog_executor.losses import Losses
+from sheepdog_executor.removal import Removal
 from sheepdog_executor.scheduler.base import JobStates, Scheduler, TaskState
+from sheepdog_executor.sitelimits import SiteLimits
+from sheepdog_executor.submission import Submitter
 
 log = logging.getLogger("sheepdog_executor")
 
-#: A gap this much longer than expected in the job manager's own loop means this process was
-#: suspended (SIGSTOP, a laptop's sleep) or starved: workers are not judged on the silence it caused.
-PAUSE_SECONDS = 15.0
+__all__ = ["CURRENT_HEARTBEATS", "SECOND_LOOK_SECONDS", "AwayClock", "Job", "JobManager", "PollCounts"]
+
 #: A task (or job) missing from the scheduler's answer is believed gone only when it is still missing
 #: from an answer this many seconds later (a second look), and an error state only when it is still
 #: there then: one wrong answer (an empty listing, a scheduler that restarts) must end nothing.
@@ -46,66 +41,6 @@ CURRENT_HEARTBEATS = 3
 #: After this client was away, workers get this long on top of heartbeat_timeout to reach it again
 #: (a request stuck on a dead route times out first).
 COMEBACK_SECONDS = 60.0
-
-
-class AwayClock:
-    """When this client was last away from the cluster (offline or suspended), and for how long.
-
-    Kept by the job manager's thread: it counts the time its SSH commands failed, and gaps in its
-    own loop that only a suspended process (SIGSTOP, a sleeping laptop) shows.
-    """
-
-    def __init__(self, clock: Callable[[], float] = awake_or_asleep) -> None:
-        self._clock = clock
-        #: When the client was last back; workers' silence before that is not theirs.
-        self.back_at = 0.0
-        #: How long the last absence lasted (seconds).
-        self.last_absence = 0.0
-        self._since: float | None = None
-
-    def unreachable(self, why: str, since: float) -> float:
-        """An SSH command that started at ``since`` failed; return for how long the cluster has
-        been unreachable."""
-        now = self._clock()
-        if self._since is None:
-            self._since = since
-            log.warning("the cluster is unreachable (%s); waiting for it to come back", why)
-        return now - self._since
-
-    def reached(self) -> None:
-        if self._since is not None:
-            self.came_back(self._clock() - self._since)
-            self._since = None
-
-    def check_gap(self, excess: float) -> bool:
-        """``excess``: how much longer than expected something took. True when it was a pause."""
-        if excess < PAUSE_SECONDS:
-            return False
-        self.came_back(excess)
-        return True
-
-    def mark_back(self) -> None:
-        """A way back was re-made (SSH, tunnel): the workers need time to find it."""
-        self.back_at = self._clock()
-
-    def came_back(self, absence: float) -> None:
-        self.back_at = self._clock()
-        self.last_absence = absence
-        log.warning("this client was away from the cluster for %.0f s; back now", absence)
-
-
-@dataclass(eq=False)
-class Job:
-    """An array job this executor submitted."""
-
-    id: str
-    tasks: int
-    cancelled: bool = False
-    alive: dict[int, TaskState] = field(default_factory=dict)
-    #: Tasks in ``alive`` that the scheduler's last answers did not list: since when.
-    missing: dict[int, float] = field(default_factory=dict)
-    #: Since when the scheduler's answers show the job in an error state (None: they do not).
-    errored_since: float | None = None
 
 
 @dataclass
@@ -139,36 +74,52 @@ class JobManager:
         heartbeat_timeout: float,
         disconnect_tolerance: float = 600.0,
         clock: Callable[[], float] = awake_or_asleep,
-        array_limit: Future[int | None] | None = None,
+        limits: Future[SiteLimits] | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.dispatcher = dispatcher
         self.launch = launch
-        self.max_workers = max_workers
         self.batch_window = batch_window
         self.poll_interval = poll_interval
         self.heartbeat_timeout = heartbeat_timeout
-        self.disconnect_tolerance = disconnect_tolerance
         self.away = AwayClock(clock)
         self.clock = clock
-        self.jobs: dict[str, Job] = {}
-        self.submitted_jobs: list[str] = []
-        self._jobs_lock = threading.Lock()
+        self.book = JobBook()
+        #: The jobs still on the cluster, by id, and every job submitted, in order (the book's).
+        self.jobs, self.submitted_jobs = self.book.jobs, self.book.submitted
         self._wake = threading.Event()
         self._flush = False
         self._stopping = False
         self._failures = 0
         self.polls = PollCounts()
         self._last_poll = -float("inf")
-        self._max_array: int | None = None
-        self._array_limit_known = False
-        #: The scheduler's answer to ``max_array_size``, asked early (during the set-up), if it was.
-        self._early_array_limit = array_limit
         self._thread = threading.Thread(target=self._run, name="sheepdog-jobs", daemon=True)
-        #: Gathers lost tasks' stderr and accounting on a thread of its own (joined in ``stop``).
-        self.diagnosis = Diagnosis(
-            scheduler, launch, lambda items: dispatcher.retry_or_split(items)[1], dispatcher.fail_items, clock
+        self.removal = Removal(scheduler, self.book, clock)
+        self.losses = Losses(scheduler, dispatcher, launch, self.away, disconnect_tolerance, clock)
+        self.submitter = Submitter(
+            scheduler,
+            dispatcher,
+            launch,
+            self.book,
+            self.away,
+            max_workers=max_workers,
+            wake=self._wake.set,
+            limits=limits,
         )
+
+    @property
+    def disconnect_tolerance(self) -> float:
+        """How long workers wait for this client (seconds); twice that, this side gives up."""
+        return self.losses.disconnect_tolerance
+
+    @disconnect_tolerance.setter
+    def disconnect_tolerance(self, seconds: float) -> None:
+        self.losses.disconnect_tolerance = seconds
+
+    @property
+    def diagnosis(self) -> Diagnosis:
+        """The thread that gathers lost tasks' accounting."""
+        return self.losses.diagnosis
 
     # -- control from other threads --------------------------------------------------------
     def start(self) -> None:
@@ -180,7 +131,7 @@ class JobManager:
             self._flush = True
         self._wake.set()
 
-    def stop(self, grace: float = 5.0, timeout: float = 20.0) -> None:
+    def stop(self, grace: float = 5.0, timeout: float = 10.0) -> None:
         """Stop the thread, give idle workers ``grace`` seconds to exit by themselves, remove
         every job still on the cluster and wait (up to ``timeout``) until the scheduler dropped them."""
         self._stopping = True
@@ -188,55 +139,7 @@ class JobManager:
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout=60)
         self.diagnosis.stop()
-        if grace > 0:
-            self._cancel_queued()  # nothing is outstanding: a queued task would start only to stop
-            self._wait_gone(grace, warn=False)  # what is left now is removed next
-        self.cancel_all()
-        self._wait_gone(timeout)
-
-    def _wait_gone(self, timeout: float, warn: bool = True) -> None:
-        """Wait until the scheduler lists none of the jobs (a failed poll: ask again); the jobs stay
-        on the books, for ``cancel_all`` (an answer that wrongly omits a job must not spare it)."""
-        deadline = self.clock() + timeout
-        with self._jobs_lock:
-            job_ids = list(self.jobs)
-        while job_ids:
-            try:
-                states: JobStates | None = self.scheduler.poll(job_ids)
-            except PollFailed as exc:
-                log.debug("polling removed jobs: %s", exc)
-                states = None
-            if states == {} or self.clock() > deadline:
-                if states and warn:
-                    log.warning("jobs %s still listed by the scheduler after removal", list(states))
-                return
-            time.sleep(0.2)
-
-    def _cancel_queued(self) -> None:
-        """Remove the tasks that have not started yet (whole jobs when none of theirs started)."""
-        with self._jobs_lock:
-            job_ids = list(self.jobs)
-        try:
-            states = self.scheduler.poll(job_ids) if job_ids else {}
-        except PollFailed as exc:  # cancel_all() removes them all next
-            log.debug("polling for queued tasks: %s", exc)
-            return
-        whole = [job for job, tasks in states.items() if all(s is TaskState.QUEUED for s in tasks.values())]
-        if whole:
-            self.scheduler.cancel(whole)
-        for job, tasks in states.items():
-            if job not in whole:
-                for task in (t for t, s in tasks.items() if s is TaskState.QUEUED):
-                    self.scheduler.cancel_task(job, task)
-
-    def cancel_all(self) -> None:
-        with self._jobs_lock:
-            live = [job.id for job in self.jobs.values()]
-            for job in self.jobs.values():
-                job.cancelled = True
-        if live:
-            log.debug("removing jobs %s", live)
-            self.scheduler.cancel(live)
+        self.removal.leave(grace, timeout)
 
     # -- the thread ---------------------------------------------------------------------------
     def _run(self) -> None:
@@ -282,27 +185,42 @@ class JobManager:
         now = self.clock()
         if now - self._last_poll >= self.poll_interval:  # one poll per interval, however busy
             self._last_poll = now
-            with self._jobs_lock:
-                job_ids = list(self.jobs)
+            job_ids = self.book.ids()
+            throttled = self.scheduler.meter.waited_here()
             try:
-                states = self.scheduler.poll(job_ids) if job_ids else {}
+                asked, states = self._poll(job_ids, pending)
             except PollFailed as exc:
                 self._poll_failed(exc, now)
                 if self.dispatcher.broken is not None:
                     return
-                if self.clock() - now < PAUSE_SECONDS:  # else judge nobody on a pause it hid
+                if self._took(now, throttled) < PAUSE_SECONDS:  # else judge nobody on a pause it hid
                     self._reconcile(None)  # the last view stays; silent workers are still found
             else:
-                self._poll_answered(bool(job_ids))
+                self._poll_answered(asked)
                 # back after SSH failures (only an answer of the cluster says so): a grace period,
                 # granted before anyone is judged
-                if job_ids:
+                if asked:
                     self.away.reached()
                 # a poll this slow means this client was cut off (or suspended) while it waited: the
                 # workers could not reach it either; judge them next round, with a grace period
-                if not self.away.check_gap(self.clock() - now):
+                if not self.away.check_gap(self._took(now, throttled)):
                     self._reconcile(states)
-        self._scale()
+        if self.dispatcher.broken is None and not self._stopping:
+            self.submitter.scale()
+
+    def _took(self, since: float, throttled: float) -> float:
+        """How long the poll that started at ``since`` took, less what its command waited under the
+        ceiling of commands per minute (``throttled``: this thread's wait before): no pause, that."""
+        return self.clock() - since - (self.scheduler.meter.waited_here() - throttled)
+
+    def _poll(self, job_ids: list[str], pending: int) -> tuple[bool, JobStates]:
+        """(whether the scheduler was asked, the states of these jobs). With caps on the user's
+        jobs, the listing of all of them (every session's) is what is asked, and kept for the
+        submitter to count; else only when there are jobs of ours."""
+        if self.submitter.wants_listing() and (job_ids or pending):
+            listed = self.submitter.listed = self.scheduler.listing()
+            return True, {job: listed[job] for job in job_ids if job in listed}
+        return bool(job_ids), self.scheduler.poll(job_ids) if job_ids else {}
 
     def _poll_failed(self, error: PollFailed, since: float) -> None:
         """A poll whose answer cannot be used: keep the last view, warn once, and give up on the
@@ -365,22 +283,13 @@ class JobManager:
         scheduler's answer, or None to judge on the last view (its answer could not be read)."""
         now = self.clock()
         live = self.dispatcher.liveness()
-        ended: list[Job] = []
-        errored: list[Job] = []
-        with self._jobs_lock:
-            for job in list(self.jobs.values()):
-                if states is None:
-                    continue
-                self._look(job, states.get(job.id, {}), now, live)
-                if not job.alive:
-                    del self.jobs[job.id]
-                    ended.append(job)
-                elif job.errored_since is not None and now - job.errored_since >= SECOND_LOOK_SECONDS:
-                    errored.append(job)
+        ended, errored = self._take_answer(states, now, live) if states is not None else ([], [])
         for job in errored:  # held in an error state by the scheduler: it would wait there forever
-            self._fail_errored(job)
+            job.cancelled = True
+            self.losses.errored(job.id)
+        ended_ids = {job.id for job in ended}
         for worker in live.workers:
-            gone = worker.job in {j.id for j in ended} or (
+            gone = worker.job in ended_ids or (
                 worker.job in self.jobs and worker.task not in self.jobs[worker.job].alive
             )
             # silence while this client itself was away (offline, suspended) says nothing of a worker
@@ -388,203 +297,24 @@ class JobManager:
                 now - self.away.back_at > self.heartbeat_timeout + COMEBACK_SECONDS
             )
             if gone or silent:
-                why = (
-                    "its task ended without reporting"
-                    if gone
-                    else f"no heartbeat for {now - worker.last_seen:.0f} s"
-                )
-                if self.away.last_absence > self.disconnect_tolerance:
-                    why += (
-                        f"; this client was unreachable for {self.away.last_absence:.0f} s, longer than "
-                        f"disconnect_tolerance ({self.disconnect_tolerance:.0f} s), so its workers gave up"
-                    )
-                items = self.dispatcher.take_lost(worker.id)
-                if silent and not gone:  # hung or cut off: free its slot, it must not report late
-                    self.scheduler.cancel_task(worker.job, worker.task)
-                if items:
-                    self._diagnose_later(
-                        items,
-                        worker.job,
-                        worker.task,
-                        retry=True,
-                        unless_killed=gone,
-                        make=self._lost(worker.host, why, ended=gone),
-                    )
+                self.losses.worker_lost(worker, gone=gone, silence=now - worker.last_seen)
         pending, _ = self.dispatcher.counts()  # after the lost workers' calls were queued again
         for job in ended:
             started = any((job.id, t) in live.tasks_seen for t in range(1, job.tasks + 1))
             if not started and not job.cancelled and pending:
-                items = self.dispatcher.take_pending()
-                self._diagnose_later(
-                    items,
-                    job.id,
-                    1,
-                    retry=False,
-                    make=self._start_failed,
-                )
+                self.losses.never_started(job.id)
 
-    def _lost(self, host: str, why: str, ended: bool = True) -> Callable[..., WorkerError]:
-        """A maker of the ``WorkerLost`` of a worker on ``host``: the limit its task went over when
-        the scheduler's accounting says so (a Slurm ``TIMEOUT``), else ``why`` and, when its task
-        ``ended`` by itself (not removed by us for its silence), how the worker ended (the signal by
-        name, from its task's stderr or the accounting); then the likely cause when the accounting
-        shows memory at its request."""
-
-        def make(**details: Any) -> WorkerError:
-            record = details.get("accounting") or {}
-            killed = self.scheduler.killed_for(record)
-            how = self._how_it_ended(details.get("stderr_tail", ""), record) if ended else ""
-            headline = killed or "; ".join(filter(None, [why, how]))
-            hint = "" if killed else self.scheduler.memory_hint(record)
-            headline += f"; {hint}" if hint else ""
-            return self._error(WorkerLost, f"the worker running this call on {host} was lost: {headline}")(
-                **details
-            )
-
-        return make
-
-    def _how_it_ended(self, stderr: str, accounting: dict[str, str]) -> str:
-        """ "killed by signal SIGSEGV (Segmentation fault)", "its process exited with status 3", or ""."""
-        status = worker_exit_status(stderr)
-        number = status - 128 if status is not None and status > 128 else None
-        if status is None:
-            number = self.scheduler.exit_signal(accounting)
-        if number is not None:
-            try:
-                name = signal.Signals(number).name
-            except ValueError:
-                name = f"signal {number}"
-            return f"killed by signal {name} ({signal.strsignal(number) or 'no description'})"
-        return f"its process exited with status {status}" if status else ""
-
-    def _start_failed(self, **details: Any) -> WorkerError:
-        """Why a job's workers never reached us: a set-up line the task reported, or the usual suspects."""
-        failed = setup_failure(details.get("stderr_tail", ""))
-        if failed is not None:
-            return self._error(
-                WorkerStartFailed,
-                f"set-up line {failed.number} failed with exit status {failed.status}: {failed.line}\n"
-                "so no worker started and no call ran; fix or remove that line (setup=)",
-            )(**details)
-        return self._error(
-            WorkerStartFailed,
-            "the job's workers ended without ever reaching this client: check the interpreter "
-            "(python=), the set-up lines, and that the nodes can reach "
-            f"{self.launch.url} (callback_address=)",
-        )(**details)
-
-    def _fail_errored(self, job: Job) -> None:
-        reason = self.scheduler.error_reason(job.id)
-        log.warning("job %s is in an error state (%s); removing it", job.id, reason)
-        job.cancelled = True
-        self.scheduler.cancel([job.id])
-        items = self.dispatcher.take_pending()
-        if items:
-            self.dispatcher.fail_items(
-                items,
-                self._error(
-                    WorkerStartFailed,
-                    f"{self.scheduler.name} holds the job in an error state, so its tasks can never "
-                    f"start: {reason}; "
-                    "check the job options (" + ", ".join(self.scheduler.option_names()) + ")",
-                )(job_id=job.id),
-            )
-
-    def _scale(self) -> None:
-        """Submit a job when calls wait for workers; remove queued tasks nobody needs."""
-        live = self.dispatcher.liveness()
-        pending, held = live.pending, live.held
-        registered = {(w.job, w.task) for w in live.workers}
-        seen = live.tasks_seen
-        with self._jobs_lock:
-            capacity = 0
-            queued: dict[str, list[int]] = {}
-            for job in self.jobs.values():
-                for task, state in job.alive.items():
-                    # a task whose worker said hello runs, whatever the last (possibly stale) poll said
-                    if state is TaskState.QUEUED and (job.id, task) not in seen:
-                        queued.setdefault(job.id, []).append(task)
-                        capacity += 1
-                    elif (job.id, task) not in seen or (job.id, task) in registered:
-                        capacity += 1
-        if self.dispatcher.broken is not None or self._stopping:
-            return
-        wanted = min(self.max_workers, pending + held)
-        if wanted > capacity and pending:
-            # arrays no bigger than the site allows (Grid Engine's max_aj_tasks, Slurm's MaxArraySize)
-            tasks, limit = wanted - capacity, self._array_limit()
-            while tasks > 0:
-                size = min(tasks, limit) if limit else tasks
-                if not self._submit(size, pending):
-                    return
-                tasks -= size
-        elif not pending and not held and queued:
-            fully_queued = [j for j, tasks in queued.items() if len(tasks) == self.jobs[j].tasks]
-            if fully_queued:
-                log.debug("removing unneeded queued jobs %s", fully_queued)
-                for job_id in fully_queued:
-                    self.jobs[job_id].cancelled = True
-                self.scheduler.cancel(fully_queued)
-
-    def _submit(self, tasks: int, pending: int) -> bool:
-        """Submit one array job of ``tasks`` workers; False when a dropped connection cut the
-        submission off before the scheduler took it (the thread is woken to try again)."""
-        try:
-            job_id = self.scheduler.submit(self.launch, tasks)
-        except ConnectionFailed:
-            # the connection dropped during the submission: the job may exist; adopt it, never submit twice
-            with self._jobs_lock:
-                known = set(self.submitted_jobs)
-            adopted = [j for j in self.scheduler.find_jobs(self.launch) if j not in known]
-            if not adopted:
-                log.warning("a submission was cut off by a dropped connection before it was taken; retrying")
-                self._wake.set()
-                return False
-            job_id = adopted[0]
-            log.warning("adopted job %s submitted before the SSH connection dropped", job_id)
-        self.away.reached()
-        log.info("submitted job %s with %d task(s) for %d pending call(s)", job_id, tasks, pending)
-        with self._jobs_lock:
-            self.jobs[job_id] = Job(job_id, tasks, alive={t: TaskState.QUEUED for t in range(1, tasks + 1)})
-            self.submitted_jobs.append(job_id)
-        return True
-
-    def _array_limit(self) -> int | None:
-        """The site's largest array, asked once (the early answer if it came, else now)."""
-        if not self._array_limit_known:
-            early = self._early_array_limit
-            if early is not None and early.exception() is None:
-                self._max_array = early.result()
-            else:  # not asked early, or that failed (a dropped connection): ask now
-                self._max_array = self.scheduler.max_array_size()
-            self._array_limit_known = True
-        return self._max_array
-
-    def _error(self, kind: type[WorkerError], message: str) -> Callable[..., WorkerError]:
-        """A maker of ``kind`` errors worded for this scheduler (its name, its accounting fields)."""
-        return functools.partial(
-            kind, message, scheduler=self.scheduler.name, summary_keys=self.scheduler.summary_keys
-        )
-
-    def _diagnose_later(
-        self,
-        items: list[WorkItem],
-        job_id: str,
-        task_id: int,
-        *,
-        retry: bool,
-        unless_killed: bool = False,
-        make: Callable[..., WorkerError],
-    ) -> None:
-        """Retry lost calls that may be, fail the others with an error that carries the task's
-        accounting and stderr (gathered by ``diagnosis``: accounting can take seconds to appear).
-        ``unless_killed``: retry only once the accounting shows that the scheduler did not kill the
-        task over a limit (time, memory), which the call would only hit again, unless the task's
-        time ran out under a call it started late (``ran_out_under``: run again, retries or not)."""
-        late = any(item.head_start > LATE_SECONDS for item in items)
-        judge_later = retry and unless_killed and (self.dispatcher.retries > 0 or late)
-        failed = self.dispatcher.retry_or_split(items)[1] if retry and not judge_later else items
-        if not failed:
-            return
-
-        self.diagnosis.add(failed, job_id, task_id, make, judge_later)
+    def _take_answer(self, states: JobStates, now: float, live: Liveness) -> tuple[list[Job], list[Job]]:
+        """Take the scheduler's answer into the book: (the jobs that ended, now off the book; the
+        jobs whose error state lasted past a second look)."""
+        ended: list[Job] = []
+        errored: list[Job] = []
+        with self.book.lock:
+            for job in list(self.jobs.values()):
+                self._look(job, states.get(job.id, {}), now, live)
+                if not job.alive:
+                    del self.jobs[job.id]
+                    ended.append(job)
+                elif job.errored_since is not None and now - job.errored_since >= SECOND_LOOK_SECONDS:
+                    errored.append(job)
+        return ended, errored

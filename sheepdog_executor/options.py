@@ -125,6 +125,14 @@ def _tolerance(value: float) -> None:
         )
 
 
+def _rate(value: float) -> None:
+    if not value >= 6:
+        raise ConfigurationError(
+            f"commands_per_minute must be at least 6, not {value!r}: the executor polls the "
+            "scheduler, submits and removes jobs with these commands"
+        )
+
+
 @dataclass(frozen=True)
 class ExecutorOptions(Mapping[str, Any]):
     """The options every executor takes, whatever its scheduler; a read-only mapping of name to value
@@ -175,6 +183,9 @@ class ExecutorOptions(Mapping[str, Any]):
     )
     disconnect_tolerance: float = option(
         600.0, "seconds workers wait for a client gone silent", float, check=_tolerance
+    )
+    commands_per_minute: float = option(
+        60.0, "the most scheduler commands a minute (polls, submits, accounting)", float, check=_rate
     )
 
     def __post_init__(self) -> None:

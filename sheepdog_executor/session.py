@@ -82,8 +82,10 @@ class Session:
             self.scheduler = make_scheduler(self.shell)
             self.dispatcher = self._start_dispatcher(options, max_workers, initializer)
             undo.callback(self.dispatcher.close)
-            #: The site's largest array, asked now for the first submit (not awaited here).
-            self.array_limit = in_background(self.scheduler.max_array_size, "sheepdog-array-limit")
+            self.scheduler.meter.per_minute = options.commands_per_minute
+            #: The site's limits (largest array, caps on the user's jobs), asked now for the first
+            #: submit (not awaited here).
+            self.site_limits = in_background(self.scheduler.site_limits, "sheepdog-site-limits")
             self._set_up(undo, options, environment, max_workers)
             undo.pop_all()  # set up: from here on, ``close`` undoes it
 
@@ -166,7 +168,7 @@ class Session:
             poll_interval=options.poll_interval,
             heartbeat_timeout=options.heartbeat_timeout,
             disconnect_tolerance=options.disconnect_tolerance,
-            array_limit=self.array_limit,
+            limits=self.site_limits,
         )
         jobs.start()
         return jobs
@@ -278,6 +280,8 @@ class Session:
             "host": self.shell.description,
             "jobs": list(jobs.submitted_jobs) if jobs else [],
             "polls": jobs.polls.snapshot() if jobs else {},
+            "scheduler_commands": self.scheduler.meter.snapshot(),
+            "site_limits": jobs.submitter.snapshot() if jobs else {},
             "routes": [f"{label} {host}:{port}" for label, host, port in self.routes],
         }
 
@@ -295,11 +299,13 @@ class Session:
         in_background(functools.partial(self._remove_tasks, tasks), "sheepdog-interrupt")
 
     def _remove_tasks(self, tasks: list[tuple[str, int]]) -> None:
+        by_job: dict[str, list[int]] = {}
         for job, task in tasks:
-            try:
-                self.scheduler.cancel_task(job, task)
-            except Exception as exc:  # noqa: BLE001 - e.g. the executor was shut down meanwhile
-                log.debug("could not remove task %s.%d of an interrupted map: %s", job, task, exc)
+            by_job.setdefault(job, []).append(task)
+        try:
+            self.scheduler.cancel_tasks(by_job)
+        except Exception as exc:  # noqa: BLE001 - e.g. the executor was shut down meanwhile
+            log.debug("could not remove tasks %s of an interrupted map: %s", tasks, exc)
 
     def _changed(self) -> None:
         if self._jobs is not None:  # None while the session is still being set up
@@ -340,7 +346,7 @@ class Session:
         self.endpoint.stop()
         self.dispatcher.close()
         _remove_dir(self.shell, self.session_dir)
-        settle([self.array_limit], timeout=30)
+        settle([self.site_limits], timeout=30)
         self.shell.close()
 
 

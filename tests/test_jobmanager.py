@@ -21,6 +21,7 @@ from sheepdog_executor.scheduler.base import JobStates, Scheduler, SessionJob, T
 from sheepdog_executor.scheduler.gridengine import parse_qstat_xml
 from sheepdog_executor.scheduler.slurm import parse_squeue, task_state
 from sheepdog_executor.shell import LocalShell
+from sheepdog_executor.sitelimits import SiteLimits
 
 LAUNCH = WorkerLaunch("/home/u/.sheepdog-executor/s1", "http://127.0.0.1:1")
 
@@ -111,10 +112,11 @@ class Rig:
         *,
         max_workers: int = 4,
         max_array: int | None = None,
-        array_limit: Future[int | None] | None = None,
+        limits: Future[SiteLimits] | None = None,
         retries: int = 0,
+        scheduler: FakeScheduler | None = None,
     ) -> None:
-        self.scheduler = FakeScheduler(max_array)
+        self.scheduler = scheduler or FakeScheduler(max_array)
         self.dispatcher = Dispatcher(retries=retries, idle_timeout=60, python=(3, 11))
         self.clock = Clock()
         self.manager = JobManager(
@@ -126,7 +128,7 @@ class Rig:
             poll_interval=2.0,
             heartbeat_timeout=60.0,
             clock=self.clock,
-            array_limit=array_limit,
+            limits=limits,
         )
         self.futures: list[Future[Any]] = [CallFuture() for _ in range(calls)]
         self.dispatcher.add(abs, [((-1,), {})] * calls, self.futures, 1, "abs")
@@ -163,14 +165,14 @@ def test_arrays_are_split_at_the_sites_limit() -> None:
 
 
 def test_the_sites_limit_asked_during_the_set_up_is_used_and_a_failed_answer_asked_again() -> None:
-    early: Future[int | None] = Future()
-    early.set_result(2)  # the answer that came during the set-up; the scheduler now says 3
-    rig = Rig(5, max_workers=8, max_array=3, array_limit=early)
+    early: Future[SiteLimits] = Future()
+    early.set_result(SiteLimits(2))  # the answer that came during the set-up; the scheduler now says 3
+    rig = Rig(5, max_workers=8, max_array=3, limits=early)
     rig.step()
     assert [tasks for _, tasks in rig.scheduler.submitted] == [2, 2, 1]
-    failed: Future[int | None] = Future()
+    failed: Future[SiteLimits] = Future()
     failed.set_exception(ConnectionFailed("dropped during the set-up"))
-    rig = Rig(5, max_workers=8, max_array=3, array_limit=failed)
+    rig = Rig(5, max_workers=8, max_array=3, limits=failed)
     rig.step()
     assert [tasks for _, tasks in rig.scheduler.submitted] == [3, 2]
 

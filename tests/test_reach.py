@@ -16,6 +16,7 @@ from sheepdog_executor.dispatch import Dispatcher
 from sheepdog_executor.errors import BrokenGridEngineExecutor, ConnectionFailed
 from sheepdog_executor.jobs import JobManager
 from sheepdog_executor.jobscript import WorkerLaunch
+from sheepdog_executor.meter import CommandMeter
 from sheepdog_executor.remote import reach, worker
 from sheepdog_executor.remote.reach import Reach
 from sheepdog_executor.server import Endpoint
@@ -82,7 +83,9 @@ def test_a_worker_gives_up_once_the_client_was_away_longer_than_the_tolerance(tm
 
 
 class _Unreachable:
-    """A scheduler whose head node never answers."""
+    """A scheduler whose head node never answers (its commands counted as a scheduler's are)."""
+
+    meter = CommandMeter()
 
     def __getattr__(self, name: str) -> Any:
         def fail(*args: Any, **kwargs: Any) -> Any:

@@ -157,6 +157,7 @@ def test_the_page_in_chromium(
     assert "96 / 96 · 100%" in card.group(0)
     for job in executor.job_ids:
         assert f'data-job="{job}"' in dom
+    assert "scheduler commands/min" in dom  # counted: polls, submits, accounting
     # the error's markup is shown as text, never parsed
     assert "&lt;b&gt;bold&lt;/b&gt; &amp; &lt;script&gt;alert(7)&lt;/script&gt;" in dom
     assert "<b>bold</b>" not in dom and "alert(7)</script>" not in dom

@@ -77,6 +77,7 @@ SlurmctldLogFile=/var/log/slurm/slurmctld.log
 SlurmdLogFile=/var/log/slurm/slurmd.log
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
+AccountingStorageEnforce=limits
 JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherFrequency=task=5
 JobAcctGatherParams=OverMemoryKill

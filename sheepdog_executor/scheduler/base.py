@@ -12,10 +12,12 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
-from sheepdog_executor.errors import CommandTimedOut, PollFailed, SchedulerError
+from sheepdog_executor.errors import CommandTimedOut, PollFailed, SchedulerError, SubmitRefused
 from sheepdog_executor.jobscript import JobOptions, WorkerLaunch
+from sheepdog_executor.meter import CommandMeter
 from sheepdog_executor.options import lines
 from sheepdog_executor.shell import TIMED_OUT, Completed, Shell, bound_seconds, bounded
+from sheepdog_executor.sitelimits import SiteLimits
 
 
 class TaskState(enum.Enum):
@@ -74,6 +76,8 @@ class Scheduler(ABC, Generic[OptionsT]):
     memory_advice: ClassVar[str] = ""
     #: How long a poll of the scheduler may take before it counts as failed (ended on the head node).
     poll_timeout: ClassVar[float] = 60.0
+    #: Words of a submit command's refusal over a per-user limit (``SubmitRefused``: wait for room).
+    refusals: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -86,11 +90,16 @@ class Scheduler(ABC, Generic[OptionsT]):
         self.options = options
         self.command_setup = lines(command_setup)
         self.site: OptionsT = site if site is not None else self.Options()
+        #: Counts the commands ``run`` sends and keeps them under a ceiling per minute.
+        self.meter = CommandMeter()
 
     def with_python(self, python: str) -> Scheduler:
-        """A scheduler like this one whose tasks run ``python`` (a synced environment's)."""
+        """A scheduler like this one whose tasks run ``python`` (a synced environment's); the two
+        count their commands together."""
         options = dataclasses.replace(self.options, python=python)
-        return type(self)(self.shell, options, self.command_setup, self.site)
+        other = type(self)(self.shell, options, self.command_setup, self.site)
+        other.meter = self.meter
+        return other
 
     # -- what every scheduler does ----------------------------------------------------------------
     @abstractmethod
@@ -106,6 +115,17 @@ class Scheduler(ABC, Generic[OptionsT]):
         """Remove these jobs, queued and running tasks alike."""
 
     # -- with defaults ----------------------------------------------------------------------------
+    def listing(self) -> JobStates:
+        """Every task of all the user's own jobs (every session's, and others), in one call; a job
+        that is not an array lists as task 0. Needed by a scheduler whose ``site_limits`` has caps."""
+        raise NotImplementedError(f"{self.name} cannot list the user's jobs")
+
+    def cancel_tasks(self, tasks: Mapping[str, Collection[int]]) -> None:
+        """Remove these tasks (job id -> task ids), in as few commands as the scheduler allows."""
+        for job_id, task_ids in tasks.items():
+            for task_id in task_ids:
+                self.cancel_task(job_id, task_id)
+
     @classmethod
     def site_options(cls, options: Mapping[str, Any]) -> OptionsT:
         """The scheduler's own options (its ``Options``) out of all of an executor's options;
@@ -119,10 +139,19 @@ class Scheduler(ABC, Generic[OptionsT]):
         return ["working_directory=", *(f"{f.name}=" for f in dataclasses.fields(cls.Options))]
 
     def run(
-        self, command: str, *, stdin: bytes = b"", timeout: float = 120.0, retry: bool = True
+        self,
+        command: str,
+        *,
+        stdin: bytes = b"",
+        timeout: float = 120.0,
+        retry: bool = True,
+        urgent: bool = False,
     ) -> Completed:
         """Run a scheduler command on the head node, after the ``command_setup`` lines; one that
-        hangs there is ended there too (exit status ``TIMED_OUT``), shortly before ``timeout``."""
+        hangs there is ended there too (exit status ``TIMED_OUT``), shortly before ``timeout``.
+        Counted by ``meter``, and delayed while the last minute had its ceiling of commands, unless
+        ``urgent`` (a removal, which frees the site's resources)."""
+        self.meter.take(urgent)
         script = bounded("\n".join([*self.command_setup, command]), timeout)
         return self.shell.run(script, stdin=stdin, timeout=timeout, retry=retry)
 
@@ -155,6 +184,9 @@ class Scheduler(ABC, Generic[OptionsT]):
             raise CommandTimedOut(f"{command.split()[0]} did not end in time on {self.shell.description}")
         lines = done.stdout.strip().splitlines()
         match = job_id.match(lines[-1].strip() if lines else "")
+        said = (done.stderr or done.stdout).strip()
+        if (done.returncode != 0 or not match) and any(word in said for word in self.refusals):
+            raise SubmitRefused(f"{command.split()[0]} was refused over a per-user limit: {said[-300:]}")
         if done.returncode != 0 or not match:
             raise SchedulerError(
                 f"{command.split()[0]} on {self.shell.description} failed (exit {done.returncode}): "
@@ -182,6 +214,11 @@ class Scheduler(ABC, Generic[OptionsT]):
     def max_array_size(self) -> int | None:
         """The most tasks one array job may have at this site (None: no known limit)."""
         return None
+
+    def site_limits(self) -> SiteLimits:
+        """What this site lets the user have at once: the largest array and the caps on the user's
+        jobs (a scheduler with caps implements ``listing`` too)."""
+        return SiteLimits(max_array=self.max_array_size())
 
     def cancel_task(self, job_id: str, task_id: int) -> None:
         """Remove one task of a job (a worker gone silent whose slot should be freed)."""

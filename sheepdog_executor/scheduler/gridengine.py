@@ -16,7 +16,9 @@ from sheepdog_executor.errors import ConfigurationError, PollFailed, SchedulerEr
 from sheepdog_executor.jobscript import WorkerLaunch, check_options, render_script
 from sheepdog_executor.options import option
 from sheepdog_executor.scheduler.base import JobStates, Scheduler, SessionJob, TaskState, session_of
+from sheepdog_executor.sitelimits import Cap, SiteLimits
 
+_SPLIT = "@@sheepdog@@"
 _TERSE_JOB_ID = re.compile(r"^(\d+)(?:\.\d+-\d+:\d+)?$")
 #: Grid Engine's pseudo variables in -o/-e paths (expanded by the execd, not by a shell).
 _JOB_VAR, _TASK_VAR = "$JOB_ID", "$TASK_ID"
@@ -59,6 +61,8 @@ class GridEngineScheduler(Scheduler[GridEngineOptions]):
     Options = GridEngineOptions
     memory_advice = "raise h_vmem in resources="
     summary_keys = ("failed", "exit_status", "maxvmem", "ru_wallclock", "hostname")
+    #: qsub: "job rejected: only 2 jobs are allowed per user (current job count: 3)"
+    refusals = ("jobs are allowed per user", "max_u_jobs")
 
     def render(self, launch: WorkerLaunch, tasks: int) -> str:
         """The script handed to ``qsub`` on stdin for an array job of ``tasks`` workers."""
@@ -92,9 +96,23 @@ class GridEngineScheduler(Scheduler[GridEngineOptions]):
             return {}
         return parse_qstat_xml(self.query('qstat -xml -u "$(id -un)"'), set(job_ids))
 
+    def listing(self) -> JobStates:
+        return parse_qstat_xml(self.query('qstat -xml -u "$(id -un)"'), None)
+
     def cancel(self, job_ids: Collection[str]) -> None:
         if job_ids:
-            self.run("qdel " + " ".join(shlex.quote(j) for j in job_ids) + " >/dev/null 2>&1", timeout=60)
+            qdel = "qdel " + " ".join(shlex.quote(j) for j in job_ids) + " >/dev/null 2>&1"
+            self.run(qdel, timeout=60, urgent=True)
+
+    def cancel_tasks(self, tasks: Mapping[str, Collection[int]]) -> None:
+        """One command: a ``qdel JOB -t FIRST-LAST`` per run of consecutive tasks."""
+        removals = [
+            f"qdel {shlex.quote(job)} -t {first}-{last} >/dev/null 2>&1"
+            for job, ids in tasks.items()
+            for first, last in _runs(ids)
+        ]
+        if removals:
+            self.run("; ".join(removals), timeout=60, urgent=True)
 
     def own_jobs(self) -> list[JobInfo]:
         """The user's own jobs with their names and output paths: ``qstat -u`` for the ids, then
@@ -111,7 +129,7 @@ class GridEngineScheduler(Scheduler[GridEngineOptions]):
         return [job for job in parse_qstat_j_xml(details.stdout) if job.owner == me.strip()]
 
     def cancel_task(self, job_id: str, task_id: int) -> None:
-        self.run(f"qdel {shlex.quote(job_id)} -t {int(task_id)} >/dev/null 2>&1", timeout=60)
+        self.run(f"qdel {shlex.quote(job_id)} -t {int(task_id)} >/dev/null 2>&1", timeout=60, urgent=True)
 
     def accounting(self, job_id: str, task_id: int) -> dict[str, str]:
         done = self.run(f"qacct -j {shlex.quote(job_id)} -t {int(task_id)} 2>/dev/null", timeout=60)
@@ -177,6 +195,13 @@ class GridEngineScheduler(Scheduler[GridEngineOptions]):
     def max_array_size(self) -> int | None:
         done = self.run("qconf -sconf 2>/dev/null", timeout=30)
         return parse_max_aj_tasks(done.stdout)
+
+    def site_limits(self) -> SiteLimits:
+        """From the global configuration (``max_aj_tasks``, ``max_aj_instances``, ``max_u_jobs``)
+        and the scheduler's (``maxujobs``), in one command."""
+        done = self.run(f"qconf -sconf 2>/dev/null; echo {_SPLIT}; qconf -ssconf 2>/dev/null", timeout=30)
+        conf, _, sconf = done.stdout.partition(_SPLIT)
+        return parse_site_limits(conf, sconf)
 
     def error_reason(self, job_id: str) -> str:
         reasons = self._job_fields(job_id).get("error reason", [])
@@ -323,6 +348,35 @@ def parse_time(value: str) -> float | None:
     for part in parts:
         seconds = 60 * seconds + int(part)
     return float(seconds)
+
+
+def _runs(ids: Collection[int]) -> list[tuple[int, int]]:
+    """Consecutive runs of task ids: [1, 2, 3, 7] -> [(1, 3), (7, 7)]."""
+    runs: list[tuple[int, int]] = []
+    for task in sorted(set(ids)):
+        if runs and task == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], task)
+        else:
+            runs.append((task, task))
+    return runs
+
+
+def _conf_value(text: str, key: str) -> int:
+    """An integer of ``qconf -sconf``/``-ssconf`` output (0 when absent, as Grid Engine's "none")."""
+    match = re.search(rf"^{key}\s+(\d+)\s*$", text, re.M)
+    return int(match.group(1)) if match else 0
+
+
+def parse_site_limits(qconf_sconf: str, qconf_ssconf: str) -> SiteLimits:
+    """The user's limits: arrays of at most ``max_aj_tasks`` tasks and no more than
+    ``max_aj_instances`` (more would not run at once), ``max_u_jobs`` jobs in the system (an array
+    counts once), ``maxujobs`` jobs running (each task counts); 0 means no limit."""
+    arrays = [n for n in (_conf_value(qconf_sconf, k) for k in ("max_aj_tasks", "max_aj_instances")) if n]
+    caps = [
+        Cap("max_u_jobs", _conf_value(qconf_sconf, "max_u_jobs"), "job"),
+        Cap("maxujobs", _conf_value(qconf_ssconf, "maxujobs"), "task"),
+    ]
+    return SiteLimits(min(arrays) if arrays else None, tuple(c for c in caps if c.value > 0))
 
 
 def parse_max_aj_tasks(qconf_sconf: str) -> int | None:

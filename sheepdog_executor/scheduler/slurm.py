@@ -16,6 +16,7 @@ from sheepdog_executor.errors import ConfigurationError, PollFailed
 from sheepdog_executor.jobscript import WorkerLaunch, check_options, render_script
 from sheepdog_executor.options import option
 from sheepdog_executor.scheduler.base import JobStates, Scheduler, SessionJob, TaskState, session_of
+from sheepdog_executor.sitelimits import Cap, SiteLimits, strictest
 
 #: sbatch's placeholders in --output/--error: the array's job id and the task's index.
 _JOB_VAR, _TASK_VAR = "%A", "%a"
@@ -39,6 +40,15 @@ NEVER_STARTS = {
     "DependencyNeverSatisfied": "a dependency of the job can never be satisfied",
     "launch failed requeued held": "the job failed to launch and Slurm holds it",
 }
+_SPLIT = "@@sheepdog@@"
+#: The user's limits, in one command: the largest array, the default account, the associations, the
+#: QOSes; each sacctmgr bounded at 10 s (slurmdbd may be slow or down: then no caps are known).
+_LIMITS_COMMAND = f"""b() {{ if command -v timeout >/dev/null 2>&1; then timeout 10 "$@"; else "$@"; fi; }}
+scontrol show config 2>/dev/null | grep -i '^MaxArraySize'; echo {_SPLIT}
+b sacctmgr -nP show user "$(id -un)" format=DefaultAccount 2>/dev/null; echo {_SPLIT}
+b sacctmgr -nP show assoc where user="$(id -un)" \
+  format=Account,Partition,MaxSubmitJobs,MaxJobs,QOS,DefaultQOS 2>/dev/null; echo {_SPLIT}
+b sacctmgr -nP show qos format=Name,MaxSubmitPU,MaxJobsPU 2>/dev/null"""
 _ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED", "COMPLETING", "CONFIGURING"}
 
 
@@ -95,6 +105,9 @@ class SlurmScheduler(Scheduler[SlurmOptions]):
     Options = SlurmOptions
     memory_advice = "ask for more mem="
     summary_keys = ("State", "ExitCode", "MaxRSS", "ReqMem", "Elapsed", "Timelimit", "NodeList")
+    #: sbatch: "AssocMaxSubmitJobLimit", "QOSMaxSubmitJobPerUserLimit", "Job violates accounting/QOS
+    #: policy (job submit limit, ...)"
+    refusals = ("MaxSubmitJob", "job submit limit")
 
     def render(self, launch: WorkerLaunch) -> str:
         """The script handed to ``sbatch`` on stdin (its options are on sbatch's command line)."""
@@ -154,12 +167,33 @@ class SlurmScheduler(Scheduler[SlurmOptions]):
                 states.setdefault(job, {})[task] = task_state(state, reason)
         return states
 
+    def listing(self) -> JobStates:
+        states: JobStates = {}
+        for job, task, state, reason, _, _ in self._own_tasks():
+            states.setdefault(job, {})[task or 0] = task_state(state, reason)
+        return states
+
     def cancel(self, job_ids: Collection[str]) -> None:
         if job_ids:
-            self.run("scancel " + " ".join(shlex.quote(j) for j in job_ids) + " >/dev/null 2>&1", timeout=60)
+            scancel = "scancel " + " ".join(shlex.quote(j) for j in job_ids) + " >/dev/null 2>&1"
+            self.run(scancel, timeout=60, urgent=True)
 
     def cancel_task(self, job_id: str, task_id: int) -> None:
-        self.run(f"scancel {shlex.quote(f'{job_id}_{int(task_id)}')} >/dev/null 2>&1", timeout=60)
+        self.cancel_tasks({job_id: [task_id]})
+
+    def cancel_tasks(self, tasks: Mapping[str, Collection[int]]) -> None:
+        """One ``scancel JOB_[1-5,9] ...`` for all of them."""
+        ids = [
+            f"{job}_[{','.join(map(str, sorted(map(int, task_ids))))}]"
+            for job, task_ids in tasks.items()
+            if task_ids
+        ]
+        if ids:
+            self.run(
+                "scancel " + " ".join(shlex.quote(i) for i in ids) + " >/dev/null 2>&1",
+                timeout=60,
+                urgent=True,
+            )
 
     def accounting(self, job_id: str, task_id: int) -> dict[str, str]:
         fields = ",".join(_SACCT_FIELDS)
@@ -173,6 +207,19 @@ class SlurmScheduler(Scheduler[SlurmOptions]):
     def max_array_size(self) -> int | None:
         done = self.run("scontrol show config 2>/dev/null", timeout=30)
         return parse_max_array_size(done.stdout)
+
+    def site_limits(self) -> SiteLimits:
+        """``MaxArraySize``, and the ``MaxSubmitJobs``/``MaxJobs`` of the association and the
+        ``MaxSubmitPU``/``MaxJobsPU`` of the QOS the jobs go to (account=, qos=, else the user's
+        defaults), in one command; without slurmdbd only the array size."""
+        config, user, assocs, qoses = (self.run(_LIMITS_COMMAND, timeout=60).stdout.split(_SPLIT) + [""] * 4)[
+            :4
+        ]
+        site = self.site
+        return SiteLimits(
+            parse_max_array_size(config),
+            parse_caps(user, assocs, qoses, account=site.account, partition=site.partition, qos=site.qos),
+        )
 
     def limit_hit(self, accounting: Mapping[str, str]) -> str:
         state = accounting.get("State", "").split(" ")[0]
@@ -329,6 +376,36 @@ def parse_time(value: str) -> float | None:
     if second is not None:  # MM:SS
         return float(first * 60 + second)
     return float(first * 60)  # minutes
+
+
+def parse_caps(
+    user: str, assocs: str, qoses: str, *, account: str | None, partition: str | None, qos: str | None
+) -> tuple[Cap, ...]:
+    """The caps on the user's jobs from ``sacctmgr -nP`` output: the user's ``DefaultAccount``; the
+    associations (``Account|Partition|MaxSubmitJobs|MaxJobs|QOS|DefaultQOS``) of the account the jobs
+    go to, the partition's own if there is one, else the account's; the QOS the jobs go to
+    (``Name|MaxSubmitPU|MaxJobsPU``). Each array task counts as a job."""
+    account = account or (user.strip().splitlines() or [""])[0].strip()
+    rows = [line.split("|") + [""] * 6 for line in assocs.splitlines() if line.strip()]
+    rows = [row for row in rows if row[0] == account] or rows
+    fitting = [row for row in rows if row[1] and row[1] == partition] or [row for row in rows if not row[1]]
+    caps: list[Cap | None] = []
+    for row in fitting:
+        caps += [
+            _cap(f"MaxSubmitJobs of association {row[0]}", row[2]),
+            _cap(f"MaxJobs of association {row[0]}", row[3]),
+        ]
+    default_qos = next((row[5] for row in fitting if row[5]), "")
+    wanted = qos or default_qos or "normal"
+    for line in qoses.splitlines():
+        name, submit, running = (line.split("|") + ["", ""])[:3]
+        if name == wanted:
+            caps += [_cap(f"MaxSubmitPU of QOS {name}", submit), _cap(f"MaxJobsPU of QOS {name}", running)]
+    return strictest(c for c in caps if c is not None)
+
+
+def _cap(name: str, value: str) -> Cap | None:
+    return Cap(name, int(value), "task") if value.strip().isdigit() and int(value) > 0 else None
 
 
 def parse_max_array_size(scontrol_config: str) -> int | None:
