@@ -169,7 +169,7 @@ def environment_options(environ: Mapping[str, str] | None = None) -> dict[str, A
     found: dict[str, Any] = {}
     for name, option in OPTIONS.items():
         raw = environ.get(env_name(name), "").strip()
-        if not raw:
+        if not raw or env_name(name) in NOT_OPTIONS:  # SHEEPDOG_CPUS: the task's, not cpus=
             continue
         if not option.scalar:
             raise ConfigurationError(

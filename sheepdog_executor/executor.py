@@ -89,6 +89,10 @@ class ClusterExecutor(Executor):
         setup: Sequence[str] | str = (),
         setup_shell: str = "/bin/bash -l",
         python: str = "python3",
+        time: str | int | None = None,
+        mem: str | None = None,
+        cpus: int | None = None,
+        gpus: int | None = None,
         retries: int = 0,
         batch_window: float = 0.05,
         poll_interval: float = 2.0,
@@ -116,6 +120,8 @@ class ClusterExecutor(Executor):
         options = ExecutorOptions(**{name: given[name] for name in ExecutorOptions.__dataclass_fields__})
         del given  # no second reference to this frame's values
         job_options = JobOptions.from_options(options)
+        site = scheduler_options if scheduler_options is not None else self.scheduler_class.Options()
+        self.scheduler_class.check_needs(site, job_options.needs)  # before anything connects
         self._max_workers = max_workers or DEFAULT_MAX_WORKERS
         self._progress = progress
         self._shutdown_lock = threading.Lock()
@@ -339,6 +345,8 @@ class GridEngineExecutor(ClusterExecutor):
         resources: Mapping[str, str] | Sequence[str] | None = None,
         parallel_environment: str | None = None,
         slots: int = 1,
+        memory_resource: str = "h_vmem",
+        gpu_resource: str = "gpu",
         qsub_args: Sequence[str] = (),
         **options: Any,
     ) -> None:
@@ -351,8 +359,9 @@ class SlurmExecutor(ClusterExecutor):
     ``host=None``).
 
     The same executor as ``GridEngineExecutor``; the jobs are shaped by Slurm's own options, named as
-    sbatch names them: ``partition``, ``account``, ``qos``, ``time``, ``mem``, ``cpus_per_task``,
-    ``gres``, ``constraint``, and ``sbatch_args`` for anything else. Options not given here come
+    sbatch names them: ``partition``, ``account``, ``qos``, ``cpus_per_task``, ``gres``,
+    ``constraint``, and ``sbatch_args`` for anything else; ``time``, ``mem``, ``cpus`` and ``gpus``
+    are the same words on every scheduler. Options not given here come
     from the config file and environment (see ``config.py``).
     """
 
@@ -368,8 +377,6 @@ class SlurmExecutor(ClusterExecutor):
         partition: str | None = None,
         account: str | None = None,
         qos: str | None = None,
-        time: str | None = None,
-        mem: str | None = None,
         cpus_per_task: int = 1,
         gres: str | None = None,
         constraint: str | None = None,

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 from sheepdog_executor.errors import CommandTimedOut, PollFailed, SchedulerError
 from sheepdog_executor.jobscript import JobOptions, WorkerLaunch
 from sheepdog_executor.options import lines
+from sheepdog_executor.resources import Resources
 from sheepdog_executor.shell import TIMED_OUT, Completed, Shell, bound_seconds, bounded
 
 
@@ -84,11 +85,22 @@ class Scheduler(ABC, Generic[OptionsT]):
         self.options = options
         self.command_setup = lines(command_setup)
         self.site: OptionsT = site if site is not None else self.Options()
+        self.check_needs(self.site, options.needs)
 
     def with_python(self, python: str) -> Scheduler:
         """A scheduler like this one whose tasks run ``python`` (a synced environment's)."""
         options = dataclasses.replace(self.options, python=python)
         return type(self)(self.shell, options, self.command_setup, self.site)
+
+    def with_needs(self, needs: Resources) -> Scheduler:
+        """A scheduler like this one whose tasks ask for ``needs`` (a resource set's)."""
+        options = dataclasses.replace(self.options, needs=needs)
+        return type(self)(self.shell, options, self.command_setup, self.site)
+
+    @classmethod
+    def check_needs(cls, site: OptionsT, needs: Resources) -> None:
+        """ConfigurationError (``ResourceConflict``) when the scheduler's own options (``site``)
+        ask for what ``needs`` asks too (before anything connects, and for each resource set)."""
 
     # -- what every scheduler does ----------------------------------------------------------------
     @abstractmethod

@@ -1,0 +1,167 @@
+"""One vocabulary for what each task needs (``time=``, ``mem=``, ``cpus=``, ``gpus=``) on every
+scheduler: the forms users write, the errors for bad ones and for conflicts with a scheduler's own
+option, each scheduler's words, and, on the real cells, the job's resources read back from the
+scheduler itself."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from conftest import Cluster, wait_until
+
+from sheepdog_executor import ClusterExecutor, ConfigurationError, GridEngineExecutor, SlurmExecutor
+from sheepdog_executor.errors import ResourceConflict
+from sheepdog_executor.jobscript import THREAD_VARIABLES, JobOptions, WorkerLaunch
+from sheepdog_executor.resources import Resources, format_memory, format_time, parse_memory, parse_time
+from sheepdog_executor.scheduler.gridengine import GridEngineOptions, GridEngineScheduler
+from sheepdog_executor.scheduler.slurm import SlurmOptions, SlurmScheduler
+from sheepdog_executor.shell import LocalShell
+
+LAUNCH = WorkerLaunch("/h/s1", "http://10.0.0.5:4242")
+
+
+@pytest.mark.parametrize(
+    ("written", "seconds"),
+    [
+        ("90", 5400),
+        (90, 5400),
+        ("2:00:00", 7200),
+        ("30:00", 1800),  # MM:SS, as Slurm reads it
+        ("1-12:00:00", 129600),
+        ("2-0", 172800),
+        ("90m", 5400),
+        ("2h", 7200),
+        ("1d", 86400),
+        ("48:00:00", 172800),
+        (datetime.timedelta(hours=1, seconds=1), 3601),
+    ],
+)
+def test_time_limits_in_the_forms_users_write(written: Any, seconds: int) -> None:
+    assert parse_time(written) == seconds
+
+
+@pytest.mark.parametrize(
+    ("written", "size"),
+    [("4G", 4 * 2**30), ("512M", 512 * 2**20), ("1.5GB", 3 * 2**29), ("100MiB", 100 * 2**20), ("2g", 2**31)],
+)
+def test_memory_in_the_forms_users_write(written: str, size: int) -> None:
+    assert parse_memory(written) == size
+
+
+def test_sizes_and_times_are_written_back_in_both_schedulers_words() -> None:
+    assert [format_memory(4 * 2**30), format_memory(1536 * 2**20), format_memory(10**9)] == [
+        "4G",
+        "1536M",
+        "954M",
+    ]
+    assert [format_time(5400), format_time(172800), format_time(61)] == ["1:30:00", "48:00:00", "0:01:01"]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"time": "an hour"}, "time='an hour' is not a time limit: write minutes (\"90\"), H:MM:SS"),
+        ({"time": "0"}, "time='0' must be longer than 0"),
+        ({"mem": "4096"}, 'mem=\'4096\' is not a memory size (a unit is needed: "4096M" or "4096G"?)'),
+        ({"mem": "lots"}, "mem='lots' is not a memory size: write a number and a unit, e.g. \"4G\""),
+        ({"cpus": 0}, "cpus=0 must be a whole number, 1 or more"),
+        ({"gpus": "one"}, "gpus='one' must be a whole number, 0 or more"),
+    ],
+)
+def test_bad_forms_are_refused_before_connecting(options: dict[str, Any], message: str) -> None:
+    for executor in (GridEngineExecutor, SlurmExecutor):
+        with pytest.raises(ConfigurationError) as caught:
+            executor(host="no-such-host.invalid", **options)
+        assert message in str(caught.value), str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("executor", "options", "message"),
+    [
+        (
+            GridEngineExecutor,
+            {"time": "1:00:00", "resources": {"h_rt": "2:00:00"}},
+            "time='1:00:00' and resources={'h_rt': ...} both ask Grid Engine for each task's time limit; "
+            "keep one: time= (the same word on every scheduler) or resources={'h_rt': ...}, not both",
+        ),
+        (GridEngineExecutor, {"mem": "4G", "resources": ["h_vmem=4G"]}, "resources={'h_vmem': ...}"),
+        (
+            GridEngineExecutor,
+            {"mem": "4G", "memory_resource": "mem_free", "resources": {"mem_free": "1G"}},
+            "resources={'mem_free': ...}",
+        ),
+        (GridEngineExecutor, {"cpus": 2, "parallel_environment": "smp", "slots": 2}, "and slots= both"),
+        (SlurmExecutor, {"cpus": 2, "cpus_per_task": 2}, "cpus=2 and cpus_per_task= both ask Slurm"),
+        (SlurmExecutor, {"gpus": 1, "gres": "gpu:2"}, "gpus=1 and gres= both ask Slurm for each task's GPUs"),
+        (SlurmExecutor, {"time": "60", "sbatch_args": ["--time=2:00:00"]}, "and --time=2:00:00 both"),
+        (SlurmExecutor, {"mem": "1G", "sbatch_args": ["--mem-per-cpu=1G"]}, "and --mem-per-cpu=1G both"),
+    ],
+)
+def test_a_resource_asked_twice_is_refused(
+    executor: type[ClusterExecutor], options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ResourceConflict) as caught:
+        executor(host="no-such-host.invalid", **options)
+    assert message in str(caught.value), str(caught.value)
+
+
+def test_grid_engine_words_memory_per_slot_a_pe_for_cpus_and_a_gpu_complex() -> None:
+    needs = Resources.parse({"time": "90", "mem": "4G", "cpus": 4, "gpus": 1})
+    script = GridEngineScheduler(LocalShell(), JobOptions(needs=needs)).render(LAUNCH, 3)
+    for line in ("#$ -l h_rt=1:30:00", "#$ -l h_vmem=1G", "#$ -l gpu=1", "#$ -pe smp 4"):
+        assert line in script.splitlines(), line
+    site = GridEngineOptions(
+        parallel_environment="threads", memory_resource="h_vmem,mem_free", gpu_resource="ngpus"
+    )
+    script = GridEngineScheduler(LocalShell(), JobOptions(needs=needs), site=site).render(LAUNCH, 3)
+    for line in ("#$ -l h_vmem=1G", "#$ -l mem_free=1G", "#$ -l ngpus=1", "#$ -pe threads 4"):
+        assert line in script.splitlines(), line
+    odd = Resources.parse({"mem": "1G", "cpus": 3})  # rounded up to whole megabytes per slot
+    assert "#$ -l h_vmem=342M" in GridEngineScheduler(LocalShell(), JobOptions(needs=odd)).render(LAUNCH, 1)
+
+
+def test_slurm_words() -> None:
+    needs = Resources.parse({"time": "1-00:00:00", "mem": "1536M", "cpus": 4, "gpus": 2})
+    line = SlurmScheduler(LocalShell(), JobOptions(needs=needs), site=SlurmOptions(gres="license:1"))
+    words = line.sbatch_command(LAUNCH, 3).split(" ")
+    for part in ("--time=24:00:00", "--mem=1536M", "--cpus-per-task=4", "--gres=license:1,gpu:2"):
+        assert part in words, part
+
+
+def working_for(seconds: float) -> dict[str, str | None]:
+    """Wait (while the test reads the job back from the scheduler), then say what the task set."""
+    time.sleep(seconds)
+    return {name: os.environ.get(name) for name in ("SHEEPDOG_CPUS", *THREAD_VARIABLES)}
+
+
+def granted(cluster: Cluster, job: str) -> dict[str, str]:
+    """What the scheduler itself says the job asked for: time limit, memory, CPUs."""
+    if cluster.scheduler == "gridengine":
+        text = cluster.ssh(f"qstat -j {job}").stdout
+        hard = dict(re.findall(r"(\w+)=([^,\s]+)", re.search(r"hard resource_list:\s*(.*)", text).group(1)))
+        pe = re.search(r"parallel environment:\s*(\S+) range:\s*(\d+)", text)
+        return {"time": hard["h_rt"], "mem per slot": hard["h_vmem"], "cpus": f"{pe.group(1)} {pe.group(2)}"}
+    text = cluster.ssh(f"scontrol show job {job}").stdout
+    field = dict(re.findall(r"([\w/]+)=(\S+)", text))
+    return {"time": field["TimeLimit"], "mem": field["MinMemoryNode"], "cpus": field["CPUs/Task"]}
+
+
+@pytest.mark.cluster
+def test_the_same_script_on_both_schedulers_by_changing_the_class(
+    cluster: Cluster, make_any_executor: Callable[..., ClusterExecutor]
+) -> None:
+    executor = make_any_executor(max_workers=1, time="90", mem="1G", cpus=2)
+    future = executor.submit(working_for, 6)
+    wait_until(future.running, 120, "the call to start")
+    seen = granted(cluster, executor.job_ids[0])
+    if cluster.scheduler == "gridengine":  # h_rt in seconds; h_vmem per slot: 1G over 2 slots
+        assert seen == {"time": "5400", "mem per slot": "512M", "cpus": "smp 2"}, seen
+    else:
+        assert seen == {"time": "01:30:00", "mem": "1G", "cpus": "2"}, seen
+    assert set(future.result(timeout=60).values()) == {"2"}  # cpus= sets OMP_NUM_THREADS and kin
