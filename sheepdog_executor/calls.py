@@ -233,13 +233,16 @@ class CallBook:
     executor's own), the books they share, and the ending of calls (failed, cancelled). Shares its
     owner's lock; Futures are resolved outside it."""
 
-    def __init__(self, lock: threading.Lock, stats: Stats, on_change: Callable[[], None]) -> None:
+    def __init__(
+        self, lock: threading.Lock, stats: Stats, on_change: Callable[[], None], needs: Resources
+    ) -> None:
         self._lock = lock
         self.stats = stats
         self.books = Books()
         self._on_change = on_change
         self.queues: dict[Resources, CallQueue] = {}
-        self.default = self.queue(Resources())
+        #: The executor's own resource set.
+        self.default = self.queue(needs)
 
     def queue(self, needs: Resources) -> CallQueue:
         """The queue of the calls that need ``needs`` (made on first use)."""
@@ -249,15 +252,26 @@ class CallBook:
             queue.needs = needs
         return queue
 
+    def by_label(self, label: str) -> CallQueue:
+        """The queue of the resource set a task's ``SHEEPDOG_RESOURCE_SET`` names (the executor's
+        own for a name it does not know)."""
+        for needs, queue in list(self.queues.items()):
+            if needs.label() == label:
+                return queue
+        return self.default
+
     def waiting(self) -> int:
         """Calls waiting for a worker, in every queue (with the lock held)."""
         return sum(queue.waiting() for queue in self.queues.values())
 
-    def take_waiting(self) -> list[WorkItem]:
-        """Take every call still waiting for a worker out of its queue; only ``end`` or a requeue
-        ends it now."""
+    def take_waiting(self, needs: Resources | None = None) -> list[WorkItem]:
+        """Take every call still waiting for a worker (of the set ``needs`` only, if given) out of
+        its queue; only ``end`` or a requeue ends it now."""
         with self._lock:
-            items = self.take_all_locked()
+            if needs is None:
+                items = self.take_all_locked()
+            else:
+                items = self.queue(needs).take_all_locked()
             for item in items:
                 item.state = HELD
                 item.future._item = None  # type: ignore[attr-defined]

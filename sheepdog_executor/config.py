@@ -30,7 +30,9 @@ CONFIG_ENV = "SHEEPDOG_EXECUTOR_CONFIG"
 HOST_ENV = "SHEEPDOG_HOST"
 #: ``SHEEPDOG_*`` variables that are not options: the config file's, the host's, and those the
 #: worker's task sets (a worker's own client, e.g. a nested executor, sees them).
-NOT_OPTIONS = frozenset({CONFIG_ENV, HOST_ENV, "SHEEPDOG_JOB_ID", "SHEEPDOG_TASK_ID", "SHEEPDOG_CPUS"})
+NOT_OPTIONS = frozenset(
+    {CONFIG_ENV, HOST_ENV, "SHEEPDOG_JOB_ID", "SHEEPDOG_TASK_ID", "SHEEPDOG_CPUS", "SHEEPDOG_RESOURCE_SET"}
+)
 DEFAULT_CONFIG_PATH = "~/.config/sheepdog-executor/config.toml"
 ENV_PREFIX = "SHEEPDOG_"
 

@@ -24,6 +24,7 @@ from sheepdog_executor.clock import awake_or_asleep
 from sheepdog_executor.errors import BrokenClusterExecutor
 from sheepdog_executor.handout import HandOut
 from sheepdog_executor.remote.protocol import Error, Item, Result
+from sheepdog_executor.resources import Resources
 from sheepdog_executor.results import Outcome, Results
 from sheepdog_executor.stats import Stats
 from sheepdog_executor.workers import Worker, WorkerRegistry, WorkerSeen, python_mismatch
@@ -60,6 +61,7 @@ class Dispatcher:
         echo_output: bool = False,
         max_workers: int = 1,
         disconnect_tolerance: float = 600.0,
+        needs: Resources | None = None,
     ) -> None:
         self.retries = retries
         self.disconnect_tolerance = disconnect_tolerance
@@ -77,7 +79,7 @@ class Dispatcher:
         self.tasks_seen: set[tuple[str, int]] = self.registry.tasks_seen
         self.stats = Stats()
         #: The unresolved calls: queues by resource set, the books they share.
-        self.calls = CallBook(self._lock, self.stats, lambda: self.on_change())
+        self.calls = CallBook(self._lock, self.stats, lambda: self.on_change(), needs or Resources())
         self._books = self.calls.books
         self.queue = self.calls.default
         self.broken: BaseException | None = None
@@ -109,15 +111,17 @@ class Dispatcher:
         futures: Sequence[Future[Any]],
         batch: int = 0,
         label: str = "",
+        needs: Resources | None = None,
     ) -> None:
         """Queue calls of ``fn`` as part of ``batch``: (args, kwargs) and a Future each; the
-        arguments are pickled only when a worker takes the call."""
-        queue = self.queue
-        key, blob = queue.function_key(fn)
+        arguments are pickled only when a worker takes the call. ``needs``: the calls' resource
+        set (None: the executor's own)."""
+        key, blob = self.queue.function_key(fn)
         count = len(futures)
         with self._lock:
             if self.broken is not None:
                 raise BrokenClusterExecutor(str(self.broken)) from self.broken
+            queue = self.queue if needs is None else self.calls.queue(needs)
             was_short = queue.waiting() == 0 or self._books.unresolved < self.max_workers
             queue.add_locked(fn, key, blob, arguments, futures, batch)
         self.stats.queued(batch, label or f"batch {batch}", count)
@@ -144,12 +148,18 @@ class Dispatcher:
     def outstanding(self) -> int:
         return self._books.unresolved
 
-    def liveness(self) -> Liveness:
-        """A snapshot of the workers and counts, for the job manager (which reads no table here)."""
+    def liveness(self, needs: Resources | None = None) -> Liveness:
+        """A snapshot of the workers and counts, for the job manager (which reads no table here);
+        with ``needs``, of that resource set's calls and workers only (when there are others)."""
         with self._lock:
-            workers, seen = self.registry.seen()
-            pending = self.queue.waiting()
-            return Liveness(workers, seen, pending, self._books.unresolved - pending, self.heartbeat)
+            if needs is None or len(self.calls.queues) == 1:
+                workers, seen = self.registry.seen()
+                pending = self.calls.waiting()
+                return Liveness(workers, seen, pending, self._books.unresolved - pending, self.heartbeat)
+            queue = self.calls.queue(needs)
+            workers, seen = self.registry.seen(lambda worker: (worker.queue or self.queue) is queue)
+            held = sum(len(self.registry.workers[w.id].items) for w in workers)
+            return Liveness(workers, seen, queue.waiting(), held, self.heartbeat)
 
     @property
     def _items(self) -> dict[int, WorkItem]:
@@ -168,6 +178,7 @@ class Dispatcher:
             return {"error": str(error)}
         worker = Worker(str(message["worker"]), job, task, str(message.get("host", "?")), awake_or_asleep())
         worker.route = str(message.get("route", ""))[:40]
+        worker.queue = self.calls.by_label(str(message.get("resources", "")))
         with self._lock:
             if self.stopping:
                 return {"error": "the executor is shutting down"}
@@ -248,7 +259,7 @@ class Dispatcher:
     def _take(self, worker: Worker, failed: list[Outcome]) -> list[Item]:
         """The calls of the next reply (as many as ``hand_out`` says), their arguments pickled now;
         a call whose arguments do not pickle goes to ``failed``."""
-        queue = self.queue
+        queue = worker.queue or self.queue
         want = self.hand_out.share(queue.waiting(), len(self.registry.workers), self._books.unresolved)
         return queue.take_locked(want, worker.id, worker.host, worker.items, failed)
 

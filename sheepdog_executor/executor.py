@@ -39,6 +39,8 @@ from sheepdog_executor.errors import BrokenClusterExecutor
 from sheepdog_executor.jobscript import JobOptions
 from sheepdog_executor.options import DEFAULT_MAX_WORKERS, ExecutorOptions, defaults
 from sheepdog_executor.remote.worker import run_chunk
+from sheepdog_executor.resources import Resources
+from sheepdog_executor.resourcesets import ResourceView
 from sheepdog_executor.scheduler import (
     GridEngineScheduler,
     LocalScheduler,
@@ -153,16 +155,36 @@ class ClusterExecutor(Executor):
 
     # -- submitting ---------------------------------------------------------------------------
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        return self._submit(fn, args, kwargs, None)
+
+    def with_resources(self, **resources: Any) -> ResourceView:
+        """A view of this executor whose calls need other resources per task (``time=``,
+        ``mem=``, ``cpus=``, ``gpus=``; None: the site's default), e.g.
+        ``ex.with_resources(mem="16G", time="4:00:00")``: its ``submit`` and ``map`` go to array
+        jobs of their own, on the same session; the others are this executor's own."""
+        return self._view(self._session.scheduler.options.needs, resources)
+
+    def _view(self, needs: Resources, changes: Mapping[str, Any]) -> ResourceView:
+        needs = needs.updated(changes)
+        scheduler = self._session.scheduler
+        scheduler.check_needs(scheduler.site, needs)  # ResourceConflict now, not at the first submit
+        return ResourceView(self, needs)
+
+    def _submit(
+        self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any], needs: Resources | None
+    ) -> Future[T]:
         future: Future[T] = CallFuture()
         with self._shutdown_lock:
             self._check_open()
+            if needs is not None:
+                self._session.jobs_for(needs)
             now = time.monotonic()
             if now - self._last_submit > SUBMIT_BATCH_SECONDS:
                 self._submit_batch = next(self._batch_ids)
                 self._submit_label = f"submit({_name_of(fn)})"
             self._last_submit = now
             self._session.dispatcher.add(
-                fn, ((args, kwargs),), (future,), self._submit_batch, self._submit_label
+                fn, ((args, kwargs),), (future,), self._submit_batch, self._submit_label, needs
             )
         return future
 
@@ -178,6 +200,17 @@ class ClusterExecutor(Executor):
         together, as one array job; with ``buffersize``, at most that many calls (chunks with
         ``chunksize``) are submitted ahead of the results consumed, so any iterable, endless
         ones included, is mapped in bounded memory."""
+        return self._map(fn, iterables, timeout, chunksize, buffersize, None)
+
+    def _map(
+        self,
+        fn: Callable[..., T],
+        iterables: tuple[Iterable[Any], ...],
+        timeout: float | None,
+        chunksize: int,
+        buffersize: int | None,
+        needs: Resources | None,
+    ) -> Iterator[T]:
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         if buffersize is not None and not isinstance(buffersize, int):
@@ -197,16 +230,17 @@ class ClusterExecutor(Executor):
             target = functools.partial(run_chunk, fn)
         with self._shutdown_lock:
             self._check_open()
+            jobs = self._session.jobs if needs is None else self._session.jobs_for(needs)
             batch = next(self._batch_ids)
             self._last_submit = 0.0  # the next submit starts a batch of its own
         refill: Callable[[], Future[Any] | None] | None = None
         if buffersize is None:
             arguments = list(calls)
-            futures = self._queue(target, arguments, batch, label)
+            futures = self._queue(target, arguments, batch, label, needs)
             total: int | None = len(arguments) if chunksize == 1 else sum(len(a[0]) for a, _ in arguments)
             del arguments
         else:
-            futures = self._queue(target, list(itertools.islice(calls, buffersize)), batch, label)
+            futures = self._queue(target, list(itertools.islice(calls, buffersize)), batch, label, needs)
             total = None
             executor = weakref.ref(self)
 
@@ -216,20 +250,20 @@ class ClusterExecutor(Executor):
                 call = next(calls, None) if alive is not None else None
                 if alive is None or call is None:
                     return None
-                return alive._queue(target, [call], batch, label)[0]
+                return alive._queue(target, [call], batch, label, needs)[0]
 
-        self._session.jobs.wake(flush=True)
+        jobs.wake(flush=True)
         interrupted = functools.partial(self._session.interrupt, batch)
         results = _ordered_results(futures, end_time, refill, interrupted)
         return self._with_progress(_flatten(results) if chunksize > 1 else results, total, label)
 
     def _queue(
-        self, fn: Callable[..., Any], arguments: list[Any], batch: int, label: str
+        self, fn: Callable[..., Any], arguments: list[Any], batch: int, label: str, needs: Resources | None
     ) -> list[Future[Any]]:
         futures: list[Future[Any]] = [CallFuture() for _ in arguments]
         with self._shutdown_lock:
             self._check_open()
-            self._session.dispatcher.add(fn, arguments, futures, batch, label)
+            self._session.dispatcher.add(fn, arguments, futures, batch, label, needs)
         return futures
 
     def _with_progress(self, results: Iterator[T], total: int | None, desc: str) -> Iterator[T]:
@@ -297,7 +331,7 @@ class ClusterExecutor(Executor):
     @property
     def job_ids(self) -> list[str]:
         """Ids of every job this executor submitted, in order."""
-        return list(self._session.jobs.submitted_jobs)
+        return self._session.submitted_jobs()
 
     @property
     def status_url(self) -> str | None:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sheepdog_executor.clock import awake_or_asleep
 from sheepdog_executor.diagnosis import Diagnosis
@@ -31,6 +31,9 @@ from sheepdog_executor.errors import (
 )
 from sheepdog_executor.jobscript import WorkerLaunch, setup_failure, worker_exit_status
 from sheepdog_executor.scheduler.base import JobStates, Scheduler, TaskState
+
+if TYPE_CHECKING:
+    from sheepdog_executor.resourcesets import SetView
 
 log = logging.getLogger("sheepdog_executor")
 
@@ -130,7 +133,7 @@ class JobManager:
     def __init__(
         self,
         scheduler: Scheduler,
-        dispatcher: Dispatcher,
+        dispatcher: Dispatcher | SetView,
         launch: WorkerLaunch,
         *,
         max_workers: int,

@@ -27,6 +27,8 @@ from sheepdog_executor.errors import ExecutorShutDown
 from sheepdog_executor.jobs import JobManager
 from sheepdog_executor.jobscript import WorkerLaunch
 from sheepdog_executor.remote.reach import ROUTES_FILE
+from sheepdog_executor.resources import Resources
+from sheepdog_executor.resourcesets import SetView, resource_sets
 from sheepdog_executor.scheduler import Scheduler
 from sheepdog_executor.server import Endpoint
 from sheepdog_executor.sessiondir import Owner, make_session_dir, prepare_root, this_client
@@ -90,6 +92,7 @@ class Session:
             echo_output=echo_output,
             max_workers=max_workers,
             disconnect_tolerance=disconnect_tolerance,
+            needs=scheduler.options.needs,
         )
         self._closed = False
         self._close_lock = threading.Lock()
@@ -97,6 +100,9 @@ class Session:
         self._empty = threading.Condition()
         #: The job manager, made last: what callbacks during the set-up find (None) until then.
         self._jobs: JobManager | None = None
+        #: The job managers of the other resource sets (``with_resources``), made on first use.
+        self._sets: dict[Resources, JobManager] = {}
+        self._sets_lock = threading.Lock()
         self.routes: list[tuple[str, str, int]] = []
         self.dispatcher.on_change = self._changed
         #: The site's largest array, asked now for the first submit (not awaited here).
@@ -161,7 +167,8 @@ class Session:
             bundle_sha256=hashlib.sha256(bundle).hexdigest(),  # the task checks it before running it
         )
         self._write_routes()
-        self._jobs = jobs(self.scheduler, self.dispatcher, self.launch)
+        self._make_jobs = jobs
+        self._jobs = jobs(self.scheduler, SetView(self.dispatcher, self.scheduler.options.needs), self.launch)
         self._jobs.start()
         undo.callback(self._jobs.stop, grace=0)
         log.info("session %s on %s, endpoint %s", self.session_dir, self.shell.description, self.launch.url)
@@ -252,6 +259,31 @@ class Session:
             raise RuntimeError("the session is still being set up")
         return self._jobs
 
+    def jobs_for(self, needs: Resources) -> JobManager:
+        """The job manager of the calls that need ``needs`` (made and started on first use: their
+        arrays ask the scheduler for ``needs``)."""
+        if needs == self.scheduler.options.needs:
+            return self.jobs
+        with self._sets_lock:
+            manager = self._sets.get(needs)
+            if manager is None:
+                if self._closed:
+                    raise RuntimeError("cannot schedule new futures after shutdown")
+                view = SetView(self.dispatcher, needs)
+                manager = self._make_jobs(self.scheduler.with_needs(needs), view, self.launch)
+                manager.start()
+                self._sets[needs] = manager
+        return manager
+
+    def managers(self) -> list[JobManager]:
+        """Every job manager: the executor's own resource set's first (none during the set-up)."""
+        with self._sets_lock:
+            return ([self._jobs] if self._jobs is not None else []) + list(self._sets.values())
+
+    def submitted_jobs(self) -> list[str]:
+        """Ids of every job submitted, of every resource set."""
+        return [job for manager in self.managers() for job in manager.submitted_jobs]
+
     def _write_routes(self) -> None:
         """Tell the workers how to reach us: the routes file they read (and re-read when their
         connection fails), and the endpoint record `sheepdog-executor cleanup` reads, both 0600."""
@@ -267,8 +299,8 @@ class Session:
     def _tunnel_moved(self, host: str, port: int, moved: bool) -> None:
         """The tunnel was re-made, perhaps elsewhere (its port was taken): workers learn it from the
         routes file, and get time to come back before their silence counts."""
-        if self._jobs is not None:
-            self._jobs.away.mark_back()
+        for manager in self.managers():
+            manager.away.mark_back()
         if not moved or not self.routes:  # during the set-up: it writes the routes it has
             return
         self.routes = [
@@ -284,8 +316,9 @@ class Session:
         jobs = self._jobs  # None while the session is still being set up
         return {
             **self.dispatcher.snapshot(),
-            "jobs": list(jobs.submitted_jobs) if jobs else [],
+            "jobs": self.submitted_jobs(),
             "polls": jobs.polls.snapshot() if jobs else {},
+            "resource_sets": resource_sets(self.dispatcher, self.managers()),
             "routes": [f"{label} {host}:{port}" for label, host, port in self.routes],
         }
 
@@ -310,8 +343,8 @@ class Session:
                 log.debug("could not remove task %s.%d of an interrupted map: %s", job, task, exc)
 
     def _changed(self) -> None:
-        if self._jobs is not None:  # None while the session is still being set up
-            self._jobs.wake()
+        for manager in self.managers():  # none while the session is still being set up
+            manager.wake()
         with self._empty:
             self._empty.notify_all()
 
@@ -341,10 +374,11 @@ class Session:
 
     def _teardown(self, abort: bool) -> None:
         self.dispatcher.stop()
-        try:
-            self.jobs.stop(grace=0 if abort else 5.0)
-        except Exception as exc:  # noqa: BLE001 - teardown goes on; say what may be left
-            log.warning("could not remove jobs %s: %s", list(self.jobs.jobs), exc)
+        for manager in self.managers():
+            try:
+                manager.stop(grace=0 if abort else 5.0)
+            except Exception as exc:  # noqa: BLE001 - teardown goes on; say what may be left
+                log.warning("could not remove jobs %s: %s", list(manager.jobs), exc)
         self.endpoint.stop()
         self.dispatcher.close()
         _remove_dir(self.shell, self.session_dir)

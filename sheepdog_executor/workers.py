@@ -12,7 +12,7 @@ from sheepdog_executor.errors import PythonVersionMismatch
 from sheepdog_executor.remote.protocol import Item, Result
 
 if TYPE_CHECKING:
-    from sheepdog_executor.calls import WorkItem
+    from sheepdog_executor.calls import CallQueue, WorkItem
     from sheepdog_executor.results import Outcome
 
 
@@ -36,6 +36,8 @@ class Worker:
     #: copy of an older one (sent on a connection the worker has left) changes nothing.
     request: int = 0
     answer: dict[str, Any] | None = None
+    #: The queue of its resource set: it takes calls from that one only.
+    queue: CallQueue | None = None
 
     def replay(self, request: int | None) -> dict[str, Any] | None:
         """The answer for a copy of an earlier ``/work`` request (None: a new request, now this
@@ -132,9 +134,13 @@ class WorkerRegistry:
             worker.last_seen = awake_or_asleep()
         return worker
 
-    def seen(self) -> tuple[tuple[WorkerSeen, ...], frozenset[tuple[str, int]]]:
-        """The workers as the job manager sees them, and the tasks seen: copies."""
-        workers = tuple(WorkerSeen(w.id, w.job, w.task, w.host, w.last_seen) for w in self.workers.values())
+    def seen(
+        self, mine: Callable[[Worker], bool] = lambda worker: True
+    ) -> tuple[tuple[WorkerSeen, ...], frozenset[tuple[str, int]]]:
+        """The workers as the job manager sees them (those ``mine`` says), and the tasks seen: copies."""
+        workers = tuple(
+            WorkerSeen(w.id, w.job, w.task, w.host, w.last_seen) for w in self.workers.values() if mine(w)
+        )
         return workers, frozenset(self.tasks_seen)
 
     def rows(self, now: float) -> list[dict[str, Any]]:

@@ -165,3 +165,68 @@ def test_the_same_script_on_both_schedulers_by_changing_the_class(
     else:
         assert seen == {"time": "01:30:00", "mem": "1G", "cpus": "2"}, seen
     assert set(future.result(timeout=60).values()) == {"2"}  # cpus= sets OMP_NUM_THREADS and kin
+
+
+def resource_set(seconds: float = 0.0) -> tuple[str | None, str]:
+    """The resource set and the job of the task that runs the call."""
+    time.sleep(seconds)
+    return os.environ.get("SHEEPDOG_RESOURCE_SET"), os.environ["SHEEPDOG_JOB_ID"]
+
+
+def lost_once(marker: str) -> str | None:
+    """Kill this call's worker the first time (a lost task), return its resource set the next."""
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), 9)
+    return os.environ.get("SHEEPDOG_RESOURCE_SET")
+
+
+@pytest.mark.cluster
+def test_a_view_with_other_resources_runs_in_arrays_of_its_own(
+    cluster: Cluster, make_any_executor: Callable[..., ClusterExecutor], chromium: Callable[..., str]
+) -> None:
+    executor = make_any_executor(max_workers=2, mem="500M")
+    big = executor.with_resources(mem="1G", time="30")
+    small = [executor.submit(resource_set, 1) for _ in range(3)]
+    slow = big.submit(resource_set, 8)
+    mapped = list(big.map(resource_set, [0.5] * 3))
+    wait_until(slow.running, 60, "the view's slow call to start")
+    rows = executor.status()["resource_sets"]
+    assert [row["resources"] for row in rows] == ["mem=500M", "mem=1G,time=0:30:00"], rows
+    page = chromium(executor.status_url, "--dump-dom")  # a line per resource set
+    assert 'data-set="mem=500M"' in page and 'data-set="mem=1G,time=0:30:00"' in page, page[-3000:]
+    big_job = rows[1]["jobs"][0]
+    if cluster.scheduler == "gridengine":
+        text = cluster.ssh(f"qstat -j {big_job}").stdout
+        assert re.search(r"hard resource_list:\s*h_rt=1800,h_vmem=1G\b", text), text
+    else:
+        text = cluster.ssh(f"scontrol show job {big_job}").stdout
+        assert "TimeLimit=00:30:00" in text and "MinMemoryNode=1G" in text, text
+    # a worker takes only calls of its own set: each call ran in a task of its set's arrays
+    own = {future.result(timeout=120) for future in small}
+    other = {*mapped, slow.result(timeout=60)}
+    assert {label for label, _ in own} == {"mem=500M"}
+    assert {label for label, _ in other} == {"mem=1G,time=0:30:00"}
+    assert not {job for _, job in own} & {job for _, job in other}
+    assert {job for _, job in own | other} <= set(executor.job_ids)  # each on the books, removed after
+
+
+@pytest.mark.cluster
+def test_a_views_lost_call_is_retried_in_its_own_set_and_shutdown_cancels_its_queue(
+    cluster: Cluster, make_any_executor: Callable[..., ClusterExecutor]
+) -> None:
+    home = cluster.ssh("pwd").stdout.strip()
+    marker = f"{home}/sd-lost-once-{os.getpid()}-{time.monotonic_ns()}"
+    executor = make_any_executor(max_workers=1, retries=1)
+    view = executor.with_resources(mem="600M")
+    try:
+        assert view.submit(lost_once, marker).result(timeout=180) == "mem=600M"
+    finally:
+        cluster.ssh(f"rm -f {marker}")
+    running = view.submit(resource_set, 3)
+    wait_until(running.running, 60, "the view's call to start")
+    queued = [view.submit(resource_set) for _ in range(3)]  # its one worker is busy: they wait
+    executor.shutdown(wait=True, cancel_futures=True)
+    assert running.result(timeout=1)[0] == "mem=600M"
+    assert all(future.cancelled() for future in queued)
+    assert cluster.jobs(set(executor.job_ids)) == {}  # every set's jobs removed
