@@ -37,7 +37,7 @@ class WorkItem:
     """One call (a map's chunk is a call of ``run_chunk``) waiting for, or held by, a worker."""
 
     __slots__ = ("id", "future", "fn_key", "args", "kwargs", "batch", "attempt", "worker",
-                 "losses", "undelivered", "state", "queue")  # fmt: skip
+                 "losses", "undelivered", "state", "queue", "history")  # fmt: skip
 
     def __init__(
         self,
@@ -62,6 +62,8 @@ class WorkItem:
         self.state = QUEUED
         #: The queue it waits in (its resource set's), and goes back to when it is run again.
         self.queue: CallQueue | None = None
+        #: The resource sets it was killed in over a limit, first to last (escalation.py).
+        self.history: tuple[Resources, ...] = ()
 
     def arguments(self) -> tuple[Any, dict[str, Any] | None]:
         """What the worker's ``call`` unpickles for this item: ``(args, kwargs)``."""
@@ -288,6 +290,14 @@ class CallBook:
             groups.setdefault(id(queue), (queue, []))[1].append(item)
         for queue, queued in groups.values():
             queue.requeue_locked(queued)
+
+    def move(self, items: Sequence[WorkItem], needs: Resources) -> None:
+        """Queue these calls (lost, held by nobody) again, at the front of the queue of ``needs``."""
+        with self._lock:
+            queue = self.queue(needs)
+            for item in items:
+                item.queue = queue
+            queue.requeue_locked(items)
 
     def end(self, items: Sequence[WorkItem], error: BaseException, outcome: str = "failed") -> None:
         """Resolve these calls (taken out of the queues and off the workers) with ``error``, each in

@@ -338,6 +338,9 @@ def _check_value(key: str, option: Option, value: Any, where: str) -> Any:
             value = {name: str(v) for name, v in value.items()}
         elif not _strings(value):
             raise wrong()
+    elif kind == "factors":
+        if not isinstance(value, dict):
+            raise wrong()
     return value
 
 

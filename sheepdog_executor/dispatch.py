@@ -91,6 +91,8 @@ class Dispatcher:
         #: Called (from any thread) when there is new work or the state changed; set by the owner.
         self.on_change: Callable[[], None] = lambda: None
         self.on_work: Callable[[], None] = lambda: None
+        #: Runs calls killed over a limit ("mem", "time") again with more; returns those it cannot.
+        self.escalate: Callable[[list[WorkItem], str], list[WorkItem]] | None = None
         #: Called with a worker's id when it is declared lost (its partial results are freed).
         self.on_lost: Callable[[str], None] = lambda worker_id: None
 

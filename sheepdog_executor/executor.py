@@ -36,6 +36,7 @@ from sheepdog_executor.environment import (
     stderr_progress,
 )
 from sheepdog_executor.errors import BrokenClusterExecutor
+from sheepdog_executor.escalation import Escalation
 from sheepdog_executor.jobscript import JobOptions
 from sheepdog_executor.options import DEFAULT_MAX_WORKERS, ExecutorOptions, defaults
 from sheepdog_executor.remote.worker import run_chunk
@@ -95,6 +96,9 @@ class ClusterExecutor(Executor):
         mem: str | None = None,
         cpus: int | None = None,
         gpus: int | None = None,
+        escalate: Mapping[str, float] | None = None,
+        max_mem: str | None = None,
+        max_time: str | None = None,
         retries: int = 0,
         batch_window: float = 0.05,
         poll_interval: float = 2.0,
@@ -143,6 +147,7 @@ class ClusterExecutor(Executor):
             )
             session_options = {name: options[name] for name in _SESSION_OPTIONS}
             session_options.update(max_workers=self._max_workers, initializer=init_blob, environment=sync)
+            session_options["escalation"] = Escalation.from_options(options)
             scheduler = self.scheduler_class(shell, job_options, command_setup, scheduler_options)
             self._session = Session(shell, scheduler, **session_options)
         except BaseException:

@@ -170,7 +170,12 @@ class JobManager:
         self._thread = threading.Thread(target=self._run, name="sheepdog-jobs", daemon=True)
         #: Gathers lost tasks' stderr and accounting on a thread of its own (joined in ``stop``).
         self.diagnosis = Diagnosis(
-            scheduler, launch, lambda items: dispatcher.retry_or_split(items)[1], dispatcher.fail_items, clock
+            scheduler,
+            launch,
+            lambda items: dispatcher.retry_or_split(items)[1],
+            dispatcher.fail_items,
+            clock,
+            escalate=lambda items, kind: dispatcher.escalate(items, kind) if dispatcher.escalate else items,
         )
 
     # -- control from other threads --------------------------------------------------------
@@ -434,10 +439,11 @@ class JobManager:
         shows memory at its request."""
 
         def make(**details: Any) -> WorkerError:
+            tried = details.pop("tried", "")  # what escalation tried: "mem=4G, then 8G: killed ..."
             record = details.get("accounting") or {}
             killed = self.scheduler.killed_for(record)
             how = self._how_it_ended(details.get("stderr_tail", ""), record) if ended else ""
-            headline = killed or "; ".join(filter(None, [why, how]))
+            headline = "; ".join(filter(None, [tried, killed])) or "; ".join(filter(None, [why, how]))
             hint = "" if killed else self.scheduler.memory_hint(record)
             headline += f"; {hint}" if hint else ""
             return self._error(WorkerLost, f"the worker running this call on {host} was lost: {headline}")(
@@ -583,7 +589,9 @@ class JobManager:
         accounting and stderr (gathered by ``diagnosis``: accounting can take seconds to appear).
         ``unless_killed``: retry only once the accounting shows that the scheduler did not kill the
         task over a limit (time, memory), which the call would only hit again."""
-        judge_later = retry and unless_killed and self.dispatcher.retries > 0
+        judge_later = (
+            retry and unless_killed and (self.dispatcher.retries > 0 or bool(self.dispatcher.escalate))
+        )
         failed = self.dispatcher.retry_or_split(items)[1] if retry and not judge_later else items
         if not failed:
             return

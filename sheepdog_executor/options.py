@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sheepdog_executor.errors import ConfigurationError
-from sheepdog_executor.resources import parse_count, parse_memory, parse_time
+from sheepdog_executor.resources import check_factors, parse_count, parse_memory, parse_time
 
 #: How workers reach the client (``callback=``).
 CALLBACK_MODES = ("auto", "direct", "tunnel")
@@ -26,7 +26,8 @@ _META = "sheepdog"
 
 @dataclass(frozen=True)
 class Option:
-    """How one option is written: ``kind`` is int, float, bool, str, "lines", "args" or "resources"."""
+    """How one option is written: ``kind`` is int, float, bool, str, "lines", "args", "resources"
+    or "factors"."""
 
     kind: type | str
     #: The values a string option may take, when only a few are valid.
@@ -56,6 +57,7 @@ class Option:
             "lines": "a string or an array of strings",
             "args": "an array of strings",
             "resources": 'a table of strings (h_vmem = "2G") or an array of "name=value" strings',
+            "factors": "a table of numbers above 1 (mem = 2, time = 2)",
         }[self.kind]
 
 
@@ -179,6 +181,14 @@ class ExecutorOptions(Mapping[str, Any]):
         None, "CPUs per task (and the threads of numerical libraries)", int, check=_cpus
     )
     gpus: int | None = option(None, "GPUs per task", int, check=_gpus)
+    escalate: Mapping[str, float] | None = option(
+        None,
+        'run a call killed over mem= or time= again with more: {"mem": 2, "time": 2}',
+        "factors",
+        check=check_factors,
+    )
+    max_mem: str | None = option(None, "the most mem= escalate= asks for", str, check=_memory)
+    max_time: str | None = option(None, "the most time= escalate= asks for", str, check=_time)
     # the executor
     retries: int = option(
         0, "how often a call whose worker was lost is run again", int, check=_no_negative_retries

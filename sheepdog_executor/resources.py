@@ -81,6 +81,30 @@ def parse_count(value: Any, name: str, least: int) -> int:
     return value
 
 
+#: What escalation raises (``escalate=``): the memory and the time limit.
+KINDS = ("mem", "time")
+
+
+def check_factors(value: Any) -> None:
+    """ConfigurationError unless ``value`` is None or ``{"mem": 2, "time": 1.5}``-like."""
+    if value is None:
+        return
+    if not isinstance(value, Mapping) or not value:
+        raise ConfigurationError(
+            f'escalate={value!r} must be a table of factors, e.g. {{"mem": 2, "time": 2}}'
+        )
+    for name, factor in value.items():
+        if name not in KINDS:
+            raise ConfigurationError(
+                f"escalate={{{name!r}: ...}}: only {' and '.join(KINDS)} are escalated, e.g. "
+                '{"mem": 2, "time": 2}'
+            )
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 1:
+            raise ConfigurationError(
+                f"escalate={{{name!r}: {factor!r}}}: a factor must be a number above 1, e.g. 2"
+            )
+
+
 def format_memory(size: int) -> str:
     """``4G``, ``1536M``: a size in the largest unit that writes it whole (megabytes at least,
     rounded up), as both Grid Engine and Slurm read it."""

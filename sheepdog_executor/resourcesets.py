@@ -42,6 +42,10 @@ class SetView:
     def broken(self) -> BaseException | None:
         return self._dispatcher.broken
 
+    @property
+    def escalate(self) -> Callable[[list[WorkItem], str], list[WorkItem]] | None:
+        return self._dispatcher.escalate
+
     def counts(self) -> tuple[int, int]:
         """(calls of this set waiting for a worker, calls its workers hold)."""
         live = self.liveness()

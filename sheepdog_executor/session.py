@@ -24,6 +24,7 @@ from sheepdog_executor.bundle import worker_bundle
 from sheepdog_executor.dispatch import Dispatcher
 from sheepdog_executor.environment import ENVIRONMENT_RECORD, EnvironmentSync, HeadNode, SyncedEnvironment
 from sheepdog_executor.errors import ExecutorShutDown
+from sheepdog_executor.escalation import Escalation, Escalator
 from sheepdog_executor.jobs import JobManager
 from sheepdog_executor.jobscript import WorkerLaunch
 from sheepdog_executor.remote.reach import ROUTES_FILE
@@ -80,6 +81,7 @@ class Session:
         status_page: bool = True,
         environment: EnvironmentSync | None = None,
         disconnect_tolerance: float = 600.0,
+        escalation: Escalation | None = None,
     ) -> None:
         self.shell = shell
         self.scheduler = scheduler
@@ -105,6 +107,10 @@ class Session:
         self._sets_lock = threading.Lock()
         self.routes: list[tuple[str, str, int]] = []
         self.dispatcher.on_change = self._changed
+        if escalation is not None:  # a call killed over a limit runs again in a set with more
+            self.dispatcher.escalate = Escalator(
+                escalation, self.dispatcher.calls, self.jobs_for, lambda: self.dispatcher.on_work()
+            )
         #: The site's largest array, asked now for the first submit (not awaited here).
         self.array_limit = in_background(scheduler.max_array_size, "sheepdog-array-limit")
         jobs = functools.partial(

@@ -16,7 +16,8 @@ import pytest
 from conftest import Cluster, wait_until
 
 from sheepdog_executor import ClusterExecutor, ConfigurationError, GridEngineExecutor, SlurmExecutor
-from sheepdog_executor.errors import ResourceConflict
+from sheepdog_executor.errors import ResourceConflict, WorkerLost
+from sheepdog_executor.escalation import Escalation, tried
 from sheepdog_executor.jobscript import THREAD_VARIABLES, JobOptions, WorkerLaunch
 from sheepdog_executor.resources import Resources, format_memory, format_time, parse_memory, parse_time
 from sheepdog_executor.scheduler.gridengine import GridEngineOptions, GridEngineScheduler
@@ -230,3 +231,81 @@ def test_a_views_lost_call_is_retried_in_its_own_set_and_shutdown_cancels_its_qu
     assert running.result(timeout=1)[0] == "mem=600M"
     assert all(future.cancelled() for future in queued)
     assert cluster.jobs(set(executor.job_ids)) == {}  # every set's jobs removed
+
+
+def test_escalation_doubles_up_to_the_ceiling_and_says_what_was_tried() -> None:
+    rule = Escalation.from_options({"escalate": {"mem": 2, "time": 1.5}, "max_mem": "16G"})
+    assert rule is not None
+    first = Resources.parse({"mem": "4G", "time": "60"})
+    steps = [first]
+    while (more := rule.next(steps[-1], "mem", first)) is not None:
+        steps.append(more)
+    assert [needs.words()["mem"] for needs in steps] == ["4G", "8G", "16G"]
+    assert rule.next(first, "time", first) == Resources.parse({"mem": "4G", "time": "90"})
+    unbounded = Escalation({"time": 2})  # without max_time: three steps above the first request
+    assert (
+        unbounded.next(Resources.parse({"time": "240"}), "time", Resources.parse({"time": "60"})) is not None
+    )
+    assert unbounded.next(Resources.parse({"time": "480"}), "time", Resources.parse({"time": "60"})) is None
+    assert rule.next(Resources(), "mem", Resources()) is None  # the site's default: nothing to double
+    assert tried(tuple(steps), "mem") == "mem=4G, then 8G, then 16G: killed over its memory each time"
+
+
+@pytest.mark.parametrize(
+    ("escalate", "message"),
+    [
+        ({"cpus": 2}, "escalate={'cpus': ...}: only mem and time are escalated"),
+        ({"mem": 1}, "escalate={'mem': 1}: a factor must be a number above 1"),
+        ([2], "escalate=[2] must be a table of factors"),
+    ],
+)
+def test_bad_escalation_is_refused_before_connecting(escalate: Any, message: str) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        SlurmExecutor(host="no-such-host.invalid", escalate=escalate)
+    assert message in str(caught.value), str(caught.value)
+
+
+def hold(megabytes: int, seconds: float) -> int:
+    """Hold this much memory (touched) for this long."""
+    block = bytearray(megabytes * 2**20)
+    time.sleep(seconds)
+    return len(block) // 2**20
+
+
+@pytest.mark.cluster
+def test_a_call_killed_over_its_memory_runs_again_with_more_on_slurm(
+    make_any_executor: Callable[..., ClusterExecutor], cluster: Cluster
+) -> None:
+    if cluster.scheduler != "slurm":
+        pytest.skip(
+            "Grid Engine's h_vmem fails an allocation (MemoryError), it does not kill: see the README"
+        )
+    executor = make_any_executor(max_workers=2, mem="100M", escalate={"mem": 2}, max_mem="200M")
+    fits_twice = executor.submit(hold, 120, 30)  # over 100M, within 200M
+    never_fits = executor.submit(hold, 300, 30)  # over both
+    assert fits_twice.result(timeout=300) == 120
+    error = never_fits.exception(timeout=300)
+    assert isinstance(error, WorkerLost), error
+    headline = str(error).splitlines()[0]
+    assert (
+        "mem=100M, then 200M: killed over its memory each time; Slurm killed its task over its memory "
+        "(mem=200M: MaxRSS" in headline
+    ), headline
+    assert [row["resources"] for row in executor.status()["resource_sets"]] == ["mem=100M", "mem=200M"]
+
+
+@pytest.mark.cluster
+def test_a_call_killed_over_its_time_limit_runs_again_with_more_on_grid_engine(
+    make_any_executor: Callable[..., ClusterExecutor], cluster: Cluster
+) -> None:
+    if cluster.scheduler != "gridengine":
+        pytest.skip("Slurm counts limits in whole minutes, checked every 30 s: its memory case is tested")
+    executor = make_any_executor(max_workers=1, time="0:20", escalate={"time": 2}, max_time="0:40")
+    assert executor.submit(hold, 1, 30).result(timeout=300) == 1  # over 20 s, within 40 s
+    error = executor.submit(hold, 1, 60).exception(timeout=300)  # over both
+    assert isinstance(error, WorkerLost), error
+    headline = str(error).splitlines()[0]
+    assert (
+        "time=0:00:20, then 0:00:40: killed over its time limit each time; Grid Engine killed its task "
+        "over a limit (h_rt=0:00:40" in headline
+    ), headline

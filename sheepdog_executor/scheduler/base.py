@@ -206,6 +206,11 @@ class Scheduler(ABC, Generic[OptionsT]):
         say, e.g. a plain SIGKILL): a limit the task went over, and the option to change."""
         return ""
 
+    def over_limit(self, accounting: Mapping[str, str]) -> str:
+        """Which of the task's limits the scheduler killed it over, from its ``accounting``:
+        "mem", "time", or "" (not known, or not a kill over a limit)."""
+        return ""
+
     def exit_signal(self, accounting: Mapping[str, str]) -> int | None:
         """The signal that ended a task, from its ``accounting`` (an exit status of 128+N, as
         Grid Engine and a shell report it); None when it was not a signal or is not known."""

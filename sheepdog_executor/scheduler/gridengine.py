@@ -172,6 +172,15 @@ class GridEngineScheduler(Scheduler[GridEngineOptions]):
         asked = ", ".join(limits) or "the queue's limits"
         return f"Grid Engine killed its task over a limit ({asked}; qacct failed 37); raise it in resources="
 
+    def over_limit(self, accounting: Mapping[str, str]) -> str:
+        if not self.killed_for(accounting):
+            return ""
+        needs = self.options.needs
+        wallclock = re.match(r"[\d.]+", accounting.get("ru_wallclock", ""))
+        if needs.time and wallclock and float(wallclock.group()) >= needs.time - 5:
+            return "time"
+        return "mem" if self.memory_hint(accounting) else ""
+
     def memory_hint(self, accounting: Mapping[str, str]) -> str:
         requests, pe = self.site.requests(self.options.needs)
         asked = [r.split("=", 1)[1] for r in requests if r.split("=")[0] == "h_vmem"]

@@ -195,6 +195,14 @@ class SlurmScheduler(Scheduler[SlurmOptions]):
             )
         return ""
 
+    def over_limit(self, accounting: Mapping[str, str]) -> str:
+        state = accounting.get("State", "").split(" ")[0]
+        if state == "TIMEOUT":
+            return "time"
+        if state == "OUT_OF_MEMORY" or (self.exit_signal(accounting) == 9 and self.memory_hint(accounting)):
+            return "mem"
+        return ""
+
     def exit_signal(self, accounting: Mapping[str, str]) -> int | None:
         status, _, signal = accounting.get("ExitCode", "").partition(":")
         if signal.isdigit() and int(signal):
