@@ -291,6 +291,18 @@ class CallBook:
         for queue, queued in groups.values():
             queue.requeue_locked(queued)
 
+    def retry_locked(self, items: Sequence[WorkItem], retries: int) -> tuple[list[WorkItem], list[WorkItem]]:
+        """Queue again the lost calls run at most ``retries`` times (-1: none, the executor is
+        closing); return (queued again, out of retries)."""
+        retried: list[WorkItem] = []
+        failed: list[WorkItem] = []
+        for item in items:
+            (retried if item.attempt - item.undelivered <= retries else failed).append(item)
+        for item in retried:
+            log.warning("call %d lost (%s); running it again", item.id, ", ".join(item.losses))
+        self.requeue_locked(retried)
+        return retried, failed
+
     def move(self, items: Sequence[WorkItem], needs: Resources) -> None:
         """Queue these calls (lost, held by nobody) again, at the front of the queue of ``needs``."""
         with self._lock:

@@ -141,7 +141,7 @@ class Diagnosis:
         if case.judge_later:
             killed = self.scheduler.killed_for(case.record)
             if killed:
-                lost = self._escalate(lost, self.scheduler.over_limit(case.record))
+                lost = self._escalate(lost, self.scheduler.killed_over(case.record))
                 if lost:
                     log.warning(
                         "not running again the calls of job %s, task %s: %s",
@@ -157,7 +157,7 @@ class Diagnosis:
     def _error(self, case: Case) -> WorkerError:
         details = {"job_id": case.job_id, "task_id": case.task_id, "accounting": case.record}
         item = case.items[0] if case.items else None
-        kind = self.scheduler.over_limit(case.record)
-        if item is not None and item.history and item.queue is not None and kind:  # escalated in vain
-            details["tried"] = tried((*item.history, item.queue.needs), kind)
+        if item is not None and item.history and item.queue is not None:  # escalated in vain
+            kind = self.scheduler.killed_over(case.record)
+            details["tried"] = tried((*item.history, item.queue.needs), kind) if kind else ""
         return case.make(**details, stderr_tail=case.tail or "")

@@ -119,14 +119,13 @@ class Dispatcher:
         arguments are pickled only when a worker takes the call. ``needs``: the calls' resource
         set (None: the executor's own)."""
         key, blob = self.queue.function_key(fn)
-        count = len(futures)
         with self._lock:
             if self.broken is not None:
                 raise BrokenClusterExecutor(str(self.broken)) from self.broken
             queue = self.queue if needs is None else self.calls.queue(needs)
             was_short = queue.waiting() == 0 or self._books.unresolved < self.max_workers
             queue.add_locked(fn, key, blob, arguments, futures, batch)
-        self.stats.queued(batch, label or f"batch {batch}", count)
+        self.stats.queued(batch, label or f"batch {batch}", len(futures))
         if was_short:  # otherwise the workers are busy and the job manager already has enough to do
             self.on_work()
             self.on_change()
@@ -144,7 +143,7 @@ class Dispatcher:
     def counts(self) -> tuple[int, int]:
         """(calls waiting for a worker, calls taken by workers and not resolved yet)."""
         with self._lock:
-            pending = self.queue.waiting()
+            pending = self.calls.waiting()
             return pending, self._books.unresolved - pending
 
     def outstanding(self) -> int:
@@ -178,9 +177,7 @@ class Dispatcher:
         if error is not None:
             self.fail_pending(error)
             return {"error": str(error)}
-        worker = Worker(str(message["worker"]), job, task, str(message.get("host", "?")), awake_or_asleep())
-        worker.route = str(message.get("route", ""))[:40]
-        worker.queue = self.calls.by_label(str(message.get("resources", "")))
+        worker = Worker.of(message, self.calls.by_label(str(message.get("resources", ""))))
         with self._lock:
             if self.stopping:
                 return {"error": "the executor is shutting down"}
@@ -296,20 +293,9 @@ class Dispatcher:
 
     def retry_or_split(self, items: list[WorkItem]) -> tuple[list[WorkItem], list[WorkItem]]:
         """Queue again the lost calls that have retries left; return (retried, out of retries)."""
-        retried, failed = [], []
         with self._lock:
-            for item in items:
-                if (
-                    item.attempt - item.undelivered <= self.retries
-                    and not self.stopping
-                    and self.broken is None
-                ):
-                    retried.append(item)
-                else:
-                    failed.append(item)
-            for item in retried:
-                log.warning("call %d lost (%s); running it again", item.id, ", ".join(item.losses))
-            self.calls.requeue_locked(retried)
+            closing = self.stopping or self.broken is not None
+            retried, failed = self.calls.retry_locked(items, -1 if closing else self.retries)
         if retried:
             self.on_work()
             self.on_change()

@@ -39,6 +39,15 @@ class Worker:
     #: The queue of its resource set: it takes calls from that one only.
     queue: CallQueue | None = None
 
+    @classmethod
+    def of(cls, hello: dict[str, Any], queue: CallQueue) -> Worker:
+        """The worker a hello describes, taking calls of ``queue``."""
+        job, task = str(hello.get("job")), int(hello.get("task", 0))
+        worker = cls(str(hello["worker"]), job, task, str(hello.get("host", "?")), awake_or_asleep())
+        worker.route = str(hello.get("route", ""))[:40]
+        worker.queue = queue
+        return worker
+
     def replay(self, request: int | None) -> dict[str, Any] | None:
         """The answer for a copy of an earlier ``/work`` request (None: a new request, now this
         worker's latest). Copies arrive late when the client was away (suspended, offline): the

@@ -206,7 +206,7 @@ class Scheduler(ABC, Generic[OptionsT]):
         say, e.g. a plain SIGKILL): a limit the task went over, and the option to change."""
         return ""
 
-    def over_limit(self, accounting: Mapping[str, str]) -> str:
+    def killed_over(self, accounting: Mapping[str, str]) -> str:
         """Which of the task's limits the scheduler killed it over, from its ``accounting``:
         "mem", "time", or "" (not known, or not a kill over a limit)."""
         return ""

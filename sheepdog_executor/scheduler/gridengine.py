@@ -172,7 +172,7 @@ class GridEngineScheduler(Scheduler[GridEngineOptions]):
         asked = ", ".join(limits) or "the queue's limits"
         return f"Grid Engine killed its task over a limit ({asked}; qacct failed 37); raise it in resources="
 
-    def over_limit(self, accounting: Mapping[str, str]) -> str:
+    def killed_over(self, accounting: Mapping[str, str]) -> str:
         if not self.killed_for(accounting):
             return ""
         needs = self.options.needs

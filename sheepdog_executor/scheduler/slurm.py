@@ -195,7 +195,7 @@ class SlurmScheduler(Scheduler[SlurmOptions]):
             )
         return ""
 
-    def over_limit(self, accounting: Mapping[str, str]) -> str:
+    def killed_over(self, accounting: Mapping[str, str]) -> str:
         state = accounting.get("State", "").split(" ")[0]
         if state == "TIMEOUT":
             return "time"
