@@ -309,3 +309,19 @@ def test_a_call_killed_over_its_time_limit_runs_again_with_more_on_grid_engine(
         "time=0:00:20, then 0:00:40: killed over its time limit each time; Grid Engine killed its task "
         "over a limit (h_rt=0:00:40" in headline
     ), headline
+
+
+def test_which_limit_the_scheduler_killed_a_task_over() -> None:
+    needs = Resources.parse({"mem": "100M", "time": "1"})
+    slurm = SlurmScheduler(LocalShell(), JobOptions(needs=needs))
+    assert slurm.killed_over({"State": "TIMEOUT", "Timelimit": "00:01:00"}) == "time"
+    assert slurm.killed_over({"State": "OUT_OF_MEMORY", "ReqMem": "100M"}) == "mem"
+    assert (
+        slurm.killed_over({"State": "FAILED", "ExitCode": "0:9", "MaxRSS": "426M", "ReqMem": "100M"}) == "mem"
+    )
+    assert slurm.killed_over({"State": "FAILED", "ExitCode": "0:9", "MaxRSS": "20M", "ReqMem": "100M"}) == ""
+    grid = GridEngineScheduler(LocalShell(), JobOptions(needs=Resources.parse({"mem": "1G", "time": "0:20"})))
+    h_rt = "37  : qmaster enforced h_rt, h_cpu, or h_vmem limit"
+    assert grid.killed_over({"failed": h_rt, "ru_wallclock": "21.0s", "maxvmem": "100.0MB"}) == "time"
+    assert grid.killed_over({"failed": h_rt, "ru_wallclock": "3.0s", "maxvmem": "1020.0MB"}) == "mem"
+    assert grid.killed_over({"failed": "0", "exit_status": "137", "ru_wallclock": "21.0s"}) == ""
