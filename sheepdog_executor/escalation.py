@@ -66,18 +66,21 @@ class Escalation:
         ceiling = self.max_mem if kind == "mem" else self.max_time
         if ceiling is None:
             ceiling = math.ceil(start * factor**DEFAULT_STEPS)
-        more = min(math.ceil(now * factor), ceiling)
+        more = math.ceil(now * factor)
+        if more >= 0.9 * ceiling:  # no last step of a few percent: 500M, then 1G, not 1000M, then 1G
+            more = ceiling
         if more <= now:
             return None
         return dataclasses.replace(needs, **{kind: more})
 
 
-def tried(history: tuple[Resources, ...], kind: str) -> str:
-    """``mem=4G, then 8G, then 16G: killed over its memory each time``."""
+def tried(history: tuple[Resources, ...], kind: str, ended: str = "killed over") -> str:
+    """``mem=4G, then 8G, then 16G: killed over its memory each time`` (``ended``: "out of" for
+    a call that raised MemoryError)."""
     shown = format_memory if kind == "mem" else format_time
     values = [shown(getattr(needs, kind)) for needs in history if getattr(needs, kind)]
     each = " each time" if len(values) > 1 else ""
-    return f"{kind}={', then '.join(values)}: killed over {_WHAT[kind]}{each}"
+    return f"{kind}={', then '.join(values)}: {ended} {_WHAT[kind]}{each}"
 
 
 class Escalator:
@@ -115,7 +118,7 @@ class Escalator:
                 now = (item.queue or self._calls.default).needs
                 item.history += (now,)
                 log.warning(
-                    "call %d was killed over %s (%s); running it again with %s",
+                    "call %d went over %s (%s); running it again with %s",
                     item.id,
                     _WHAT[kind],
                     now.label(),

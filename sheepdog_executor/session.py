@@ -108,9 +108,12 @@ class Session:
         self.routes: list[tuple[str, str, int]] = []
         self.dispatcher.on_change = self._changed
         if escalation is not None:  # a call killed over a limit runs again in a set with more
-            self.dispatcher.escalate = Escalator(
+            escalate = Escalator(
                 escalation, self.dispatcher.calls, self.jobs_for, lambda: self.dispatcher.on_work()
             )
+            self.dispatcher.escalate = escalate
+            if "mem" in escalation.factors:  # MemoryError under an address-space limit (h_vmem)
+                self.dispatcher.results.escalate_memory = lambda items: escalate(items, "mem")
         #: The site's largest array, asked now for the first submit (not awaited here).
         self.array_limit = in_background(scheduler.max_array_size, "sheepdog-array-limit")
         jobs = functools.partial(

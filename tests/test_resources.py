@@ -248,6 +248,8 @@ def test_escalation_doubles_up_to_the_ceiling_and_says_what_was_tried() -> None:
     )
     assert unbounded.next(Resources.parse({"time": "480"}), "time", Resources.parse({"time": "60"})) is None
     assert rule.next(Resources(), "mem", Resources()) is None  # the site's default: nothing to double
+    near = Resources.parse({"mem": "7.5G"})  # 15G is within 10 % of the ceiling: the ceiling then
+    assert rule.next(near, "mem", near) == Resources.parse({"mem": "16G"})
     assert tried(tuple(steps), "mem") == "mem=4G, then 8G, then 16G: killed over its memory each time"
 
 
@@ -292,6 +294,29 @@ def test_a_call_killed_over_its_memory_runs_again_with_more_on_slurm(
         "(mem=200M: MaxRSS" in headline
     ), headline
     assert [row["resources"] for row in executor.status()["resource_sets"]] == ["mem=100M", "mem=200M"]
+
+
+def out_of_memory_at(megabytes: int) -> int:
+    """Allocate this much (touched); under an address-space limit it raises MemoryError."""
+    return len(bytearray(megabytes * 2**20)) // 2**20
+
+
+@pytest.mark.cluster
+def test_a_call_out_of_its_memory_runs_again_with_more_on_grid_engine(
+    make_any_executor: Callable[..., ClusterExecutor], cluster: Cluster
+) -> None:
+    if cluster.scheduler != "gridengine":
+        pytest.skip("Slurm kills a task over its memory: the kill is escalated (the test above)")
+    executor = make_any_executor(max_workers=2, mem="500M", escalate={"mem": 2}, max_mem="1G")
+    fits_twice = executor.submit(out_of_memory_at, 600)  # over h_vmem=500M, within 1G
+    never_fits = executor.submit(out_of_memory_at, 1500)
+    assert fits_twice.result(timeout=180) == 600
+    error = never_fits.exception(timeout=180)
+    assert isinstance(error, MemoryError), error
+    assert "sheepdog: mem=500M, then 1G: out of its memory each time" in getattr(error, "__notes__", []), (
+        error
+    )
+    assert [row["resources"] for row in executor.status()["resource_sets"]] == ["mem=500M", "mem=1G"]
 
 
 @pytest.mark.cluster
