@@ -293,10 +293,8 @@ def render_script(
     lines = ["#!/bin/sh", *directives]
     lines.append(f'SHEEPDOG_JOB_ID="{job_id}"; SHEEPDOG_TASK_ID="{task_id}"')
     lines.append("export SHEEPDOG_JOB_ID SHEEPDOG_TASK_ID")
-    if options.needs.label():  # the resource set the worker takes calls of
-        lines.append(
-            f"SHEEPDOG_RESOURCE_SET={shlex.quote(options.needs.label())}; export SHEEPDOG_RESOURCE_SET"
-        )
+    # the resource set whose calls the worker takes (always set: sbatch passes on the submitter's)
+    lines.append(f"SHEEPDOG_RESOURCE_SET={shlex.quote(options.needs.label())}; export SHEEPDOG_RESOURCE_SET")
     lines.append(thread_limits(cpus))
     lines.append(task_body(options, launch))
     return "\n".join(lines) + "\n"

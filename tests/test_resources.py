@@ -15,7 +15,13 @@ from typing import Any
 import pytest
 from conftest import Cluster, wait_until
 
-from sheepdog_executor import ClusterExecutor, ConfigurationError, GridEngineExecutor, SlurmExecutor
+from sheepdog_executor import (
+    ClusterExecutor,
+    ConfigurationError,
+    GridEngineExecutor,
+    LocalExecutor,
+    SlurmExecutor,
+)
 from sheepdog_executor.errors import ResourceConflict, WorkerLost
 from sheepdog_executor.escalation import Escalation, tried
 from sheepdog_executor.jobscript import THREAD_VARIABLES, JobOptions, WorkerLaunch
@@ -350,3 +356,14 @@ def test_which_limit_the_scheduler_killed_a_task_over() -> None:
     assert grid.killed_over({"failed": h_rt, "ru_wallclock": "21.0s", "maxvmem": "100.0MB"}) == "time"
     assert grid.killed_over({"failed": h_rt, "ru_wallclock": "3.0s", "maxvmem": "1020.0MB"}) == "mem"
     assert grid.killed_over({"failed": "0", "exit_status": "137", "ru_wallclock": "21.0s"}) == ""
+
+
+def test_a_view_runs_on_local_processes_too() -> None:
+    with LocalExecutor(max_workers=1, status_page=False) as executor:
+        view = executor.with_resources(mem="1G", cpus=2)
+        assert view.submit(resource_set).result(timeout=60)[0] == "cpus=2,mem=1G"
+        assert executor.submit(resource_set).result(timeout=60)[0] == ""
+        assert [row["resources"] for row in executor.status()["resource_sets"]] == [
+            "the site's defaults",
+            "cpus=2,mem=1G",
+        ]
