@@ -30,7 +30,9 @@ CONFIG_ENV = "SHEEPDOG_EXECUTOR_CONFIG"
 HOST_ENV = "SHEEPDOG_HOST"
 #: ``SHEEPDOG_*`` variables that are not options: the config file's, the host's, and those the
 #: worker's task sets (a worker's own client, e.g. a nested executor, sees them).
-NOT_OPTIONS = frozenset({CONFIG_ENV, HOST_ENV, "SHEEPDOG_JOB_ID", "SHEEPDOG_TASK_ID", "SHEEPDOG_CPUS"})
+NOT_OPTIONS = frozenset(
+    {CONFIG_ENV, HOST_ENV, "SHEEPDOG_JOB_ID", "SHEEPDOG_TASK_ID", "SHEEPDOG_CPUS", "SHEEPDOG_RESOURCE_SET"}
+)
 DEFAULT_CONFIG_PATH = "~/.config/sheepdog-executor/config.toml"
 ENV_PREFIX = "SHEEPDOG_"
 
@@ -169,7 +171,7 @@ def environment_options(environ: Mapping[str, str] | None = None) -> dict[str, A
     found: dict[str, Any] = {}
     for name, option in OPTIONS.items():
         raw = environ.get(env_name(name), "").strip()
-        if not raw:
+        if not raw or env_name(name) in NOT_OPTIONS:  # SHEEPDOG_CPUS: the task's, not cpus=
             continue
         if not option.scalar:
             raise ConfigurationError(
@@ -335,6 +337,9 @@ def _check_value(key: str, option: Option, value: Any, where: str) -> Any:
                 raise wrong()
             value = {name: str(v) for name, v in value.items()}
         elif not _strings(value):
+            raise wrong()
+    elif kind == "factors":
+        if not isinstance(value, dict):
             raise wrong()
     return value
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from sheepdog_executor.clock import awake_or_asleep
 from sheepdog_executor.dispatch import WorkItem
 from sheepdog_executor.errors import WorkerError
+from sheepdog_executor.escalation import tried
 from sheepdog_executor.jobscript import WORKER_DEATH_TAIL, WorkerLaunch
 from sheepdog_executor.scheduler.base import Scheduler
 from sheepdog_executor.tracebacks import restore_source
@@ -61,8 +62,11 @@ class Diagnosis:
         retry: Callable[[list[WorkItem]], list[WorkItem]],
         fail: Callable[[list[WorkItem], BaseException], None],
         clock: Callable[[], float] = awake_or_asleep,
+        escalate: Callable[[list[WorkItem], str], list[WorkItem]] = lambda items, kind: items,
     ) -> None:
         self.scheduler, self.launch, self.clock = scheduler, launch, clock
+        #: Run calls killed over a limit again with more (escalation.py); returns those it cannot.
+        self._escalate = escalate
         #: Queue again what has retries left; return the calls out of retries.
         self._retry = retry
         self._fail = fail
@@ -163,16 +167,23 @@ class Diagnosis:
             if not lost:
                 return
             if killed:
-                log.warning(
-                    "not running again the calls of job %s, task %s: %s", case.job_id, case.task_id, killed
-                )
+                lost = self._escalate(lost, self.scheduler.killed_over(case.record))
+                if lost:
+                    log.warning(
+                        "not running again the calls of job %s, task %s: %s",
+                        case.job_id,
+                        case.task_id,
+                        killed,
+                    )
             else:
                 lost = self._retry(lost)
         if lost:
             self._fail(lost, self._error(case))
 
-    @staticmethod
-    def _error(case: Case) -> WorkerError:
-        return case.make(
-            job_id=case.job_id, task_id=case.task_id, accounting=case.record, stderr_tail=case.tail or ""
-        )
+    def _error(self, case: Case) -> WorkerError:
+        details = {"job_id": case.job_id, "task_id": case.task_id, "accounting": case.record}
+        item = case.items[0] if case.items else None
+        if item is not None and item.history and item.queue is not None:  # escalated in vain
+            kind = self.scheduler.killed_over(case.record)
+            details["tried"] = tried((*item.history, item.queue.needs), kind) if kind else ""
+        return case.make(**details, stderr_tail=case.tail or "")

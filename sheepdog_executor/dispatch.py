@@ -3,84 +3,34 @@
 Four threads meet here: the user's (``add``), the endpoint's (``hello``/``exchange``/``heartbeat``),
 the job manager's (``take_lost``, ``fail_items``) and the results thread, which alone unpickles
 results and resolves Futures (as CPython's executor manager thread does), so that a user's
-done-callback never stalls the endpoint and its heartbeats. One lock guards the state; Futures are
-resolved outside it, each in its own ``try``, so that nothing can strand one.
-
-A call's arguments stay as the caller gave them until a worker takes the call; they are pickled then
-(as ``ProcessPoolExecutor`` pickles at its call queue), so pending calls cost no pickled copy, and a
-lost call is pickled again for its retry. A result counts only when it comes from the worker and
-attempt that hold the call, so a late or replayed result never resolves a Future twice.
+done-callback never stalls the endpoint and its heartbeats. One lock guards the state (the call
+queue's too, ``calls.py``); Futures are resolved outside it, each in its own ``try``, so that
+nothing can strand one. A result counts only when it comes from the worker and attempt that hold the
+call, so a late or replayed result never resolves a Future twice.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import pickle
 import threading
-from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from sheepdog_executor import pickling
-from sheepdog_executor.callfuture import CallFuture
+from sheepdog_executor.calls import NO_KWARGS, CallBook, WorkItem
 from sheepdog_executor.clock import awake_or_asleep
-from sheepdog_executor.errors import (
-    BrokenClusterExecutor,
-    PythonVersionMismatch,
-)
-from sheepdog_executor.functions import FunctionCache
-from sheepdog_executor.handout import MAX_BYTES_PER_REPLY, HandOut
+from sheepdog_executor.errors import BrokenClusterExecutor
+from sheepdog_executor.handout import HandOut
 from sheepdog_executor.remote.protocol import Error, Item, Result
-from sheepdog_executor.results import Outcome, Results, set_exception
+from sheepdog_executor.resources import Resources
+from sheepdog_executor.results import Outcome, Results
 from sheepdog_executor.stats import Stats
-from sheepdog_executor.workers import Worker, WorkerRegistry, WorkerSeen
+from sheepdog_executor.workers import Worker, WorkerRegistry, WorkerSeen, python_mismatch
 
 log = logging.getLogger("sheepdog_executor")
-
-#: WorkItem.state: waiting for a worker, held by one (or lost, being diagnosed), resolved.
-QUEUED, HELD, ENDED = 0, 1, 2
-NO_KWARGS: dict[str, Any] = {}
-
-
-class WorkItem:
-    """One call (a map's chunk is a call of ``run_chunk``) waiting for, or held by, a worker."""
-
-    __slots__ = ("id", "future", "fn_key", "args", "kwargs", "batch", "attempt", "worker",
-                 "losses", "undelivered", "state", "head_start")  # fmt: skip
-
-    def __init__(
-        self,
-        id: int,
-        future: Future[Any],
-        fn_key: str,
-        args: Any,
-        kwargs: dict[str, Any] | None = None,
-        batch: int = 0,
-    ) -> None:
-        self.id = id
-        self.future = future
-        self.fn_key = fn_key
-        self.args = args
-        self.kwargs = kwargs
-        self.batch = batch
-        self.attempt = 0
-        self.worker: str | None = None
-        self.losses: tuple[str, ...] = ()  # the workers lost while holding it (rare: no list per call)
-        #: Hand-outs that use up no retry: replies that never reached the worker, calls a retiring
-        #: worker handed back unrun, runs its task's time ran out under (``diagnosis``).
-        self.undelivered = 0
-        self.state = QUEUED
-        #: Seconds between its worker's first request for calls and this call's latest hand-out:
-        #: a call handed out late in its task may be killed by the task's time limit, not by its
-        #: own length.
-        self.head_start = 0.0
-
-    def arguments(self) -> tuple[Any, dict[str, Any] | None]:
-        """What the worker's ``call`` unpickles for this item: ``(args, kwargs)``."""
-        return (self.args, self.kwargs)
+__all__ = ["NO_KWARGS", "Dispatcher", "Liveness", "WorkItem"]
 
 
 @dataclass(frozen=True)
@@ -111,6 +61,7 @@ class Dispatcher:
         echo_output: bool = False,
         max_workers: int = 1,
         disconnect_tolerance: float = 600.0,
+        needs: Resources | None = None,
     ) -> None:
         self.retries = retries
         self.disconnect_tolerance = disconnect_tolerance
@@ -122,21 +73,26 @@ class Dispatcher:
         self._initializer = initializer
         self._python = python
         self._lock = threading.Lock()
-        self._next_id = 1
-        self._pending: deque[WorkItem] = deque()
-        self._stale = 0  # entries of _pending whose call was cancelled (skipped when reached)
-        self._unresolved = 0  # calls added whose Future is not resolved yet
-        self._functions = FunctionCache()
-        #: The workers that said hello.
+        #: The workers that said hello; its tables (read them under the lock).
         self.registry = WorkerRegistry()
+        self.workers: dict[str, Worker] = self.registry.workers
+        self.tasks_seen: set[tuple[str, int]] = self.registry.tasks_seen
         self.stats = Stats()
+        #: The unresolved calls: queues by resource set, the books they share.
+        self.calls = CallBook(self._lock, self.stats, lambda: self.on_change(), needs or Resources())
+        self._books = self.calls.books
+        self.queue = self.calls.default
         self.broken: BaseException | None = None
         self.stopping = False
         #: The results thread: it alone unpickles results and resolves Futures.
-        self.results = Results(self.stats, self._resolved, self.break_, lambda: self.on_change(), echo_output)
+        self.results = Results(
+            self.stats, self.calls.resolved, self.break_, lambda: self.on_change(), echo_output
+        )
         #: Called (from any thread) when there is new work or the state changed; set by the owner.
         self.on_change: Callable[[], None] = lambda: None
         self.on_work: Callable[[], None] = lambda: None
+        #: Runs calls killed over a limit ("mem", "time") again with more; returns those it cannot.
+        self.escalate: Callable[[list[WorkItem], str], list[WorkItem]] | None = None
         #: Called with a worker's id when it is declared lost (its partial results are freed).
         self.on_lost: Callable[[str], None] = lambda worker_id: None
 
@@ -150,16 +106,6 @@ class Dispatcher:
         self.results.close()
 
     # -- the user's side --------------------------------------------------------------------
-    def function_key(self, fn: Callable[..., Any]) -> tuple[str, bytes]:
-        """(key, pickle) of ``fn``: pickled once while calls of it are outstanding."""
-        known = self._functions.known(fn)
-        if known is not None:
-            return known
-        key, blob = pickling.dump_function(fn)
-        with self._lock:
-            self._functions.remember(fn, key, blob)
-        return key, blob
-
     def add(
         self,
         fn: Callable[..., Any],
@@ -167,28 +113,19 @@ class Dispatcher:
         futures: Sequence[Future[Any]],
         batch: int = 0,
         label: str = "",
+        needs: Resources | None = None,
     ) -> None:
         """Queue calls of ``fn`` as part of ``batch``: (args, kwargs) and a Future each; the
-        arguments are pickled only when a worker takes the call."""
-        key, blob = self.function_key(fn)
-        count = len(futures)
+        arguments are pickled only when a worker takes the call. ``needs``: the calls' resource
+        set (None: the executor's own)."""
+        key, blob = self.queue.function_key(fn)
         with self._lock:
             if self.broken is not None:
                 raise BrokenClusterExecutor(str(self.broken)) from self.broken
-            was_short = len(self._pending) - self._stale == 0 or self._unresolved < self.max_workers
-            self._functions.use(fn, key, blob, count)
-            first = self._next_id
-            self._next_id += count
-            pending = self._pending
-            for i, (args, kwargs) in enumerate(arguments):
-                future = futures[i]
-                item = WorkItem(first + i, future, key, args, kwargs, batch)
-                if type(future) is CallFuture:
-                    future._on_cancel = self._forget_cancelled
-                    future._item = item
-                pending.append(item)
-            self._unresolved += count
-        self.stats.queued(batch, label or f"batch {batch}", count)
+            queue = self.queue if needs is None else self.calls.queue(needs)
+            was_short = queue.waiting() == 0 or self._books.unresolved < self.max_workers
+            queue.add_locked(fn, key, blob, arguments, futures, batch)
+        self.stats.queued(batch, label or f"batch {batch}", len(futures))
         if was_short:  # otherwise the workers are busy and the job manager already has enough to do
             self.on_work()
             self.on_change()
@@ -206,27 +143,24 @@ class Dispatcher:
     def counts(self) -> tuple[int, int]:
         """(calls waiting for a worker, calls taken by workers and not resolved yet)."""
         with self._lock:
-            pending = len(self._pending) - self._stale
-            return pending, self._unresolved - pending
+            pending = self.calls.waiting()
+            return pending, self._books.unresolved - pending
 
     def outstanding(self) -> int:
-        return self._unresolved
+        return self._books.unresolved
 
-    def liveness(self) -> Liveness:
-        """A snapshot of the workers and counts, for the job manager (which reads no table here)."""
+    def liveness(self, needs: Resources | None = None) -> Liveness:
+        """A snapshot of the workers and counts, for the job manager (which reads no table here);
+        with ``needs``, of that resource set's calls and workers only (when there are others)."""
         with self._lock:
-            workers, seen = self.registry.seen()
-            pending = len(self._pending) - self._stale
-            return Liveness(workers, seen, pending, self._unresolved - pending, self.heartbeat)
-
-    @property
-    def workers(self) -> dict[str, Worker]:
-        """The registered workers by id (the registry's table: read under the lock)."""
-        return self.registry.workers
-
-    @property
-    def tasks_seen(self) -> set[tuple[str, int]]:
-        return self.registry.tasks_seen
+            if needs is None or len(self.calls.queues) == 1:
+                workers, seen = self.registry.seen()
+                pending = self.calls.waiting()
+                return Liveness(workers, seen, pending, self._books.unresolved - pending, self.heartbeat)
+            queue = self.calls.queue(needs)
+            workers, seen = self.registry.seen(lambda worker: (worker.queue or self.queue) is queue)
+            held = sum(len(self.registry.workers[w.id].items) for w in workers)
+            return Liveness(workers, seen, queue.waiting(), held, self.heartbeat)
 
     @property
     def _items(self) -> dict[int, WorkItem]:
@@ -236,23 +170,14 @@ class Dispatcher:
 
     # -- the endpoint's side ----------------------------------------------------------------
     def hello(self, message: dict[str, Any]) -> dict[str, Any]:
-        python = tuple(message.get("python", ()))[:2]
         job, task = str(message.get("job")), int(message.get("task", 0))
         with self._lock:
             self.registry.tasks_seen.add((job, task))
-        if self._python is not None and python != self._python:
-            error = PythonVersionMismatch(
-                f"the workers run Python {'.'.join(map(str, message.get('python', ())))} on "
-                f"{message.get('host')} but this client runs Python {'.'.join(map(str, self._python))}; "
-                "pickled functions only travel between the same minor version: set python= (or "
-                "setup=) so the nodes use a matching interpreter",
-                job_id=job,
-                task_id=task,
-            )
+        error = python_mismatch(message, self._python)
+        if error is not None:
             self.fail_pending(error)
             return {"error": str(error)}
-        worker = Worker(str(message["worker"]), job, task, str(message.get("host", "?")), awake_or_asleep())
-        worker.route = str(message.get("route", ""))[:40]
+        worker = Worker.of(message, self.calls.by_label(str(message.get("resources", ""))))
         with self._lock:
             if self.stopping:
                 return {"error": "the executor is shutting down"}
@@ -292,44 +217,22 @@ class Dispatcher:
     def _exchange(
         self, worker_id: str, results: list[Result], fatal: bytes | None, request: int | None, retire: bool
     ) -> dict[str, Any] | None:
-        delivered: list[Outcome] = []
         with self._lock:
             worker = self.registry.heard_from(worker_id)
             if worker is None:
                 return {"stop": True}
-            if request is not None:
-                # copies of a request arrive late when the client was away (suspended, offline):
-                # the worker sent it again on another connection, or has moved on since
-                if request < worker.request:
-                    return {"items": []}  # nobody reads this answer: the worker left that connection
-                if request == worker.request and worker.answer is not None:
-                    return worker.answer  # the worker did not get it: the same calls again
-                worker.request, worker.answer = request, None
-            held = worker.items
-            for result in results:
-                item = held.get(result.item)
-                if item is None or item.attempt != result.attempt:
-                    continue  # late, duplicate or replayed
-                del held[result.item]
-                item.state = ENDED
-                worker.calls_done += 1
-                self.hand_out.observe(result.seconds)
-                delivered.append((item, result))
-            # A worker asks for work only once it has run everything it was given: calls it still
-            # holds never reached it (the reply was lost with its connection). Queue them again.
-            for item_id in sorted(held, reverse=True):
-                item = held[item_id]
-                item.worker = None
-                item.state = QUEUED
+            replayed = worker.replay(request)
+            if replayed is not None:
+                return replayed
+            delivered, undelivered = worker.take_results(results, self.hand_out.observe)
+            for item in undelivered:  # the reply was lost with its connection: queue them again
                 item.undelivered += 1
-                self._pending.appendleft(item)
-                self.stats.requeued(item.batch)
                 if retire:
                     log.debug("call %d handed back by retiring worker %s; queued again", item.id, worker_id)
                 else:
                     log.warning("call %d never reached worker %s; queued again", item.id, worker_id)
-            if held:
-                held.clear()
+            self.calls.requeue_locked(undelivered)
+            if undelivered:
                 self.on_work()
         if delivered:
             self.results.put(delivered)  # one hand-over per exchange: the results thread resolves
@@ -343,16 +246,8 @@ class Dispatcher:
                     return self._stop(worker)
                 batch = self._take(worker, failed)
                 if batch:
-                    worker.idle_since = None
-                    keys = {item.fn_key for item in batch} - worker.functions_sent
-                    functions = {key: self._functions.blob(key) for key in keys}
-                    worker.functions_sent.update(functions)
-                    worker.answer = {"items": [item.wire() for item in batch], "functions": functions}
-                    return worker.answer
-                now = awake_or_asleep()
-                if worker.idle_since is None:
-                    worker.idle_since = now
-                if now - worker.idle_since >= self.idle_timeout:
+                    return worker.reply(batch, self._books.functions.blob)
+                if worker.idle_for(awake_or_asleep()) >= self.idle_timeout:
                     return self._stop(worker)
                 return None
         finally:
@@ -366,92 +261,30 @@ class Dispatcher:
         self.on_change()
         return {"stop": True}
 
-    def _forget_cancelled(self, item: WorkItem) -> None:
-        """A queued call's Future was cancelled: it leaves the books now (its queue entry is
-        skipped when reached)."""
-        with self._lock:
-            if item.state != QUEUED:
-                return  # taken meanwhile, or already accounted for
-            item.state = ENDED
-            item.future._item = None  # type: ignore[attr-defined]
-            self._functions.release(item.fn_key)
-            self._stale += 1
-            self._unresolved -= 1
-            if self._stale == len(self._pending):
-                self._pending.clear()
-                self._stale = 0
-        self.stats.ended(item.batch, "cancelled", was_running=False)
-        self.on_change()
-
     def _take(self, worker: Worker, failed: list[Outcome]) -> list[Item]:
         """The calls of the next reply (as many as ``hand_out`` says), their arguments pickled now;
         a call whose arguments do not pickle goes to ``failed``."""
-        want = self.hand_out.share(
-            len(self._pending) - self._stale, len(self.registry.workers), self._unresolved
-        )
-        batch: list[Item] = []
-        taken: list[WorkItem] = []
-        size = 0
-        pending, held = self._pending, worker.items
+        queue = worker.queue or self.queue
+        want = self.hand_out.share(queue.waiting(), len(self.registry.workers), self._books.unresolved)
         now = awake_or_asleep()
         if worker.first_asked is None:
             worker.first_asked = now
-        head_start = now - worker.first_asked
-        while pending and len(batch) < want and size < MAX_BYTES_PER_REPLY:
-            item = pending.popleft()
-            if item.state != QUEUED:  # cancelled while queued
-                self._stale -= 1
-                continue
-            if item.attempt == 0 and not item.future.set_running_or_notify_cancel():
-                item.state = ENDED  # cancelled just now: its own cancel() finds it taken
-                self._functions.release(item.fn_key)
-                self._unresolved -= 1
-                self.stats.ended(item.batch, "cancelled", was_running=False)
-                continue
-            item.future._item = None  # type: ignore[attr-defined]  # no cycle once it left the queue
-            try:
-                payload = _dumps_arguments(item)
-            except Exception as exc:  # noqa: BLE001 - the call's own error, as ProcessPoolExecutor's
-                item.state = ENDED
-                self._functions.release(item.fn_key)
-                self.stats.started(item.batch, worker.host)
-                failed.append((item, exc))
-                continue
-            item.attempt += 1
-            item.worker = worker.id
-            item.state = HELD
-            item.head_start = head_start
-            held[item.id] = item
-            batch.append(Item(item.id, item.attempt, item.fn_key, payload))
-            taken.append(item)
-            size += len(payload)
-        for batch_id, count in collections.Counter(item.batch for item in taken).items():
-            self.stats.started(batch_id, worker.host, count)
+        batch = queue.take_locked(want, worker.id, worker.host, worker.items, failed)
+        for item in batch:  # how late in its task each call starts (``WorkItem.head_start``)
+            worker.items[item.id].head_start = now - worker.first_asked
         return batch
 
     def _initializer_failed(self, fatal: bytes) -> None:
         tb = Error(*pickle.loads(fatal)).traceback
         self.break_(BrokenClusterExecutor(f"the initializer failed on a worker, so no call can run:\n{tb}"))
 
-    def _resolved(self, count: int, released: collections.Counter[str]) -> None:
-        """The results thread resolved ``count`` calls, of these functions: off the books."""
-        with self._lock:
-            self._unresolved -= count
-            for key, uses in released.items():
-                self._functions.release(key, uses)
-
     # -- the job manager's side ------------------------------------------------------------
     def take_lost(self, worker_id: str) -> list[WorkItem]:
         """Forget a dead worker; return the calls it held (unresolved, held by nobody)."""
         with self._lock:
-            worker = self.registry.workers.pop(worker_id, None)
-            if worker is None:
-                return []
-            items = [worker.items[i] for i in sorted(worker.items)]
-            worker.items.clear()
-            for item in items:
-                item.worker = None
-                item.losses += (f"{worker.job}.{worker.task}",)
+            items = self.registry.take_lost(worker_id)
+        if items is None:
+            return []
         self.on_lost(worker_id)
         self.on_change()
         return items
@@ -468,60 +301,21 @@ class Dispatcher:
 
     def take_pending(self) -> list[WorkItem]:
         """Take every call still waiting for a worker out of the queue."""
-        with self._lock:
-            items = [item for item in self._pending if item.state == QUEUED]
-            for item in items:
-                item.state = HELD  # off the queue: only fail_items or retry_or_split ends it now
-                item.future._item = None  # type: ignore[attr-defined]
-            self._pending.clear()
-            self._stale = 0
-        return items
+        return self.calls.take_waiting()
 
     def retry_or_split(self, items: list[WorkItem]) -> tuple[list[WorkItem], list[WorkItem]]:
         """Queue again the lost calls that have retries left; return (retried, out of retries)."""
-        retried, failed = [], []
         with self._lock:
-            for item in items:
-                if (
-                    item.attempt - item.undelivered <= self.retries
-                    and not self.stopping
-                    and self.broken is None
-                ):
-                    retried.append(item)
-                else:
-                    failed.append(item)
-            for item in reversed(retried):
-                log.warning("call %d lost (%s); running it again", item.id, ", ".join(item.losses))
-                item.state = QUEUED
-                self._pending.appendleft(item)
-                self.stats.requeued(item.batch)
+            closing = self.stopping or self.broken is not None
+            retried, failed = self.calls.retry_locked(items, -1 if closing else self.retries)
         if retried:
             self.on_work()
             self.on_change()
         return retried, failed
 
     def fail_items(self, items: list[WorkItem], error: BaseException, outcome: str = "failed") -> None:
-        """Resolve these calls (taken out with ``take_*``) with ``error``, each in its own try; they
-        count as ``outcome`` ("failed", or "cancelled": stopped on purpose, no error to list)."""
-        with self._lock:
-            items = [item for item in items if item.state != ENDED]
-            for item in items:
-                item.state = ENDED
-                self._functions.release(item.fn_key)
-        text = f"{type(error).__name__}: {error}"
-        for item in items:
-            try:
-                if item.future.running() or item.future.set_running_or_notify_cancel():
-                    failed = text if outcome == "failed" else None
-                    self.stats.ended(item.batch, outcome, error=failed, was_running=item.attempt > 0)
-                    set_exception(item.future, error)
-                else:
-                    self.stats.ended(item.batch, "cancelled", was_running=False)
-            except Exception:  # noqa: BLE001 - the others must still end
-                log.exception("failing call %d", item.id)
-        with self._lock:
-            self._unresolved -= len(items)
-        self.on_change()
+        """Resolve these calls (taken out with ``take_*``) with ``error`` (``CallBook.end``)."""
+        self.calls.end(items, error, outcome)
 
     def fail_pending(self, error: BaseException) -> None:
         """Fail every call still waiting for a worker (one clear error, never a hang)."""
@@ -531,35 +325,12 @@ class Dispatcher:
         """Fail every unresolved call, held by a worker or not (results already in the results
         thread's hands are resolved by it)."""
         with self._lock:
-            items = [item for item in self._pending if item.state == QUEUED]
-            self._pending.clear()
-            self._stale = 0
-            for worker in self.registry.workers.values():
-                items.extend(worker.items.values())
-                worker.items.clear()
+            items = self.calls.take_all_locked() + self.registry.take_all_items()
         self.fail_items(items, error)
 
     def cancel_pending(self, reason: str = "") -> None:
-        """Cancel every call no worker has taken yet (a lost call queued for its retry is running,
-        as far as its Future is concerned: it stays); ``reason`` is their CancelledError's message."""
-        with self._lock:
-            items = [item for item in self._pending if item.state == QUEUED and item.attempt == 0]
-            for item in items:
-                item.state = ENDED
-                item.future._item = None  # type: ignore[attr-defined]
-                self._functions.release(item.fn_key)
-            kept = [item for item in self._pending if item.state == QUEUED and item.attempt > 0]
-            self._pending = deque(kept)
-            self._stale = 0
-        for item in items:
-            if type(item.future) is CallFuture:
-                item.future.cancel_because(reason)
-            else:
-                item.future.cancel()
-        self.stats.ended_many([(item.batch, "cancelled", 0.0, None, False) for item in items])
-        with self._lock:
-            self._unresolved -= len(items)
-        self.on_change()
+        """Cancel every call no worker has taken yet (``CallBook.cancel_unstarted``)."""
+        self.calls.cancel_unstarted(reason)
 
     def break_(self, error: BaseException) -> None:
         with self._lock:
@@ -572,19 +343,3 @@ class Dispatcher:
         with self._lock:
             self.stopping = True
         self.on_work()
-
-
-_SCALARS = (int, float, str, bytes, bool, type(None))
-
-
-def _dumps_arguments(item: WorkItem) -> bytes:
-    """Pickle a call's arguments; a call of a few scalars (most of a big map's) takes the C
-    pickler directly, everything else ``pickling.dumps``."""
-    args = item.args
-    if not item.kwargs and type(args) is tuple and len(args) <= 8:
-        for arg in args:
-            if type(arg) not in _SCALARS:
-                break
-        else:
-            return pickle.dumps((args, NO_KWARGS), protocol=pickling.PICKLE_PROTOCOL)
-    return pickling.dumps(item.arguments())

@@ -19,6 +19,20 @@ class OptionOfAnotherScheduler(ConfigurationError, TypeError):
     a TypeError too, as an unexpected keyword argument is."""
 
 
+class ResourceConflict(ConfigurationError):
+    """A resource of the shared vocabulary (``time=``, ``mem=``, ``cpus=``, ``gpus=``) is also
+    asked for in the scheduler's own words (``resources={"h_rt": ...}``, ``cpus_per_task=``)."""
+
+    WHAT = {"time": "time limit", "mem": "memory", "cpus": "CPUs", "gpus": "GPUs"}
+
+    def __init__(self, name: str, value: str, theirs: str, scheduler: str) -> None:
+        shown = value if name in ("cpus", "gpus") else repr(value)
+        super().__init__(
+            f"{name}={shown} and {theirs} both ask {scheduler} for each task's {self.WHAT[name]}; keep "
+            f"one: {name}= (the same word on every scheduler) or {theirs}, not both"
+        )
+
+
 class ConnectionFailed(SheepdogError, ConnectionError):
     """The head node could not be reached or refused us (DNS, TCP, host key, authentication)."""
 

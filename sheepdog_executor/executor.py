@@ -35,9 +35,12 @@ from sheepdog_executor.environment import (
     stderr_progress,
 )
 from sheepdog_executor.errors import BrokenClusterExecutor
+from sheepdog_executor.escalation import Escalation
 from sheepdog_executor.jobscript import JobOptions
 from sheepdog_executor.options import DEFAULT_MAX_WORKERS, ExecutorOptions, defaults
 from sheepdog_executor.remote.worker import run_chunk
+from sheepdog_executor.resources import Resources
+from sheepdog_executor.resourcesets import ResourceView
 from sheepdog_executor.scheduler import (
     GridEngineScheduler,
     LocalScheduler,
@@ -87,6 +90,13 @@ class ClusterExecutor(Executor):
         setup: Sequence[str] | str = (),
         setup_shell: str = "/bin/bash -l",
         python: str = "python3",
+        time: str | int | None = None,
+        mem: str | None = None,
+        cpus: int | None = None,
+        gpus: int | None = None,
+        escalate: Mapping[str, float] | None = None,
+        max_mem: str | None = None,
+        max_time: str | None = None,
         retries: int = 0,
         batch_window: float = 0.05,
         poll_interval: float = 2.0,
@@ -114,6 +124,9 @@ class ClusterExecutor(Executor):
         given = locals()
         options = ExecutorOptions(**{name: given[name] for name in ExecutorOptions.__dataclass_fields__})
         del given  # no second reference to this frame's values
+        job_options = JobOptions.from_options(options)
+        site = scheduler_options if scheduler_options is not None else self.scheduler_class.Options()
+        self.scheduler_class.check_needs(site, job_options.needs)  # before anything connects
         self._max_workers = max_workers or DEFAULT_MAX_WORKERS
         self._progress = progress
         self._shutdown_lock = threading.Lock()
@@ -149,15 +162,36 @@ class ClusterExecutor(Executor):
             max_workers=self._max_workers,
             initializer=init_blob,
             environment=sync,
+            escalation=Escalation.from_options(options),
         )
 
     # -- submitting ---------------------------------------------------------------------------
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        return self._submit(fn, args, kwargs, None)
+
+    def with_resources(self, **resources: Any) -> ResourceView:
+        """A view of this executor whose calls need other resources per task (``time=``,
+        ``mem=``, ``cpus=``, ``gpus=``; None: the site's default), e.g.
+        ``ex.with_resources(mem="16G", time="4:00:00")``: its ``submit`` and ``map`` go to array
+        jobs of their own, on the same session; the others are this executor's own."""
+        return self._view(self._session.scheduler.options.needs, resources)
+
+    def _view(self, needs: Resources, changes: Mapping[str, Any]) -> ResourceView:
+        needs = needs.updated(changes)
+        scheduler = self._session.scheduler
+        scheduler.check_needs(scheduler.site, needs)  # ResourceConflict now, not at the first submit
+        return ResourceView(self, needs)
+
+    def _submit(
+        self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any], needs: Resources | None
+    ) -> Future[T]:
         future: Future[T] = CallFuture()
         with self._shutdown_lock:
             self._check_open()
+            if needs is not None:
+                self._session.jobs_for(needs)
             batch, label = self._batches.of_submit(fn)
-            self._session.dispatcher.add(fn, ((args, kwargs),), (future,), batch, label)
+            self._session.dispatcher.add(fn, ((args, kwargs),), (future,), batch, label, needs)
         return future
 
     def map(
@@ -172,6 +206,17 @@ class ClusterExecutor(Executor):
         together, as one array job; with ``buffersize``, at most that many calls (chunks with
         ``chunksize``) are submitted ahead of the results consumed, so any iterable, endless
         ones included, is mapped in bounded memory."""
+        return self._map(fn, iterables, timeout, chunksize, buffersize, None)
+
+    def _map(
+        self,
+        fn: Callable[..., T],
+        iterables: tuple[Iterable[Any], ...],
+        timeout: float | None,
+        chunksize: int,
+        buffersize: int | None,
+        needs: Resources | None,
+    ) -> Iterator[T]:
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         if buffersize is not None and not isinstance(buffersize, int):
@@ -191,15 +236,16 @@ class ClusterExecutor(Executor):
             target = functools.partial(run_chunk, fn)
         with self._shutdown_lock:
             self._check_open()
+            jobs = self._session.jobs if needs is None else self._session.jobs_for(needs)
             batch = self._batches.of_map()
         refill: Callable[[], Future[Any] | None] | None = None
         if buffersize is None:
             arguments = list(calls)
-            futures = self._queue(target, arguments, batch, label)
+            futures = self._queue(target, arguments, batch, label, needs)
             total: int | None = len(arguments) if chunksize == 1 else sum(len(a[0]) for a, _ in arguments)
             del arguments
         else:
-            futures = self._queue(target, list(itertools.islice(calls, buffersize)), batch, label)
+            futures = self._queue(target, list(itertools.islice(calls, buffersize)), batch, label, needs)
             total = None
             executor = weakref.ref(self)
 
@@ -209,20 +255,20 @@ class ClusterExecutor(Executor):
                 call = next(calls, None) if alive is not None else None
                 if alive is None or call is None:
                     return None
-                return alive._queue(target, [call], batch, label)[0]
+                return alive._queue(target, [call], batch, label, needs)[0]
 
-        self._session.jobs.wake(flush=True)
+        jobs.wake(flush=True)
         interrupted = functools.partial(self._session.interrupt, batch)
         results = _ordered_results(futures, end_time, refill, interrupted)
         return self._with_progress(_flatten(results) if chunksize > 1 else results, total, label)
 
     def _queue(
-        self, fn: Callable[..., Any], arguments: list[Any], batch: int, label: str
+        self, fn: Callable[..., Any], arguments: list[Any], batch: int, label: str, needs: Resources | None
     ) -> list[Future[Any]]:
         futures: list[Future[Any]] = [CallFuture() for _ in arguments]
         with self._shutdown_lock:
             self._check_open()
-            self._session.dispatcher.add(fn, arguments, futures, batch, label)
+            self._session.dispatcher.add(fn, arguments, futures, batch, label, needs)
         return futures
 
     def _with_progress(self, results: Iterator[T], total: int | None, desc: str) -> Iterator[T]:
@@ -291,7 +337,7 @@ class ClusterExecutor(Executor):
     @property
     def job_ids(self) -> list[str]:
         """Ids of every job this executor submitted, in order."""
-        return list(self._session.jobs.submitted_jobs)
+        return self._session.submitted_jobs()
 
     @property
     def status_url(self) -> str | None:
@@ -339,6 +385,8 @@ class GridEngineExecutor(ClusterExecutor):
         resources: Mapping[str, str] | Sequence[str] | None = None,
         parallel_environment: str | None = None,
         slots: int = 1,
+        memory_resource: str = "h_vmem",
+        gpu_resource: str = "gpu",
         qsub_args: Sequence[str] = (),
         **options: Any,
     ) -> None:
@@ -351,8 +399,9 @@ class SlurmExecutor(ClusterExecutor):
     ``host=None``).
 
     The same executor as ``GridEngineExecutor``; the jobs are shaped by Slurm's own options, named as
-    sbatch names them: ``partition``, ``account``, ``qos``, ``time``, ``mem``, ``cpus_per_task``,
-    ``gres``, ``constraint``, and ``sbatch_args`` for anything else. Options not given here come
+    sbatch names them: ``partition``, ``account``, ``qos``, ``cpus_per_task``, ``gres``,
+    ``constraint``, and ``sbatch_args`` for anything else; ``time``, ``mem``, ``cpus`` and ``gpus``
+    are the same words on every scheduler. Options not given here come
     from the config file and environment (see ``config.py``).
     """
 
@@ -368,8 +417,6 @@ class SlurmExecutor(ClusterExecutor):
         partition: str | None = None,
         account: str | None = None,
         qos: str | None = None,
-        time: str | None = None,
-        mem: str | None = None,
         cpus_per_task: int = 1,
         gres: str | None = None,
         constraint: str | None = None,

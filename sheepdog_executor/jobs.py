@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sheepdog_executor.away import PAUSE_SECONDS, AwayClock
 from sheepdog_executor.clock import awake_or_asleep
@@ -27,6 +27,9 @@ from sheepdog_executor.removal import Removal
 from sheepdog_executor.scheduler.base import JobStates, Scheduler, TaskState
 from sheepdog_executor.sitelimits import SiteLimits
 from sheepdog_executor.submission import Submitter
+
+if TYPE_CHECKING:
+    from sheepdog_executor.resourcesets import SetView
 
 log = logging.getLogger("sheepdog_executor")
 
@@ -65,7 +68,7 @@ class JobManager:
     def __init__(
         self,
         scheduler: Scheduler,
-        dispatcher: Dispatcher,
+        dispatcher: Dispatcher | SetView,
         launch: WorkerLaunch,
         *,
         max_workers: int,

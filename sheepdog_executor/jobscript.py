@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from sheepdog_executor.errors import ConfigurationError
+from sheepdog_executor.resources import Resources
 
 #: C0 control characters and DEL: a newline or CR starts a new line of the job script (``shlex.quote``
 #: keeps them), a NUL cuts it. A tab is allowed in ``setup`` lines only, where it is indentation.
@@ -74,6 +75,8 @@ class JobOptions:
     setup_shell: str = "/bin/bash -l"
     #: The Python interpreter on the nodes.
     python: str = "python3"
+    #: What each task asks for (``time=``, ``mem=``, ``cpus=``, ``gpus=``), in every scheduler's words.
+    needs: Resources = Resources()
 
     def __post_init__(self) -> None:
         check_options(self)
@@ -85,8 +88,9 @@ class JobOptions:
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> JobOptions:
         """The fields found in an executor's options (the others ignored); ``setup`` may be a line."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        found = {k: v for k, v in options.items() if k in names and v is not None}
+        names = {f.name for f in dataclasses.fields(cls)} - {"needs"}
+        found: dict[str, Any] = {k: v for k, v in options.items() if k in names and v is not None}
+        found["needs"] = Resources.parse(options)
         if isinstance(found.get("setup"), str):
             found["setup"] = [found["setup"]]
         if "setup" in found:
@@ -299,6 +303,8 @@ def render_script(
         lines.append(f"{name}={word}; export {name}")
     lines.append(f'SHEEPDOG_JOB_ID="{job_id}"; SHEEPDOG_TASK_ID="{task_id}"')
     lines.append("export SHEEPDOG_JOB_ID SHEEPDOG_TASK_ID")
+    # the resource set whose calls the worker takes (always set: sbatch passes on the submitter's)
+    lines.append(f"SHEEPDOG_RESOURCE_SET={shlex.quote(options.needs.label())}; export SHEEPDOG_RESOURCE_SET")
     lines.append(thread_limits(cpus))
     lines.append(task_body(options, launch))
     return "\n".join(lines) + "\n"

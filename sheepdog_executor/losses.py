@@ -8,7 +8,7 @@ import functools
 import logging
 import signal
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sheepdog_executor.away import AwayClock
 from sheepdog_executor.diagnosis import LATE_SECONDS, Diagnosis
@@ -17,6 +17,9 @@ from sheepdog_executor.errors import WorkerError, WorkerLost, WorkerStartFailed
 from sheepdog_executor.jobscript import WorkerLaunch, setup_failure, worker_exit_status
 from sheepdog_executor.scheduler.base import Scheduler
 from sheepdog_executor.workers import WorkerSeen
+
+if TYPE_CHECKING:
+    from sheepdog_executor.resourcesets import SetView
 
 log = logging.getLogger("sheepdog_executor")
 
@@ -27,7 +30,7 @@ class Losses:
     def __init__(
         self,
         scheduler: Scheduler,
-        dispatcher: Dispatcher,
+        dispatcher: Dispatcher | SetView,
         launch: WorkerLaunch,
         away: AwayClock,
         disconnect_tolerance: float,
@@ -40,7 +43,12 @@ class Losses:
         self.disconnect_tolerance = disconnect_tolerance
         #: Gathers lost tasks' stderr and accounting on a thread of its own (joined in ``stop``).
         self.diagnosis = Diagnosis(
-            scheduler, launch, lambda items: dispatcher.retry_or_split(items)[1], dispatcher.fail_items, clock
+            scheduler,
+            launch,
+            lambda items: dispatcher.retry_or_split(items)[1],
+            dispatcher.fail_items,
+            clock,
+            escalate=lambda items, kind: dispatcher.escalate(items, kind) if dispatcher.escalate else items,
         )
 
     def worker_lost(self, worker: WorkerSeen, *, gone: bool, silence: float) -> None:
@@ -94,10 +102,11 @@ class Losses:
         shows memory at its request."""
 
         def make(**details: Any) -> WorkerError:
+            tried = details.pop("tried", "")  # what escalation tried: "mem=4G, then 8G: killed ..."
             record = details.get("accounting") or {}
             killed = self.scheduler.killed_for(record)
             how = self._how_it_ended(details.get("stderr_tail", ""), record) if ended else ""
-            headline = killed or "; ".join(filter(None, [why, how]))
+            headline = "; ".join(filter(None, [tried, killed])) or "; ".join(filter(None, [why, how]))
             hint = "" if killed else self.scheduler.memory_hint(record)
             headline += f"; {hint}" if hint else ""
             return self._error(WorkerLost, f"the worker running this call on {host} was lost: {headline}")(
@@ -158,7 +167,8 @@ class Losses:
         task over a limit (time, memory), which the call would only hit again, unless the task's
         time ran out under a call it started late (``ran_out_under``: run again, retries or not)."""
         late = any(item.head_start > LATE_SECONDS for item in items)
-        judge_later = retry and unless_killed and (self.dispatcher.retries > 0 or late)
+        escalates = bool(self.dispatcher.escalate)
+        judge_later = retry and unless_killed and (self.dispatcher.retries > 0 or late or escalates)
         failed = self.dispatcher.retry_or_split(items)[1] if retry and not judge_later else items
         if failed:
             self.diagnosis.add(failed, job_id, task_id, make, judge_later)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sheepdog_executor.errors import ConfigurationError
+from sheepdog_executor.resources import check_factors, parse_count, parse_memory, parse_time
 
 #: How workers reach the client (``callback=``).
 CALLBACK_MODES = ("auto", "direct", "tunnel")
@@ -25,7 +26,8 @@ _META = "sheepdog"
 
 @dataclass(frozen=True)
 class Option:
-    """How one option is written: ``kind`` is int, float, bool, str, "lines", "args" or "resources"."""
+    """How one option is written: ``kind`` is int, float, bool, str, "lines", "args", "resources"
+    or "factors"."""
 
     kind: type | str
     #: The values a string option may take, when only a few are valid.
@@ -55,6 +57,7 @@ class Option:
             "lines": "a string or an array of strings",
             "args": "an array of strings",
             "resources": 'a table of strings (h_vmem = "2G") or an array of "name=value" strings',
+            "factors": "a table of numbers above 1 (mem = 2, time = 2)",
         }[self.kind]
 
 
@@ -133,6 +136,26 @@ def _rate(value: float) -> None:
         )
 
 
+def _time(value: Any) -> None:
+    if value is not None:
+        parse_time(value)
+
+
+def _memory(value: Any) -> None:
+    if value is not None:
+        parse_memory(value)
+
+
+def _cpus(value: Any) -> None:
+    if value is not None:
+        parse_count(value, "cpus", 1)
+
+
+def _gpus(value: Any) -> None:
+    if value is not None:
+        parse_count(value, "gpus", 0)
+
+
 @dataclass(frozen=True)
 class ExecutorOptions(Mapping[str, Any]):
     """The options every executor takes, whatever its scheduler; a read-only mapping of name to value
@@ -157,6 +180,23 @@ class ExecutorOptions(Mapping[str, Any]):
     setup: Sequence[str] | str = option((), "shell lines each task runs before the worker", "lines")
     setup_shell: str = option("/bin/bash -l", "the shell that runs the set-up lines", str)
     python: str = option("python3", "the Python interpreter on the nodes", str)
+    # what each task needs, in the same words on every scheduler (resources.py maps them)
+    time: str | int | None = option(
+        None, 'wall-clock limit per task: "90" (minutes), "2:00:00", "1-12:00:00"', str, check=_time
+    )
+    mem: str | None = option(None, 'memory per task, e.g. "4G" or "512M"', str, check=_memory)
+    cpus: int | None = option(
+        None, "CPUs per task (and the threads of numerical libraries)", int, check=_cpus
+    )
+    gpus: int | None = option(None, "GPUs per task", int, check=_gpus)
+    escalate: Mapping[str, float] | None = option(
+        None,
+        'run a call killed over mem= or time= again with more: {"mem": 2, "time": 2}',
+        "factors",
+        check=check_factors,
+    )
+    max_mem: str | None = option(None, "the most mem= escalate= asks for", str, check=_memory)
+    max_time: str | None = option(None, "the most time= escalate= asks for", str, check=_time)
     # the executor
     retries: int = option(
         0, "how often a call whose worker was lost is run again", int, check=_no_negative_retries

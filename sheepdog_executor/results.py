@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from sheepdog_executor.callfuture import CallFuture
 from sheepdog_executor.errors import BrokenClusterExecutor, RemoteCallError
+from sheepdog_executor.escalation import tried
 from sheepdog_executor.remote.compat import add_note
 from sheepdog_executor.remote.protocol import Error, Result
 from sheepdog_executor.stats import Stats, Tally
@@ -51,6 +52,9 @@ class Results:
         self.environment_synced = False
         #: Called after each hand-over was resolved.
         self._changed = changed
+        #: Runs calls that raised MemoryError (under an address-space limit, e.g. Grid Engine's
+        #: h_vmem) again with more memory (escalation.py); returns those it cannot. None: off.
+        self.escalate_memory: Callable[[list[WorkItem]], list[WorkItem]] | None = None
         self._outcomes: queue.SimpleQueue[list[Outcome] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="sheepdog-results", daemon=True)
 
@@ -80,6 +84,9 @@ class Results:
     def resolve(self, outcomes: list[Outcome]) -> None:
         """Resolve each Future in its own ``try``: one that fails cannot strand the others; the
         failure breaks the executor (which fails every call still on the books) and fails it too."""
+        notes: dict[int, str] = {}
+        if self.escalate_memory is not None:
+            outcomes = self._escalated(outcomes, self.escalate_memory, notes)
         # off the books first: a done-callback may wait until nothing is outstanding
         released = collections.Counter(
             item.fn_key for item, o in outcomes if not isinstance(o, BaseException)
@@ -94,7 +101,13 @@ class Results:
                     error: str | None = f"{type(outcome).__name__}: {outcome}"
                 else:
                     seconds = outcome.seconds
-                    error = _resolve(item.future, outcome, self._echo_output, self.environment_synced)
+                    error = _resolve(
+                        item.future,
+                        outcome,
+                        self._echo_output,
+                        self.environment_synced,
+                        notes.get(item.id, ""),
+                    )
             except BaseException as exc:  # noqa: BLE001 - a bug must break the executor, not hang it
                 log.exception("resolving a call failed")
                 broken = BrokenClusterExecutor(f"internal error while resolving a result: {exc!r}")
@@ -108,6 +121,33 @@ class Results:
         self.stats.ended_tallies(tally)
         self._changed()
 
+    @staticmethod
+    def _escalated(
+        outcomes: list[Outcome], escalate: Callable[[list[WorkItem]], list[WorkItem]], notes: dict[int, str]
+    ) -> list[Outcome]:
+        """The outcomes left once the calls that raised MemoryError went to a set with more memory;
+        ``notes`` gets what was tried for those that could not (by call id)."""
+        short = [item for item, outcome in outcomes if _memory_error(outcome)]
+        if not short:
+            return outcomes
+        left = escalate(short)
+        for item in left:
+            if item.history and item.queue is not None:
+                notes[item.id] = "sheepdog: " + tried((*item.history, item.queue.needs), "mem", "out of")
+        moved = {id(item) for item in short} - {id(item) for item in left}
+        return [(item, outcome) for item, outcome in outcomes if id(item) not in moved]
+
+
+def _memory_error(outcome: Result | BaseException) -> bool:
+    """Whether a worker's result is a MemoryError the call raised (its error's type, read from
+    the outer pickle: a tuple of bytes and strings)."""
+    if isinstance(outcome, BaseException) or outcome.ok:
+        return False
+    try:
+        return Error(*pickle.loads(outcome.data)).type_name == "MemoryError"
+    except Exception:  # noqa: BLE001 - not ours to judge: resolved as it is
+        return False
+
 
 def set_exception(future: Future[Any], error: BaseException) -> None:
     if not future.done():
@@ -117,7 +157,9 @@ def set_exception(future: Future[Any], error: BaseException) -> None:
             pass
 
 
-def _resolve(future: Future[Any], result: Result, echo: bool, synced: bool = False) -> str | None:
+def _resolve(
+    future: Future[Any], result: Result, echo: bool, synced: bool = False, note: str = ""
+) -> str | None:
     """Resolve a Future from a worker's result; return the error's text when the call failed."""
     stdout, stderr = result.stdout, result.stderr
     if stdout or stderr or type(future) is not CallFuture:  # a CallFuture's are "" by default
@@ -140,6 +182,8 @@ def _resolve(future: Future[Any], result: Result, echo: bool, synced: bool = Fal
         return None
     error = rebuild_error(Error(*loaded))
     fit_advice(error, synced)
+    if note:
+        add_note(error, note)
     for name, text in (("stdout", stdout), ("stderr", stderr)):
         if text:
             add_note(error, f"{name} of the call on the node:\n{text.rstrip()}")

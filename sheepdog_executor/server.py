@@ -251,6 +251,7 @@ def _is_hello(message: dict[str, Any]) -> bool:
         and isinstance(message.get("job", ""), (str, int))
         and type(message.get("task", 0)) is int
         and isinstance(message.get("host", ""), str)
+        and isinstance(message.get("resources", ""), str)
         and isinstance(python, (list, tuple))
         and all(type(v) is int for v in python)
     )

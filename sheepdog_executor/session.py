@@ -25,10 +25,13 @@ from sheepdog_executor.bundle import worker_bundle
 from sheepdog_executor.dispatch import Dispatcher
 from sheepdog_executor.environment import ENVIRONMENT_RECORD, EnvironmentSync, HeadNode, SyncedEnvironment
 from sheepdog_executor.errors import ExecutorShutDown
+from sheepdog_executor.escalation import Escalation, Escalator
 from sheepdog_executor.jobs import JobManager
 from sheepdog_executor.jobscript import WorkerLaunch
 from sheepdog_executor.options import ExecutorOptions
 from sheepdog_executor.remote.reach import ROUTES_FILE
+from sheepdog_executor.resources import Resources
+from sheepdog_executor.resourcesets import SetView, resource_sets
 from sheepdog_executor.scheduler import Scheduler
 from sheepdog_executor.server import Endpoint
 from sheepdog_executor.sessiondir import Owner, make_session_dir, prepare_root, this_client
@@ -66,15 +69,20 @@ class Session:
         max_workers: int,
         initializer: bytes | None,
         environment: EnvironmentSync | None = None,
+        escalation: Escalation | None = None,
     ) -> None:
         """Connect to ``options.host``, make the scheduler (``make_scheduler(shell)``) and the
-        dispatcher, then the other steps (``_set_up``)."""
+        dispatcher, then the other steps (``_set_up``); ``escalation``: a call killed over a limit
+        runs again in a resource set with more."""
         self._closed = False
         self._close_lock = threading.Lock()
         self._close_done = threading.Event()
         self._empty = threading.Condition()
         #: The job manager, made last: what callbacks during the set-up find (None) until then.
         self._jobs: JobManager | None = None
+        #: The job managers of the other resource sets (``with_resources``), made on first use.
+        self._sets: dict[Resources, JobManager] = {}
+        self._sets_lock = threading.Lock()
         self.routes: list[tuple[str, str, int]] = []
         with contextlib.ExitStack() as undo:
             self.shell = _connect(options)
@@ -82,6 +90,8 @@ class Session:
             self.scheduler = make_scheduler(self.shell)
             self.dispatcher = self._start_dispatcher(options, max_workers, initializer)
             undo.callback(self.dispatcher.close)
+            if escalation is not None:
+                self._escalate(escalation)
             self.scheduler.meter.per_minute = options.commands_per_minute
             #: The site's limits (largest array, caps on the user's jobs), asked now for the first
             #: submit (not awaited here).
@@ -102,10 +112,20 @@ class Session:
             echo_output=options.echo_output,
             max_workers=max_workers,
             disconnect_tolerance=options.disconnect_tolerance,
+            needs=self.scheduler.options.needs,
         )
         dispatcher.on_change = self._changed
         dispatcher.start()
         return dispatcher
+
+    def _escalate(self, escalation: Escalation) -> None:
+        """A call killed over a limit runs again in a resource set with more (``escalation.py``)."""
+        escalate = Escalator(
+            escalation, self.dispatcher.calls, self.jobs_for, lambda: self.dispatcher.on_work()
+        )
+        self.dispatcher.escalate = escalate
+        if "mem" in escalation.factors:  # MemoryError under an address-space limit (h_vmem)
+            self.dispatcher.results.escalate_memory = lambda items: escalate(items, "mem")
 
     def _set_up(
         self,
@@ -158,17 +178,19 @@ class Session:
             log.info("status page: %s", self.status_url)
 
     def _start_jobs(self, options: ExecutorOptions, max_workers: int) -> JobManager:
-        """The job manager, started: it submits, polls and removes this session's jobs."""
-        jobs = JobManager(
-            self.scheduler,
-            self.dispatcher,
-            self.launch,
+        """The job manager of the executor's own resource set, started: it submits, polls and
+        removes its jobs. Those of other sets (``jobs_for``) are made alike, on first use."""
+        self._job_manager = functools.partial(
+            JobManager,
             max_workers=max_workers,
             batch_window=options.batch_window,
             poll_interval=options.poll_interval,
             heartbeat_timeout=options.heartbeat_timeout,
             disconnect_tolerance=options.disconnect_tolerance,
             limits=self.site_limits,
+        )
+        jobs = self._job_manager(
+            self.scheduler, SetView(self.dispatcher, self.scheduler.options.needs), self.launch
         )
         jobs.start()
         return jobs
@@ -245,6 +267,31 @@ class Session:
             raise RuntimeError("the session is still being set up")
         return self._jobs
 
+    def jobs_for(self, needs: Resources) -> JobManager:
+        """The job manager of the calls that need ``needs`` (made and started on first use: their
+        arrays ask the scheduler for ``needs``)."""
+        if needs == self.scheduler.options.needs:
+            return self.jobs
+        with self._sets_lock:
+            manager = self._sets.get(needs)
+            if manager is None:
+                if self._closed:
+                    raise RuntimeError("cannot schedule new futures after shutdown")
+                view = SetView(self.dispatcher, needs)
+                manager = self._job_manager(self.scheduler.with_needs(needs), view, self.launch)
+                manager.start()
+                self._sets[needs] = manager
+        return manager
+
+    def managers(self) -> list[JobManager]:
+        """Every job manager: the executor's own resource set's first (none during the set-up)."""
+        with self._sets_lock:
+            return ([self._jobs] if self._jobs is not None else []) + list(self._sets.values())
+
+    def submitted_jobs(self) -> list[str]:
+        """Ids of every job submitted, of every resource set."""
+        return [job for manager in self.managers() for job in manager.submitted_jobs]
+
     def _write_routes(self) -> None:
         """Tell the workers how to reach us: the routes file they read (and re-read when their
         connection fails), and the endpoint record `sheepdog-executor cleanup` reads, both 0600."""
@@ -260,8 +307,8 @@ class Session:
     def _tunnel_moved(self, host: str, port: int, moved: bool) -> None:
         """The tunnel was re-made, perhaps elsewhere (its port was taken): workers learn it from the
         routes file, and get time to come back before their silence counts."""
-        if self._jobs is not None:
-            self._jobs.away.mark_back()
+        for manager in self.managers():
+            manager.away.mark_back()
         if not moved or not self.routes:  # during the set-up: it writes the routes it has
             return
         self.routes = [
@@ -278,10 +325,11 @@ class Session:
         return {
             **self.dispatcher.snapshot(),
             "host": self.shell.description,
-            "jobs": list(jobs.submitted_jobs) if jobs else [],
+            "jobs": self.submitted_jobs(),
             "polls": jobs.polls.snapshot() if jobs else {},
             "scheduler_commands": self.scheduler.meter.snapshot(),
             "site_limits": jobs.submitter.snapshot() if jobs else {},
+            "resource_sets": resource_sets(self.dispatcher, self.managers()),
             "routes": [f"{label} {host}:{port}" for label, host, port in self.routes],
         }
 
@@ -308,8 +356,8 @@ class Session:
             log.debug("could not remove tasks %s of an interrupted map: %s", tasks, exc)
 
     def _changed(self) -> None:
-        if self._jobs is not None:  # None while the session is still being set up
-            self._jobs.wake()
+        for manager in self.managers():  # none while the session is still being set up
+            manager.wake()
         with self._empty:
             self._empty.notify_all()
 
@@ -339,10 +387,11 @@ class Session:
 
     def _teardown(self, abort: bool) -> None:
         self.dispatcher.stop()
-        try:
-            self.jobs.stop(grace=0 if abort else 5.0)
-        except Exception as exc:  # noqa: BLE001 - teardown goes on; say what may be left
-            log.warning("could not remove jobs %s: %s", list(self.jobs.jobs), exc)
+        for manager in self.managers():
+            try:
+                manager.stop(grace=0 if abort else 5.0)
+            except Exception as exc:  # noqa: BLE001 - teardown goes on; say what may be left
+                log.warning("could not remove jobs %s: %s", list(manager.jobs), exc)
         self.endpoint.stop()
         self.dispatcher.close()
         _remove_dir(self.shell, self.session_dir)

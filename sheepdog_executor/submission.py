@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sheepdog_executor.away import AwayClock
 from sheepdog_executor.dispatch import Dispatcher
@@ -16,6 +16,9 @@ from sheepdog_executor.jobbook import JobBook
 from sheepdog_executor.jobscript import WorkerLaunch
 from sheepdog_executor.scheduler.base import JobStates, Scheduler, TaskState
 from sheepdog_executor.sitelimits import SiteLimits, room
+
+if TYPE_CHECKING:
+    from sheepdog_executor.resourcesets import SetView
 
 log = logging.getLogger("sheepdog_executor")
 
@@ -26,7 +29,7 @@ class Submitter:
     def __init__(
         self,
         scheduler: Scheduler,
-        dispatcher: Dispatcher,
+        dispatcher: Dispatcher | SetView,
         launch: WorkerLaunch,
         book: JobBook,
         away: AwayClock,

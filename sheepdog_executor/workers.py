@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from sheepdog_executor.calls import ENDED
 from sheepdog_executor.clock import awake_or_asleep
+from sheepdog_executor.errors import PythonVersionMismatch
+from sheepdog_executor.remote.protocol import Item, Result
 
 if TYPE_CHECKING:
-    from sheepdog_executor.dispatch import WorkItem
+    from sheepdog_executor.calls import CallQueue, WorkItem
+    from sheepdog_executor.results import Outcome
 
 
 @dataclass(eq=False)
@@ -34,6 +39,85 @@ class Worker:
     #: copy of an older one (sent on a connection the worker has left) changes nothing.
     request: int = 0
     answer: dict[str, Any] | None = None
+    #: The queue of its resource set: it takes calls from that one only.
+    queue: CallQueue | None = None
+
+    @classmethod
+    def of(cls, hello: dict[str, Any], queue: CallQueue) -> Worker:
+        """The worker a hello describes, taking calls of ``queue``."""
+        job, task = str(hello.get("job")), int(hello.get("task", 0))
+        worker = cls(str(hello["worker"]), job, task, str(hello.get("host", "?")), awake_or_asleep())
+        worker.route = str(hello.get("route", ""))[:40]
+        worker.queue = queue
+        return worker
+
+    def replay(self, request: int | None) -> dict[str, Any] | None:
+        """The answer for a copy of an earlier ``/work`` request (None: a new request, now this
+        worker's latest). Copies arrive late when the client was away (suspended, offline): the
+        worker sent the request again on another connection, or has moved on since."""
+        if request is None:
+            return None
+        if request < self.request:
+            return {"items": []}  # nobody reads this answer: the worker left that connection
+        if request == self.request and self.answer is not None:
+            return self.answer  # the worker did not get it: the same calls again
+        self.request, self.answer = request, None
+        return None
+
+    def take_results(
+        self, results: list[Result], observe: Callable[[float], None]
+    ) -> tuple[list[Outcome], list[WorkItem]]:
+        """(the calls these results resolve, with their results; the calls it holds still, which
+        never reached it): a worker asks for work only once it has run everything it was given, so
+        what it still holds was lost with a reply's connection. A late, duplicate or replayed result
+        (not of the attempt it holds) counts for nothing. Both leave ``items``; ``observe`` gets
+        each delivered call's duration."""
+        held = self.items
+        delivered: list[Outcome] = []
+        for result in results:
+            item = held.get(result.item)
+            if item is None or item.attempt != result.attempt:
+                continue
+            del held[result.item]
+            item.state = ENDED
+            self.calls_done += 1
+            observe(result.seconds)
+            delivered.append((item, result))
+        undelivered = [held[item_id] for item_id in sorted(held)]
+        held.clear()
+        return delivered, undelivered
+
+    def reply(self, batch: list[Item], blob: Callable[[str], bytes]) -> dict[str, Any]:
+        """The answer that hands it ``batch``, with the pickles (``blob``) of the functions it
+        has not been sent yet; kept for a copy of its request."""
+        self.idle_since = None
+        keys = {item.fn_key for item in batch} - self.functions_sent
+        functions = {key: blob(key) for key in keys}
+        self.functions_sent.update(functions)
+        self.answer = {"items": [item.wire() for item in batch], "functions": functions}
+        return self.answer
+
+    def idle_for(self, now: float) -> float:
+        """How long it has been waiting for work (counting from now if it was busy)."""
+        if self.idle_since is None:
+            self.idle_since = now
+        return now - self.idle_since
+
+
+def python_mismatch(message: dict[str, Any], python: tuple[int, int] | None) -> PythonVersionMismatch | None:
+    """The error of a worker's hello from another minor version of Python than ``python`` (None:
+    the same, or not checked)."""
+    theirs = tuple(message.get("python", ()))[:2]
+    if python is None or theirs == python:
+        return None
+    return PythonVersionMismatch(
+        f"the workers run Python {'.'.join(map(str, message.get('python', ())))} on "
+        f"{message.get('host')} but this client runs Python {'.'.join(map(str, python))}; "
+        "pickled functions only travel between the same minor version: set python= (or "
+        "setup=) so the nodes use a matching interpreter",
+        job_id=str(message.get("job")),
+        task_id=int(message.get("task", 0)),
+    )
 
 
 class WorkerSeen(NamedTuple):
@@ -62,9 +146,13 @@ class WorkerRegistry:
             worker.last_seen = awake_or_asleep()
         return worker
 
-    def seen(self) -> tuple[tuple[WorkerSeen, ...], frozenset[tuple[str, int]]]:
-        """The workers as the job manager sees them, and the tasks seen: copies."""
-        workers = tuple(WorkerSeen(w.id, w.job, w.task, w.host, w.last_seen) for w in self.workers.values())
+    def seen(
+        self, mine: Callable[[Worker], bool] = lambda worker: True
+    ) -> tuple[tuple[WorkerSeen, ...], frozenset[tuple[str, int]]]:
+        """The workers as the job manager sees them (those ``mine`` says), and the tasks seen: copies."""
+        workers = tuple(
+            WorkerSeen(w.id, w.job, w.task, w.host, w.last_seen) for w in self.workers.values() if mine(w)
+        )
         return workers, frozenset(self.tasks_seen)
 
     def rows(self, now: float) -> list[dict[str, Any]]:
@@ -86,6 +174,27 @@ class WorkerRegistry:
     def held(self) -> dict[int, WorkItem]:
         """The calls the workers hold, by id."""
         return {i: item for w in self.workers.values() for i, item in w.items.items()}
+
+    def take_lost(self, worker_id: str) -> list[WorkItem] | None:
+        """Forget a dead worker; return the calls it held, in order, marked as lost with it (None
+        when it was not registered)."""
+        worker = self.workers.pop(worker_id, None)
+        if worker is None:
+            return None
+        items = [worker.items[i] for i in sorted(worker.items)]
+        worker.items.clear()
+        for item in items:
+            item.worker = None
+            item.losses += (f"{worker.job}.{worker.task}",)
+        return items
+
+    def take_all_items(self) -> list[WorkItem]:
+        """Every call the workers hold, taken from them."""
+        items: list[WorkItem] = []
+        for worker in self.workers.values():
+            items.extend(worker.items.values())
+            worker.items.clear()
+        return items
 
     def take_holding_only(self, batch: int) -> list[tuple[Worker, list[WorkItem]]]:
         """Forget the workers that hold calls of ``batch`` and of nothing else; return each with

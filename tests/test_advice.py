@@ -53,14 +53,15 @@ def test_without_sync_the_nodes_advice_stands() -> None:
     ("make", "message"),
     [
         (
-            lambda: GridEngineExecutor(host="h", mem="4G"),
-            r"^mem= is an option of SlurmExecutor \(Slurm\), not of GridEngineExecutor; on Grid Engine "
-            r"the jobs are shaped by queue=, resources=, parallel_environment=, slots=, qsub_args=$",
+            lambda: GridEngineExecutor(host="h", partition="short"),
+            r"^partition= is an option of SlurmExecutor \(Slurm\), not of GridEngineExecutor; on Grid "
+            r"Engine the jobs are shaped by queue=, resources=, parallel_environment=, slots=, "
+            r"memory_resource=, gpu_resource=, qsub_args=$",
         ),
         (
             lambda: SlurmExecutor(host="h", resources={"h_vmem": "1G"}),
             r"^resources= is an option of GridEngineExecutor \(Grid Engine\), not of SlurmExecutor; on "
-            r"Slurm the jobs are shaped by partition=, .*mem=",
+            r"Slurm the jobs are shaped by partition=, .*cpus_per_task=",
         ),
     ],
 )

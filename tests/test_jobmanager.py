@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
+from sheepdog_executor.callfuture import CallFuture
 from sheepdog_executor.clock import awake_or_asleep
-from sheepdog_executor.dispatch import CallFuture, Dispatcher
+from sheepdog_executor.dispatch import Dispatcher
 from sheepdog_executor.errors import ConnectionFailed, WorkerLost, WorkerStartFailed
 from sheepdog_executor.jobs import CURRENT_HEARTBEATS, SECOND_LOOK_SECONDS, JobManager
 from sheepdog_executor.jobscript import JobOptions, WorkerLaunch

@@ -19,6 +19,7 @@ from support import read_line, spawn
 from sheepdog_executor import ConfigurationError, SlurmExecutor, WorkerLost, WorkerStartFailed
 from sheepdog_executor.cli import main
 from sheepdog_executor.jobscript import JobOptions, WorkerLaunch
+from sheepdog_executor.resources import Resources
 from sheepdog_executor.scheduler.base import TaskState
 from sheepdog_executor.scheduler.slurm import (
     SlurmOptions,
@@ -71,10 +72,11 @@ def test_sacct_record_of_a_task_with_its_steps() -> None:
 
 
 def test_sacct_says_which_limit_slurm_killed_a_task_for() -> None:
-    scheduler = SlurmScheduler(LocalShell(), JobOptions(), site=SlurmOptions(time="1", mem="100M"))
+    needs = Resources.parse({"time": "1", "mem": "100M"})
+    scheduler = SlurmScheduler(LocalShell(), JobOptions(needs=needs))
     timeout = parse_sacct("7_3|TIMEOUT|0:0||00:01:05|n1|100M|00:01:00\n", "7_3")
     assert scheduler.killed_for(timeout) == (
-        "Slurm killed its task over its time limit (time=1, Timelimit 00:01:00); ask for more time="
+        "Slurm killed its task over its time limit (time=0:01:00, Timelimit 00:01:00); ask for more time="
     )
     memory = {"State": "OUT_OF_MEMORY", "ReqMem": "100M"}
     assert "over its memory (mem=100M, ReqMem 100M)" in scheduler.killed_for(memory)
@@ -95,14 +97,14 @@ def test_sbatch_line_carries_the_options_quoted() -> None:
         partition="short",
         account="proj x",
         qos="high",
-        time="1:00:00",
-        mem="4G",
         cpus_per_task=4,
         gres="gpu:1",
         constraint="avx2",
         sbatch_args=("--exclusive",),
     )
-    scheduler = SlurmScheduler(LocalShell(), JobOptions(job_name="sweep", working_directory="/w"), site=site)
+    needs = Resources.parse({"time": "60", "mem": "4G"})
+    options = JobOptions(job_name="sweep", working_directory="/w", needs=needs)
+    scheduler = SlurmScheduler(LocalShell(), options, site=site)
     launch = WorkerLaunch("/h/s1", "http://10.0.0.5:4242")
     line = scheduler.sbatch_command(launch, 8)
     for part in (
@@ -128,7 +130,7 @@ def test_sbatch_line_carries_the_options_quoted() -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"time": "an hour"}, "is not a Slurm time"),
+        ({"time": "an hour"}, "time='an hour' is not a time limit: write minutes"),
         ({"cpus_per_task": 0}, "cpus_per_task must be 1 or more"),
         ({"sbatch_args": "--exclusive"}, "sbatch_args must be a list"),
         ({"partition": "short\n#SBATCH --x"}, "partition= contains the control character"),
@@ -210,7 +212,7 @@ def test_a_task_over_its_time_limit_is_lost_saying_so_and_not_run_again(
     assert isinstance(error, WorkerLost), error
     assert error.accounting["State"] == "TIMEOUT" and error.accounting["Timelimit"] == "00:01:00"
     assert (
-        "was lost: Slurm killed its task over its time limit (time=1, Timelimit 00:01:00); "
+        "was lost: Slurm killed its task over its time limit (time=0:01:00, Timelimit 00:01:00); "
         "ask for more time=" in str(error)
     )
     assert f"Slurm job {error.job_id}, task 1" in str(error) and "State=TIMEOUT" in str(error)

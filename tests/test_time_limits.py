@@ -16,10 +16,10 @@ from sheepdog_executor.jobscript import JobOptions, WorkerLaunch
 from sheepdog_executor.remote import protocol
 from sheepdog_executor.remote.budget import RESERVE_SECONDS, SAFETY, Budget
 from sheepdog_executor.remote.worker import Capture, run_items
-from sheepdog_executor.scheduler import GridEngineOptions, GridEngineScheduler, SlurmOptions, SlurmScheduler
+from sheepdog_executor.resources import Resources
+from sheepdog_executor.scheduler import GridEngineOptions, GridEngineScheduler, SlurmScheduler
 from sheepdog_executor.scheduler.gridengine import parse_qacct
 from sheepdog_executor.scheduler.gridengine import parse_time as grid_engine_time
-from sheepdog_executor.scheduler.slurm import parse_time as slurm_time
 from sheepdog_executor.shell import LocalShell
 
 LAUNCH = WorkerLaunch("/home/u/.sheepdog-executor/s1", "http://127.0.0.1:1")
@@ -80,14 +80,6 @@ def test_time_limits_are_read_in_each_schedulers_words() -> None:
         7200,
         None,
     ]
-    assert [slurm_time(v) for v in ("1", "1:30", "1:00:00", "2-00:00:00", "1-12", "UNLIMITED")] == [
-        60,
-        90,
-        3600,
-        172800,
-        129600,
-        None,
-    ]
 
 
 def test_the_job_script_exports_when_the_tasks_time_ends() -> None:
@@ -101,7 +93,7 @@ def test_the_job_script_exports_when_the_tasks_time_ends() -> None:
     script = GridEngineScheduler(LocalShell(), JobOptions(), site=site).render(LAUNCH, 1)
     assert f'SHEEPDOG_MEMORY_LIMIT="{800 * 2**20} vmem"' in script  # h_vmem is per slot
     assert "SHEEPDOG_DEADLINE" not in GridEngineScheduler(LocalShell(), JobOptions()).render(LAUNCH, 2)
-    slurm = SlurmScheduler(LocalShell(), JobOptions(), site=SlurmOptions(time="2")).render(LAUNCH)
+    slurm = SlurmScheduler(LocalShell(), JobOptions(needs=Resources(time=120))).render(LAUNCH)
     assert 'SHEEPDOG_DEADLINE="${SLURM_JOB_END_TIME:-$(( $(date +%s) + 120 ))}"' in slurm
     # no time= (the partition's default): squeue's end time, once per task
     default = SlurmScheduler(LocalShell(), JobOptions()).render(LAUNCH)
@@ -125,7 +117,7 @@ def test_grid_engine_accounting_says_which_limit_killed_a_task() -> None:
         "raise h_vmem in resources="
     )
     assert grid.limit_hit({"failed": "0", "maxvmem": "418MB"}) == ""
-    slurm = SlurmScheduler(LocalShell(), JobOptions(), site=SlurmOptions(time="1", mem="100M"))
+    slurm = SlurmScheduler(LocalShell(), JobOptions(needs=Resources(time=60, mem=100 * 2**20)))
     assert slurm.limit_hit({"State": "TIMEOUT"}) == "time"
     killed = {"State": "FAILED", "ExitCode": "0:9", "ReqMem": "100M"}
     assert slurm.limit_hit({**killed, "MaxRSS": "426M"}) == "memory"

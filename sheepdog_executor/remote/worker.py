@@ -449,6 +449,8 @@ def worker_identity() -> dict[str, Any]:
         "pid": os.getpid(),
         "python": list(sys.version_info[:3]),
         "worker": f"{job}.{task}.{os.getpid()}",
+        # the resource set the task's job was submitted for: the worker takes its calls only
+        "resources": os.environ.get("SHEEPDOG_RESOURCE_SET", ""),
     }
 
 

@@ -16,6 +16,7 @@ from sheepdog_executor.errors import CommandTimedOut, PollFailed, SchedulerError
 from sheepdog_executor.jobscript import JobOptions, WorkerLaunch
 from sheepdog_executor.meter import CommandMeter
 from sheepdog_executor.options import lines
+from sheepdog_executor.resources import Resources
 from sheepdog_executor.shell import TIMED_OUT, Completed, Shell, bound_seconds, bounded
 from sheepdog_executor.sitelimits import SiteLimits
 
@@ -92,6 +93,7 @@ class Scheduler(ABC, Generic[OptionsT]):
         self.site: OptionsT = site if site is not None else self.Options()
         #: Counts the commands ``run`` sends and keeps them under a ceiling per minute.
         self.meter = CommandMeter()
+        self.check_needs(self.site, options.needs)
 
     def with_python(self, python: str) -> Scheduler:
         """A scheduler like this one whose tasks run ``python`` (a synced environment's); the two
@@ -100,6 +102,19 @@ class Scheduler(ABC, Generic[OptionsT]):
         other = type(self)(self.shell, options, self.command_setup, self.site)
         other.meter = self.meter
         return other
+
+    def with_needs(self, needs: Resources) -> Scheduler:
+        """A scheduler like this one whose tasks ask for ``needs`` (a resource set's); the two
+        count their commands together."""
+        options = dataclasses.replace(self.options, needs=needs)
+        other = type(self)(self.shell, options, self.command_setup, self.site)
+        other.meter = self.meter
+        return other
+
+    @classmethod
+    def check_needs(cls, site: OptionsT, needs: Resources) -> None:
+        """ConfigurationError (``ResourceConflict``) when the scheduler's own options (``site``)
+        ask for what ``needs`` asks too (before anything connects, and for each resource set)."""
 
     # -- what every scheduler does ----------------------------------------------------------------
     @abstractmethod
@@ -265,9 +280,19 @@ class Scheduler(ABC, Generic[OptionsT]):
             environment["SHEEPDOG_DEADLINE"] = f'"{deadline}"'
         if self.memory_limit():
             environment["SHEEPDOG_MEMORY_LIMIT"] = self.memory_limit()
-        if self.memory_advice:
-            environment["SHEEPDOG_MEMORY_ADVICE"] = shlex.quote(self.memory_advice)
+        if self.advice_for_memory():
+            environment["SHEEPDOG_MEMORY_ADVICE"] = shlex.quote(self.advice_for_memory())
         return environment
+
+    def advice_for_memory(self) -> str:
+        """What to change when a call runs out of memory (its limit asked by ``mem=`` or the
+        scheduler's own option)."""
+        return self.memory_advice
+
+    def killed_over(self, accounting: Mapping[str, str]) -> str:
+        """Which of the task's limits the scheduler killed it over, in the words of ``escalate=``:
+        "mem", "time", or "" (not known, or not a kill over a limit)."""
+        return {"time": "time", "memory": "mem"}.get(self.limit_hit(accounting), "")
 
     def exit_signal(self, accounting: Mapping[str, str]) -> int | None:
         """The signal that ended a task, from its ``accounting`` (an exit status of 128+N, as

@@ -12,9 +12,10 @@ import xml.etree.ElementTree as ET
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
-from sheepdog_executor.errors import ConfigurationError, PollFailed, SchedulerError
+from sheepdog_executor.errors import ConfigurationError, PollFailed, ResourceConflict, SchedulerError
 from sheepdog_executor.jobscript import WorkerLaunch, check_options, render_script
 from sheepdog_executor.options import option
+from sheepdog_executor.resources import Resources, format_memory, format_time
 from sheepdog_executor.scheduler.base import JobStates, Scheduler, SessionJob, TaskState, session_of
 from sheepdog_executor.sitelimits import Cap, SiteLimits
 
@@ -35,8 +36,14 @@ class GridEngineOptions:
         "resources",
         factory=dict,
     )
-    parallel_environment: str | None = option(None, "the parallel environment of slots= (-pe)", str)
+    parallel_environment: str | None = option(
+        None, 'the parallel environment of slots= and cpus= (-pe; cpus= alone: "smp")', str
+    )
     slots: int = option(1, "slots per task (with parallel_environment=)", int)
+    memory_resource: str = option(
+        "h_vmem", 'the complex(es) mem= asks for, per slot: "h_vmem", "mem_free" or "h_vmem,mem_free"', str
+    )
+    gpu_resource: str = option("gpu", "the complex gpus= asks for (-l gpu=N)", str)
     qsub_args: Sequence[str] = option((), "more qsub arguments", "args")
 
     def __post_init__(self) -> None:
@@ -52,6 +59,42 @@ class GridEngineOptions:
         if isinstance(self.resources, Mapping):
             return [f"{key}={value}" for key, value in self.resources.items()]
         return list(self.resources)
+
+    def memory_complexes(self) -> list[str]:
+        return [name.strip() for name in self.memory_resource.split(",") if name.strip()]
+
+    def check_needs(self, needs: Resources) -> None:
+        """ResourceConflict when ``resources=``, ``slots=`` or ``qsub_args=`` ask for what
+        ``needs`` asks too."""
+        asked = {entry.split("=")[0].strip() for entry in self.resource_list()}
+        words = {
+            "time": {"h_rt"},
+            "mem": set(self.memory_complexes()),
+            "gpus": {self.gpu_resource},
+        }
+        for name, value in needs.words().items():
+            clash = sorted(asked & words.get(name, set()))
+            if clash:
+                raise ResourceConflict(name, value, f"resources={{{clash[0]!r}: ...}}", "Grid Engine")
+            if name == "cpus" and (self.slots != 1 or "-pe" in self.qsub_args):
+                theirs = "slots=" if self.slots != 1 else "qsub_args -pe"
+                raise ResourceConflict(name, value, theirs, "Grid Engine")
+
+    def requests(self, needs: Resources) -> tuple[list[str], tuple[str, int] | None]:
+        """The ``-l`` requests and the ``-pe`` (name, slots) of a task: the site's own options and
+        ``needs`` in Grid Engine's words (memory complexes count per slot: ``mem=`` is divided)."""
+        slots = needs.cpus or self.slots
+        requests = self.resource_list()
+        if needs.time:
+            requests.append(f"h_rt={format_time(needs.time)}")
+        if needs.mem:
+            per_slot = format_memory(-(-needs.mem // slots))
+            requests += [f"{name}={per_slot}" for name in self.memory_complexes()]
+        if needs.gpus:
+            requests.append(f"{self.gpu_resource}={needs.gpus}")
+        if needs.cpus and needs.cpus > 1:
+            return requests, (self.parallel_environment or "smp", needs.cpus)
+        return requests, (self.parallel_environment, self.slots) if self.parallel_environment else None
 
 
 class GridEngineScheduler(Scheduler[GridEngineOptions]):
@@ -79,14 +122,19 @@ class GridEngineScheduler(Scheduler[GridEngineOptions]):
             lines.append(f"#$ -wd {q(options.working_directory)}")
         if site.queue:
             lines.append(f"#$ -q {q(site.queue)}")
-        for resource in site.resource_list():
+        requests, pe = site.requests(options.needs)
+        for resource in requests:
             lines.append(f"#$ -l {q(resource)}")
-        if site.parallel_environment:
-            lines.append(f"#$ -pe {q(site.parallel_environment)} {int(site.slots)}")
+        if pe:
+            lines.append(f"#$ -pe {q(pe[0])} {int(pe[1])}")
         if site.qsub_args:
             lines.append("#$ " + " ".join(q(a) for a in site.qsub_args))
         environment = self.task_environment()
         return render_script(lines, "$JOB_ID", "$SGE_TASK_ID", "${NSLOTS:-1}", options, launch, environment)
+
+    @classmethod
+    def check_needs(cls, site: GridEngineOptions, needs: Resources) -> None:
+        site.check_needs(needs)
 
     def submit(self, launch: WorkerLaunch, tasks: int) -> str:
         return self.submit_script("qsub -terse", self.render(launch, tasks), _TERSE_JOB_ID)
@@ -141,7 +189,7 @@ class GridEngineScheduler(Scheduler[GridEngineOptions]):
 
     def memory_limit(self) -> str:
         vmem = memory_bytes(self._resource("h_vmem") or "")  # per slot, on every process's address space
-        return f'"{vmem * self.site.slots} vmem"' if vmem else ""
+        return f'"{vmem * self._slots()} vmem"' if vmem else ""
 
     def limit_hit(self, accounting: Mapping[str, str]) -> str:
         # "37 : qmaster enforced h_rt, h_cpu, or h_vmem limit": which one, the record's figures say
@@ -152,7 +200,7 @@ class GridEngineScheduler(Scheduler[GridEngineOptions]):
         if limit and wall and float(wall.group()) >= limit - 1:  # ru_wallclock is in whole seconds
             return "time"
         vmem = memory_bytes(self._resource("h_vmem") or "")
-        if vmem and memory_bytes(accounting.get("maxvmem", "")) >= 0.9 * vmem * self.site.slots:
+        if vmem and memory_bytes(accounting.get("maxvmem", "")) >= 0.9 * vmem * self._slots():
             return "memory"  # seen: maxvmem 418MB of an h_vmem of 300M (two processes of 200 MB)
         return ""
 
@@ -162,31 +210,37 @@ class GridEngineScheduler(Scheduler[GridEngineOptions]):
             return (
                 f"Grid Engine killed its task over its time limit (h_rt={self._resource('h_rt')}: "
                 f"ru_wallclock {accounting.get('ru_wallclock', '?')}; qacct failed 37); "
-                "raise h_rt in resources="
+                + ("ask for more time=" if self.options.needs.time else "raise h_rt in resources=")
             )
         if hit == "memory":
-            slots = f" x {self.site.slots} slots" if self.site.slots > 1 else ""
+            slots = f" x {self._slots()} slots" if self._slots() > 1 else ""
             return (
                 f"Grid Engine killed its task over its memory (h_vmem={self._resource('h_vmem')}{slots}: "
-                f"maxvmem {accounting.get('maxvmem', '?')}; qacct failed 37); raise h_vmem in resources="
+                f"maxvmem {accounting.get('maxvmem', '?')}; qacct failed 37); {self.advice_for_memory()}"
             )
         if accounting.get("failed", "").split(":")[0].strip() != "37":
             return ""
-        limits = [r for r in self.site.resource_list() if r.split("=")[0] in ("h_rt", "h_cpu", "h_vmem")]
+        requests = self.site.requests(self.options.needs)[0]
+        limits = [r for r in requests if r.split("=")[0] in ("h_rt", "h_cpu", "h_vmem")]
         asked = ", ".join(limits) or "the queue's limits"
         return f"Grid Engine killed its task over a limit ({asked}; qacct failed 37); raise it in resources="
 
+    def advice_for_memory(self) -> str:
+        return "ask for more mem=" if self.options.needs.mem else self.memory_advice
+
     def memory_hint(self, accounting: Mapping[str, str]) -> str:
-        asked = self._resource("h_vmem") or ""
-        used, limit = memory_bytes(accounting.get("maxvmem", "")), memory_bytes(asked)
+        requests, pe = self.site.requests(self.options.needs)
+        asked = [r.split("=", 1)[1] for r in requests if r.split("=")[0] == "h_vmem"]
+        used, limit = memory_bytes(accounting.get("maxvmem", "")), memory_bytes(asked[-1] if asked else "")
+        slots = pe[1] if pe else 1
         # a failed allocation is not counted, so the peak can stay well below the limit (258 MB of
         # an h_vmem of 400M seen when an 8 MB allocation failed)
-        if not used or not limit or used < 0.5 * limit * self.site.slots:
+        if not used or not limit or used < 0.5 * limit * slots:
             return ""
+        fix = self.advice_for_memory()
         return (
-            f"its memory (maxvmem {accounting['maxvmem']}) came close to its limit (h_vmem={asked}"
-            f"{f' x {self.site.slots} slots' if self.site.slots > 1 else ''}), the likely cause: raise "
-            "h_vmem in resources="
+            f"its memory (maxvmem {accounting['maxvmem']}) came close to its limit (h_vmem={asked[-1]}"
+            f"{f' x {slots} slots' if slots > 1 else ''}), the likely cause: {fix}"
         )
 
     def version(self) -> str:
@@ -224,10 +278,15 @@ class GridEngineScheduler(Scheduler[GridEngineOptions]):
 
     # -- helpers ----------------------------------------------------------------------------------
     def _resource(self, name: str) -> str | None:
-        """The value asked for resource ``name`` in resources= (the last one), or None."""
-        pairs = [r.partition("=") for r in self.site.resource_list()]
+        """The value asked for resource ``name`` (by resources= or the shared time=/mem=), or None."""
+        pairs = [r.partition("=") for r in self.site.requests(self.options.needs)[0]]
         values = [value for key, _, value in pairs if key.strip() == name]
         return values[-1].strip() if values else None
+
+    def _slots(self) -> int:
+        """The slots of each task (its parallel environment's), which per-slot limits multiply."""
+        pe = self.site.requests(self.options.needs)[1]
+        return pe[1] if pe else 1
 
     def _job_fields(self, job_id: str) -> dict[str, list[str]]:
         done = self.run(f"qstat -j {shlex.quote(job_id)} 2>/dev/null", timeout=60)

@@ -31,6 +31,7 @@ class LocalScheduler(Scheduler[NoOptions]):
         processes = {}
         for task in range(1, tasks + 1):
             env = dict(os.environ, SHEEPDOG_JOB_ID=job_id, SHEEPDOG_TASK_ID=str(task))
+            env["SHEEPDOG_RESOURCE_SET"] = self.options.needs.label()  # whose calls it takes
             with (
                 open(os.path.expanduser(launch.output_path(job_id, task, "out")), "wb") as out,
                 open(os.path.expanduser(launch.output_path(job_id, task, "err")), "wb") as err,

@@ -12,9 +12,10 @@ import shlex
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
-from sheepdog_executor.errors import ConfigurationError, PollFailed
+from sheepdog_executor.errors import ConfigurationError, PollFailed, ResourceConflict
 from sheepdog_executor.jobscript import WorkerLaunch, check_options, render_script
 from sheepdog_executor.options import option
+from sheepdog_executor.resources import Resources, format_memory, format_time
 from sheepdog_executor.scheduler.base import JobStates, Scheduler, SessionJob, TaskState, session_of
 from sheepdog_executor.sitelimits import Cap, SiteLimits, strictest
 
@@ -59,8 +60,6 @@ class SlurmOptions:
     partition: str | None = option(None, "the partition (--partition)", str)
     account: str | None = option(None, "the account charged (--account)", str)
     qos: str | None = option(None, "the quality of service (--qos)", str)
-    time: str | None = option(None, 'wall time per task: "30" (minutes), "1:00:00", "2-00:00:00"', str)
-    mem: str | None = option(None, 'memory per node (per task here), e.g. "4G"', str)
     cpus_per_task: int = option(1, "CPUs per task (--cpus-per-task)", int)
     gres: str | None = option(None, "generic resources (--gres)", str)
     constraint: str | None = option(None, "node features (--constraint)", str)
@@ -76,26 +75,41 @@ class SlurmOptions:
             raise ConfigurationError("cpus_per_task must be 1 or more")
         if isinstance(self.sbatch_args, str):
             raise ConfigurationError('sbatch_args must be a list of arguments, e.g. ["--exclusive"]')
-        if self.time is not None and not re.fullmatch(r"(\d+-)?\d+(:\d+){0,2}", str(self.time)):
-            raise ConfigurationError(
-                f"time={self.time!r} is not a Slurm time: minutes, [D-]H:MM:SS or MM:SS (e.g. '1:00:00')"
-            )
 
-    def arguments(self) -> list[str]:
-        """The sbatch arguments these options stand for."""
+    def arguments(self, needs: Resources | None = None) -> list[str]:
+        """The sbatch arguments these options and the resources each task ``needs`` stand for."""
+        needs = needs or Resources()
+        gres = ",".join(filter(None, [self.gres, f"gpu:{needs.gpus}" if needs.gpus else ""]))
         found = [
             ("--partition", self.partition),
             ("--account", self.account),
             ("--qos", self.qos),
-            ("--time", self.time),
-            ("--mem", self.mem),
-            ("--gres", self.gres),
+            ("--time", format_time(needs.time) if needs.time else None),
+            ("--mem", format_memory(needs.mem) if needs.mem else None),
+            ("--gres", gres or None),
             ("--constraint", self.constraint),
         ]
         arguments = [f"{flag}={value}" for flag, value in found if value is not None]
-        if self.cpus_per_task != 1:
-            arguments.append(f"--cpus-per-task={int(self.cpus_per_task)}")
+        cpus = needs.cpus or self.cpus_per_task
+        if cpus != 1:
+            arguments.append(f"--cpus-per-task={int(cpus)}")
         return arguments + list(self.sbatch_args)
+
+    def check_needs(self, needs: Resources) -> None:
+        """ConfigurationError when one of Slurm's own options asks for what ``needs`` asks too."""
+        words = needs.words()
+        own = {"cpus": self.cpus_per_task != 1, "gpus": "gpu" in (self.gres or "")}
+        flags = {
+            "time": ("--time", "-t"),
+            "mem": ("--mem",),
+            "cpus": ("--cpus-per-task", "-c"),
+            "gpus": ("--gpu",),
+        }
+        for name in words:
+            given = [a for a in self.sbatch_args if a.startswith(flags[name])]
+            if own.get(name) or given:
+                theirs = given[0] if given else {"cpus": "cpus_per_task=", "gpus": "gres="}[name]
+                raise ResourceConflict(name, words[name], theirs, "Slurm")
 
 
 class SlurmScheduler(Scheduler[SlurmOptions]):
@@ -122,7 +136,7 @@ class SlurmScheduler(Scheduler[SlurmOptions]):
         )
 
     def time_limit(self) -> float | None:
-        return parse_time(self.site.time) if self.site.time else None
+        return float(self.options.needs.time) if self.options.needs.time else None
 
     def memory_limit(self) -> str:
         # what the task got (mem= or the site's default), in MB, against its resident memory
@@ -151,8 +165,12 @@ class SlurmScheduler(Scheduler[SlurmOptions]):
         ]
         if self.options.working_directory:
             arguments.append(f"--chdir={self.options.working_directory}")
-        arguments += self.site.arguments()
+        arguments += self.site.arguments(self.options.needs)
         return " ".join(shlex.quote(a) for a in arguments)
+
+    @classmethod
+    def check_needs(cls, site: SlurmOptions, needs: Resources) -> None:
+        site.check_needs(needs)
 
     def submit(self, launch: WorkerLaunch, tasks: int) -> str:
         return self.submit_script(self.sbatch_command(launch, tasks), self.render(launch), _PARSABLE_JOB_ID)
@@ -232,14 +250,15 @@ class SlurmScheduler(Scheduler[SlurmOptions]):
 
     def killed_for(self, accounting: Mapping[str, str]) -> str:
         state = accounting.get("State", "").split(" ")[0]
+        words = self.options.needs.words()
         hit = self.limit_hit(accounting)
         if hit == "time":
-            asked = f"time={self.site.time}" if self.site.time else "the partition's default time"
+            asked = f"time={words['time']}" if "time" in words else "the partition's default time"
             limit = accounting.get("Timelimit", "?")
             return (
                 f"Slurm killed its task over its time limit ({asked}, Timelimit {limit}); ask for more time="
             )
-        asked = f"mem={self.site.mem}" if self.site.mem else "the site's default memory"
+        asked = f"mem={words['mem']}" if "mem" in words else "the site's default memory"
         limit = accounting.get("ReqMem", "?")
         if state == "OUT_OF_MEMORY":
             return f"Slurm killed its task over its memory ({asked}, ReqMem {limit}); ask for more mem="
@@ -359,23 +378,6 @@ def _bytes(size: str) -> int:
     if not match:
         return 0
     return int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2) or " "))
-
-
-def parse_time(value: str) -> float | None:
-    """Seconds in a Slurm time: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS; None for
-    what is not one (``UNLIMITED``)."""
-    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", value.strip())
-    if not match:
-        return None
-    days, first, second, third = (int(g) if g else None for g in match.groups())
-    assert first is not None
-    if days is not None:  # D-HH[:MM[:SS]]
-        return float(((days * 24 + first) * 60 + (second or 0)) * 60 + (third or 0))
-    if third is not None:  # HH:MM:SS
-        return float((first * 60 + (second or 0)) * 60 + third)
-    if second is not None:  # MM:SS
-        return float(first * 60 + second)
-    return float(first * 60)  # minutes
 
 
 def parse_caps(
