@@ -134,6 +134,9 @@ class Dispatcher:
         self.on_work: Callable[[], None] = lambda: None
         #: Called with a worker's id when it is declared lost (its partial results are freed).
         self.on_lost: Callable[[str], None] = lambda worker_id: None
+        #: With a sweep (``sweep=``): of the calls a lost worker held, those it kept in the store
+        #: before it went, with their pickled values (``Sweep.recover``); they are not lost.
+        self.recover: Callable[[str, list[WorkItem]], list[tuple[WorkItem, bytes]]] | None = None
 
     # -- life ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -437,8 +440,23 @@ class Dispatcher:
                 item.worker = None
                 item.losses += (f"{worker.job}.{worker.task}",)
         self.on_lost(worker_id)
+        if self.recover is not None and items:
+            items = self._resolve_kept(items, self.recover(worker_id, items))
         self.on_change()
         return items
+
+    def _resolve_kept(self, items: list[WorkItem], kept: list[tuple[WorkItem, bytes]]) -> list[WorkItem]:
+        """Resolve the lost calls whose values a sweep kept (as results of their worker); return
+        the others."""
+        if not kept:
+            return items
+        with self._lock:
+            for item, _ in kept:
+                item.state = ENDED
+        done = {item.id for item, _ in kept}
+        self.results.put([(item, Result(item.id, item.attempt, True, data, "")) for item, data in kept])
+        log.info("%d call(s) of a lost worker were kept in the sweep's store: not run again", len(kept))
+        return [item for item in items if item.id not in done]
 
     def take_batch(self, batch: int) -> list[tuple[Worker, list[WorkItem]]]:
         """Forget the workers that hold calls of ``batch`` and of nothing else; return each with

@@ -47,6 +47,7 @@ from sheepdog_executor.scheduler import (
 )
 from sheepdog_executor.session import _OPEN, Session, _collected
 from sheepdog_executor.shell import connect
+from sheepdog_executor.sweepstore import Sweep, open_sweep
 
 log = logging.getLogger("sheepdog_executor")
 T = TypeVar("T")
@@ -107,6 +108,7 @@ class ClusterExecutor(Executor):
         environment_add: Sequence[str] | str = (),
         environment_exclude: Sequence[str] | str = (),
         disconnect_tolerance: float = 600.0,
+        sweep: str | None = None,
     ) -> None:
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
@@ -140,6 +142,14 @@ class ClusterExecutor(Executor):
         except BaseException:
             shell.close()
             raise
+        #: With ``sweep=``, the sweep whose kept results this executor serves (``sweepstore``).
+        self._sweep: Sweep | None = None
+        if sweep is not None:
+            try:  # a previous run's workers get up to their tolerance to end the calls they run
+                self._sweep = open_sweep(self._session, sweep, disconnect_tolerance + 60)
+            except BaseException:
+                self._session.close(abort=True)
+                raise
         # GC of an executor never shut down, and interpreter exit, both remove its jobs, once the
         # calls outstanding then have ended (see _collected)
         _OPEN.add(self._session)
@@ -155,9 +165,7 @@ class ClusterExecutor(Executor):
                 self._submit_batch = next(self._batch_ids)
                 self._submit_label = f"submit({_name_of(fn)})"
             self._last_submit = now
-            self._session.dispatcher.add(
-                fn, ((args, kwargs),), (future,), self._submit_batch, self._submit_label
-            )
+            self._add(fn, ((args, kwargs),), (future,), self._submit_batch, self._submit_label)
         return future
 
     def map(
@@ -223,8 +231,23 @@ class ClusterExecutor(Executor):
         futures: list[Future[Any]] = [CallFuture() for _ in arguments]
         with self._shutdown_lock:
             self._check_open()
-            self._session.dispatcher.add(fn, arguments, futures, batch, label)
+            self._add(fn, arguments, futures, batch, label)
         return futures
+
+    def _add(
+        self,
+        fn: Callable[..., Any],
+        arguments: Sequence[tuple[Any, dict[str, Any] | None]],
+        futures: Sequence[Future[Any]],
+        batch: int,
+        label: str,
+    ) -> None:
+        """Queue calls; in a sweep, those whose result is kept are resolved here instead."""
+        if self._sweep is not None:
+            fn, arguments, futures = self._sweep.split(fn, arguments, futures)
+            if not futures:
+                return
+        self._session.dispatcher.add(fn, arguments, futures, batch, label)
 
     def _with_progress(self, results: Iterator[T], total: int | None, desc: str) -> Iterator[T]:
         """``results`` behind a progress bar on stderr, as the ``progress`` option says."""
@@ -304,6 +327,12 @@ class ClusterExecutor(Executor):
         """With ``environment="sync"``, the environment the nodes run (its path, whether this
         executor built it); None otherwise."""
         return self._session.environment
+
+    @property
+    def sweep(self) -> Sweep | None:
+        """With ``sweep=``, the sweep: its store's directory, its kept results, how many calls
+        this executor served from it (``served``) and sent to the workers (``sent``)."""
+        return self._sweep
 
     @property
     def session_dir(self) -> str:

@@ -24,7 +24,7 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
-from sheepdog_executor.remote import protocol
+from sheepdog_executor.remote import protocol, store
 from sheepdog_executor.remote.compat import add_note
 from sheepdog_executor.remote.reach import (
     EXIT_CLIENT_UNREACHABLE,
@@ -36,6 +36,9 @@ from sheepdog_executor.remote.reach import (
 
 #: At most this much of each of a call's stdout and stderr (the end of it) travels back with its result.
 OUTPUT_LIMIT = 64 * 1024
+#: At least this long a sweep's worker whose results are all kept in the store waits for a client
+#: gone silent before it leaves (else ``disconnect_tolerance``).
+STORE_PATIENCE_SECONDS = 15.0
 #: Seconds to open a connection (a route that drops packets is left soon), and to wait for an answer
 #: (longer than the endpoint's long poll).
 CONNECT_TIMEOUT = 10.0
@@ -87,10 +90,13 @@ class Channel:
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[union-attr]
         return conn
 
-    def call(self, path: str, message: Any, attempts: int | None = None) -> Any:
+    def call(
+        self, path: str, message: Any, attempts: int | None = None, patience: float | None = None
+    ) -> Any:
         """Send a message and return the client's signed answer. Failed attempts move on to the
         next route and back off; with ``attempts`` None they go on until the client has been out of
-        reach for longer than the tolerance (``ClientUnreachable``). A hello says which route it took."""
+        reach for longer than the tolerance, or ``patience`` when given (``ClientUnreachable``).
+        A hello says which route it took."""
         body = protocol.dumps(message)
         refusals = 0
         with self._lock:
@@ -111,7 +117,7 @@ class Channel:
                     )
                     data = self._read_answer(self._conn.getresponse(), path, nonce)
                 except (OSError, http.client.HTTPException) as exc:
-                    self._failed(attempt, attempts, exc)
+                    self._failed(attempt, attempts, exc, patience)
                     continue
                 except Refused as refused:
                     # not our client at this address: another route may lead to it, or, once we
@@ -120,7 +126,7 @@ class Channel:
                     if not self.reach.reached and refusals >= len(self.reach.routes):
                         self.close()  # whatever is left of its answer stays unread
                         raise
-                    self._failed(attempt, attempts, refused)
+                    self._failed(attempt, attempts, refused, patience)
                     continue
                 self.reach.contacted()
                 return protocol.loads(data)
@@ -155,7 +161,9 @@ class Channel:
             raise Refused(f"{path}: response body is not the one signed with our secret")
         return body
 
-    def _failed(self, attempt: int, attempts: int | None, exc: Exception) -> None:
+    def _failed(
+        self, attempt: int, attempts: int | None, exc: Exception, patience: float | None = None
+    ) -> None:
         """After a failed attempt: drop the connection, move to the next route, pause after a round
         over all of them; raise when out of attempts or past the tolerance."""
         if self._conn is not None:
@@ -165,7 +173,9 @@ class Channel:
         tried_all = self.reach.move_on(self._url)
         if attempts is not None and attempt + 1 >= attempts:
             raise exc
-        if self.reach.gave_up():
+        if self.reach.gave_up() or (
+            patience is not None and (self.reach.silent_for() > patience or store.superseded())
+        ):
             raise ClientUnreachable(
                 f"the client was unreachable for {self.reach.silent_for():.0f} s "
                 f"(disconnect_tolerance {self.reach.tolerance:.0f} s): {exc}"
@@ -438,7 +448,7 @@ def worker_identity() -> dict[str, Any]:
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "python": list(sys.version_info[:3]),
-        "worker": f"{job}.{task}.{os.getpid()}",
+        "worker": store.worker_name(),  # also its records file's name in a sweep's store
     }
 
 
@@ -482,14 +492,22 @@ def serve(url: str, secret_file: str, fingerprint: str | None = None) -> int:
     results: list[protocol.Result] = []
     request = 0
     part_bytes = hello.get("part_bytes")
+    # a sweep's worker whose results are all kept in its store leaves soon when its client is gone
+    kept_patience = max(3 * float(hello.get("heartbeat", 5.0)), STORE_PATIENCE_SECONDS)
+    kept_before = 0
     try:
         while True:
             if part_bytes:
                 results = send_in_parts(channel, worker_id, results, part_bytes)
             request += 1  # a retry of the same request keeps its number
             wire = [r.wire() for r in results]
-            reply = channel.call("/work", {"worker": worker_id, "results": wire, "request": request})
+            kept = store.records_written()
+            patience = kept_patience if kept and kept - kept_before == len(results) else None
+            reply = channel.call(
+                "/work", {"worker": worker_id, "results": wire, "request": request}, None, patience
+            )
             results = []
+            kept_before = kept
             if reply.get("stop"):
                 return 0
             for key, blob in reply.get("functions", {}).items():
