@@ -378,3 +378,29 @@ def test_on_several_hosts_the_nodes_keep_results_and_the_head_node_serves_them(
         assert second.job_ids == [] and second.sweep is not None and second.sweep.served == 48
     finally:
         mssh(f"rm -rf .sheepdog-executor/sweeps/{name}")
+
+
+@pytest.mark.cluster
+def test_sweeps_lists_counts_and_size_and_cleanup_removes_a_sweep_only_once_its_client_is_gone(
+    make_executor: Callable[..., GridEngineExecutor], cell: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sheepdog_executor.cli.main import main
+
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    try:
+        executor = make_executor(sweep=name)
+        futures = [executor.submit(divmod, 7, d) for d in (1, 2, 3, 0)]
+        assert isinstance(futures[-1].exception(timeout=120), ZeroDivisionError)
+        assert [f.result() for f in futures[:3]] == [(7, 0), (3, 1), (2, 1)]
+        assert main(["sweeps", cell]) == 0
+        [row] = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(name)]
+        assert row[1:4] == ["3", "0", "1"] and row[5] == "MB", row
+        assert main(["cleanup", cell, "--sweep", name]) == 1
+        assert f"kept sweep {name}: session" in capsys.readouterr().out
+        executor.shutdown()
+        assert main(["cleanup", cell, "--sweep", name]) == 0
+        assert f"removed sweep {name}: 3 kept result(s)" in capsys.readouterr().out
+        assert main(["sweeps", cell]) == 0
+        assert name not in capsys.readouterr().out
+    finally:
+        ssh_to(cell, f"rm -rf .sheepdog-executor/sweeps/{name}")
