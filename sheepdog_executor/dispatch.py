@@ -191,6 +191,11 @@ class Dispatcher:
             self.on_work()
             self.on_change()
 
+    def function_blob(self, key: str) -> bytes:
+        """The pickle of a function whose calls are on the books (a detached sweep ships it)."""
+        with self._lock:
+            return self._functions.blob(key)
+
     def snapshot(self) -> dict[str, Any]:
         """Batches, recent errors and live workers, JSON-able (for the status page and progress)."""
         with self._lock:

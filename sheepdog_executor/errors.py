@@ -160,3 +160,8 @@ class SweepKeyError(SheepdogError, TypeError):
 class SweepStoreRefused(SheepdogError):
     """A sweep's store on the cluster holds a record that is not what a worker of the sweep wrote
     (its MAC does not check out): it was corrupted or replaced, and nothing of it is unpickled."""
+
+
+class SweepDetached(SheepdogError):
+    """A call handed to the cluster by ``detach()``: it runs there with no client; an executor of
+    the same sweep gets its result with ``attach()``."""

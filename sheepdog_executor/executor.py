@@ -285,6 +285,35 @@ class ClusterExecutor(Executor):
                 target=self._shutdown_in_background, name="sheepdog-shutdown", daemon=True
             ).start()
 
+    def detach(self) -> int:
+        """With ``sweep=``: hand the calls not started yet to the cluster and shut down. They run
+        there in jobs of their own with no client alive, their results kept in the sweep's store;
+        an executor of the same sweep, in any process, gets them with ``attach()``. Returns once the
+        calls running now have ended (their results kept too); the handed-over calls' Futures here
+        end with ``SweepDetached``. Returns how many calls were handed over."""
+        if self._sweep is None:
+            raise RuntimeError("detach() needs a sweep: make the executor with sweep=NAME")
+        with self._shutdown_lock:
+            self._shutdown = True
+        handed = self._sweep.detach(self._max_workers)
+        self.shutdown(wait=True)
+        return handed
+
+    def attach(self) -> list[Future[Any]]:
+        """With ``sweep=``: Futures of every call ever handed to the cluster by ``detach()`` in this
+        sweep, in the order they were submitted: those that finished (while nobody was attached,
+        too) are resolved at once from the store, the others run here (those a detached task is
+        running are waited for when the executor opens the sweep)."""
+        if self._sweep is None:
+            raise RuntimeError("attach() needs a sweep: make the executor with sweep=NAME")
+        futures: list[Future[Any]] = []
+        batch = next(self._batch_ids)
+        for fn, calls in itertools.groupby(self._sweep.detached_calls(), key=lambda call: call[0]):
+            arguments = [(args, kwargs) for _, args, kwargs in calls]
+            futures.extend(self._queue(fn, arguments, batch, f"attach({_name_of(fn)})"))
+        self._session.jobs.wake(flush=True)
+        return futures
+
     def _shutdown_in_background(self) -> None:
         self._session.wait_until_done()
         self._finalizer.detach()

@@ -13,7 +13,9 @@ read back from its file instead of being run again.
 
 from __future__ import annotations
 
+import base64
 import logging
+import math
 import os
 import pickle
 import posixpath
@@ -26,8 +28,10 @@ from concurrent.futures import Future
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from sheepdog_executor import pickling
 from sheepdog_executor.callkey import call_key, function_digest
-from sheepdog_executor.errors import ConfigurationError, RemoteCallError, SweepStoreRefused
+from sheepdog_executor.errors import ConfigurationError, RemoteCallError, SweepDetached, SweepStoreRefused
+from sheepdog_executor.jobscript import WorkerLaunch
 from sheepdog_executor.remote import store
 from sheepdog_executor.scheduler.local import LocalScheduler
 
@@ -222,6 +226,80 @@ class Sweep:
             log.warning("sweep %s: could not read the results worker %s kept: %s", self.name, worker, exc)
             return []
         return [(item, found[key]) for item in items if (key := keys[item.id]) in found]
+
+    # -- detached ---------------------------------------------------------------------------------
+    def detach(self, max_workers: int) -> int:
+        """Hand the calls no worker has taken to the cluster: written to the store as one queue,
+        run by an array job of detached workers that claim its chunks from the shared filesystem
+        and keep their results, with no client. Their Futures here end with ``SweepDetached``.
+        Returns how many calls were handed over."""
+        dispatcher = self.session.dispatcher
+        items = dispatcher.take_pending()
+        try:
+            calls = [(item.args[0], item.fn_key, pickling.dumps(item.arguments())) for item in items]
+            functions = {key: dispatcher.function_blob(key) for key in {fn_key for _, fn_key, _ in calls}}
+            if calls:
+                self._hand_over(calls, functions, max_workers)
+        except BaseException as exc:
+            dispatcher.fail_items(items, exc)
+            raise
+        gone = SweepDetached(
+            f"handed to the cluster by detach(): an executor with sweep={self.name!r} gets its result "
+            "with attach()"
+        )
+        dispatcher.fail_items(items, gone, "cancelled")
+        return len(calls)
+
+    def _hand_over(
+        self, calls: list[tuple[str, str, bytes]], functions: dict[str, bytes], workers: int
+    ) -> None:
+        run, shell = self.run, self.session.shell
+        chunk = max(1, math.ceil(len(calls) / (workers * 4)))
+        blob = pickle.dumps({"run": run, "chunk": chunk, "functions": functions, "calls": calls}, protocol=5)
+        jobs = f"{self.directory}/jobs-{run}"
+        q = shlex.quote
+        done = shell.run(
+            f"umask 077 && cd {q(self.directory)} && mkdir -p {store.DETACHED} && mkdir claims-{q(run)} "
+            f"{q(jobs)} && cp {q(self.session.launch.bundle_path)} {q(jobs)}/bundle.zip",
+            timeout=120,
+        )
+        if done.returncode != 0:
+            raise ConfigurationError(
+                f"sweep {self.name!r}: cannot prepare its detached run in {self.directory}: "
+                f"{done.stderr.strip()[-500:]}"
+            )
+        queue = f"{self.directory}/{store.DETACHED}/{run}"
+        shell.put(queue, store.sign_queue(self._key, blob), 0o600)
+        shell.put(f"{queue}.keys", "".join(f"{key}\n" for key, _, _ in calls).encode(), 0o600)
+        launch = WorkerLaunch(
+            jobs, store.DETACHED_URL + queue, None, bundle_sha256=self.session.launch.bundle_sha256
+        )
+        job = self.session.scheduler.submit(launch, min(workers, math.ceil(len(calls) / chunk)))
+        log.info("sweep %s: %d call(s) handed to the cluster, job %s", self.name, len(calls), job)
+
+    def detached_calls(self) -> list[tuple[Callable[..., Any], Any, dict[str, Any]]]:
+        """Every call ever handed to the cluster in this sweep, in order: (function, args, kwargs)."""
+        listing = self.session.shell.run(
+            f"cd {shlex.quote(self.directory)}/{store.DETACHED} 2>/dev/null || exit 0\n"
+            'for f in *; do case $f in *.keys) continue ;; esac; [ -f "$f" ] || continue\n'
+            '  printf "%s " "$f" && base64 -w0 < "$f" && echo\ndone',
+            timeout=300,
+        )
+        found = []
+        for line in sorted(listing.stdout.splitlines()):
+            name, _, data = line.partition(" ")
+            try:
+                queue = store.read_queue(self._key, base64.b64decode(data))
+            except (store.BadRecord, ValueError) as exc:
+                raise SweepStoreRefused(
+                    f"sweep {self.name!r}: the detached queue {self.directory}/{store.DETACHED}/{name} is "
+                    f"refused ({exc}): nothing of it was unpickled; remove it or the sweep"
+                ) from None
+            wrappers = {key: pickle.loads(blob) for key, blob in queue["functions"].items()}
+            for _, fn_key, payload in queue["calls"]:
+                (_key, args, kwargs), _ = pickle.loads(payload)
+                found.append((wrappers[fn_key].args[0], args, kwargs))
+        return found
 
 
 def open_sweep(session: Session, name: str, wait_limit: float) -> Sweep:

@@ -328,6 +328,24 @@ def test_a_killed_clients_workers_keep_their_results_and_free_their_slots(cell_s
     assert cell_sweep.runs() == dict.fromkeys(range(4), 1)
 
 
+@pytest.mark.cluster
+def test_a_detached_sweep_finishes_with_no_client_and_a_new_process_attaches_to_its_results(
+    cell_sweep: CellSweep,
+) -> None:
+    """A map of 60 calls of 1 s detached after its first result: the client exits, the calls it
+    handed over all run with no client alive; a new process attaches and gets each result, in
+    order, from the store, submitting no job; every call ran once."""
+    first = cell_sweep.client(60, 1, "detach")
+    handed = cell_sweep.line(first, 180, "the detaching client's report")["handed"]
+    assert first.wait(60) == 0 and 0 < handed < 60
+    wait_until(lambda: len(cell_sweep.runs()) == 60, 120, "every call run with no client")
+    second = cell_sweep.client(60, 1, "attach")
+    summary = cell_sweep.line(second, 120, "the attached results")
+    assert second.wait(60) == 0
+    assert (summary["right"], summary["served"], summary["jobs"]) == (handed, handed, [])
+    assert cell_sweep.runs() == dict.fromkeys(range(60), 1)
+
+
 def _flip(text: str) -> str:
     return text[:-1] + ("0" if text[-1] != "0" else "1")
 

@@ -125,7 +125,7 @@ def cleanup(
         head = HeadNode(shell, JobOptions.from_options(options), lines(options.get("command_setup", ())))
         in_use = {s.environment: s.name for s in sessions.values() if s.environment and s.name in live}
         clean_environments(head, f"{root}/envs", remove=envs, dry_run=dry_run, out=out, in_use=in_use)
-        if sweep is not None and not remove_sweep(shell, root, sweep, live, dry_run, out):
+        if sweep is not None and not remove_sweep(shell, scheduler, root, sweep, live, dry_run, out):
             return 1
         return 0
     except SheepdogError as exc:

@@ -199,3 +199,53 @@ def kept_call(fn: Callable[..., Any], store: StoreRef, call: str, args: Any, kwa
     if _append(store, line(key, RETURNED, call, store.run, data)):
         _written += 1
     return value
+
+
+# -- detached: the calls a client handed to the cluster (``Executor.detach``) ---------------------
+#: Under the sweep's directory: each detached run's queue (``detached/RUN``), the claims of its
+#: chunks (``claims-RUN/CHUNK``) and its tasks' bundle and logs (``jobs-RUN/``).
+DETACHED = "detached"
+#: The URL a detached task's worker is started with, instead of a client's: ``sweep:QUEUE``.
+DETACHED_URL = "sweep:"
+
+
+def sign_queue(key: bytes, blob: bytes) -> bytes:
+    """A detached queue as written: its MAC on the first line, then the pickled queue."""
+    return hmac.new(key, blob, hashlib.sha256).hexdigest().encode() + b"\n" + blob
+
+
+def read_queue(key: bytes, data: bytes) -> dict[str, Any]:
+    """A detached queue, unpickled only once its MAC checked out (BadRecord otherwise)."""
+    given, _, blob = data.partition(b"\n")
+    if not hmac.compare_digest(hmac.new(key, blob, hashlib.sha256).hexdigest().encode(), given):
+        raise BadRecord("the queue's MAC does not match the sweep's key")
+    queue: dict[str, Any] = pickle.loads(blob)
+    return queue
+
+
+def run_detached(queue_path: str) -> int:
+    """A detached task's worker: claim chunks of the queue (a file created exclusively per chunk,
+    on the shared filesystem) and run their calls, each kept in the store by ``kept_call``, until
+    none is left; no client is needed. Leaves when a newer run takes the sweep over."""
+    from sheepdog_executor.remote.worker import load_function
+
+    directory = os.path.dirname(os.path.dirname(queue_path))
+    with open(queue_path, "rb") as handle:
+        queue = read_queue(_key(directory), handle.read())
+    claims = os.path.join(directory, f"claims-{queue['run']}")
+    functions: dict[str, Callable[..., Any]] = {}
+    calls, chunk = queue["calls"], int(queue["chunk"])
+    for number, start in enumerate(range(0, len(calls), chunk)):
+        try:
+            os.close(os.open(os.path.join(claims, str(number)), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            continue  # another task has it
+        for _, fn_key, payload in calls[start : start + chunk]:
+            if fn_key not in functions:
+                functions[fn_key] = load_function(queue["functions"][fn_key])
+            args, kwargs = pickle.loads(payload)
+            try:
+                functions[fn_key](*args, **kwargs)  # kept_call: the store has its value
+            except BaseException:  # noqa: BLE001, S110 - raised: recorded as such, not kept
+                pass
+    return 0

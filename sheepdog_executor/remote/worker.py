@@ -453,6 +453,8 @@ def worker_identity() -> dict[str, Any]:
 
 
 def main(url: str, secret_file: str, fingerprint: str | None = None) -> int:
+    if url.startswith(store.DETACHED_URL):  # a detached sweep's task: no client (store.run_detached)
+        return store.run_detached(url[len(store.DETACHED_URL) :])
     try:
         return serve(url, secret_file, fingerprint)
     except ClientUnreachable as exc:  # the watchdog may not have seen it yet: same end
