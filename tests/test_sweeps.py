@@ -7,6 +7,7 @@ run on the real cells, counting the runs of each call by the file each run leave
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import pickle
@@ -422,3 +423,32 @@ def test_sweeps_lists_counts_and_size_and_cleanup_removes_a_sweep_only_once_its_
         assert name not in capsys.readouterr().out
     finally:
         ssh_to(cell, f"rm -rf .sheepdog-executor/sweeps/{name}")
+
+
+def slow(x: int) -> int:
+    time.sleep(6)
+    return x
+
+
+@pytest.mark.cluster
+def test_cleanup_keeps_a_sweep_whose_detached_tasks_still_run(
+    make_any_executor: Callable[..., Any], cluster: Cluster
+) -> None:
+    from sheepdog_executor.cli.sweeps import remove_sweep
+
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    executor = make_any_executor(max_workers=1, sweep=name)
+    root = os.path.dirname(executor.session_dir)
+    results = executor.map(slow, range(4))
+    assert next(results) == 0
+    assert executor.detach() >= 2
+    other = make_any_executor()
+    scheduler, shell = other._session.scheduler, other._session.shell
+    detached = sorted({job.id for job in scheduler.session_jobs(f"{root}/sweeps/{name}")})
+    try:
+        out = io.StringIO()
+        assert not remove_sweep(shell, scheduler, root, name, set(), False, out)
+        assert f"kept sweep {name}: its detached calls still run (job {detached[0]})" in out.getvalue()
+    finally:
+        scheduler.cancel(detached)
+        cluster.ssh(f"rm -rf .sheepdog-executor/sweeps/{name}")
