@@ -36,7 +36,7 @@ def function_digest(fn: Callable[..., Any]) -> bytes:
         known = None
     if known is not None:
         return known
-    digest = _Digest(lenient=True).of(fn)
+    digest = _Digest(lenient=False).of(fn)
     try:
         _functions[fn] = digest
     except TypeError:
@@ -51,8 +51,8 @@ def call_key(fn_digest: bytes, args: Any, kwargs: Any) -> str:
 
 
 class _Digest:
-    """SHA-256 of a value's canonical encoding. ``lenient``: a value met inside a function (a global
-    it reads) that cannot be hashed counts by its type alone, instead of raising."""
+    """SHA-256 of a value's canonical encoding. ``lenient``: a value that cannot be hashed counts by
+    its type alone, instead of raising (only for the globals a function reads)."""
 
     def __init__(self, lenient: bool) -> None:
         self.lenient = lenient
@@ -137,8 +137,17 @@ class _Digest:
             + self.of(fn.__defaults__)
             + self.of(fn.__kwdefaults__)
             + self.of(cells)
-            + self.of(found)
+            + self._globals(found)
         )
+
+    def _globals(self, found: list[tuple[str, Any]]) -> bytes:
+        """The globals a function reads: one that cannot be hashed counts by its type alone (a
+        lock, a logger, an open file at module level), so that a script's functions can be keyed."""
+        lenient, self.lenient = self.lenient, True
+        try:
+            return self.of(found)
+        finally:
+            self.lenient = lenient
 
     def _code(self, code: types.CodeType) -> bytes:
         consts = [self.of(c) for c in code.co_consts]
@@ -153,9 +162,10 @@ class _Digest:
             if self.lenient:
                 return b"?" + self._name(type(value))
             raise SweepKeyError(
-                f"a sweep cannot key a call with an argument of type {type(value).__qualname__} "
-                f"(it has no plain pickle: {exc}); pass plain values (numbers, strings, tuples, lists, "
-                "dicts, numpy arrays, dataclasses) or run this call without sweep="
+                f"a sweep cannot key a call with a value of type {type(value).__qualname__} in its "
+                f"arguments or its function's closure (it has no plain pickle: {exc}); pass plain values "
+                "(numbers, strings, tuples, lists, dicts, numpy arrays, dataclasses) or run this call "
+                "without sweep="
             ) from exc
 
 

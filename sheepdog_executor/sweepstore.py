@@ -20,6 +20,7 @@ import os
 import pickle
 import posixpath
 import re
+import secrets
 import shlex
 import time
 import weakref
@@ -30,7 +31,13 @@ from typing import TYPE_CHECKING, Any
 
 from sheepdog_executor import pickling
 from sheepdog_executor.callkey import call_key, function_digest
-from sheepdog_executor.errors import ConfigurationError, RemoteCallError, SweepDetached, SweepStoreRefused
+from sheepdog_executor.errors import (
+    ConfigurationError,
+    PollFailed,
+    RemoteCallError,
+    SweepDetached,
+    SweepStoreRefused,
+)
 from sheepdog_executor.jobscript import WorkerLaunch
 from sheepdog_executor.remote import store
 from sheepdog_executor.scheduler.local import LocalScheduler
@@ -85,12 +92,12 @@ class Sweep:
         script = (
             f"umask 077\nd={d}\n"
             'mkdir -p -m 700 -- "$d/records" && cd -- "$d" || exit 3\n'
-            "if [ ! -f key ]; then head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n' > key.$$ "
-            "&& ln key.$$ key 2>/dev/null; rm -f key.$$; fi\n"
+            # a new sweep's key is this client's (on stdin); ln: the first of two clients wins
+            "if [ ! -f key ]; then cat > key.$$ && ln key.$$ key 2>/dev/null; rm -f key.$$; fi\n"
             f"printf '%s\\n' {shlex.quote(self.run)} > lease.$$ && mv -f lease.$$ lease || exit 3\n"
             "printf 'K %s\\n' \"$(cat key)\"\n" + LISTING.replace("FILES", "records/*.log")
         )
-        done = self.session.shell.run(script, timeout=300)
+        done = self.session.shell.run(script, stdin=secrets.token_hex(32).encode(), timeout=300)
         first, _, listing = done.stdout.partition("\n")
         if done.returncode != 0 or not re.fullmatch(r"K [0-9a-f]{64}", first):
             raise ConfigurationError(
@@ -159,7 +166,11 @@ class Sweep:
                 tasks[worker] = (match.group(1), int(match.group(2)), int(match.group(3)))
         if isinstance(self.session.scheduler, LocalScheduler):
             return {w: running[w] for w, (_, _, pid) in tasks.items() if _pid_runs(pid)}
-        states = self.session.scheduler.poll(sorted({job for job, _, _ in tasks.values()}))
+        try:
+            states = self.session.scheduler.poll(sorted({job for job, _, _ in tasks.values()}))
+        except PollFailed as exc:  # asked again at the next look; until then, alive
+            log.debug("sweep %s: polling the previous run's tasks: %s", self.name, exc)
+            return running
         return {w: running[w] for w, (job, task, _) in tasks.items() if task in states.get(job, {})}
 
     # -- calls ----------------------------------------------------------------------------------

@@ -361,6 +361,8 @@ def test_a_corrupted_or_replaced_store_file_on_the_cell_is_refused_and_nothing_u
         executor = make_executor(sweep=name)
         assert list(executor.map(abs, range(-4, 0))) == [4, 3, 2, 1]
         executor.shutdown()
+        modes = ssh_to(cell, f"cd .sheepdog-executor/sweeps && stat -c %a {name} {name}/key {name}/records")
+        assert modes.stdout.split() == ["700", "600", "700"]  # no other user can plant or read a file
         records = f".sheepdog-executor/sweeps/{name}/records"
         listing = shlex.split(ssh_to(cell, f"ls {records}").stdout)
         target = f"{records}/{listing[0]}"
@@ -413,7 +415,7 @@ def test_sweeps_lists_counts_and_size_and_cleanup_removes_a_sweep_only_once_its_
         assert [f.result() for f in futures[:3]] == [(7, 0), (3, 1), (2, 1)]
         assert main(["sweeps", cell]) == 0
         [row] = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(name)]
-        assert row[1:4] == ["3", "0", "1"] and row[5] == "MB", row
+        assert row[1:5] == ["3", "0", "0", "1"] and row[6] == "MB", row  # done running queued failed
         assert main(["cleanup", cell, "--sweep", name]) == 1
         assert f"kept sweep {name}: session" in capsys.readouterr().out
         executor.shutdown()
