@@ -205,6 +205,27 @@ def test_a_lost_worker_s_kept_results_are_served_not_run_again(local_sweep: dict
     assert _runs() == {0: 1, 1: 1, -99: 1}
 
 
+def slowly(x: int) -> int:
+    time.sleep(0.3)
+    return marked(x)
+
+
+def test_detach_hands_the_calls_over_and_a_new_executor_attaches_to_their_results(
+    local_sweep: dict[str, Any],
+) -> None:
+    with LocalExecutor(**local_sweep) as executor:
+        results = executor.map(slowly, range(20))
+        assert next(results) == 0
+        handed = executor.detach()
+    assert 0 < handed < 20
+    wait_until(lambda: len(_runs()) == 20, 60, "every call run by the detached workers")
+    with LocalExecutor(**local_sweep) as executor:
+        futures = executor.attach()
+        assert [f.result(timeout=60) for f in futures] == [x * x for x in range(20 - handed, 20)]
+        assert executor.job_ids == []
+    assert _runs() == dict.fromkeys(range(20), 1)
+
+
 def test_a_planted_or_corrupted_record_is_refused_and_nothing_is_unpickled(
     local_sweep: dict[str, Any], tmp_path: Path
 ) -> None:
