@@ -33,6 +33,7 @@ def worker_bundle() -> bytes:
             "nested.py",
             "protocol.py",
             "reach.py",
+            "store.py",
             "worker.py",
         ):
             archive.writestr(f"sheepdog_executor/remote/{name}", (_REMOTE / name).read_text())

@@ -19,7 +19,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from sheepdog_executor.calls import NO_KWARGS, CallBook, WorkItem
+from sheepdog_executor.calls import ENDED, NO_KWARGS, CallBook, WorkItem
 from sheepdog_executor.clock import awake_or_asleep
 from sheepdog_executor.errors import BrokenClusterExecutor
 from sheepdog_executor.handout import HandOut
@@ -95,6 +95,9 @@ class Dispatcher:
         self.escalate: Callable[[list[WorkItem], str], list[WorkItem]] | None = None
         #: Called with a worker's id when it is declared lost (its partial results are freed).
         self.on_lost: Callable[[str], None] = lambda worker_id: None
+        #: With a sweep (``sweep=``): of the calls a lost worker held, those it kept in the store
+        #: before it went, with their pickled values (``Sweep.recover``); they are not lost.
+        self.recover: Callable[[str, list[WorkItem]], list[tuple[WorkItem, bytes]]] | None = None
 
     # -- life ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -129,6 +132,11 @@ class Dispatcher:
         if was_short:  # otherwise the workers are busy and the job manager already has enough to do
             self.on_work()
             self.on_change()
+
+    def function_blob(self, key: str) -> bytes:
+        """The pickle of a function whose calls are on the books (a detached sweep ships it)."""
+        with self._lock:
+            return self._books.functions.blob(key)
 
     def snapshot(self) -> dict[str, Any]:
         """Batches, recent errors and live workers, JSON-able (for the status page and progress)."""
@@ -286,8 +294,23 @@ class Dispatcher:
         if items is None:
             return []
         self.on_lost(worker_id)
+        if self.recover is not None and items:
+            items = self._resolve_kept(items, self.recover(worker_id, items))
         self.on_change()
         return items
+
+    def _resolve_kept(self, items: list[WorkItem], kept: list[tuple[WorkItem, bytes]]) -> list[WorkItem]:
+        """Resolve the lost calls whose values a sweep kept (as results of their worker); return
+        the others."""
+        if not kept:
+            return items
+        with self._lock:
+            for item, _ in kept:
+                item.state = ENDED
+        done = {item.id for item, _ in kept}
+        self.results.put([(item, Result(item.id, item.attempt, True, data, "")) for item, data in kept])
+        log.info("%d call(s) of a lost worker were kept in the sweep's store: not run again", len(kept))
+        return [item for item in items if item.id not in done]
 
     def take_batch(self, batch: int) -> list[tuple[Worker, list[WorkItem]]]:
         """Forget the workers that hold calls of ``batch`` and of nothing else; return each with

@@ -170,3 +170,17 @@ class RemoteCallError(SheepdogError):
 
 class ExecutorShutDown(SheepdogError):
     """The executor was stopped (exception in the ``with`` body, Ctrl-C, exit) before the call ended."""
+
+
+class SweepKeyError(SheepdogError, TypeError):
+    """A call of a sweep (``sweep=``) has an argument whose value cannot be hashed into its key."""
+
+
+class SweepStoreRefused(SheepdogError):
+    """A sweep's store on the cluster holds a record that is not what a worker of the sweep wrote
+    (its MAC does not check out): it was corrupted or replaced, and nothing of it is unpickled."""
+
+
+class SweepDetached(SheepdogError):
+    """A call handed to the cluster by ``detach()``: it runs there with no client; an executor of
+    the same sweep gets its result with ``attach()``."""

@@ -48,6 +48,7 @@ from sheepdog_executor.scheduler import (
     SlurmScheduler,
 )
 from sheepdog_executor.session import _OPEN, Session, _collected
+from sheepdog_executor.sweepstore import Sweep, open_sweep
 
 log = logging.getLogger("sheepdog_executor")
 T = TypeVar("T")
@@ -116,6 +117,7 @@ class ClusterExecutor(Executor):
         environment_exclude: Sequence[str] | str = (),
         disconnect_tolerance: float = 600.0,
         commands_per_minute: float = 60.0,
+        sweep: str | None = None,
     ) -> None:
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
@@ -133,6 +135,14 @@ class ClusterExecutor(Executor):
         self._shutdown = False
         self._batches = _Batches()
         self._session = self._open_session(options, initializer, initargs, scheduler_options)
+        #: With ``sweep=``, the sweep whose kept results this executor serves (``sweepstore``).
+        self._sweep: Sweep | None = None
+        if sweep is not None:
+            try:  # a previous run's workers get up to their tolerance to end the calls they run
+                self._sweep = open_sweep(self._session, sweep, disconnect_tolerance + 60)
+            except BaseException:
+                self._session.close(abort=True)
+                raise
         # GC of an executor never shut down, and interpreter exit, both remove its jobs, once the
         # calls outstanding then have ended (see _collected)
         _OPEN.add(self._session)
@@ -191,7 +201,7 @@ class ClusterExecutor(Executor):
             if needs is not None:
                 self._session.jobs_for(needs)
             batch, label = self._batches.of_submit(fn)
-            self._session.dispatcher.add(fn, ((args, kwargs),), (future,), batch, label, needs)
+            self._add(fn, ((args, kwargs),), (future,), batch, label, needs)
         return future
 
     def map(
@@ -268,8 +278,25 @@ class ClusterExecutor(Executor):
         futures: list[Future[Any]] = [CallFuture() for _ in arguments]
         with self._shutdown_lock:
             self._check_open()
-            self._session.dispatcher.add(fn, arguments, futures, batch, label, needs)
+            self._add(fn, arguments, futures, batch, label, needs)
         return futures
+
+    def _add(
+        self,
+        fn: Callable[..., Any],
+        arguments: Sequence[tuple[Any, dict[str, Any] | None]],
+        futures: Sequence[Future[Any]],
+        batch: int,
+        label: str,
+        needs: Resources | None,
+    ) -> None:
+        """Queue calls (of the resource set ``needs``; None: the executor's own); in a sweep, those
+        whose result is kept are resolved here instead."""
+        if self._sweep is not None:
+            fn, arguments, futures = self._sweep.split(fn, arguments, futures)
+            if not futures:
+                return
+        self._session.dispatcher.add(fn, arguments, futures, batch, label, needs)
 
     def _with_progress(self, results: Iterator[T], total: int | None, desc: str) -> Iterator[T]:
         """``results`` behind a progress bar on stderr, as the ``progress`` option says."""
@@ -306,6 +333,35 @@ class ClusterExecutor(Executor):
             threading.Thread(
                 target=self._shutdown_in_background, name="sheepdog-shutdown", daemon=True
             ).start()
+
+    def detach(self) -> int:
+        """With ``sweep=``: hand the calls not started yet to the cluster and shut down. They run
+        there in jobs of their own with no client alive, their results kept in the sweep's store;
+        an executor of the same sweep, in any process, gets them with ``attach()``. Returns once the
+        calls running now have ended (their results kept too); the handed-over calls' Futures here
+        end with ``SweepDetached``. Returns how many calls were handed over."""
+        if self._sweep is None:
+            raise RuntimeError("detach() needs a sweep: make the executor with sweep=NAME")
+        with self._shutdown_lock:
+            self._shutdown = True
+        handed = self._sweep.detach(self._max_workers)
+        self.shutdown(wait=True)
+        return handed
+
+    def attach(self) -> list[Future[Any]]:
+        """With ``sweep=``: Futures of every call ever handed to the cluster by ``detach()`` in this
+        sweep, in the order they were submitted: those that finished (while nobody was attached,
+        too) are resolved at once from the store, the others run here (those a detached task is
+        running are waited for when the executor opens the sweep)."""
+        if self._sweep is None:
+            raise RuntimeError("attach() needs a sweep: make the executor with sweep=NAME")
+        futures: list[Future[Any]] = []
+        batch = self._batches.of_map()
+        for fn, calls in itertools.groupby(self._sweep.detached_calls(), key=lambda call: call[0]):
+            arguments = [(args, kwargs) for _, args, kwargs in calls]
+            futures.extend(self._queue(fn, arguments, batch, f"attach({_name_of(fn)})", None))
+        self._session.jobs.wake(flush=True)
+        return futures
 
     def _shutdown_in_background(self) -> None:
         self._session.wait_until_done()
@@ -350,6 +406,12 @@ class ClusterExecutor(Executor):
         """With ``environment="sync"``, the environment the nodes run (its path, whether this
         executor built it); None otherwise."""
         return self._session.environment
+
+    @property
+    def sweep(self) -> Sweep | None:
+        """With ``sweep=``, the sweep: its store's directory, its kept results, how many calls
+        this executor served from it (``served``) and sent to the workers (``sent``)."""
+        return self._sweep
 
     @property
     def session_dir(self) -> str:

@@ -10,6 +10,7 @@ here. Ground floor: imports nothing of the package but ``errors``.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -156,6 +157,14 @@ def _gpus(value: Any) -> None:
         parse_count(value, "gpus", 0)
 
 
+def _sweep_name(value: str | None) -> None:
+    if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value):
+        raise ConfigurationError(
+            f"sweep={value!r} is not a usable name: use 1 to 64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit (it names the sweep's directory on the cluster)"
+        )
+
+
 @dataclass(frozen=True)
 class ExecutorOptions(Mapping[str, Any]):
     """The options every executor takes, whatever its scheduler; a read-only mapping of name to value
@@ -226,6 +235,12 @@ class ExecutorOptions(Mapping[str, Any]):
     )
     commands_per_minute: float = option(
         60.0, "the most scheduler commands a minute (polls, submits, accounting)", float, check=_rate
+    )
+    sweep: str | None = option(
+        None,
+        "keep each call's result on the cluster under this name: a rerun serves the kept ones",
+        str,
+        check=_sweep_name,
     )
 
     def __post_init__(self) -> None:

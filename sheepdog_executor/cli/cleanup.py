@@ -21,6 +21,7 @@ from sheepdog_executor.cli.common import (
     make_scheduler,
     session_root,
 )
+from sheepdog_executor.cli.sweeps import remove_sweep
 from sheepdog_executor.config import (
     resolve_options,
 )
@@ -79,6 +80,7 @@ def cleanup(
     envs: bool = False,
     out: TextIO | None = None,
     choice: str = "auto",
+    sweep: str | None = None,
 ) -> int:
     """Remove what clients that died left on ``host``; return the exit status."""
     out = out or sys.stdout
@@ -123,6 +125,8 @@ def cleanup(
         head = HeadNode(shell, JobOptions.from_options(options), lines(options.get("command_setup", ())))
         in_use = {s.environment: s.name for s in sessions.values() if s.environment and s.name in live}
         clean_environments(head, f"{root}/envs", remove=envs, dry_run=dry_run, out=out, in_use=in_use)
+        if sweep is not None and not remove_sweep(shell, scheduler, root, sweep, live, dry_run, out):
+            return 1
         return 0
     except SheepdogError as exc:
         print(f"error: {exc}", file=out)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from sheepdog_executor import registry
 from sheepdog_executor.cli.cleanup import cleanup
 from sheepdog_executor.cli.doctor import Doctor
+from sheepdog_executor.cli.sweeps import sweeps
 from sheepdog_executor.options import ExecutorOptions, declared
 
 if TYPE_CHECKING:
@@ -32,8 +33,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return Doctor(args.host, explicit, args.timeout, scheduler=args.scheduler).run()
     if args.command == "cleanup":
         return cleanup(
-            args.host, dry_run=args.dry_run, force=args.force, envs=args.envs, choice=args.scheduler
+            args.host,
+            dry_run=args.dry_run,
+            force=args.force,
+            envs=args.envs,
+            choice=args.scheduler,
+            sweep=args.sweep,
         )
+    if args.command == "sweeps":
+        return sweeps(args.host)
     parser.print_help()
     return 2
 
@@ -78,6 +86,16 @@ def _parser() -> argparse.ArgumentParser:
         "--envs",
         action="store_true",
         help='also remove the environments of environment="sync" (rebuilt when next needed)',
+    )
+    clean.add_argument(
+        "--sweep", metavar="NAME", help="also remove the sweep NAME and its kept results (never one in use)"
+    )
+    _host_command(
+        commands,
+        "sweeps",
+        help="list the sweeps (sweep=) kept on the cluster",
+        description="List the sweeps kept under the session root: calls done, running and failed, "
+        "and their size on disk.",
     )
     return parser
 

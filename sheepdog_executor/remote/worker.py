@@ -24,7 +24,7 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
-from sheepdog_executor.remote import protocol
+from sheepdog_executor.remote import protocol, store
 from sheepdog_executor.remote.budget import Budget, explain_memory_error
 from sheepdog_executor.remote.compat import add_note
 from sheepdog_executor.remote.reach import (
@@ -37,6 +37,9 @@ from sheepdog_executor.remote.reach import (
 
 #: At most this much of each of a call's stdout and stderr (the end of it) travels back with its result.
 OUTPUT_LIMIT = 64 * 1024
+#: At least this long a sweep's worker whose results are all kept in the store waits for a client
+#: gone silent before it leaves (else ``disconnect_tolerance``).
+STORE_PATIENCE_SECONDS = 15.0
 #: Seconds to open a connection (a route that drops packets is left soon), and to wait for an answer
 #: (longer than the endpoint's long poll).
 CONNECT_TIMEOUT = 10.0
@@ -88,10 +91,13 @@ class Channel:
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[union-attr]
         return conn
 
-    def call(self, path: str, message: Any, attempts: int | None = None) -> Any:
+    def call(
+        self, path: str, message: Any, attempts: int | None = None, patience: float | None = None
+    ) -> Any:
         """Send a message and return the client's signed answer. Failed attempts move on to the
         next route and back off; with ``attempts`` None they go on until the client has been out of
-        reach for longer than the tolerance (``ClientUnreachable``). A hello says which route it took."""
+        reach for longer than the tolerance, or ``patience`` when given (``ClientUnreachable``).
+        A hello says which route it took."""
         body = protocol.dumps(message)
         refusals = 0
         with self._lock:
@@ -112,7 +118,7 @@ class Channel:
                     )
                     data = self._read_answer(self._conn.getresponse(), path, nonce)
                 except (OSError, http.client.HTTPException) as exc:
-                    self._failed(attempt, attempts, exc)
+                    self._failed(attempt, attempts, exc, patience)
                     continue
                 except Refused as refused:
                     # not our client at this address: another route may lead to it, or, once we
@@ -121,7 +127,7 @@ class Channel:
                     if not self.reach.reached and refusals >= len(self.reach.routes):
                         self.close()  # whatever is left of its answer stays unread
                         raise
-                    self._failed(attempt, attempts, refused)
+                    self._failed(attempt, attempts, refused, patience)
                     continue
                 self.reach.contacted()
                 return protocol.loads(data)
@@ -156,7 +162,9 @@ class Channel:
             raise Refused(f"{path}: response body is not the one signed with our secret")
         return body
 
-    def _failed(self, attempt: int, attempts: int | None, exc: Exception) -> None:
+    def _failed(
+        self, attempt: int, attempts: int | None, exc: Exception, patience: float | None = None
+    ) -> None:
         """After a failed attempt: drop the connection, move to the next route, pause after a round
         over all of them; raise when out of attempts or past the tolerance."""
         if self._conn is not None:
@@ -166,7 +174,9 @@ class Channel:
         tried_all = self.reach.move_on(self._url)
         if attempts is not None and attempt + 1 >= attempts:
             raise exc
-        if self.reach.gave_up():
+        if self.reach.gave_up() or (
+            patience is not None and (self.reach.silent_for() > patience or store.superseded())
+        ):
             raise ClientUnreachable(
                 f"the client was unreachable for {self.reach.silent_for():.0f} s "
                 f"(disconnect_tolerance {self.reach.tolerance:.0f} s): {exc}"
@@ -448,13 +458,15 @@ def worker_identity() -> dict[str, Any]:
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "python": list(sys.version_info[:3]),
-        "worker": f"{job}.{task}.{os.getpid()}",
+        "worker": store.worker_name(),  # also its records file's name in a sweep's store
         # the resource set the task's job was submitted for: the worker takes its calls only
         "resources": os.environ.get("SHEEPDOG_RESOURCE_SET", ""),
     }
 
 
 def main(url: str, secret_file: str, fingerprint: str | None = None) -> int:
+    if url.startswith(store.DETACHED_URL):  # a detached sweep's task: no client (store.run_detached)
+        return store.run_detached(url[len(store.DETACHED_URL) :])
     try:
         return serve(url, secret_file, fingerprint)
     except ClientUnreachable as exc:  # the watchdog may not have seen it yet: same end
@@ -496,17 +508,23 @@ def serve(url: str, secret_file: str, fingerprint: str | None = None) -> int:
     part_bytes = hello.get("part_bytes")
     budget = Budget.from_environment()
     retire = False
+    # a sweep's worker whose results are all kept in its store leaves soon when its client is gone
+    kept_patience = max(3 * float(hello.get("heartbeat", 5.0)), STORE_PATIENCE_SECONDS)
+    kept_before = 0
     try:
         while True:
             if part_bytes:
                 results = send_in_parts(channel, worker_id, results, part_bytes)
             request += 1  # a retry of the same request keeps its number
-            message: dict[str, Any] = {"worker": worker_id, "results": [r.wire() for r in results]}
-            message["request"] = request
+            wire = [r.wire() for r in results]
+            kept = store.records_written()
+            patience = kept_patience if kept and kept - kept_before == len(results) else None
+            message: dict[str, Any] = {"worker": worker_id, "results": wire, "request": request}
             if retire:  # the calls it has no result for go back to the queue; it gets a stop
                 message["retire"] = True
-            reply = channel.call("/work", message)
+            reply = channel.call("/work", message, None, patience)
             results = []
+            kept_before = kept
             if reply.get("stop"):
                 return 0
             for key, blob in reply.get("functions", {}).items():
