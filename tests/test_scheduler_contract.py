@@ -30,6 +30,7 @@ from recorded_shell import RecordingShell, ReplayShell
 
 from sheepdog_executor import registry
 from sheepdog_executor.jobscript import JobOptions, WorkerLaunch
+from sheepdog_executor.resources import Resources
 from sheepdog_executor.scheduler import Scheduler, TaskState
 from sheepdog_executor.shell import SSHShell, SSHTarget
 
@@ -154,7 +155,9 @@ def test_a_job_that_can_never_start_is_an_error_with_the_reason(
 ) -> None:
     made, session = scheduler
     options = dict(cluster.never_starts)
-    job_options = JobOptions(job_name="sd-contract", working_directory=options.pop("working_directory", None))
+    needs = Resources.parse({name: options.pop(name) for name in ("time", "mem") if name in options})
+    directory = options.pop("working_directory", None)
+    job_options = JobOptions(job_name="sd-contract", working_directory=directory, needs=needs)
     held = type(made)(made.shell, job_options, site=made.Options(**options))
     job = held.submit(WorkerLaunch(session, "0"), 1)
     try:
