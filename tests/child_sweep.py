@@ -57,12 +57,12 @@ def main() -> None:
         if WHEN == "running":
             while sum(bool(w["holding"]) for w in ex.status()["workers"]) < min(8, count):
                 time.sleep(0.2)
-            print(json.dumps({"jobs": ex.job_ids}), flush=True)
+            print(json.dumps({"jobs": ex.job_ids, "session": ex.session_dir}), flush=True)
         right = 0
         for x, value in enumerate(results):
             right += value == x * x
             if WHEN == "quarter" and x + 1 == count // 4:
-                print(json.dumps({"jobs": ex.job_ids}), flush=True)
+                print(json.dumps({"jobs": ex.job_ids, "session": ex.session_dir}), flush=True)
         sweep = ex.sweep
         assert sweep is not None
         print(json.dumps({"right": right, "served": sweep.served, "sent": sweep.sent, "jobs": ex.job_ids}))

@@ -265,6 +265,8 @@ class CellSweep:
     name: str
     marks: str
     jobs: set[str] = dataclasses.field(default_factory=set)
+    #: The session directories of the clients (a killed one's is left behind).
+    sessions: set[str] = dataclasses.field(default_factory=set)
 
     def client(self, count: int, seconds: float, when: str) -> subprocess.Popen[str]:
         env = dict(os.environ, PYTHONPATH=str(REPO), NODE_PYTHON=NODE_PYTHON)
@@ -280,6 +282,7 @@ class CellSweep:
     def line(self, child: subprocess.Popen[str], within: float, what: str) -> dict[str, Any]:
         said = json.loads(read_line(child, within, what))
         self.jobs.update(said["jobs"])
+        self.sessions.update([said["session"]] if "session" in said else [])
         return said
 
     def runs(self) -> dict[int, int]:
@@ -306,7 +309,8 @@ def cell_sweep(cluster: Cluster) -> Iterator[CellSweep]:
     left = cluster.jobs(sweep.jobs)
     if left:
         cluster.ssh(f"{remove} {' '.join(sorted(left))}")
-    cluster.ssh(f"rm -rf {sweep.marks} .sheepdog-executor/sweeps/{sweep.name}")
+    left_behind = " ".join(shlex.quote(path) for path in sorted(sweep.sessions))
+    cluster.ssh(f"rm -rf {sweep.marks} .sheepdog-executor/sweeps/{sweep.name} {left_behind}")
 
 
 @pytest.mark.cluster
