@@ -32,6 +32,7 @@ from sheepdog_executor import GridEngineExecutor, LocalExecutor
 from sheepdog_executor.callkey import call_key, function_digest
 from sheepdog_executor.errors import ConfigurationError, SweepKeyError, SweepStoreRefused, WorkerLost
 from sheepdog_executor.remote import store
+from sheepdog_executor.testing import internals
 
 HERE = Path(__file__).parent
 REPO = HERE.parent
@@ -470,7 +471,8 @@ def test_cleanup_keeps_a_sweep_whose_detached_tasks_still_run(
     assert next(results) == 0
     assert executor.detach() >= 2
     other = make_any_executor()
-    scheduler, shell = other._session.scheduler, other._session.shell
+    view = internals(other)
+    scheduler, shell = view.scheduler, view.shell
     detached = sorted({job.id for job in scheduler.session_jobs(f"{root}/sweeps/{name}")})
     try:
         out = io.StringIO()
