@@ -200,6 +200,7 @@ class JobManager:
                     self._reconcile(None)  # the last view stays; silent workers are still found
             else:
                 self._poll_answered(asked)
+                self.submitter.polled()
                 # back after SSH failures (only an answer of the cluster says so): a grace period,
                 # granted before anyone is judged
                 if asked:

@@ -53,6 +53,8 @@ class Submitter:
         self.listed: JobStates = {}
         #: Why calls wait although workers are short ("" when they do not): the cap that left no room.
         self.waiting = ""
+        #: A submission was refused over a per-user limit: none is tried again before the next poll.
+        self._refused = False
 
     def scale(self) -> None:
         """Submit a job when calls wait for workers; remove queued tasks nobody needs."""
@@ -87,6 +89,8 @@ class Submitter:
     def _start(self, tasks: int, pending: int) -> None:
         """Submit ``tasks`` more workers in arrays no bigger than the site allows (Grid Engine's
         max_aj_tasks, Slurm's MaxArraySize), as far as the user's caps leave room."""
+        if self._refused:  # no room until the next poll says what left
+            return
         limits = self.limits()
         self.waiting = ""
         jobs_left, limited, short = None, False, ""
@@ -116,7 +120,7 @@ class Submitter:
             job_id = self.scheduler.submit(self.launch, tasks)
         except SubmitRefused as exc:  # another session took the room first: wait for room
             log.info("%s; waiting for room", exc)
-            self.waiting = f"waiting for room: {exc}"
+            self.waiting, self._refused = f"waiting for room: {exc}", True
             return False
         except ConnectionFailed:
             # the connection dropped during the submission: the job may exist; adopt it, never submit twice
@@ -149,6 +153,10 @@ class Submitter:
     def snapshot(self) -> dict[str, Any]:
         """For ``status()``: the limits found (once asked) and why calls wait for room, if they do."""
         return {"limits": self._limits.describe() if self._limits else [], "waiting": self.waiting}
+
+    def polled(self) -> None:
+        """The scheduler answered a poll: room may have freed up since a refusal."""
+        self._refused = False
 
     def wants_listing(self) -> bool:
         """Whether polls should list all the user's jobs (there are caps to count them against)."""

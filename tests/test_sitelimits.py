@@ -72,9 +72,12 @@ def test_a_refused_submission_waits_for_room_and_fails_nothing() -> None:
     scheduler = CappedScheduler(Cap("max_u_jobs", 2, "job"))
     scheduler.refuse = 3  # another session took the room first, three times over
     rig = Rig(2, scheduler=scheduler)
-    for _ in range(3):
-        rig.step()
-    assert scheduler.submitted == [] and rig.dispatcher.broken is None
+    rig.step()  # refused
+    rig.step(advance=0.1)  # woken before the next poll: not tried again
+    assert scheduler.refuse == 2
+    rig.step()
+    rig.step()  # a poll each, and a submission refused each
+    assert scheduler.refuse == 0 and scheduler.submitted == [] and rig.dispatcher.broken is None
     assert "refused over a per-user limit" in rig.manager.submitter.waiting
     rig.step()
     assert scheduler.submitted == [("101", 2)] and rig.manager.submitter.waiting == ""
