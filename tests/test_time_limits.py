@@ -125,6 +125,19 @@ def test_grid_engine_accounting_says_which_limit_killed_a_task() -> None:
         "raise h_vmem in resources="
     )
     assert grid.limit_hit({"failed": "0", "maxvmem": "418MB"}) == ""
+    # a SIGKILL at the memory asked for (cgroups, the OOM killer) reads as a memory kill too
+    grid = GridEngineScheduler(
+        LocalShell(), JobOptions(), site=GridEngineOptions(resources={"mem_free": "1G"})
+    )
+    oom = {"failed": "0", "exit_status": "137", "maxvmem": "1.0GB"}
+    assert grid.killed_for(oom) == (
+        "Grid Engine killed its task over its memory (mem_free=1G: maxvmem 1.0GB; killed by SIGKILL); "
+        "raise mem_free in resources="
+    )
+    assert (
+        grid.limit_hit({**oom, "maxvmem": "200MB"}) == ""
+        and grid.limit_hit({**oom, "exit_status": "1"}) == ""
+    )
     slurm = SlurmScheduler(LocalShell(), JobOptions(), site=SlurmOptions(time="1", mem="100M"))
     assert slurm.limit_hit({"State": "TIMEOUT"}) == "time"
     killed = {"State": "FAILED", "ExitCode": "0:9", "ReqMem": "100M"}

@@ -17,6 +17,9 @@ from sheepdog_executor.jobscript import WorkerLaunch, check_options, render_scri
 from sheepdog_executor.options import option
 from sheepdog_executor.scheduler.base import JobStates, Scheduler, SessionJob, TaskState, session_of
 
+#: The resources a site may request memory with, the enforced one first (h_vmem: the execd's limit
+#: on the address space; m_mem_free: Univa's, often enforced with cgroups; mem_free: a request).
+_MEMORY_REQUESTS = ("h_vmem", "m_mem_free", "mem_free")
 _TERSE_JOB_ID = re.compile(r"^(\d+)(?:\.\d+-\d+:\d+)?$")
 #: Grid Engine's pseudo variables in -o/-e paths (expanded by the execd, not by a shell).
 _JOB_VAR, _TASK_VAR = "$JOB_ID", "$TASK_ID"
@@ -126,37 +129,54 @@ class GridEngineScheduler(Scheduler[GridEngineOptions]):
         return f'"{vmem * self.site.slots} vmem"' if vmem else ""
 
     def limit_hit(self, accounting: Mapping[str, str]) -> str:
-        # "37 : qmaster enforced h_rt, h_cpu, or h_vmem limit": which one, the record's figures say
-        if accounting.get("failed", "").split(":")[0].strip() != "37":
-            return ""
-        limit = self.time_limit()
-        wall = re.match(r"[\d.]+", accounting.get("ru_wallclock", ""))
-        if limit and wall and float(wall.group()) >= limit - 1:  # ru_wallclock is in whole seconds
-            return "time"
-        vmem = memory_bytes(self._resource("h_vmem") or "")
-        if vmem and memory_bytes(accounting.get("maxvmem", "")) >= 0.9 * vmem * self.site.slots:
-            return "memory"  # seen: maxvmem 418MB of an h_vmem of 300M (two processes of 200 MB)
+        failed = accounting.get("failed", "").split(":")[0].strip()
+        if failed == "37":  # "qmaster enforced h_rt, h_cpu, or h_vmem limit": which, its figures say
+            limit = self.time_limit()
+            wall = re.match(r"[\d.]+", accounting.get("ru_wallclock", ""))
+            if limit and wall and float(wall.group()) >= limit - 1:  # ru_wallclock: whole seconds
+                return "time"
+            # seen: maxvmem 418MB of an h_vmem of 300M (two processes of 200 MB)
+            return "memory" if self._memory_reached(accounting, ("h_vmem",)) else ""
+        # a SIGKILL at the memory asked for: a site that enforces it otherwise (cgroups, the OOM
+        # killer; Univa's m_mem_free)
+        if self.exit_signal(accounting) == 9 and self._memory_reached(accounting, _MEMORY_REQUESTS):
+            return "memory"
         return ""
 
     def killed_for(self, accounting: Mapping[str, str]) -> str:
         hit = self.limit_hit(accounting)
+        failed = accounting.get("failed", "").split(":")[0].strip()
+        how = "qacct failed 37" if failed == "37" else "killed by SIGKILL"
         if hit == "time":
             return (
                 f"Grid Engine killed its task over its time limit (h_rt={self._resource('h_rt')}: "
-                f"ru_wallclock {accounting.get('ru_wallclock', '?')}; qacct failed 37); "
-                "raise h_rt in resources="
+                f"ru_wallclock {accounting.get('ru_wallclock', '?')}; {how}); raise h_rt in resources="
             )
         if hit == "memory":
+            name, asked = self._memory_request(_MEMORY_REQUESTS if failed != "37" else ("h_vmem",))
             slots = f" x {self.site.slots} slots" if self.site.slots > 1 else ""
             return (
-                f"Grid Engine killed its task over its memory (h_vmem={self._resource('h_vmem')}{slots}: "
-                f"maxvmem {accounting.get('maxvmem', '?')}; qacct failed 37); raise h_vmem in resources="
+                f"Grid Engine killed its task over its memory ({name}={asked}{slots}: maxvmem "
+                f"{accounting.get('maxvmem', '?')}; {how}); raise {name} in resources="
             )
-        if accounting.get("failed", "").split(":")[0].strip() != "37":
+        if failed != "37":
             return ""
         limits = [r for r in self.site.resource_list() if r.split("=")[0] in ("h_rt", "h_cpu", "h_vmem")]
         asked = ", ".join(limits) or "the queue's limits"
         return f"Grid Engine killed its task over a limit ({asked}; qacct failed 37); raise it in resources="
+
+    def _memory_request(self, names: Sequence[str]) -> tuple[str, str]:
+        """The first of these memory resources asked for, and its value ("", "" when none was)."""
+        for name in names:
+            value = self._resource(name)
+            if value:
+                return name, value
+        return "", ""
+
+    def _memory_reached(self, accounting: Mapping[str, str], names: Sequence[str]) -> bool:
+        """Whether the task's peak memory (qacct's maxvmem) reached the memory it asked for."""
+        asked = memory_bytes(self._memory_request(names)[1])
+        return bool(asked) and memory_bytes(accounting.get("maxvmem", "")) >= 0.9 * asked * self.site.slots
 
     def memory_hint(self, accounting: Mapping[str, str]) -> str:
         asked = self._resource("h_vmem") or ""
