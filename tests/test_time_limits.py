@@ -152,6 +152,30 @@ def test_grid_engine_accounting_says_which_limit_killed_a_task() -> None:
 FITS_ONCE = {"gridengine": ({"resources": {"h_rt": "25"}}, 15.0), "slurm": ({"time": "1"}, 48.0)}
 
 
+def time_left() -> float:
+    import os
+    import time
+
+    return float(os.environ["SHEEPDOG_DEADLINE"]) - time.time()
+
+
+#: Options with a time limit of 60 s, said in each scheduler's words or left to its default.
+SIXTY_SECONDS = {
+    "gridengine": [{"resources": {"h_rt": "0:1:0"}}],
+    # on the test cluster's partition "short" (MaxTime 1:00) without time=: squeue's end time
+    "slurm": [{"time": "1"}, {"partition": "short"}],
+}
+
+
+@pytest.mark.cluster
+def test_the_worker_knows_when_its_tasks_time_ends(
+    cluster: Cluster, make_any_executor: Callable[..., ClusterExecutor]
+) -> None:
+    for options in SIXTY_SECONDS[cluster.scheduler]:
+        left = make_any_executor(max_workers=1, **options).submit(time_left).result(timeout=60)
+        assert 40 < left <= 60, (options, left)
+
+
 @pytest.mark.cluster
 def test_calls_that_each_fit_the_time_limit_all_finish(
     cluster: Cluster, make_any_executor: Callable[..., ClusterExecutor]
@@ -167,9 +191,10 @@ def test_a_call_the_tasks_time_ran_out_under_runs_again_in_a_new_task(
     make_executor: Callable[..., GridEngineExecutor],
 ) -> None:
     # two short calls, then a long one the worker expected to be short: h_rt kills the task under
-    # it; it had less than the task's time, so it runs again, first in a fresh task, and fits
-    executor = make_executor(max_workers=1, retries=0, resources={"h_rt": "25"})
-    assert list(executor.map(nap, [3, 3, 20], timeout=150)) == [3, 3, 20]
+    # it; it had less than the task's time, so it runs again, first in a fresh task, and fits (Grid
+    # Engine ends a task 0 to 2 s after its h_rt here: a few seconds of margin each way)
+    executor = make_executor(max_workers=1, retries=0, resources={"h_rt": "30"})
+    assert list(executor.map(nap, [6, 6, 22], timeout=150)) == [6, 6, 22]
     assert len(executor.job_ids) == 2
 
 
