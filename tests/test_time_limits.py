@@ -117,6 +117,19 @@ def test_grid_engine_accounting_says_which_limit_killed_a_task() -> None:
         "raise h_vmem in resources="
     )
     assert grid.limit_hit({"failed": "0", "maxvmem": "418MB"}) == ""
+    # a SIGKILL at the memory asked for (cgroups, the OOM killer) reads as a memory kill too
+    grid = GridEngineScheduler(
+        LocalShell(), JobOptions(), site=GridEngineOptions(resources={"mem_free": "1G"})
+    )
+    oom = {"failed": "0", "exit_status": "137", "maxvmem": "1.0GB"}
+    assert grid.killed_for(oom) == (
+        "Grid Engine killed its task over its memory (mem_free=1G: maxvmem 1.0GB; killed by SIGKILL); "
+        "raise mem_free in resources="
+    )
+    assert (
+        grid.limit_hit({**oom, "maxvmem": "200MB"}) == ""
+        and grid.limit_hit({**oom, "exit_status": "1"}) == ""
+    )
     slurm = SlurmScheduler(LocalShell(), JobOptions(needs=Resources(time=60, mem=100 * 2**20)))
     assert slurm.limit_hit({"State": "TIMEOUT"}) == "time"
     killed = {"State": "FAILED", "ExitCode": "0:9", "ReqMem": "100M"}
@@ -129,6 +142,30 @@ def test_grid_engine_accounting_says_which_limit_killed_a_task() -> None:
 #: a worker's second call was killed with its task (Grid Engine enforces h_rt within a second here;
 #: Slurm counts whole minutes and looks every 30 s, so its second call must outlast 90 s).
 FITS_ONCE = {"gridengine": ({"resources": {"h_rt": "25"}}, 15.0), "slurm": ({"time": "1"}, 48.0)}
+
+
+def time_left() -> float:
+    import os
+    import time
+
+    return float(os.environ["SHEEPDOG_DEADLINE"]) - time.time()
+
+
+#: Options with a time limit of 60 s, said in each scheduler's words or left to its default.
+SIXTY_SECONDS = {
+    "gridengine": [{"resources": {"h_rt": "0:1:0"}}],
+    # on the test cluster's partition "short" (MaxTime 1:00) without time=: squeue's end time
+    "slurm": [{"time": "1"}, {"partition": "short"}],
+}
+
+
+@pytest.mark.cluster
+def test_the_worker_knows_when_its_tasks_time_ends(
+    cluster: Cluster, make_any_executor: Callable[..., ClusterExecutor]
+) -> None:
+    for options in SIXTY_SECONDS[cluster.scheduler]:
+        left = make_any_executor(max_workers=1, **options).submit(time_left).result(timeout=60)
+        assert 40 < left <= 60, (options, left)
 
 
 @pytest.mark.cluster
@@ -146,9 +183,10 @@ def test_a_call_the_tasks_time_ran_out_under_runs_again_in_a_new_task(
     make_executor: Callable[..., GridEngineExecutor],
 ) -> None:
     # two short calls, then a long one the worker expected to be short: h_rt kills the task under
-    # it; it had less than the task's time, so it runs again, first in a fresh task, and fits
-    executor = make_executor(max_workers=1, retries=0, resources={"h_rt": "25"})
-    assert list(executor.map(nap, [3, 3, 20], timeout=150)) == [3, 3, 20]
+    # it; it had less than the task's time, so it runs again, first in a fresh task, and fits (Grid
+    # Engine ends a task 0 to 2 s after its h_rt here: a few seconds of margin each way)
+    executor = make_executor(max_workers=1, retries=0, resources={"h_rt": "30"})
+    assert list(executor.map(nap, [6, 6, 22], timeout=150)) == [6, 6, 22]
     assert len(executor.job_ids) == 2
 
 

@@ -20,6 +20,9 @@ from sheepdog_executor.scheduler.base import JobStates, Scheduler, SessionJob, T
 from sheepdog_executor.sitelimits import Cap, SiteLimits
 
 _SPLIT = "@@sheepdog@@"
+#: The resources a site may request memory with, the enforced one first (h_vmem: the execd's limit
+#: on the address space; m_mem_free: Univa's, often enforced with cgroups; mem_free: a request).
+_MEMORY_REQUESTS = ("h_vmem", "m_mem_free", "mem_free")
 _TERSE_JOB_ID = re.compile(r"^(\d+)(?:\.\d+-\d+:\d+)?$")
 #: Grid Engine's pseudo variables in -o/-e paths (expanded by the execd, not by a shell).
 _JOB_VAR, _TASK_VAR = "$JOB_ID", "$TASK_ID"
@@ -192,33 +195,39 @@ class GridEngineScheduler(Scheduler[GridEngineOptions]):
         return f'"{vmem * self._slots()} vmem"' if vmem else ""
 
     def limit_hit(self, accounting: Mapping[str, str]) -> str:
-        # "37 : qmaster enforced h_rt, h_cpu, or h_vmem limit": which one, the record's figures say
-        if accounting.get("failed", "").split(":")[0].strip() != "37":
-            return ""
-        limit = self.time_limit()
-        wall = re.match(r"[\d.]+", accounting.get("ru_wallclock", ""))
-        if limit and wall and float(wall.group()) >= limit - 1:  # ru_wallclock is in whole seconds
-            return "time"
-        vmem = memory_bytes(self._resource("h_vmem") or "")
-        if vmem and memory_bytes(accounting.get("maxvmem", "")) >= 0.9 * vmem * self._slots():
-            return "memory"  # seen: maxvmem 418MB of an h_vmem of 300M (two processes of 200 MB)
+        failed = accounting.get("failed", "").split(":")[0].strip()
+        if failed == "37":  # "qmaster enforced h_rt, h_cpu, or h_vmem limit": which, its figures say
+            limit = self.time_limit()
+            wall = re.match(r"[\d.]+", accounting.get("ru_wallclock", ""))
+            if limit and wall and float(wall.group()) >= limit - 1:  # ru_wallclock: whole seconds
+                return "time"
+            # seen: maxvmem 418MB of an h_vmem of 300M (two processes of 200 MB)
+            return "memory" if self._memory_reached(accounting, ("h_vmem",)) else ""
+        # a SIGKILL at the memory asked for: a site that enforces it otherwise (cgroups, the OOM
+        # killer; Univa's m_mem_free)
+        if self.exit_signal(accounting) == 9 and self._memory_reached(accounting, _MEMORY_REQUESTS):
+            return "memory"
         return ""
 
     def killed_for(self, accounting: Mapping[str, str]) -> str:
         hit = self.limit_hit(accounting)
+        failed = accounting.get("failed", "").split(":")[0].strip()
+        how = "qacct failed 37" if failed == "37" else "killed by SIGKILL"
         if hit == "time":
             return (
                 f"Grid Engine killed its task over its time limit (h_rt={self._resource('h_rt')}: "
-                f"ru_wallclock {accounting.get('ru_wallclock', '?')}; qacct failed 37); "
+                f"ru_wallclock {accounting.get('ru_wallclock', '?')}; {how}); "
                 + ("ask for more time=" if self.options.needs.time else "raise h_rt in resources=")
             )
         if hit == "memory":
+            name, asked = self._memory_request(_MEMORY_REQUESTS if failed != "37" else ("h_vmem",))
             slots = f" x {self._slots()} slots" if self._slots() > 1 else ""
+            fix = "ask for more mem=" if self.options.needs.mem else f"raise {name} in resources="
             return (
-                f"Grid Engine killed its task over its memory (h_vmem={self._resource('h_vmem')}{slots}: "
-                f"maxvmem {accounting.get('maxvmem', '?')}; qacct failed 37); {self.advice_for_memory()}"
+                f"Grid Engine killed its task over its memory ({name}={asked}{slots}: maxvmem "
+                f"{accounting.get('maxvmem', '?')}; {how}); {fix}"
             )
-        if accounting.get("failed", "").split(":")[0].strip() != "37":
+        if failed != "37":
             return ""
         requests = self.site.requests(self.options.needs)[0]
         limits = [r for r in requests if r.split("=")[0] in ("h_rt", "h_cpu", "h_vmem")]
@@ -227,6 +236,19 @@ class GridEngineScheduler(Scheduler[GridEngineOptions]):
 
     def advice_for_memory(self) -> str:
         return "ask for more mem=" if self.options.needs.mem else self.memory_advice
+
+    def _memory_request(self, names: Sequence[str]) -> tuple[str, str]:
+        """The first of these memory resources asked for, and its value ("", "" when none was)."""
+        for name in names:
+            value = self._resource(name)
+            if value:
+                return name, value
+        return "", ""
+
+    def _memory_reached(self, accounting: Mapping[str, str], names: Sequence[str]) -> bool:
+        """Whether the task's peak memory (qacct's maxvmem) reached the memory it asked for."""
+        asked = memory_bytes(self._memory_request(names)[1])
+        return bool(asked) and memory_bytes(accounting.get("maxvmem", "")) >= 0.9 * asked * self._slots()
 
     def memory_hint(self, accounting: Mapping[str, str]) -> str:
         requests, pe = self.site.requests(self.options.needs)
