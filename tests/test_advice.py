@@ -77,7 +77,7 @@ def _import_a_typo() -> None:
 
 @pytest.mark.cluster
 def test_a_typo_in_an_import_on_the_cell_is_called_one(cell: str) -> None:
-    from conftest import NODE_PYTHON
+    from support import NODE_PYTHON
 
     with GridEngineExecutor(host=cell, max_workers=1, python=NODE_PYTHON, poll_interval=0.5) as executor:
         error = executor.submit(_import_a_typo).exception(timeout=90)

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import Cluster
+from support import Cluster
 
 from sheepdog_executor import ClusterExecutor
 from sheepdog_executor.jobscript import THREAD_VARIABLES

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import NODE_PYTHON, our_jobs, require_up, slurm_jobs, ssh, wait_until
+from support import NODE_PYTHON, our_jobs, require_up, slurm_jobs, ssh, wait_until
 
 from sheepdog_executor import GridEngineExecutor, SlurmExecutor, __version__
 from sheepdog_executor.cli import main

@@ -318,7 +318,7 @@ def test_a_host_table_names_its_scheduler(config: Path) -> None:
 
 @pytest.mark.cluster
 def test_the_usual_cluster_from_sheepdog_host(cell: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from conftest import NODE_PYTHON
+    from support import NODE_PYTHON
 
     monkeypatch.setenv("HOME", "/root")  # the real ~/.ssh/config and known_hosts
     monkeypatch.setenv("SHEEPDOG_HOST", cell)

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 
 import pytest
-from conftest import Cluster
+from support import Cluster
 
 from sheepdog_executor import ClusterExecutor, LocalExecutor, RemoteCallError, RemoteTraceback, WorkerLost
 from sheepdog_executor.jobscript import JobOptions

@@ -16,8 +16,7 @@ import time
 import uuid
 
 import pytest
-from conftest import our_jobs, wait_until
-from support import read_line, spawn
+from support import our_jobs, read_line, spawn, wait_until
 
 cluster = pytest.mark.cluster
 

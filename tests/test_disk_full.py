@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import CELL_ALIAS, ssh
+from support import CELL_ALIAS, ssh
 
 from sheepdog_executor import DiskFull, GridEngineExecutor
 from sheepdog_executor.bundle import worker_bundle

@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import require_up, ssh, ssh_to, wait_until
-from support import read_line
+from support import read_line, require_up, ssh, ssh_to, wait_until
 
 from sheepdog_executor import GridEngineExecutor
 from sheepdog_executor.cli import main

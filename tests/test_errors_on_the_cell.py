@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import our_jobs, ssh
+from support import our_jobs, ssh
 
 from sheepdog_executor import (
     ConfigurationError,

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import our_jobs, ssh, wait_until
+from support import our_jobs, ssh, wait_until
 
 from sheepdog_executor import (
     ClusterExecutor,

@@ -12,7 +12,7 @@ from concurrent.futures import Future
 from typing import Any
 
 import pytest
-from conftest import CELL_ALIAS, Cluster, our_jobs, own_sshd_config, ssh, wait_until
+from support import CELL_ALIAS, Cluster, our_jobs, own_sshd_config, ssh, wait_until
 
 from sheepdog_executor import ClusterExecutor, GridEngineExecutor, WorkerLost
 from sheepdog_executor.testing import internals

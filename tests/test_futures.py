@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import our_jobs, slurm_jobs
+from support import our_jobs, slurm_jobs
 
 from sheepdog_executor import (
     BrokenGridEngineExecutor,

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import wait_until
+from support import wait_until
 
 from sheepdog_executor import GridEngineExecutor, LocalExecutor, results
 

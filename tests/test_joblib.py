@@ -17,8 +17,8 @@ from typing import Any
 
 import joblib
 import pytest
-from conftest import our_jobs, ssh, wait_until
 from joblib import Parallel, delayed, parallel_config
+from support import our_jobs, ssh, wait_until
 
 from sheepdog_executor import ConnectionFailed, RemoteTraceback
 from sheepdog_executor.integrations import joblib_backend
@@ -507,7 +507,7 @@ def node_joblib(cell: str) -> str:
 def test_a_parallel_inside_a_call_runs_on_its_node(cell: str, node_joblib: str) -> None:
     """backend="gridengine" in a call (and in a loky child of it) means loky on the node, with a
     warning, as dask's backend name resolves inside dask's workers (before: Invalid backend)."""
-    from conftest import NODE_PYTHON
+    from support import NODE_PYTHON
 
     from sheepdog_executor import GridEngineExecutor
 

@@ -11,8 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Cluster
-from support import read_line, spawn
+from support import Cluster, read_line, spawn
 
 pytestmark = pytest.mark.cluster
 

@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
-from conftest import executor_factory, require_netns, require_up, ssh_to, wait_until
-from support import read_line, spawn
+from support import executor_factory, read_line, require_netns, require_up, spawn, ssh_to, wait_until
 
 from sheepdog_executor import GridEngineExecutor
 from sheepdog_executor.errors import WorkerLost

@@ -22,9 +22,9 @@ from typing import Any
 
 import nbformat
 import pytest
-from conftest import CELL_ALIAS, NODE_PYTHON, our_jobs, ssh, wait_until
 from nbclient import NotebookClient
 from nbformat import NotebookNode
+from support import CELL_ALIAS, NODE_PYTHON, our_jobs, ssh, wait_until
 
 from sheepdog_executor import LocalExecutor
 from sheepdog_executor.testing import internals

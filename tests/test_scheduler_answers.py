@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
 import pytest
-from conftest import Cluster, wait_until
+from support import Cluster, wait_until
 
 from sheepdog_executor import ClusterExecutor
 from sheepdog_executor.scheduler.base import Scheduler

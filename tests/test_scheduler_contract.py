@@ -1,9 +1,9 @@
 """The contract every scheduler module keeps, checked against each real test cluster.
 
-A new scheduler (one module in ``sheepdog_executor/scheduler/``) adds its cluster to the ``cluster``
-fixture in ``conftest.py`` and passes these tests: submit an array whose tasks see their identity as
-``SHEEPDOG_JOB_ID``/``SHEEPDOG_TASK_ID`` and write where ``WorkerLaunch.output_path`` says; poll all
-tasks in one call; cancel a whole job and a single task; account for a finished task; find the
+A new scheduler (one module in ``sheepdog_executor/scheduler/``) adds its cluster to ``cluster_of``
+and ``CELL_FIXTURES`` in ``support.py`` and passes these tests: submit an array whose tasks see their
+identity as ``SHEEPDOG_JOB_ID``/``SHEEPDOG_TASK_ID`` and write where ``WorkerLaunch.output_path`` says;
+poll all tasks in one call; cancel a whole job and a single task; account for a finished task; find the
 user's own jobs of a session; report a job that can never start as ``TaskState.ERROR`` with the
 scheduler's reason; know the site's largest array.
 
@@ -25,8 +25,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import CELL_FIXTURES, Cluster, cluster_of, wait_until
 from recorded_shell import RecordingShell, ReplayShell
+from support import CELL_FIXTURES, Cluster, cluster_of, wait_until
 
 from sheepdog_executor import registry
 from sheepdog_executor.jobscript import JobOptions, WorkerLaunch

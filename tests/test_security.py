@@ -32,10 +32,9 @@ from typing import Any
 
 import cloudpickle
 import pytest
-from conftest import ssh
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import read_line, spawn
+from support import read_line, spawn, ssh
 
 from sheepdog_executor import (
     ConfigurationError,

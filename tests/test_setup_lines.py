@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import ssh
+from support import ssh
 
 from sheepdog_executor import GridEngineExecutor, LocalExecutor, WorkerStartFailed
 

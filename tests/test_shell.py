@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import NODE_PYTHON, own_sshd_config, wait_until
+from support import NODE_PYTHON, own_sshd_config, wait_until
 
 from sheepdog_executor import GridEngineExecutor
 from sheepdog_executor.errors import CommandTimedOut

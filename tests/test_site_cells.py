@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import executor_factory, require_up, ssh_to
+from support import executor_factory, require_up, ssh_to
 
 from sheepdog_executor import ClusterExecutor, GridEngineExecutor, SlurmExecutor
 

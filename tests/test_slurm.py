@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import slurm_jobs, wait_until
-from support import read_line, spawn
+from support import read_line, slurm_jobs, spawn, wait_until
 
 from sheepdog_executor import ConfigurationError, SlurmExecutor, WorkerLost, WorkerStartFailed
 from sheepdog_executor.cli import main

@@ -8,8 +8,7 @@ import sys
 import time
 
 import pytest
-from conftest import require_up
-from support import read_line, spawn
+from support import read_line, require_up, spawn
 
 pytestmark = pytest.mark.pythons
 

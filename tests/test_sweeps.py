@@ -24,8 +24,7 @@ from typing import Any
 
 import numpy
 import pytest
-from conftest import NODE_PYTHON, Cluster, ssh_to, wait_until
-from support import read_line, spawn
+from support import NODE_PYTHON, Cluster, read_line, spawn, ssh_to, wait_until
 from test_multihost import NODES, make_multi, mssh, multi_cell, where  # noqa: F401 - fixtures
 
 from sheepdog_executor import GridEngineExecutor, LocalExecutor

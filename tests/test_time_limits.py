@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 
 import pytest
-from conftest import Cluster
+from support import Cluster
 
 from sheepdog_executor import ClusterExecutor, GridEngineExecutor, WorkerLost
 from sheepdog_executor.jobscript import JobOptions, WorkerLaunch

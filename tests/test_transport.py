@@ -19,8 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import NODE_PYTHON, wait_until
-from support import read_line, spawn
+from support import NODE_PYTHON, read_line, spawn, wait_until
 from test_security import OTHER_USER
 from test_tunnel import _relay_pid
 

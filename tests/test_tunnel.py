@@ -27,8 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import our_jobs, require_netns, ssh, wait_until
-from support import read_line
+from support import our_jobs, read_line, require_netns, ssh, wait_until
 
 from sheepdog_executor import GridEngineExecutor
 from sheepdog_executor.dispatch import Dispatcher

@@ -14,7 +14,7 @@ from typing import Any
 
 import cloudpickle
 import pytest
-from conftest import wait_until
+from support import wait_until
 
 from sheepdog_executor import ConfigurationError, GridEngineExecutor, LocalExecutor, pickling
 from sheepdog_executor.dispatch import Dispatcher

@@ -16,7 +16,7 @@ from concurrent.futures import Future
 from typing import Any
 
 import pytest
-from conftest import NODE_PYTHON, Cluster
+from support import NODE_PYTHON, Cluster
 
 from sheepdog_executor import ClusterExecutor, LocalExecutor
 from sheepdog_executor.testing import Internals, internals

@@ -13,24 +13,11 @@ import time
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from sheepdog_executor.cli.common import (
-    connect_head,
-    detect_executor,
-    make_scheduler,
-    session_root,
-)
+from sheepdog_executor.cli.common import detect_executor, make_scheduler, run_on_head, session_root
 from sheepdog_executor.cli.sweeps import remove_sweep
-from sheepdog_executor.config import (
-    resolve_options,
-)
 from sheepdog_executor.environment import ENVIRONMENT_RECORD, HeadNode
-from sheepdog_executor.errors import (
-    ConfigurationError,
-    ConnectionFailed,
-    SheepdogError,
-)
 from sheepdog_executor.jobscript import JobOptions
 from sheepdog_executor.liveness import probe_client
 from sheepdog_executor.options import lines
@@ -84,55 +71,65 @@ def cleanup(
 ) -> int:
     """Remove what clients that died left on ``host``; return the exit status."""
     out = out or sys.stdout
-    try:
-        options = resolve_options(host, {})
-        shell = connect_head(host, options)
-    except (ConfigurationError, ConnectionFailed) as exc:
-        print(f"error: {exc}", file=out)
+    return run_on_head(
+        host,
+        out,
+        lambda shell, options: _cleanup_on(
+            shell, options, host, choice, dry_run=dry_run, force=force, envs=envs, sweep=sweep, out=out
+        ),
+    )
+
+
+def _cleanup_on(
+    shell: Shell,
+    options: Mapping[str, Any],
+    host: str,
+    choice: str,
+    *,
+    dry_run: bool,
+    force: bool,
+    envs: bool,
+    sweep: str | None,
+    out: TextIO,
+) -> int:
+    """``cleanup`` on the head node that ``shell`` reaches, with ``host``'s ``options``."""
+    executor_class, _ = detect_executor(shell, options, choice, host)
+    scheduler = make_scheduler(shell, options, JobOptions(), executor_class.scheduler_class)
+    scheduler.prepare()
+    root = session_root(shell, options)
+    jobs: list[SessionJob] = scheduler.session_jobs(root)
+    sessions = list_sessions(shell, root)
+    here = Here(scheduler.name, shell.run("uname -n", timeout=30).stdout.strip())
+    verb = "would remove" if dry_run else "removed"
+    removed_jobs = removed_dirs = kept = 0
+    live: set[str] = set()  # sessions kept: the environments they use are kept too
+    for name in sorted(set(sessions) | {job.session for job in jobs}):
+        job_ids = [job.id for job in jobs if job.session == name]
+        what = ", ".join(f"job {job.id} ({job.name})" for job in jobs if job.session == name)
+        verdict, why = judge_session(shell, root, name, sessions.get(name), force, here, bool(job_ids))
+        if verdict == "keep":
+            kept += 1
+            live.add(name)
+            print(f"kept {name}: {what or 'no jobs'}; {why}", file=out)
+            continue
+        if not dry_run:
+            _remove(scheduler, shell, root, name, job_ids, name in sessions)
+        removed_jobs += len(job_ids)
+        removed_dirs += name in sessions
+        parts = [what] if what else []
+        parts += ["the directory"] if name in sessions else []
+        print(f"{verb} {name}: {' and '.join(parts)}; {why}", file=out)
+    print(
+        f"{verb} {removed_jobs} job(s) and {removed_dirs} session directories, kept {kept} "
+        f"session(s), under {root} on {host}",
+        file=out,
+    )
+    head = HeadNode(shell, JobOptions.from_options(options), lines(options.get("command_setup", ())))
+    in_use = {s.environment: s.name for s in sessions.values() if s.environment and s.name in live}
+    clean_environments(head, f"{root}/envs", remove=envs, dry_run=dry_run, out=out, in_use=in_use)
+    if sweep is not None and not remove_sweep(shell, scheduler, root, sweep, live, dry_run, out):
         return 1
-    try:
-        executor_class, _ = detect_executor(shell, options, choice, host)
-        scheduler = make_scheduler(shell, options, JobOptions(), executor_class.scheduler_class)
-        scheduler.prepare()
-        root = session_root(shell, options)
-        jobs: list[SessionJob] = scheduler.session_jobs(root)
-        sessions = list_sessions(shell, root)
-        here = Here(scheduler.name, shell.run("uname -n", timeout=30).stdout.strip())
-        verb = "would remove" if dry_run else "removed"
-        removed_jobs = removed_dirs = kept = 0
-        live: set[str] = set()  # sessions kept: the environments they use are kept too
-        for name in sorted(set(sessions) | {job.session for job in jobs}):
-            job_ids = [job.id for job in jobs if job.session == name]
-            what = ", ".join(f"job {job.id} ({job.name})" for job in jobs if job.session == name)
-            verdict, why = judge_session(shell, root, name, sessions.get(name), force, here, bool(job_ids))
-            if verdict == "keep":
-                kept += 1
-                live.add(name)
-                print(f"kept {name}: {what or 'no jobs'}; {why}", file=out)
-                continue
-            if not dry_run:
-                _remove(scheduler, shell, root, name, job_ids, name in sessions)
-            removed_jobs += len(job_ids)
-            removed_dirs += name in sessions
-            parts = [what] if what else []
-            parts += ["the directory"] if name in sessions else []
-            print(f"{verb} {name}: {' and '.join(parts)}; {why}", file=out)
-        print(
-            f"{verb} {removed_jobs} job(s) and {removed_dirs} session directories, kept {kept} "
-            f"session(s), under {root} on {host}",
-            file=out,
-        )
-        head = HeadNode(shell, JobOptions.from_options(options), lines(options.get("command_setup", ())))
-        in_use = {s.environment: s.name for s in sessions.values() if s.environment and s.name in live}
-        clean_environments(head, f"{root}/envs", remove=envs, dry_run=dry_run, out=out, in_use=in_use)
-        if sweep is not None and not remove_sweep(shell, scheduler, root, sweep, live, dry_run, out):
-            return 1
-        return 0
-    except SheepdogError as exc:
-        print(f"error: {exc}", file=out)
-        return 1
-    finally:
-        shell.close()
+    return 0
 
 
 def clean_environments(

@@ -3,12 +3,12 @@ their defaults, through the library's own code (``shell.connect``, ``sessiondir`
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, TextIO
 
 from sheepdog_executor import registry
-from sheepdog_executor.config import OPTIONS, config_path, configured_scheduler
-from sheepdog_executor.errors import SheepdogError
+from sheepdog_executor.config import OPTIONS, config_path, configured_scheduler, resolve_options
+from sheepdog_executor.errors import ConfigurationError, ConnectionFailed, SheepdogError
 from sheepdog_executor.jobscript import JobOptions
 from sheepdog_executor.options import ExecutorOptions, defaults, lines
 from sheepdog_executor.scheduler import Scheduler
@@ -33,6 +33,25 @@ def connect_head(host: str, options: Mapping[str, Any]) -> SSHShell:
     shell = connect(host, options)
     assert isinstance(shell, SSHShell)  # a host was given
     return shell
+
+
+def run_on_head(host: str, out: TextIO, command: Callable[[SSHShell, dict[str, Any]], int]) -> int:
+    """``command(shell, options)`` on ``host``'s head node, with the options an executor for ``host``
+    would take (config file, ``SHEEPDOG_*``), and its exit status; an error is printed to ``out`` as
+    ``error: ...`` and gives 1. The shell is closed after."""
+    try:
+        options = resolve_options(host, {})
+        shell = connect_head(host, options)
+    except (ConfigurationError, ConnectionFailed) as exc:
+        print(f"error: {exc}", file=out)
+        return 1
+    try:
+        return command(shell, options)
+    except SheepdogError as exc:
+        print(f"error: {exc}", file=out)
+        return 1
+    finally:
+        shell.close()
 
 
 def executors() -> dict[str, type[ClusterExecutor]]:

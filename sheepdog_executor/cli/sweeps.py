@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import shlex
 import sys
-from typing import TextIO
+from collections.abc import Mapping
+from typing import Any, TextIO
 
-from sheepdog_executor.cli.common import connect_head, session_root
-from sheepdog_executor.config import resolve_options
-from sheepdog_executor.errors import ConfigurationError, ConnectionFailed, SheepdogError
+from sheepdog_executor.cli.common import run_on_head, session_root
 from sheepdog_executor.remote.store import DETACHED, LEASE_FILE, RECORDS
 from sheepdog_executor.scheduler import Scheduler
 from sheepdog_executor.scheduler.base import plain_name
@@ -55,30 +54,23 @@ def list_sweeps(shell: Shell, root: str) -> list[dict[str, str | int]]:
 def sweeps(host: str, out: TextIO | None = None) -> int:
     """Print the sweeps kept on ``host``; return the exit status."""
     out = out or sys.stdout
-    try:
-        options = resolve_options(host, {})
-        shell = connect_head(host, options)
-    except (ConfigurationError, ConnectionFailed) as exc:
-        print(f"error: {exc}", file=out)
-        return 1
-    try:
-        root = session_root(shell, options)
-        rows = list_sweeps(shell, root)
-        print(f"{'sweep':<24} {'done':>8} {'running':>8} {'queued':>8} {'failed':>8} {'size':>10}", file=out)
-        for row in rows:
-            size = f"{int(row['kilobytes']) / 1024:.1f} MB"
-            print(
-                f"{row['name']!s:<24} {row['done']:>8} {row['running']:>8} {row['queued']:>8} "
-                f"{row['failed']:>8} {size:>10}",
-                file=out,
-            )
-        print(f"{len(rows)} sweep(s) under {root}/{SWEEPS_DIR} on {host}", file=out)
-        return 0
-    except SheepdogError as exc:
-        print(f"error: {exc}", file=out)
-        return 1
-    finally:
-        shell.close()
+    return run_on_head(host, out, lambda shell, options: _print_sweeps(shell, options, host, out))
+
+
+def _print_sweeps(shell: Shell, options: Mapping[str, Any], host: str, out: TextIO) -> int:
+    """Print the table of the sweeps under the session root of ``shell``'s head node."""
+    root = session_root(shell, options)
+    rows = list_sweeps(shell, root)
+    print(f"{'sweep':<24} {'done':>8} {'running':>8} {'queued':>8} {'failed':>8} {'size':>10}", file=out)
+    for row in rows:
+        size = f"{int(row['kilobytes']) / 1024:.1f} MB"
+        print(
+            f"{row['name']!s:<24} {row['done']:>8} {row['running']:>8} {row['queued']:>8} "
+            f"{row['failed']:>8} {size:>10}",
+            file=out,
+        )
+    print(f"{len(rows)} sweep(s) under {root}/{SWEEPS_DIR} on {host}", file=out)
+    return 0
 
 
 def remove_sweep(
