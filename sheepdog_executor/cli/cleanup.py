@@ -13,7 +13,7 @@ import time
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
 from sheepdog_executor.cli.common import detect_executor, make_scheduler, run_on_head, session_root
 from sheepdog_executor.cli.sweeps import remove_sweep
@@ -25,9 +25,6 @@ from sheepdog_executor.scheduler import Scheduler, SessionJob
 from sheepdog_executor.scheduler.base import plain_name
 from sheepdog_executor.sessiondir import OWNER_RECORD, Owner
 from sheepdog_executor.shell import Shell
-
-if TYPE_CHECKING:
-    pass
 
 #: The file in a session directory that holds the client's endpoint URL (see ``cleanup``).
 ENDPOINT_RECORD = "endpoint"
