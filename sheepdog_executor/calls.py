@@ -37,7 +37,7 @@ class WorkItem:
     """One call (a map's chunk is a call of ``run_chunk``) waiting for, or held by, a worker."""
 
     __slots__ = ("id", "future", "fn_key", "args", "kwargs", "batch", "attempt", "worker",
-                 "losses", "undelivered", "state", "queue", "history", "head_start")  # fmt: skip
+                 "losses", "undelivered", "state", "queue", "history", "head_start", "bound")  # fmt: skip
 
     def __init__(
         self,
@@ -69,6 +69,9 @@ class WorkItem:
         self.queue: CallQueue | None = None
         #: The resource sets it was killed in over a limit, first to last (escalation.py).
         self.history: tuple[Resources, ...] = ()
+        #: Why escalation could not raise it further, when the site's limit stopped it
+        #: ("partition short allows at most time=0:01:00").
+        self.bound = ""
 
     def arguments(self) -> tuple[Any, dict[str, Any] | None]:
         """What the worker's ``call`` unpickles for this item: ``(args, kwargs)``."""

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from sheepdog_executor.clock import awake_or_asleep
 from sheepdog_executor.dispatch import WorkItem
@@ -181,9 +182,14 @@ class Diagnosis:
             self._fail(lost, self._error(case))
 
     def _error(self, case: Case) -> WorkerError:
-        details = {"job_id": case.job_id, "task_id": case.task_id, "accounting": case.record}
+        details: dict[str, Any] = {"job_id": case.job_id, "task_id": case.task_id, "accounting": case.record}
         item = case.items[0] if case.items else None
+        said: list[str] = []
         if item is not None and item.history and item.queue is not None:  # escalated in vain
             kind = self.scheduler.killed_over(case.record)
-            details["tried"] = tried((*item.history, item.queue.needs), kind) if kind else ""
+            said.append(tried((*item.history, item.queue.needs), kind) if kind else "")
+        if item is not None and item.bound:  # and the site lets it ask for no more
+            said.append(item.bound)
+        if any(said):
+            details["tried"] = "; ".join(filter(None, said))
         return case.make(**details, stderr_tail=case.tail or "")

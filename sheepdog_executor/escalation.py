@@ -23,6 +23,7 @@ from sheepdog_executor.resources import (
 
 if TYPE_CHECKING:
     from sheepdog_executor.calls import CallBook, WorkItem
+    from sheepdog_executor.sitelimits import SiteLimits
 
 log = logging.getLogger("sheepdog_executor")
 
@@ -55,10 +56,13 @@ class Escalation:
             parse_time(max_time, "max_time") if max_time is not None else None,
         )
 
-    def next(self, needs: Resources, kind: str, first: Resources) -> Resources | None:
-        """``needs`` with ``kind`` raised by its factor, no higher than the ceiling; None when it
-        cannot be raised (not escalated, not asked, or at the ceiling already). ``first``: what
-        the call asked at first (the default ceiling counts from it)."""
+    def next(
+        self, needs: Resources, kind: str, first: Resources, site: SiteLimits | None = None
+    ) -> Resources | None:
+        """``needs`` with ``kind`` raised by its factor, no higher than the ceiling nor than what
+        the ``site`` lets a task ask for; None when it cannot be raised (not escalated, not asked,
+        or at the ceiling already). ``first``: what the call asked at first (the default ceiling
+        counts from it)."""
         factor = self.factors.get(kind)
         now, start = getattr(needs, kind, None), getattr(first, kind, None)
         if factor is None or not now or not start:
@@ -66,12 +70,26 @@ class Escalation:
         ceiling = self.max_mem if kind == "mem" else self.max_time
         if ceiling is None:
             ceiling = math.ceil(start * factor**DEFAULT_STEPS)
+        most = site.most(kind, needs.cpus) if site is not None else None
+        if most is not None:  # more would never start: the scheduler refuses it or holds it forever
+            ceiling = min(ceiling, most)
         more = math.ceil(now * factor)
         if more >= 0.9 * ceiling:  # no last step of a few percent: 500M, then 1G, not 1000M, then 1G
             more = ceiling
         if more <= now:
             return None
         return dataclasses.replace(needs, **{kind: more})
+
+
+def _bound(site: SiteLimits | None, kind: str, needs: Resources) -> str:
+    """ "partition short allows at most time=0:01:00" when the site's limit is what stops a call
+    from asking for more of ``kind``; "" otherwise."""
+    most = site.most(kind, needs.cpus) if site is not None and kind in _WHAT else None
+    asked = getattr(needs, kind, None) if kind in _WHAT else None
+    if most is None or site is None or not asked or asked < most * 0.9:
+        return ""
+    shown = format_memory(most) if kind == "mem" else format_time(most)
+    return f"{site.source or 'the site'} allows at most {kind}={shown}"
 
 
 def tried(history: tuple[Resources, ...], kind: str, ended: str = "killed over") -> str:
@@ -93,18 +111,24 @@ class Escalator:
         calls: CallBook,
         open_set: Callable[[Resources], object],
         on_work: Callable[[], None],
+        site: Callable[[], SiteLimits | None] = lambda: None,
     ) -> None:
+        """``site``: the site's limits once known (``Scheduler.site_limits``), None before."""
         self.rule, self._calls, self._open, self._on_work = rule, calls, open_set, on_work
+        self._site = site
 
     def __call__(self, items: list[WorkItem], kind: str) -> list[WorkItem]:
         """Run these calls again with more of ``kind`` ("mem", "time"); return those that cannot
         (at the ceiling, not escalated, or the executor is closing)."""
         left: list[WorkItem] = []
         moves: dict[Resources, list[WorkItem]] = {}
+        site = self._site()
         for item in items:
             now = (item.queue or self._calls.default).needs
-            more = self.rule.next(now, kind, item.history[0] if item.history else now) if kind else None
+            first = item.history[0] if item.history else now
+            more = self.rule.next(now, kind, first, site) if kind else None
             if more is None:
+                item.bound = _bound(site, kind, now)
                 left.append(item)
             else:
                 moves.setdefault(more, []).append(item)

@@ -132,8 +132,13 @@ class Results:
             return outcomes
         left = escalate(short)
         for item in left:
-            if item.history and item.queue is not None:
-                notes[item.id] = "sheepdog: " + tried((*item.history, item.queue.needs), "mem", "out of")
+            said = (
+                [tried((*item.history, item.queue.needs), "mem", "out of")]
+                if item.history and item.queue
+                else []
+            )
+            if said or item.bound:
+                notes[item.id] = "sheepdog: " + "; ".join(said + ([item.bound] if item.bound else []))
         moved = {id(item) for item in short} - {id(item) for item in left}
         return [(item, outcome) for item, outcome in outcomes if id(item) not in moved]
 

@@ -36,6 +36,7 @@ from sheepdog_executor.scheduler import Scheduler
 from sheepdog_executor.server import Endpoint
 from sheepdog_executor.sessiondir import Owner, make_session_dir, prepare_root, this_client
 from sheepdog_executor.shell import Shell, connect
+from sheepdog_executor.sitelimits import SiteLimits
 from sheepdog_executor.status import StatusPage
 from sheepdog_executor.tunnel import Route, choose_route
 
@@ -120,8 +121,13 @@ class Session:
 
     def _escalate(self, escalation: Escalation) -> None:
         """A call killed over a limit runs again in a resource set with more (``escalation.py``)."""
+
+        def site() -> SiteLimits | None:  # asked during the set-up (``site_limits``)
+            limits = self.site_limits
+            return limits.result() if limits.done() and limits.exception() is None else None
+
         escalate = Escalator(
-            escalation, self.dispatcher.calls, self.jobs_for, lambda: self.dispatcher.on_work()
+            escalation, self.dispatcher.calls, self.jobs_for, lambda: self.dispatcher.on_work(), site
         )
         self.dispatcher.escalate = escalate
         if "mem" in escalation.factors:  # MemoryError under an address-space limit (h_vmem)

@@ -31,15 +31,32 @@ class Cap:
 
 @dataclass(frozen=True)
 class SiteLimits:
-    """The most tasks one array may have, and the caps on the user's jobs at once (none: no cap)."""
+    """The most tasks one array may have, the caps on the user's jobs at once (none: no cap), and
+    the most time and memory one task may ask for (escalation goes no higher; None: no limit)."""
 
     max_array: int | None = None
     caps: tuple[Cap, ...] = ()
+    #: Seconds, e.g. a Slurm partition's ``MaxTime`` or the largest ``h_rt`` of Grid Engine's queues.
+    max_time: int | None = None
+    #: Bytes per task, or per CPU (``mem_per_cpu``: Grid Engine's per-slot ``h_vmem``, Slurm's
+    #: ``MaxMemPerCPU``).
+    max_mem: int | None = None
+    mem_per_cpu: bool = False
+    #: Where the time and memory limits come from, e.g. "partition short", "queue all.q".
+    source: str = ""
 
     def describe(self) -> list[str]:
         """Each limit as "name value", for ``status()``."""
         array = [f"largest array {self.max_array}"] if self.max_array else []
         return array + [str(cap) for cap in self.caps]
+
+    def most(self, kind: str, cpus: int | None) -> int | None:
+        """The most a task of ``cpus`` CPUs may ask of ``kind`` ("time", "mem"); None: no limit."""
+        if kind == "time":
+            return self.max_time
+        if self.max_mem is None:
+            return None
+        return self.max_mem * (cpus or 1) if self.mem_per_cpu else self.max_mem
 
 
 @dataclass(frozen=True)

@@ -5,11 +5,14 @@ scheduler itself."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import re
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 import pytest
@@ -22,13 +25,17 @@ from sheepdog_executor import (
     LocalExecutor,
     SlurmExecutor,
 )
+from sheepdog_executor.calls import CallBook, WorkItem
 from sheepdog_executor.errors import ResourceConflict, WorkerLost
-from sheepdog_executor.escalation import Escalation, tried
+from sheepdog_executor.escalation import Escalation, Escalator, tried
 from sheepdog_executor.jobscript import THREAD_VARIABLES, JobOptions, WorkerLaunch
+from sheepdog_executor.options import ExecutorOptions
 from sheepdog_executor.resources import Resources, format_memory, format_time, parse_memory, parse_time
 from sheepdog_executor.scheduler.gridengine import GridEngineOptions, GridEngineScheduler
 from sheepdog_executor.scheduler.slurm import SlurmOptions, SlurmScheduler
-from sheepdog_executor.shell import LocalShell
+from sheepdog_executor.shell import LocalShell, connect
+from sheepdog_executor.sitelimits import SiteLimits
+from sheepdog_executor.stats import Stats
 
 LAUNCH = WorkerLaunch("/h/s1", "http://10.0.0.5:4242")
 
@@ -259,6 +266,28 @@ def test_escalation_doubles_up_to_the_ceiling_and_says_what_was_tried() -> None:
     assert tried(tuple(steps), "mem") == "mem=4G, then 8G, then 16G: killed over its memory each time"
 
 
+def test_escalation_asks_no_more_than_the_site_lets_a_task_ask_and_says_so() -> None:
+    rule = Escalation({"time": 2, "mem": 2})
+    first = Resources.parse({"time": "0:30", "mem": "1G", "cpus": 2})
+    partition = SiteLimits(max_time=60, max_mem=3 * 2**30, source="partition short")
+    assert rule.next(first, "time", first, partition) == dataclasses.replace(first, time=60)
+    at_most = dataclasses.replace(first, time=60)
+    assert rule.next(at_most, "time", first, partition) is None  # 120 s would never start there
+    assert rule.next(dataclasses.replace(first, mem=2 * 2**30), "mem", first, partition) == (
+        dataclasses.replace(first, mem=3 * 2**30)
+    )
+    per_slot = SiteLimits(max_mem=2**30, mem_per_cpu=True, source="queue all.q")  # h_vmem 1G x 2 slots
+    assert rule.next(first, "mem", first, per_slot) == dataclasses.replace(first, mem=2 * 2**30)
+    assert rule.next(first, "time", first, SiteLimits()) == dataclasses.replace(first, time=60)
+    calls = CallBook(threading.Lock(), Stats(), lambda: None, Resources())
+    item = WorkItem(1, Future(), "f", ())
+    left = Escalator(rule, calls, lambda needs: None, lambda: None, lambda: partition)([item], "time")
+    assert left == [item] and item.bound == ""  # the executor's own set asks no time: nothing to raise
+    item.queue = calls.queue(at_most)
+    left = Escalator(rule, calls, lambda needs: None, lambda: None, lambda: partition)([item], "time")
+    assert left == [item] and item.bound == "partition short allows at most time=0:01:00"
+
+
 @pytest.mark.parametrize(
     ("escalate", "message"),
     [
@@ -367,3 +396,22 @@ def test_a_view_runs_on_local_processes_too() -> None:
             "the site's defaults",
             "cpus=2,mem=1G",
         ]
+
+
+@pytest.mark.cluster
+def test_the_cells_say_the_most_time_a_task_may_ask_which_escalation_never_passes(
+    cell: str, slurm_cell: str
+) -> None:
+    """The Slurm cell's partition short has MaxTime=00:01:00; its default partition and the Grid
+    Engine cell's all.q have no limit (escalation then stops at its own ceiling)."""
+    for host, scheduler, site, most in (
+        (slurm_cell, SlurmScheduler, SlurmOptions(partition="short"), (60, "partition short")),
+        (slurm_cell, SlurmScheduler, SlurmOptions(), (None, "partition debug")),
+        (cell, GridEngineScheduler, GridEngineOptions(), (None, "queue all.q")),
+    ):
+        shell = connect(host, ExecutorOptions(host=host))
+        try:
+            limits = scheduler(shell, JobOptions(), site=site).site_limits()  # type: ignore[arg-type]
+        finally:
+            shell.close()
+        assert (limits.max_time, limits.source) == most

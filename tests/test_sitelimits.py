@@ -14,8 +14,8 @@ from sheepdog_executor.jobscript import WorkerLaunch
 from sheepdog_executor.meter import CommandMeter
 from sheepdog_executor.options import ExecutorOptions
 from sheepdog_executor.scheduler.base import JobStates, TaskState
-from sheepdog_executor.scheduler.gridengine import GridEngineScheduler, parse_site_limits
-from sheepdog_executor.scheduler.slurm import SlurmScheduler, parse_caps
+from sheepdog_executor.scheduler.gridengine import GridEngineScheduler, parse_site_limits, queue_limits
+from sheepdog_executor.scheduler.slurm import SlurmScheduler, parse_caps, parse_partition_limits
 from sheepdog_executor.sitelimits import Cap, SiteLimits, room
 
 
@@ -153,6 +153,24 @@ def test_grid_engine_limits_are_read_from_its_configurations() -> None:
         "maxujobs 16",
     ]
     assert parse_site_limits("", "") == SiteLimits()
+
+
+def test_the_most_time_and_memory_a_task_may_ask_are_read_from_the_partition_or_the_queues() -> None:
+    partitions = (
+        "PartitionName=debug Default=YES MaxTime=UNLIMITED DefMemPerNode=UNLIMITED MaxMemPerNode=UNLIMITED\n"
+        "PartitionName=short Default=NO MaxTime=00:01:00 MaxMemPerNode=UNLIMITED\n"
+        "PartitionName=big Default=NO MaxTime=2-00:00:00 MaxMemPerCPU=4096\n"
+    )  # as the Slurm cell's scontrol show partition -o writes them (big: another site's)
+    assert parse_partition_limits(partitions, "short") == SiteLimits(max_time=60, source="partition short")
+    assert parse_partition_limits(partitions, None) == SiteLimits(source="partition debug")
+    big = parse_partition_limits(partitions, "big")
+    assert (big.max_time, big.most("mem", 2), big.source) == (172800, 8 * 2**30, "partition big")
+    queue = "qname all.q\nh_rt INFINITY\nh_vmem INFINITY\n"
+    assert queue_limits(queue) == {"source": "queue all.q", "mem_per_cpu": True}
+    two = "qname short.q\nh_rt 1:00:00\nh_vmem 2G\nqname long.q\nh_rt 48:00:00\nh_vmem 4G\n"
+    limits = SiteLimits(**queue_limits(two))  # a task may land in either: the larger
+    assert (limits.max_time, limits.most("mem", 2), limits.source) == (172800, 8 * 2**30, "the queues")
+    assert queue_limits("") == {}
 
 
 def test_slurm_caps_are_those_of_the_association_and_qos_the_jobs_go_to() -> None:

@@ -6,11 +6,13 @@ the parsing of ``qstat``/``qacct``/``qconf`` output, and the wording of its stat
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shlex
 import xml.etree.ElementTree as ET
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sheepdog_executor.errors import ConfigurationError, PollFailed, ResourceConflict, SchedulerError
 from sheepdog_executor.jobscript import WorkerLaunch, check_options, render_script
@@ -275,9 +277,14 @@ class GridEngineScheduler(Scheduler[GridEngineOptions]):
     def site_limits(self) -> SiteLimits:
         """From the global configuration (``max_aj_tasks``, ``max_aj_instances``, ``max_u_jobs``)
         and the scheduler's (``maxujobs``), in one command."""
-        done = self.run(f"qconf -sconf 2>/dev/null; echo {_SPLIT}; qconf -ssconf 2>/dev/null", timeout=30)
-        conf, _, sconf = done.stdout.partition(_SPLIT)
-        return parse_site_limits(conf, sconf)
+        queues = shlex.quote(self.site.queue or "*")
+        done = self.run(
+            f"qconf -sconf 2>/dev/null; echo {_SPLIT}; qconf -ssconf 2>/dev/null; echo {_SPLIT}; "
+            f"qconf -sq {queues} 2>/dev/null",
+            timeout=30,
+        )
+        conf, sconf, queue_conf = (done.stdout.split(_SPLIT) + ["", ""])[:3]
+        return dataclasses.replace(parse_site_limits(conf, sconf), **queue_limits(queue_conf))
 
     def error_reason(self, job_id: str) -> str:
         reasons = self._job_fields(job_id).get("error reason", [])
@@ -458,6 +465,24 @@ def parse_site_limits(qconf_sconf: str, qconf_ssconf: str) -> SiteLimits:
         Cap("maxujobs", _conf_value(qconf_ssconf, "maxujobs"), "task"),
     ]
     return SiteLimits(min(arrays) if arrays else None, tuple(c for c in caps if c.value > 0))
+
+
+def queue_limits(qconf_sq: str) -> dict[str, Any]:
+    """The most time (``h_rt``) and memory per slot (``h_vmem``) a task may ask of the queues it may
+    go to, from ``qconf -sq``: the largest of them (a task may land in any); none when one has no
+    limit (``INFINITY``)."""
+    names = re.findall(r"^qname\s+(\S+)", qconf_sq, re.M)
+    if not names:
+        return {}
+    found: dict[str, Any] = {
+        "source": f"queue {names[0]}" if len(names) == 1 else "the queues",
+        "mem_per_cpu": True,
+    }
+    for key, field, read in (("h_rt", "max_time", parse_time), ("h_vmem", "max_mem", memory_bytes)):
+        values = [read(v) for v in re.findall(rf"^{key}\s+(\S+)", qconf_sq, re.M)]
+        if values and len(values) == len(names) and all(values):
+            found[field] = int(max(v for v in values if v))
+    return found
 
 
 def parse_max_aj_tasks(qconf_sconf: str) -> int | None:

@@ -7,6 +7,8 @@ never start.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import re
 import shlex
 from collections.abc import Collection, Mapping, Sequence
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 from sheepdog_executor.errors import ConfigurationError, PollFailed, ResourceConflict
 from sheepdog_executor.jobscript import WorkerLaunch, check_options, render_script
 from sheepdog_executor.options import option
-from sheepdog_executor.resources import Resources, format_memory, format_time
+from sheepdog_executor.resources import Resources, format_memory, format_time, parse_time
 from sheepdog_executor.scheduler.base import JobStates, Scheduler, SessionJob, TaskState, session_of
 from sheepdog_executor.sitelimits import Cap, SiteLimits, strictest
 
@@ -49,7 +51,8 @@ scontrol show config 2>/dev/null | grep -i '^MaxArraySize'; echo {_SPLIT}
 b sacctmgr -nP show user "$(id -un)" format=DefaultAccount 2>/dev/null; echo {_SPLIT}
 b sacctmgr -nP show assoc where user="$(id -un)" \
   format=Account,Partition,MaxSubmitJobs,MaxJobs,QOS,DefaultQOS 2>/dev/null; echo {_SPLIT}
-b sacctmgr -nP show qos format=Name,MaxSubmitPU,MaxJobsPU 2>/dev/null"""
+b sacctmgr -nP show qos format=Name,MaxSubmitPU,MaxJobsPU 2>/dev/null; echo {_SPLIT}
+scontrol show partition -o 2>/dev/null"""
 _ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED", "COMPLETING", "CONFIGURING"}
 
 
@@ -230,13 +233,15 @@ class SlurmScheduler(Scheduler[SlurmOptions]):
         """``MaxArraySize``, and the ``MaxSubmitJobs``/``MaxJobs`` of the association and the
         ``MaxSubmitPU``/``MaxJobsPU`` of the QOS the jobs go to (account=, qos=, else the user's
         defaults), in one command; without slurmdbd only the array size."""
-        config, user, assocs, qoses = (self.run(_LIMITS_COMMAND, timeout=60).stdout.split(_SPLIT) + [""] * 4)[
-            :4
-        ]
+        answers = self.run(_LIMITS_COMMAND, timeout=60).stdout.split(_SPLIT) + [""] * 5
+        config, user, assocs, qoses, partitions = answers[:5]
         site = self.site
-        return SiteLimits(
-            parse_max_array_size(config),
-            parse_caps(user, assocs, qoses, account=site.account, partition=site.partition, qos=site.qos),
+        return dataclasses.replace(
+            parse_partition_limits(partitions, site.partition),
+            max_array=parse_max_array_size(config),
+            caps=parse_caps(
+                user, assocs, qoses, account=site.account, partition=site.partition, qos=site.qos
+            ),
         )
 
     def limit_hit(self, accounting: Mapping[str, str]) -> str:
@@ -378,6 +383,34 @@ def _bytes(size: str) -> int:
     if not match:
         return 0
     return int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2) or " "))
+
+
+def parse_partition_limits(scontrol_partitions: str, partition: str | None) -> SiteLimits:
+    """The most time and memory a task may ask of the partition the jobs go to (``partition``,
+    else the default one), from ``scontrol show partition -o``: ``MaxTime``, ``MaxMemPerNode`` or
+    ``MaxMemPerCPU`` (MB); ``UNLIMITED`` is no limit."""
+    rows = [
+        dict(re.findall(r"(\w+)=(\S*)", line)) for line in scontrol_partitions.splitlines() if line.strip()
+    ]
+    row = next(
+        (
+            r
+            for r in rows
+            if r.get("PartitionName") == partition or (not partition and r.get("Default") == "YES")
+        ),
+        None,
+    )
+    if row is None:
+        return SiteLimits()
+    limits = SiteLimits(source=f"partition {row['PartitionName']}")
+    time = row.get("MaxTime", "UNLIMITED")
+    if time not in ("UNLIMITED", "INFINITE", ""):
+        with contextlib.suppress(ConfigurationError):
+            limits = dataclasses.replace(limits, max_time=parse_time(time))
+    for key, per_cpu in (("MaxMemPerNode", False), ("MaxMemPerCPU", True)):
+        if row.get(key, "").isdigit():
+            return dataclasses.replace(limits, max_mem=int(row[key]) * 2**20, mem_per_cpu=per_cpu)
+    return limits
 
 
 def parse_caps(
