@@ -96,17 +96,15 @@ class Scheduler(ABC, Generic[OptionsT]):
         self.check_needs(self.site, options.needs)
 
     def with_python(self, python: str) -> Scheduler:
-        """A scheduler like this one whose tasks run ``python`` (a synced environment's); the two
-        count their commands together."""
-        options = dataclasses.replace(self.options, python=python)
-        other = type(self)(self.shell, options, self.command_setup, self.site)
-        other.meter = self.meter
-        return other
+        """A scheduler like this one whose tasks run ``python`` (a synced environment's)."""
+        return self._like(dataclasses.replace(self.options, python=python))
 
     def with_needs(self, needs: Resources) -> Scheduler:
-        """A scheduler like this one whose tasks ask for ``needs`` (a resource set's); the two
-        count their commands together."""
-        options = dataclasses.replace(self.options, needs=needs)
+        """A scheduler like this one whose tasks ask for ``needs`` (a resource set's)."""
+        return self._like(dataclasses.replace(self.options, needs=needs))
+
+    def _like(self, options: JobOptions) -> Scheduler:
+        """This scheduler with other job options; the two count their commands together."""
         other = type(self)(self.shell, options, self.command_setup, self.site)
         other.meter = self.meter
         return other
