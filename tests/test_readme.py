@@ -1,0 +1,97 @@
+"""README claims that no other test checks, each in the unit tier (no cell): its config file example
+loads as written, and a sweep's detached results are served to a rerun of the same script."""
+
+from __future__ import annotations
+
+import os
+import re
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import wait_until
+
+from sheepdog_executor import LocalExecutor
+from sheepdog_executor.config import CONFIG_ENV, OPTIONS, env_name, resolve_options
+from sheepdog_executor.options import ExecutorOptions
+
+README = Path(__file__).resolve().parent.parent / "README.rst"
+
+
+def section(title: str) -> str:
+    """The README's text under a top-level ``title``, up to the next top-level title."""
+    text = README.read_text()
+    start = text.index(f"\n{title}\n{'=' * len(title)}\n")
+    following = re.search(r"\n\n\n[^\n]+\n=+\n", text[start + len(title) + 2 :])
+    return text[start : start + len(title) + 2 + following.start()] if following else text[start:]
+
+
+def test_the_config_file_example_loads_with_the_shared_resource_words(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    block = re.search(r"::\n\n((?: {4}.*\n|\n)+)", section("Configuration file and environment"))
+    assert block, "the section has no code block"
+    example = textwrap.dedent(block.group(1))
+    path = tmp_path / "config.toml"
+    path.write_text(example)
+    monkeypatch.setenv(CONFIG_ENV, str(path))
+    for name in OPTIONS:
+        monkeypatch.delenv(env_name(name), raising=False)
+    assert "SHEEPDOG_MEM=8G" in example  # the variable the example shows wins over the host's table
+    monkeypatch.setenv("SHEEPDOG_MEM", "8G")
+    resolved = resolve_options("fear", {})
+    assert (resolved["mem"], resolved["escalate"], resolved["max_workers"]) == ("8G", {"mem": 2}, 64)
+    ExecutorOptions.pick(resolved)  # every value passes the options' own checks
+
+
+MARKS = Path(os.environ.get("TMPDIR", "/tmp")) / f"sheepdog-readme-marks-{os.getpid()}"
+
+
+def slow_square(x: int) -> int:
+    """A call whose every run leaves a file in MARKS."""
+    time.sleep(0.2)
+    (MARKS / f"{x}.{time.time_ns()}").touch()
+    return x * x
+
+
+def _runs() -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for name in os.listdir(MARKS):
+        counts[int(name.split(".")[0])] = counts.get(int(name.split(".")[0]), 0) + 1
+    return counts
+
+
+@pytest.fixture
+def marks() -> Iterator[None]:
+    MARKS.mkdir(exist_ok=True)
+    for name in os.listdir(MARKS):
+        os.unlink(MARKS / name)
+    yield
+    for name in os.listdir(MARKS):
+        os.unlink(MARKS / name)
+    MARKS.rmdir()
+
+
+def test_a_rerun_after_detach_serves_the_detached_calls_results(tmp_path: Path, marks: None) -> None:
+    """Detach and attach: "a rerun of the same script serves their results as it serves any kept
+    one" (no job, nothing run twice)."""
+    options: dict[str, Any] = {
+        "session_root": str(tmp_path / "root"),
+        "sweep": "overnight",
+        "max_workers": 2,
+        "progress": False,
+        "status_page": False,
+    }
+    executor = LocalExecutor(**options)
+    futures = [executor.submit(slow_square, x) for x in range(12)]
+    assert executor.detach() > 0
+    assert all(future.done() for future in futures)
+    wait_until(lambda: len(_runs()) == 12, 60, "every call run by the detached workers")
+    with LocalExecutor(**options) as rerun:
+        assert list(rerun.map(slow_square, range(12))) == [x * x for x in range(12)]
+        assert rerun.job_ids == []
+        assert rerun.sweep is not None and rerun.sweep.served == 12
+    assert _runs() == {x: 1 for x in range(12)}
