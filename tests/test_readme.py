@@ -1,5 +1,6 @@
 """README claims that no other test checks, each in the unit tier (no cell): its config file example
-loads as written, and a sweep's detached results are served to a rerun of the same script."""
+loads as written, a sweep's detached results are served to a rerun of the same script, and every
+exception is importable from the package."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from typing import Any
 import pytest
 from conftest import wait_until
 
-from sheepdog_executor import LocalExecutor
+import sheepdog_executor
+from sheepdog_executor import LocalExecutor, SweepDetached, errors
 from sheepdog_executor.config import CONFIG_ENV, OPTIONS, env_name, resolve_options
 from sheepdog_executor.options import ExecutorOptions
 
@@ -76,8 +78,8 @@ def marks() -> Iterator[None]:
 
 
 def test_a_rerun_after_detach_serves_the_detached_calls_results(tmp_path: Path, marks: None) -> None:
-    """Detach and attach: "a rerun of the same script serves their results as it serves any kept
-    one" (no job, nothing run twice)."""
+    """Detach and attach: the handed-over calls' Futures end with ``SweepDetached``, and "a rerun of
+    the same script serves their results as it serves any kept one" (no job, nothing run twice)."""
     options: dict[str, Any] = {
         "session_root": str(tmp_path / "root"),
         "sweep": "overnight",
@@ -87,11 +89,25 @@ def test_a_rerun_after_detach_serves_the_detached_calls_results(tmp_path: Path, 
     }
     executor = LocalExecutor(**options)
     futures = [executor.submit(slow_square, x) for x in range(12)]
-    assert executor.detach() > 0
-    assert all(future.done() for future in futures)
+    handed = executor.detach()
+    ended = [future.exception(timeout=0) for future in futures]  # all ended when detach returns
+    assert 0 < handed == sum(isinstance(error, SweepDetached) for error in ended), ended
     wait_until(lambda: len(_runs()) == 12, 60, "every call run by the detached workers")
     with LocalExecutor(**options) as rerun:
         assert list(rerun.map(slow_square, range(12))) == [x * x for x in range(12)]
         assert rerun.job_ids == []
         assert rerun.sweep is not None and rerun.sweep.served == 12
     assert _runs() == {x: 1 for x in range(12)}
+
+
+def test_every_exception_is_importable_from_the_package() -> None:
+    """Never hang: "Every exception is importable from ``sheepdog_executor`` (``errors.py``)"."""
+    classes = [
+        name
+        for name, value in vars(errors).items()
+        if isinstance(value, type)
+        and issubclass(value, BaseException)
+        and value.__module__ == "sheepdog_executor.errors"
+    ]
+    assert [name for name in classes if name not in sheepdog_executor.__all__] == []
+    assert all(getattr(sheepdog_executor, name) is getattr(errors, name) for name in classes)
