@@ -16,7 +16,7 @@ import pytest
 from conftest import wait_until
 
 import sheepdog_executor
-from sheepdog_executor import LocalExecutor, SweepDetached, errors
+from sheepdog_executor import ConfigurationError, LocalExecutor, SweepDetached, errors
 from sheepdog_executor.config import CONFIG_ENV, OPTIONS, env_name, resolve_options
 from sheepdog_executor.options import ExecutorOptions
 
@@ -111,3 +111,12 @@ def test_every_exception_is_importable_from_the_package() -> None:
     ]
     assert [name for name in classes if name not in sheepdog_executor.__all__] == []
     assert all(getattr(sheepdog_executor, name) is getattr(errors, name) for name in classes)
+
+
+def test_a_view_takes_only_the_resource_words() -> None:
+    """Calls with different needs: with_resources takes time=, mem=, cpus=, gpus=; "another name is
+    a ``ConfigurationError``"."""
+    with LocalExecutor(max_workers=1, status_page=False, progress=False) as executor:
+        with pytest.raises(ConfigurationError, match="partition: not a resource; the resources are cpus"):
+            executor.with_resources(partition="long")
+        assert executor.with_resources(mem="16G", time="4:00:00") is not None
