@@ -120,3 +120,18 @@ def test_a_view_takes_only_the_resource_words() -> None:
         with pytest.raises(ConfigurationError, match="partition: not a resource; the resources are cpus"):
             executor.with_resources(partition="long")
         assert executor.with_resources(mem="16G", time="4:00:00") is not None
+
+
+def nap(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def test_max_workers_counts_per_resource_set() -> None:
+    """Options: ``max_workers`` is "per resource set": with one worker each, a call of the executor
+    and one of its view run at the same time."""
+    with LocalExecutor(max_workers=1, status_page=False, progress=False) as executor:
+        view = executor.with_resources(mem="1G")
+        own, other = executor.submit(nap, 3), view.submit(nap, 3)
+        wait_until(lambda: own.running() and other.running(), 30, "both calls to run at once")
+        assert (own.result(timeout=30), other.result(timeout=30)) == (3, 3)
