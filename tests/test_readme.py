@@ -18,7 +18,12 @@ from conftest import wait_until
 import sheepdog_executor
 from sheepdog_executor import ConfigurationError, LocalExecutor, SweepDetached, errors
 from sheepdog_executor.config import CONFIG_ENV, OPTIONS, env_name, resolve_options
+from sheepdog_executor.jobscript import JobOptions
 from sheepdog_executor.options import ExecutorOptions
+from sheepdog_executor.resources import Resources
+from sheepdog_executor.scheduler.gridengine import GridEngineScheduler
+from sheepdog_executor.scheduler.slurm import SlurmScheduler
+from sheepdog_executor.shell import LocalShell
 
 README = Path(__file__).resolve().parent.parent / "README.rst"
 
@@ -135,3 +140,11 @@ def test_max_workers_counts_per_resource_set() -> None:
         own, other = executor.submit(nap, 3), view.submit(nap, 3)
         wait_until(lambda: own.running() and other.running(), 30, "both calls to run at once")
         assert (own.result(timeout=30), other.result(timeout=30)) == (3, 3)
+
+
+def test_every_resource_set_counts_against_one_commands_per_minute() -> None:
+    """Calls with different needs: each set polls on its own, "all within one
+    ``commands_per_minute``": a set's scheduler shares the executor's meter."""
+    for scheduler_class in (GridEngineScheduler, SlurmScheduler):
+        scheduler = scheduler_class(LocalShell(), JobOptions())
+        assert scheduler.with_needs(Resources.parse({"mem": "16G"})).meter is scheduler.meter
