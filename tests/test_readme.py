@@ -148,3 +148,17 @@ def test_every_resource_set_counts_against_one_commands_per_minute() -> None:
     for scheduler_class in (GridEngineScheduler, SlurmScheduler):
         scheduler = scheduler_class(LocalShell(), JobOptions())
         assert scheduler.with_needs(Resources.parse({"mem": "16G"})).meter is scheduler.meter
+
+
+def test_every_python_example_in_the_readme_compiles() -> None:
+    """The README's Python blocks (those that use an executor; not a shell session) are valid
+    Python as shown."""
+    blocks = re.findall(r"::\n\n((?: {4}.*\n|\n)+)", README.read_text())
+    python = [
+        textwrap.dedent(b)
+        for b in blocks
+        if re.search(r"Executor\(|import sheepdog_executor", b) and not b.lstrip().startswith("$")
+    ]
+    assert len(python) >= 8, len(python)
+    for block in python:
+        compile(block, "README.rst", "exec")
