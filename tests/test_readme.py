@@ -162,3 +162,13 @@ def test_every_python_example_in_the_readme_compiles() -> None:
     assert len(python) >= 8, len(python)
     for block in python:
         compile(block, "README.rst", "exec")
+
+
+def test_a_memory_errors_note_names_the_option_that_asked_for_the_memory() -> None:
+    """Never hang: the note of a ``MemoryError`` under ``h_vmem`` says "raise h_vmem in
+    resources=", and "ask for more mem=" when ``mem=`` asked for it (the task's advice)."""
+    asked = {"": "raise h_vmem in resources=", "1G": "ask for more mem="}
+    for mem, advice in asked.items():
+        needs = Resources.parse({"mem": mem or None})
+        scheduler = GridEngineScheduler(LocalShell(), JobOptions(needs=needs))
+        assert scheduler.advice_for_memory() == advice
