@@ -13,7 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import wait_until
+
+try:  # the helpers' home on integ (issue 17 item 7: tests import them from support, not conftest)
+    from support import wait_until
+except ImportError:
+    from conftest import wait_until
 
 import sheepdog_executor
 from sheepdog_executor import ConfigurationError, LocalExecutor, SweepDetached, errors
