@@ -8,7 +8,8 @@
   and look at each Future.
 * A worker that dies (killed, out of memory, node gone) fails its call with ``WorkerLost``, which
   says what the scheduler knows; with ``retries=N`` the call runs again in another task instead,
-  unless the scheduler killed it over a limit (``h_rt``, Slurm's ``time=``): that would kill it again.
+  unless the scheduler killed it over a limit (``time=``, ``mem=``): that would kill it again
+  (``escalate=`` runs it again with more instead).
 """
 
 from __future__ import annotations

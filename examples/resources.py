@@ -1,12 +1,15 @@
-"""Asking Grid Engine for resources: memory (h_vmem), wall time (h_rt), several slots per task.
+"""Asking for resources in the words every scheduler shares: time=, mem=, cpus= per task.
 
     python examples/resources.py [HOST]
 
-Resources are per task, that is per worker, and a worker runs many calls one after another:
-``h_rt`` bounds the worker's whole life, not one call, and ``h_vmem`` is per slot, so a task with
-``slots=2`` in the ``smp`` parallel environment may use twice as much. Grid Engine enforces
-``h_vmem`` as an address-space limit: going over it raises ``MemoryError`` in the call, and the
-worker lives on. Going over ``h_rt`` kills the task: the call fails with ``WorkerLost``.
+Resources are per task, that is per worker, and a worker runs many calls one after another. On
+Grid Engine ``time=`` becomes ``h_rt``, ``cpus=2`` the ``smp`` parallel environment with 2 slots,
+and ``mem=`` ``h_vmem`` per slot (``mem="2G"`` with ``cpus=2``: 1G a slot). A worker takes no call
+that would not end before its task's time does; Grid Engine enforces ``h_vmem`` as an
+address-space limit, so going over it raises ``MemoryError`` in the call, and the worker lives on.
+A call longer than ``time=`` by itself gets its task killed: it fails with ``WorkerLost``. The same
+script runs on Slurm by changing the class (``SlurmExecutor``: ``--time``, ``--mem``,
+``--cpus-per-task``).
 """
 
 from __future__ import annotations
@@ -55,11 +58,11 @@ def main(host: str) -> None:
     with GridEngineExecutor(
         host=host,
         max_workers=2,
-        resources={"h_vmem": "1G", "h_rt": "0:10:00"},
-        parallel_environment="smp",
-        slots=2,
+        time="0:10:00",
+        mem="2G",
+        cpus=2,
     ) as executor:
-        print("with h_vmem=1G, h_rt=0:10:00, parallel_environment='smp', slots=2:")
+        print("with time='0:10:00', mem='2G', cpus=2:")
         for key, value in executor.submit(where_am_i).result().items():
             print(f"   {key}: {value}")
         print(f"   a call used {executor.submit(busy_threads, 0.5).result()} threads, one per slot")
@@ -67,11 +70,11 @@ def main(host: str) -> None:
         try:
             executor.submit(allocate, 3).result()
         except MemoryError:
-            print("   allocating 3 GiB raised MemoryError on the node (over 2 x 1G); the worker lives on:")
+            print("   allocating 3 GiB raised MemoryError on the node (over mem=2G); the worker lives on:")
         print(f"   {executor.submit(allocate, 0.5).result()}")
 
-    print("with h_rt=0:00:05, a call that needs 60 s:")
-    with GridEngineExecutor(host=host, max_workers=1, resources={"h_rt": "0:00:05"}) as executor:
+    print("with time='0:00:05', a call that needs 60 s:")
+    with GridEngineExecutor(host=host, max_workers=1, time="0:00:05") as executor:
         try:
             executor.submit(time.sleep, 60).result()
         except WorkerLost as error:

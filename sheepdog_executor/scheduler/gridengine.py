@@ -37,7 +37,7 @@ class GridEngineOptions:
     queue: str | None = option(None, "the queue (-q)", str)
     resources: Mapping[str, str] | Sequence[str] = option(
         None,
-        '-l resources, e.g. {"h_vmem": "2G", "h_rt": "1:00:00"} or ["h_vmem=2G"]',
+        'other -l resources, e.g. {"arch": "lx-amd64"} or ["scratch=10G"] (time=, mem=, gpus= ask for those)',
         "resources",
         factory=dict,
     )
