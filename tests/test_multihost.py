@@ -363,7 +363,10 @@ def laptop_runs(
 ) -> Iterator[dict[str, LaptopRun]]:
     """Two maps of 2,000 calls of 0.5 s at once: one client's network goes down for 120 s, the
     other client is suspended (SIGSTOP) for 120 s; each report, stderr and side effects on the cell."""
-    # both maps need all 16 slots: an earlier test's dead node must be back, its queue usable
+    # both maps need all 16 slots: an earlier test's dead node must be back, its queue usable (seen:
+    # mh-node2's execd gone, its queue "u", minutes after a test had revived it)
+    if not _usable():
+        _revive_cell()
     wait_until(lambda: _usable() and min(free for free, _ in _queues().values()) >= 8, 180, "16 free slots")
     home = mssh("printf %s $HOME").stdout
     tag = uuid.uuid4().hex[:6]
