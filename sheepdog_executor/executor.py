@@ -199,7 +199,7 @@ class ClusterExecutor(Executor):
         with self._shutdown_lock:
             self._check_open()
             if needs is not None:
-                self._session.jobs_for(needs)
+                self._session.sets.jobs_for(needs)
             batch, label = self._batches.of_submit(fn)
             self._add(fn, ((args, kwargs),), (future,), batch, label, needs)
         return future
@@ -246,7 +246,7 @@ class ClusterExecutor(Executor):
             target = functools.partial(run_chunk, fn)
         with self._shutdown_lock:
             self._check_open()
-            jobs = self._session.jobs if needs is None else self._session.jobs_for(needs)
+            jobs = self._session.jobs if needs is None else self._session.sets.jobs_for(needs)
             batch = self._batches.of_map()
         refill: Callable[[], Future[Any] | None] | None = None
         if buffersize is None:
@@ -393,7 +393,7 @@ class ClusterExecutor(Executor):
     @property
     def job_ids(self) -> list[str]:
         """Ids of every job this executor submitted, in order."""
-        return self._session.submitted_jobs()
+        return self._session.sets.submitted_jobs()
 
     @property
     def status_url(self) -> str | None:
