@@ -11,7 +11,7 @@ shutdown, retries, no orphan job.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -153,6 +153,15 @@ class ResourceView(Executor):
         #: What each task of this view's arrays asks for.
         self.needs = needs
 
+    @classmethod
+    def of(cls, executor: ClusterExecutor, needs: Resources, changes: Mapping[str, Any]) -> ResourceView:
+        """A view of ``executor`` whose calls need ``needs`` with ``changes``; checked against the
+        site now (``ResourceConflict`` now, not at the first submit)."""
+        needs = needs.updated(changes)
+        scheduler = executor._session.scheduler
+        scheduler.check_needs(scheduler.site, needs)
+        return cls(executor, needs)
+
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         return self._executor._submit(fn, args, kwargs, self.needs)
 
@@ -168,7 +177,7 @@ class ResourceView(Executor):
 
     def with_resources(self, **resources: Any) -> ResourceView:
         """A view with these resources changed too."""
-        return self._executor._view(self.needs, resources)
+        return ResourceView.of(self._executor, self.needs, resources)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.needs.label() or 'the site defaults'} of {self._executor!r}>"
