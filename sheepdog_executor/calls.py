@@ -22,7 +22,7 @@ from sheepdog_executor import pickling
 from sheepdog_executor.callfuture import CallFuture
 from sheepdog_executor.functions import FunctionCache
 from sheepdog_executor.handout import MAX_BYTES_PER_REPLY
-from sheepdog_executor.remote.protocol import Item
+from sheepdog_executor.remote.protocol import Item, Result
 from sheepdog_executor.resources import Resources
 from sheepdog_executor.results import Outcome, set_exception
 from sheepdog_executor.stats import Stats
@@ -298,6 +298,30 @@ class CallBook:
             groups.setdefault(id(queue), (queue, []))[1].append(item)
         for queue, queued in groups.values():
             queue.requeue_locked(queued)
+
+    def requeue_undelivered_locked(self, items: Sequence[WorkItem], worker_id: str, retiring: bool) -> None:
+        """Queue again the calls a worker's reply never brought it (lost with its connection), or
+        that a retiring worker hands back unrun: neither uses up a retry."""
+        for item in items:
+            item.undelivered += 1
+            if retiring:
+                log.debug("call %d handed back by retiring worker %s; queued again", item.id, worker_id)
+            else:
+                log.warning("call %d never reached worker %s; queued again", item.id, worker_id)
+        self.requeue_locked(items)
+
+    def end_kept(
+        self, items: list[WorkItem], kept: list[tuple[WorkItem, bytes]]
+    ) -> tuple[list[Outcome], list[WorkItem]]:
+        """Of a lost worker's calls, end those whose pickled values a sweep kept
+        (``Sweep.recover``): (their outcomes, as results of their worker, for the results thread;
+        the other calls)."""
+        with self._lock:
+            for item, _ in kept:
+                item.state = ENDED
+        done = {item.id for item, _ in kept}
+        outcomes: list[Outcome] = [(i, Result(i.id, i.attempt, True, data, "")) for i, data in kept]
+        return outcomes, [item for item in items if item.id not in done]
 
     def retry_locked(self, items: Sequence[WorkItem], retries: int) -> tuple[list[WorkItem], list[WorkItem]]:
         """Queue again the lost calls run at most ``retries`` times (-1: none, the executor is

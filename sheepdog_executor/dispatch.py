@@ -19,11 +19,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from sheepdog_executor.calls import ENDED, NO_KWARGS, CallBook, WorkItem
+from sheepdog_executor.calls import NO_KWARGS, CallBook, WorkItem
 from sheepdog_executor.clock import awake_or_asleep
 from sheepdog_executor.errors import BrokenClusterExecutor
 from sheepdog_executor.handout import HandOut
-from sheepdog_executor.remote.protocol import Error, Item, Result
+from sheepdog_executor.remote.protocol import Error, Result
 from sheepdog_executor.resources import Resources
 from sheepdog_executor.results import Outcome, Results
 from sheepdog_executor.stats import Stats
@@ -233,13 +233,7 @@ class Dispatcher:
             if replayed is not None:
                 return replayed
             delivered, undelivered = worker.take_results(results, self.hand_out.observe)
-            for item in undelivered:  # the reply was lost with its connection: queue them again
-                item.undelivered += 1
-                if retire:
-                    log.debug("call %d handed back by retiring worker %s; queued again", item.id, worker_id)
-                else:
-                    log.warning("call %d never reached worker %s; queued again", item.id, worker_id)
-            self.calls.requeue_locked(undelivered)
+            self.calls.requeue_undelivered_locked(undelivered, worker_id, retire)
             if undelivered:
                 self.on_work()
         if delivered:
@@ -252,7 +246,11 @@ class Dispatcher:
             with self._lock:
                 if self.stopping or self.broken is not None or retire:
                     return self._stop(worker)
-                batch = self._take(worker, failed)
+                queue = worker.queue or self.queue  # as many calls as ``hand_out`` says
+                want = self.hand_out.share(
+                    queue.waiting(), len(self.registry.workers), self._books.unresolved
+                )
+                batch = worker.take_from(queue, want, failed)
                 if batch:
                     return worker.reply(batch, self._books.functions.blob)
                 if worker.idle_for(awake_or_asleep()) >= self.idle_timeout:
@@ -269,19 +267,6 @@ class Dispatcher:
         self.on_change()
         return {"stop": True}
 
-    def _take(self, worker: Worker, failed: list[Outcome]) -> list[Item]:
-        """The calls of the next reply (as many as ``hand_out`` says), their arguments pickled now;
-        a call whose arguments do not pickle goes to ``failed``."""
-        queue = worker.queue or self.queue
-        want = self.hand_out.share(queue.waiting(), len(self.registry.workers), self._books.unresolved)
-        now = awake_or_asleep()
-        if worker.first_asked is None:
-            worker.first_asked = now
-        batch = queue.take_locked(want, worker.id, worker.host, worker.items, failed)
-        for item in batch:  # how late in its task each call starts (``WorkItem.head_start``)
-            worker.items[item.id].head_start = now - worker.first_asked
-        return batch
-
     def _initializer_failed(self, fatal: bytes) -> None:
         tb = Error(*pickle.loads(fatal)).traceback
         self.break_(BrokenClusterExecutor(f"the initializer failed on a worker, so no call can run:\n{tb}"))
@@ -294,23 +279,12 @@ class Dispatcher:
         if items is None:
             return []
         self.on_lost(worker_id)
-        if self.recover is not None and items:
-            items = self._resolve_kept(items, self.recover(worker_id, items))
+        if self.recover is not None and items and (kept := self.recover(worker_id, items)):
+            outcomes, items = self.calls.end_kept(items, kept)
+            self.results.put(outcomes)  # resolved as results of their worker
+            log.info("%d call(s) of a lost worker were kept in the sweep's store: not run again", len(kept))
         self.on_change()
         return items
-
-    def _resolve_kept(self, items: list[WorkItem], kept: list[tuple[WorkItem, bytes]]) -> list[WorkItem]:
-        """Resolve the lost calls whose values a sweep kept (as results of their worker); return
-        the others."""
-        if not kept:
-            return items
-        with self._lock:
-            for item, _ in kept:
-                item.state = ENDED
-        done = {item.id for item, _ in kept}
-        self.results.put([(item, Result(item.id, item.attempt, True, data, "")) for item, data in kept])
-        log.info("%d call(s) of a lost worker were kept in the sweep's store: not run again", len(kept))
-        return [item for item in items if item.id not in done]
 
     def take_batch(self, batch: int) -> list[tuple[Worker, list[WorkItem]]]:
         """Forget the workers that hold calls of ``batch`` and of nothing else; return each with

@@ -9,7 +9,6 @@ jobs and session directory are removed), and interpreter exit waits for outstand
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import inspect
@@ -20,15 +19,13 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future
-from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import Any, ClassVar, TypeVar
 
 from sheepdog_executor import notebook, pickling, registry
 from sheepdog_executor.callfuture import CallFuture
 from sheepdog_executor.config import uses_config
-from sheepdog_executor.dispatch import NO_KWARGS
 from sheepdog_executor.environment import (
     EnvironmentSync,
     SyncedEnvironment,
@@ -37,8 +34,14 @@ from sheepdog_executor.environment import (
 from sheepdog_executor.errors import BrokenClusterExecutor
 from sheepdog_executor.escalation import Escalation
 from sheepdog_executor.jobscript import JobOptions
+from sheepdog_executor.mapresults import (
+    check_map_arguments,
+    flatten,
+    map_calls,
+    ordered_results,
+    with_progress,
+)
 from sheepdog_executor.options import DEFAULT_MAX_WORKERS, ExecutorOptions, defaults
-from sheepdog_executor.remote.worker import run_chunk
 from sheepdog_executor.resources import Resources
 from sheepdog_executor.resourcesets import ResourceView
 from sheepdog_executor.scheduler import (
@@ -55,10 +58,6 @@ T = TypeVar("T")
 
 #: Calls submitted within this many seconds of each other are counted as one batch.
 SUBMIT_BATCH_SECONDS = 1.0
-#: With ``progress=None``, a map on a terminal shows a bar at once above this many calls, else once
-#: it has lasted this many seconds.
-AUTO_PROGRESS_CALLS = 100
-AUTO_PROGRESS_SECONDS = 2.0
 
 
 class ClusterExecutor(Executor):
@@ -134,46 +133,15 @@ class ClusterExecutor(Executor):
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
         self._batches = _Batches()
-        self._session = self._open_session(options, initializer, initargs, scheduler_options)
+        self._session = _open_session(
+            self.scheduler_class, options, self._max_workers, initializer, initargs, scheduler_options
+        )
         #: With ``sweep=``, the sweep whose kept results this executor serves (``sweepstore``).
-        self._sweep: Sweep | None = None
-        if sweep is not None:
-            try:  # a previous run's workers get up to their tolerance to end the calls they run
-                self._sweep = open_sweep(self._session, sweep, disconnect_tolerance + 60)
-            except BaseException:
-                self._session.close(abort=True)
-                raise
+        self._sweep = _open_sweep(self._session, sweep, disconnect_tolerance)
         # GC of an executor never shut down, and interpreter exit, both remove its jobs, once the
         # calls outstanding then have ended (see _collected)
         _OPEN.add(self._session)
         self._finalizer = weakref.finalize(self, _collected, self._session)
-
-    def _open_session(
-        self,
-        options: ExecutorOptions,
-        initializer: Callable[..., object] | None,
-        initargs: tuple[Any, ...],
-        scheduler_options: Any,
-    ) -> Session:
-        """The session: connected, set up in its named steps (``session.py``), with the scheduler
-        this class names, shaped by ``options`` and the scheduler's own ``scheduler_options``."""
-        init_blob = pickling.dumps((initializer, tuple(initargs))) if initializer is not None else None
-        sync = EnvironmentSync.from_options(
-            options.environment,
-            options.environment_add,
-            options.environment_exclude,
-            stderr_progress(options.progress),
-        )
-        job_options = JobOptions.from_options(options)
-        scheduler_class, command_setup = self.scheduler_class, options.command_setup
-        return Session(
-            options,
-            lambda shell: scheduler_class(shell, job_options, command_setup, scheduler_options),
-            max_workers=self._max_workers,
-            initializer=init_blob,
-            environment=sync,
-            escalation=Escalation.from_options(options),
-        )
 
     # -- submitting ---------------------------------------------------------------------------
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
@@ -184,13 +152,7 @@ class ClusterExecutor(Executor):
         ``mem=``, ``cpus=``, ``gpus=``; None: the site's default), e.g.
         ``ex.with_resources(mem="16G", time="4:00:00")``: its ``submit`` and ``map`` go to array
         jobs of their own, on the same session; the others are this executor's own."""
-        return self._view(self._session.scheduler.options.needs, resources)
-
-    def _view(self, needs: Resources, changes: Mapping[str, Any]) -> ResourceView:
-        needs = needs.updated(changes)
-        scheduler = self._session.scheduler
-        scheduler.check_needs(scheduler.site, needs)  # ResourceConflict now, not at the first submit
-        return ResourceView(self, needs)
+        return ResourceView.of(self, self._session.scheduler.options.needs, resources)
 
     def _submit(
         self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any], needs: Resources | None
@@ -199,7 +161,7 @@ class ClusterExecutor(Executor):
         with self._shutdown_lock:
             self._check_open()
             if needs is not None:
-                self._session.jobs_for(needs)
+                self._session.sets.jobs_for(needs)
             batch, label = self._batches.of_submit(fn)
             self._add(fn, ((args, kwargs),), (future,), batch, label, needs)
         return future
@@ -227,26 +189,13 @@ class ClusterExecutor(Executor):
         buffersize: int | None,
         needs: Resources | None,
     ) -> Iterator[T]:
-        if chunksize < 1:
-            raise ValueError("chunksize must be >= 1.")
-        if buffersize is not None and not isinstance(buffersize, int):
-            raise TypeError("buffersize must be an integer or None")
-        if buffersize is not None and buffersize < 1:
-            raise ValueError("buffersize must be None or > 0")
+        check_map_arguments(chunksize, buffersize)
         end_time = None if timeout is None else timeout + time.monotonic()
-        calls: Iterator[tuple[Any, Any]]  # (args, kwargs) of each call
-        target: Callable[..., Any] = fn
-        argument_sets = zip(*iterables)  # noqa: B905 - as Executor.map
+        target, calls = map_calls(fn, iterables, chunksize)  # calls: (args, kwargs) of each
         label = f"map({_name_of(fn)})"
-        if chunksize == 1:
-            calls = ((args, NO_KWARGS) for args in argument_sets)
-        else:  # a chunk is one call of run_chunk, as ProcessPoolExecutor's _process_chunk
-            chunks = iter(lambda: [(a, NO_KWARGS) for a in itertools.islice(argument_sets, chunksize)], [])
-            calls = (((chunk,), NO_KWARGS) for chunk in chunks)
-            target = functools.partial(run_chunk, fn)
         with self._shutdown_lock:
             self._check_open()
-            jobs = self._session.jobs if needs is None else self._session.jobs_for(needs)
+            jobs = self._session.jobs if needs is None else self._session.sets.jobs_for(needs)
             batch = self._batches.of_map()
         refill: Callable[[], Future[Any] | None] | None = None
         if buffersize is None:
@@ -257,20 +206,11 @@ class ClusterExecutor(Executor):
         else:
             futures = self._queue(target, list(itertools.islice(calls, buffersize)), batch, label, needs)
             total = None
-            executor = weakref.ref(self)
-
-            def refill() -> Future[Any] | None:
-                """One more call for each result consumed, while the executor lives (as 3.14's)."""
-                alive = executor()
-                call = next(calls, None) if alive is not None else None
-                if alive is None or call is None:
-                    return None
-                return alive._queue(target, [call], batch, label, needs)[0]
-
+            refill = _refill(weakref.ref(self), calls, target, batch, label, needs)
         jobs.wake(flush=True)
         interrupted = functools.partial(self._session.interrupt, batch)
-        results = _ordered_results(futures, end_time, refill, interrupted)
-        return self._with_progress(_flatten(results) if chunksize > 1 else results, total, label)
+        results = ordered_results(futures, end_time, refill, interrupted)
+        return with_progress(flatten(results) if chunksize > 1 else results, total, label, self._progress)
 
     def _queue(
         self, fn: Callable[..., Any], arguments: list[Any], batch: int, label: str, needs: Resources | None
@@ -297,16 +237,6 @@ class ClusterExecutor(Executor):
             if not futures:
                 return
         self._session.dispatcher.add(fn, arguments, futures, batch, label, needs)
-
-    def _with_progress(self, results: Iterator[T], total: int | None, desc: str) -> Iterator[T]:
-        """``results`` behind a progress bar on stderr, as the ``progress`` option says."""
-        if self._progress is False:
-            return results
-        from sheepdog_executor.progress import progress
-
-        auto = self._progress is None
-        delay = AUTO_PROGRESS_SECONDS if auto and (total or 0) <= AUTO_PROGRESS_CALLS else 0.0
-        return progress(results, total, desc, disable=None if auto else False, delay=delay)
 
     def _check_open(self) -> None:
         broken = self._session.dispatcher.broken
@@ -340,11 +270,10 @@ class ClusterExecutor(Executor):
         an executor of the same sweep, in any process, gets them with ``attach()``. Returns once the
         calls running now have ended (their results kept too); the handed-over calls' Futures here
         end with ``SweepDetached``. Returns how many calls were handed over."""
-        if self._sweep is None:
-            raise RuntimeError("detach() needs a sweep: make the executor with sweep=NAME")
+        sweep = self._sweep_for("detach")
         with self._shutdown_lock:
             self._shutdown = True
-        handed = self._sweep.detach(self._max_workers)
+        handed = sweep.detach(self._max_workers)
         self.shutdown(wait=True)
         return handed
 
@@ -353,15 +282,19 @@ class ClusterExecutor(Executor):
         sweep, in the order they were submitted: those that finished (while nobody was attached,
         too) are resolved at once from the store, the others run here (those a detached task is
         running are waited for when the executor opens the sweep)."""
-        if self._sweep is None:
-            raise RuntimeError("attach() needs a sweep: make the executor with sweep=NAME")
+        sweep = self._sweep_for("attach")
         futures: list[Future[Any]] = []
         batch = self._batches.of_map()
-        for fn, calls in itertools.groupby(self._sweep.detached_calls(), key=lambda call: call[0]):
+        for fn, calls in itertools.groupby(sweep.detached_calls(), key=lambda call: call[0]):
             arguments = [(args, kwargs) for _, args, kwargs in calls]
             futures.extend(self._queue(fn, arguments, batch, f"attach({_name_of(fn)})", None))
         self._session.jobs.wake(flush=True)
         return futures
+
+    def _sweep_for(self, method: str) -> Sweep:
+        if self._sweep is None:
+            raise RuntimeError(f"{method}() needs a sweep: make the executor with sweep=NAME")
+        return self._sweep
 
     def _shutdown_in_background(self) -> None:
         self._session.wait_until_done()
@@ -393,7 +326,7 @@ class ClusterExecutor(Executor):
     @property
     def job_ids(self) -> list[str]:
         """Ids of every job this executor submitted, in order."""
-        return self._session.submitted_jobs()
+        return self._session.sets.submitted_jobs()
 
     @property
     def status_url(self) -> str | None:
@@ -514,6 +447,47 @@ class LocalExecutor(ClusterExecutor):
         )
 
 
+def _open_session(
+    scheduler_class: type[Scheduler[Any]],
+    options: ExecutorOptions,
+    max_workers: int,
+    initializer: Callable[..., object] | None,
+    initargs: tuple[Any, ...],
+    scheduler_options: Any,
+) -> Session:
+    """An executor's session: connected, set up in its named steps (``session.py``), with
+    ``scheduler_class``, shaped by ``options`` and the scheduler's own ``scheduler_options``."""
+    init_blob = pickling.dumps((initializer, tuple(initargs))) if initializer is not None else None
+    sync = EnvironmentSync.from_options(
+        options.environment,
+        options.environment_add,
+        options.environment_exclude,
+        stderr_progress(options.progress),
+    )
+    job_options = JobOptions.from_options(options)
+    command_setup = options.command_setup
+    return Session(
+        options,
+        lambda shell: scheduler_class(shell, job_options, command_setup, scheduler_options),
+        max_workers=max_workers,
+        initializer=init_blob,
+        environment=sync,
+        escalation=Escalation.from_options(options),
+    )
+
+
+def _open_sweep(session: Session, name: str | None, disconnect_tolerance: float) -> Sweep | None:
+    """With ``sweep=``, the sweep ``name``, opened for ``session`` (closed if it cannot be); a
+    previous run's workers get up to their tolerance to end the calls they run."""
+    if name is None:
+        return None
+    try:
+        return open_sweep(session, name, disconnect_tolerance + 60)
+    except BaseException:
+        session.close(abort=True)
+        raise
+
+
 def executor_class(key: str) -> type[ClusterExecutor]:
     """The executor class of the scheduler registered as ``key`` (``registry.py``): the library's own
     for its rows, else one made once from the scheduler's declaration (its ``Options`` are the
@@ -592,65 +566,26 @@ class _Batches:
         return next(self._ids)
 
 
+def _refill(
+    executor: weakref.ref[ClusterExecutor],
+    calls: Iterator[tuple[Any, Any]],
+    target: Callable[..., Any],
+    batch: int,
+    label: str,
+    needs: Resources | None,
+) -> Callable[[], Future[Any] | None]:
+    """A map's refill with ``buffersize``: one more call for each result consumed, while the
+    executor lives (as 3.14's)."""
+
+    def refill() -> Future[Any] | None:
+        alive = executor()
+        call = next(calls, None) if alive is not None else None
+        if alive is None or call is None:
+            return None
+        return alive._queue(target, [call], batch, label, needs)[0]
+
+    return refill
+
+
 def _name_of(fn: Callable[..., Any]) -> str:
     return str(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__)
-
-
-def _ordered_results(
-    futures: list[Future[T]],
-    end_time: float | None,
-    refill: Callable[[], Future[T] | None] | None,
-    interrupted: Callable[[], None] = lambda: None,
-) -> Generator[T, None, None]:
-    """Yield results in order; on timeout, error or abandonment cancel the rest (as CPython does);
-    on a KeyboardInterrupt, also stop the running ones (``interrupted``): one that comes while it
-    waits, or while a progress bar counts a result (which closes it meanwhile). Holds no
-    reference to a result it yielded; with ``refill``, submits one more call before each result is
-    awaited (``buffersize``)."""
-    pending = collections.deque(futures)
-    del futures
-    try:
-        while pending:
-            if refill is not None and (more := refill()) is not None:
-                pending.append(more)
-                del more
-            yield _result_or_cancel(pending.popleft(), end_time)
-    except (KeyboardInterrupt, GeneratorExit) as stop:
-        if _by_interrupt(stop):
-            for future in pending:  # first: no queued call of the map can start after this
-                future.cancel()
-            interrupted()
-        raise
-    finally:
-        for future in pending:
-            future.cancel()
-
-
-def _by_interrupt(stop: BaseException | None) -> bool:
-    """A KeyboardInterrupt, or a generator closed while one propagates (through others closed)."""
-    while isinstance(stop, GeneratorExit):
-        stop = stop.__context__
-    return isinstance(stop, KeyboardInterrupt)
-
-
-def _result_or_cancel(future: Future[T], end_time: float | None) -> T:
-    try:
-        try:
-            return future.result(None if end_time is None else max(end_time - time.monotonic(), 0))
-        except (FuturesTimeout, KeyboardInterrupt):  # the call awaited, if it has not started yet
-            future.cancel()
-            raise
-    finally:
-        del future  # no reference to the result from this frame's traceback either
-
-
-def _flatten(chunks: Generator[list[T], None, None]) -> Iterator[T]:
-    """The results of each chunk in order, each list emptied as it goes (no reference kept);
-    closing it closes ``chunks`` at once (an interrupt's trace goes with it)."""
-    try:
-        for chunk in chunks:
-            chunk.reverse()
-            while chunk:
-                yield chunk.pop()
-    finally:
-        chunks.close()

@@ -18,11 +18,12 @@ import threading
 import weakref
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 from sheepdog_executor.background import in_background, settle
 from sheepdog_executor.bundle import worker_bundle
 from sheepdog_executor.dispatch import Dispatcher
+from sheepdog_executor.endpointsetup import open_endpoint
 from sheepdog_executor.environment import ENVIRONMENT_RECORD, EnvironmentSync, HeadNode, SyncedEnvironment
 from sheepdog_executor.errors import ExecutorShutDown
 from sheepdog_executor.escalation import Escalation, Escalator
@@ -30,32 +31,14 @@ from sheepdog_executor.jobs import JobManager
 from sheepdog_executor.jobscript import WorkerLaunch
 from sheepdog_executor.options import ExecutorOptions
 from sheepdog_executor.remote.reach import ROUTES_FILE
-from sheepdog_executor.resources import Resources
-from sheepdog_executor.resourcesets import SetView, resource_sets
+from sheepdog_executor.resourcesets import JobManagers, resource_sets
 from sheepdog_executor.scheduler import Scheduler
-from sheepdog_executor.server import Endpoint
 from sheepdog_executor.sessiondir import Owner, make_session_dir, prepare_root, this_client
 from sheepdog_executor.shell import Shell, connect
 from sheepdog_executor.sitelimits import SiteLimits
-from sheepdog_executor.status import StatusPage
-from sheepdog_executor.tunnel import Route, choose_route
-
-if TYPE_CHECKING:
-    from sheepdog_executor.tls import Certificate
 
 log = logging.getLogger("sheepdog_executor")
 T = TypeVar("T")
-
-
-class _Opened(NamedTuple):
-    """What the endpoint step hands back: the endpoint and the workers' routes to it."""
-
-    endpoint: Endpoint
-    route: Route
-    #: (label, host, port) of each way the workers may reach us, best first
-    routes: list[tuple[str, str, int]]
-    certificate: Certificate | None
-    status_page: StatusPage | None
 
 
 class Session:
@@ -79,11 +62,8 @@ class Session:
         self._close_lock = threading.Lock()
         self._close_done = threading.Event()
         self._empty = threading.Condition()
-        #: The job manager, made last: what callbacks during the set-up find (None) until then.
-        self._jobs: JobManager | None = None
-        #: The job managers of the other resource sets (``with_resources``), made on first use.
-        self._sets: dict[Resources, JobManager] = {}
-        self._sets_lock = threading.Lock()
+        #: The job managers, one per resource set (the executor's own made last in the set-up).
+        self.sets = JobManagers()
         self.routes: list[tuple[str, str, int]] = []
         with contextlib.ExitStack() as undo:
             self.shell = _connect(options)
@@ -127,7 +107,7 @@ class Session:
             return limits.result() if limits.done() and limits.exception() is None else None
 
         escalate = Escalator(
-            escalation, self.dispatcher.calls, self.jobs_for, lambda: self.dispatcher.on_work(), site
+            escalation, self.dispatcher.calls, self.sets.jobs_for, lambda: self.dispatcher.on_work(), site
         )
         self.dispatcher.escalate = escalate
         if "mem" in escalation.factors:  # MemoryError under an address-space limit (h_vmem)
@@ -155,7 +135,9 @@ class Session:
         )
         opened = self._step(
             undo,
-            functools.partial(self._open_endpoint, secret, options),
+            functools.partial(
+                open_endpoint, self.shell, self.dispatcher, self.status, secret, options, self._tunnel_moved
+            ),
             "endpoint",
             lambda o: o.endpoint.stop(),
         )
@@ -172,8 +154,8 @@ class Session:
             bundle_sha256=hashlib.sha256(bundle).hexdigest(),  # the task checks it before running it
         )
         self._write_routes()
-        self._jobs = self._start_jobs(options, max_workers)
-        undo.callback(self._jobs.stop, grace=0)
+        jobs = self._start_jobs(options, max_workers)
+        undo.callback(jobs.stop, grace=0)
         log.info("session %s on %s, endpoint %s", self.session_dir, self.shell.description, self.launch.url)
         #: The status page's address with its token (None with ``status_page=False``).
         self.status_url: str | None = None
@@ -185,8 +167,9 @@ class Session:
 
     def _start_jobs(self, options: ExecutorOptions, max_workers: int) -> JobManager:
         """The job manager of the executor's own resource set, started: it submits, polls and
-        removes its jobs. Those of other sets (``jobs_for``) are made alike, on first use."""
-        self._job_manager = functools.partial(
+        removes its jobs. Those of other sets (``JobManagers.jobs_for``) are made alike, on first
+        use."""
+        make = functools.partial(
             JobManager,
             max_workers=max_workers,
             batch_window=options.batch_window,
@@ -195,11 +178,7 @@ class Session:
             disconnect_tolerance=options.disconnect_tolerance,
             limits=self.site_limits,
         )
-        jobs = self._job_manager(
-            self.scheduler, SetView(self.dispatcher, self.scheduler.options.needs), self.launch
-        )
-        jobs.start()
-        return jobs
+        return self.sets.start(make, self.scheduler, self.dispatcher, self.launch)
 
     @staticmethod
     def _step(
@@ -228,75 +207,12 @@ class Session:
         self.scheduler = self.scheduler.with_python(synced.python)
         return synced
 
-    def _open_endpoint(self, secret: bytes, options: ExecutorOptions) -> _Opened:
-        """Decide how workers reach us (direct or SSH tunnel), start the endpoint there and open the
-        routes. With TLS (``tls=True``; by default, on the routes through the head node's relay,
-        which other users share) a certificate they pin by its fingerprint, which goes on their
-        command line: it is not secret, only the secret file is."""
-        shell = self.shell
-        tls = options.tls
-        address = options.callback_address or shell.callback_address()
-        route = choose_route(shell, options.callback, address, options.callback_port)
-        certificate = None
-        try:
-            if tls or (tls is None and route.through_head_node):
-                # imported here: without paramiko (LocalShell, tls=True) cryptography costs 0.5 s
-                from sheepdog_executor.tls import make_certificate
-
-                certificate = make_certificate()
-            context = certificate.server_context() if certificate else None
-            page = StatusPage(self.status, shell.description) if options.status_page else None
-            endpoint = Endpoint(
-                self.dispatcher,
-                secret,
-                address=route.listen_address,
-                port=route.listen_port,
-                ssl_context=context if tls else None,
-                routes=page.routes() if page else (),
-                tunnel_ssl=context if tls is None else None,
-            )
-            endpoint.start()
-        except BaseException:
-            route.discard()
-            raise
-        try:
-            routes = route.open(shell, endpoint, self._tunnel_moved)
-        except BaseException:
-            endpoint.stop()
-            raise
-        return _Opened(endpoint, route, routes, certificate, page)
-
     @property
     def jobs(self) -> JobManager:
-        """The job manager (made last in the set-up)."""
-        if self._jobs is None:
+        """The job manager of the executor's own resource set (made last in the set-up)."""
+        if self.sets.own is None:
             raise RuntimeError("the session is still being set up")
-        return self._jobs
-
-    def jobs_for(self, needs: Resources) -> JobManager:
-        """The job manager of the calls that need ``needs`` (made and started on first use: their
-        arrays ask the scheduler for ``needs``)."""
-        if needs == self.scheduler.options.needs:
-            return self.jobs
-        with self._sets_lock:
-            manager = self._sets.get(needs)
-            if manager is None:
-                if self._closed:
-                    raise RuntimeError("cannot schedule new futures after shutdown")
-                view = SetView(self.dispatcher, needs)
-                manager = self._job_manager(self.scheduler.with_needs(needs), view, self.launch)
-                manager.start()
-                self._sets[needs] = manager
-        return manager
-
-    def managers(self) -> list[JobManager]:
-        """Every job manager: the executor's own resource set's first (none during the set-up)."""
-        with self._sets_lock:
-            return ([self._jobs] if self._jobs is not None else []) + list(self._sets.values())
-
-    def submitted_jobs(self) -> list[str]:
-        """Ids of every job submitted, of every resource set."""
-        return [job for manager in self.managers() for job in manager.submitted_jobs]
+        return self.sets.own
 
     def _write_routes(self) -> None:
         """Tell the workers how to reach us: the routes file they read (and re-read when their
@@ -313,7 +229,7 @@ class Session:
     def _tunnel_moved(self, host: str, port: int, moved: bool) -> None:
         """The tunnel was re-made, perhaps elsewhere (its port was taken): workers learn it from the
         routes file, and get time to come back before their silence counts."""
-        for manager in self.managers():
+        for manager in self.sets.managers():
             manager.away.mark_back()
         if not moved or not self.routes:  # during the set-up: it writes the routes it has
             return
@@ -327,15 +243,15 @@ class Session:
 
     def status(self) -> dict[str, Any]:
         """The dispatcher's snapshot, the head node, and the ids of the jobs submitted so far."""
-        jobs = self._jobs  # None while the session is still being set up
+        jobs = self.sets.own  # None while the session is still being set up
         return {
             **self.dispatcher.snapshot(),
             "host": self.shell.description,
-            "jobs": self.submitted_jobs(),
+            "jobs": self.sets.submitted_jobs(),
             "polls": jobs.polls.snapshot() if jobs else {},
             "scheduler_commands": self.scheduler.meter.snapshot(),
             "site_limits": jobs.submitter.snapshot() if jobs else {},
-            "resource_sets": resource_sets(self.dispatcher, self.managers()),
+            "resource_sets": resource_sets(self.dispatcher, self.sets.managers()),
             "routes": [f"{label} {host}:{port}" for label, host, port in self.routes],
         }
 
@@ -362,7 +278,7 @@ class Session:
             log.debug("could not remove tasks %s of an interrupted map: %s", tasks, exc)
 
     def _changed(self) -> None:
-        for manager in self.managers():  # none while the session is still being set up
+        for manager in self.sets.managers():  # none while the session is still being set up
             manager.wake()
         with self._empty:
             self._empty.notify_all()
@@ -383,6 +299,7 @@ class Session:
         with self._close_lock:
             first = not self._closed
             self._closed = True
+        self.sets.close()
         if not first:
             self._close_done.wait()
             return
@@ -393,7 +310,7 @@ class Session:
 
     def _teardown(self, abort: bool) -> None:
         self.dispatcher.stop()
-        for manager in self.managers():
+        for manager in self.sets.managers():
             try:
                 manager.stop(grace=0 if abort else 5.0)
             except Exception as exc:  # noqa: BLE001 - teardown goes on; say what may be left

@@ -87,6 +87,18 @@ class Worker:
         held.clear()
         return delivered, undelivered
 
+    def take_from(self, queue: CallQueue, want: int, failed: list[Outcome]) -> list[Item]:
+        """Up to ``want`` calls of ``queue`` for its next reply, their arguments pickled now (one
+        that does not pickle goes to ``failed``); each notes how late in its task it starts
+        (``WorkItem.head_start``). With the dispatcher's lock held."""
+        now = awake_or_asleep()
+        if self.first_asked is None:
+            self.first_asked = now
+        batch = queue.take_locked(want, self.id, self.host, self.items, failed)
+        for item in batch:
+            self.items[item.id].head_start = now - self.first_asked
+        return batch
+
     def reply(self, batch: list[Item], blob: Callable[[str], bytes]) -> dict[str, Any]:
         """The answer that hands it ``batch``, with the pickles (``blob``) of the functions it
         has not been sent yet; kept for a copy of its request."""

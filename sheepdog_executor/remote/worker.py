@@ -474,6 +474,28 @@ def main(url: str, secret_file: str, fingerprint: str | None = None) -> int:
         return EXIT_CLIENT_UNREACHABLE
 
 
+def _run_initializer(channel: Channel, worker_id: str, blob: bytes) -> bool:
+    """Run the client's initializer; on an error, tell the client (no call can run here) and
+    return False."""
+    try:
+        initializer, initargs = pickle.loads(blob)
+        initializer(*initargs)
+    except BaseException as exc:  # noqa: BLE001
+        channel.call("/work", {"worker": worker_id, "results": [], "fatal": _dump_error(exc)})
+        traceback.print_exc()
+        return False
+    return True
+
+
+def _work_request(worker_id: str, wire: list[Any], request: int, retire: bool) -> dict[str, Any]:
+    """The message of a ``/work`` request: the results, numbered (a retry keeps its number); a
+    retiring worker's calls with no result go back to the queue, and it gets a stop."""
+    message: dict[str, Any] = {"worker": worker_id, "results": wire, "request": request}
+    if retire:
+        message["retire"] = True
+    return message
+
+
 def serve(url: str, secret_file: str, fingerprint: str | None = None) -> int:
     with open(secret_file, "rb") as handle:
         secret = handle.read().strip()
@@ -491,14 +513,8 @@ def serve(url: str, secret_file: str, fingerprint: str | None = None) -> int:
         return 3
     if hello.get("disconnect_tolerance"):
         reach.set_tolerance(hello["disconnect_tolerance"])
-    if hello.get("initializer"):
-        try:
-            initializer, initargs = pickle.loads(hello["initializer"])
-            initializer(*initargs)
-        except BaseException as exc:  # noqa: BLE001
-            channel.call("/work", {"worker": worker_id, "results": [], "fatal": _dump_error(exc)})
-            traceback.print_exc()
-            return 4
+    if hello.get("initializer") and not _run_initializer(channel, worker_id, hello["initializer"]):
+        return 4
     heartbeat = Heartbeat(Channel(reach, secret, fingerprint), worker_id, hello.get("heartbeat", 5.0))
     heartbeat.start()
     functions: dict[str, Callable[..., Any]] = {}
@@ -519,10 +535,7 @@ def serve(url: str, secret_file: str, fingerprint: str | None = None) -> int:
             wire = [r.wire() for r in results]
             kept = store.records_written()
             patience = kept_patience if kept and kept - kept_before == len(results) else None
-            message: dict[str, Any] = {"worker": worker_id, "results": wire, "request": request}
-            if retire:  # the calls it has no result for go back to the queue; it gets a stop
-                message["retire"] = True
-            reply = channel.call("/work", message, None, patience)
+            reply = channel.call("/work", _work_request(worker_id, wire, request, retire), None, patience)
             results = []
             kept_before = kept
             if reply.get("stop"):
