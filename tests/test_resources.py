@@ -367,7 +367,7 @@ def test_a_call_killed_over_its_time_limit_runs_again_with_more_on_grid_engine(
     headline = str(error).splitlines()[0]
     assert (
         "time=0:00:20, then 0:00:40: killed over its time limit each time; Grid Engine killed its task "
-        "over a limit (h_rt=0:00:40" in headline
+        "over its time limit (h_rt=0:00:40" in headline
     ), headline
 
 
