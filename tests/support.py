@@ -23,8 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pytest
-
 from sheepdog_executor import ClusterExecutor, GridEngineExecutor, SlurmExecutor
 
 CELL_ALIAS = os.environ.get("SHEEPDOG_TEST_HOST", "fear")
@@ -74,6 +72,8 @@ def require_up(alias: str, probe: str, up_if: Callable[[str], bool], what: str, 
     """``alias`` when ``probe`` succeeds there with an output that ``up_if`` accepts; otherwise skip
     (or fail in CI), saying that the command ``start`` brings ``what`` up. In the unit tier
     (``SHEEPDOG_TEST_NO_CELL=1``, scripts/run-unit-tests.sh) a test that asks for a cell fails."""
+    import pytest  # here, not at the top: child clients import this module without pytest
+
     if os.environ.get("SHEEPDOG_TEST_NO_CELL") == "1":
         pytest.fail(
             f"this test needs the {what} '{alias}' but is not marked cluster or multihost: the unit "
@@ -116,6 +116,8 @@ def own_sshd_config(port: int, *extra: str) -> tuple[Path, Path]:
 
 def require_netns() -> None:
     """Skip unless this process can make network namespaces and veth links (root, iproute2)."""
+    import pytest
+
     if os.geteuid() != 0 or shutil.which("ip") is None:
         pytest.skip("needs root and iproute2 for network namespaces")
 
