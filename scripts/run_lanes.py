@@ -140,8 +140,10 @@ def main() -> int:
     print(f"== lanes done in {time.monotonic() - started:.0f} s", flush=True)
     for lane, code in zip(lanes, codes, strict=True):
         print(f"== {lane.name} (exit {code}): {lane.summary or 'no summary'}", flush=True)
+    timed = file_seconds(reports)
+    slowest = sorted(timed.items(), key=lambda row: -row[1])[:12]
+    print("== seconds per file, slowest first: " + ", ".join(f"{f[6:]} {s:.0f}" for f, s in slowest), flush=True)
     if args.record:
-        timed = file_seconds(reports)
         DURATIONS.write_text(json.dumps({f: round(s) for f, s in sorted(timed.items())}, indent=1) + "\n")
     for report in reports:
         report.unlink(missing_ok=True)
