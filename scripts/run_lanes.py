@@ -142,7 +142,8 @@ def main() -> int:
         print(f"== {lane.name} (exit {code}): {lane.summary or 'no summary'}", flush=True)
     timed = file_seconds(reports)
     slowest = sorted(timed.items(), key=lambda row: -row[1])[:12]
-    print("== seconds per file, slowest first: " + ", ".join(f"{f[6:]} {s:.0f}" for f, s in slowest), flush=True)
+    shown = ", ".join(f"{name[6:]} {seconds:.0f}" for name, seconds in slowest)
+    print(f"== seconds per file, slowest first: {shown}", flush=True)
     if args.record:
         DURATIONS.write_text(json.dumps({f: round(s) for f, s in sorted(timed.items())}, indent=1) + "\n")
     for report in reports:
