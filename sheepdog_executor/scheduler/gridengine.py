@@ -21,7 +21,6 @@ from sheepdog_executor.resources import Resources, format_memory, format_time
 from sheepdog_executor.scheduler.base import JobStates, Scheduler, SessionJob, TaskState, session_of
 from sheepdog_executor.sitelimits import Cap, SiteLimits
 
-_SPLIT = "@@sheepdog@@"
 #: The resources a site may request memory with, the enforced one first (h_vmem: the execd's limit
 #: on the address space; m_mem_free: Univa's, often enforced with cgroups; mem_free: a request).
 _MEMORY_REQUESTS = ("h_vmem", "m_mem_free", "mem_free")
@@ -278,12 +277,9 @@ class GridEngineScheduler(Scheduler[GridEngineOptions]):
         """From the global configuration (``max_aj_tasks``, ``max_aj_instances``, ``max_u_jobs``)
         and the scheduler's (``maxujobs``), in one command."""
         queues = shlex.quote(self.site.queue or "*")
-        done = self.run(
-            f"qconf -sconf 2>/dev/null; echo {_SPLIT}; qconf -ssconf 2>/dev/null; echo {_SPLIT}; "
-            f"qconf -sq {queues} 2>/dev/null",
-            timeout=30,
+        conf, sconf, queue_conf = self.run_together(
+            ["qconf -sconf", "qconf -ssconf", f"qconf -sq {queues}"], 30
         )
-        conf, sconf, queue_conf = (done.stdout.split(_SPLIT) + ["", ""])[:3]
         return dataclasses.replace(parse_site_limits(conf, sconf), **queue_limits(queue_conf))
 
     def error_reason(self, job_id: str) -> str:

@@ -43,16 +43,20 @@ NEVER_STARTS = {
     "DependencyNeverSatisfied": "a dependency of the job can never be satisfied",
     "launch failed requeued held": "the job failed to launch and Slurm holds it",
 }
-_SPLIT = "@@sheepdog@@"
 #: The user's limits, in one command: the largest array, the default account, the associations, the
 #: QOSes; each sacctmgr bounded at 10 s (slurmdbd may be slow or down: then no caps are known).
-_LIMITS_COMMAND = f"""b() {{ if command -v timeout >/dev/null 2>&1; then timeout 10 "$@"; else "$@"; fi; }}
-scontrol show config 2>/dev/null | grep -i '^MaxArraySize'; echo {_SPLIT}
-b sacctmgr -nP show user "$(id -un)" format=DefaultAccount 2>/dev/null; echo {_SPLIT}
-b sacctmgr -nP show assoc where user="$(id -un)" \
-  format=Account,Partition,MaxSubmitJobs,MaxJobs,QOS,DefaultQOS 2>/dev/null; echo {_SPLIT}
-b sacctmgr -nP show qos format=Name,MaxSubmitPU,MaxJobsPU 2>/dev/null; echo {_SPLIT}
-scontrol show partition -o 2>/dev/null"""
+#: each sacctmgr bounded at 10 s: a slow or absent slurmdbd delays the first submit by no more
+_BOUNDED = 'b() { if command -v timeout >/dev/null 2>&1; then timeout 10 "$@"; else "$@"; fi; }; b '
+#: The site's limits, asked at once (``Scheduler.run_together``): MaxArraySize, the user's default
+#: account, associations and QOSes, and the partitions.
+_LIMITS_COMMANDS = (
+    "scontrol show config | grep -i '^MaxArraySize'",
+    _BOUNDED + 'sacctmgr -nP show user "$(id -un)" format=DefaultAccount',
+    _BOUNDED + 'sacctmgr -nP show assoc where user="$(id -un)" '
+    "format=Account,Partition,MaxSubmitJobs,MaxJobs,QOS,DefaultQOS",
+    _BOUNDED + "sacctmgr -nP show qos format=Name,MaxSubmitPU,MaxJobsPU",
+    "scontrol show partition -o",
+)
 _ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED", "COMPLETING", "CONFIGURING"}
 
 
@@ -233,8 +237,7 @@ class SlurmScheduler(Scheduler[SlurmOptions]):
         """``MaxArraySize``, and the ``MaxSubmitJobs``/``MaxJobs`` of the association and the
         ``MaxSubmitPU``/``MaxJobsPU`` of the QOS the jobs go to (account=, qos=, else the user's
         defaults), in one command; without slurmdbd only the array size."""
-        answers = self.run(_LIMITS_COMMAND, timeout=60).stdout.split(_SPLIT) + [""] * 5
-        config, user, assocs, qoses, partitions = answers[:5]
+        config, user, assocs, qoses, partitions = self.run_together(_LIMITS_COMMANDS, 60)
         site = self.site
         return dataclasses.replace(
             parse_partition_limits(partitions, site.partition),
