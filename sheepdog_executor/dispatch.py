@@ -19,6 +19,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+from sheepdog_executor.away import Heard
 from sheepdog_executor.calls import NO_KWARGS, CallBook, WorkItem
 from sheepdog_executor.clock import awake_or_asleep
 from sheepdog_executor.errors import BrokenClusterExecutor
@@ -45,6 +46,8 @@ class Liveness:
     held: int
     #: The workers' heartbeat interval.
     heartbeat: float
+    #: Whether the endpoint could hear them lately, and its pauses (this process suspended).
+    heard: Heard = Heard(None, 0, 0.0)
 
 
 class Dispatcher:
@@ -164,11 +167,12 @@ class Dispatcher:
             if needs is None or len(self.calls.queues) == 1:
                 workers, seen = self.registry.seen()
                 pending = self.calls.waiting()
-                return Liveness(workers, seen, pending, self._books.unresolved - pending, self.heartbeat)
+                held = self._books.unresolved - pending
+                return Liveness(workers, seen, pending, held, self.heartbeat, self.registry.hearing.snapshot())
             queue = self.calls.queue(needs)
             workers, seen = self.registry.seen(lambda worker: (worker.queue or self.queue) is queue)
             held = sum(len(self.registry.workers[w.id].items) for w in workers)
-            return Liveness(workers, seen, queue.waiting(), held, self.heartbeat)
+            return Liveness(workers, seen, queue.waiting(), held, self.heartbeat, self.registry.hearing.snapshot())
 
     @property
     def _items(self) -> dict[int, WorkItem]:

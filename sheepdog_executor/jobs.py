@@ -86,6 +86,8 @@ class JobManager:
         self.poll_interval = poll_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.away = AwayClock(clock)
+        #: The endpoint's pauses already counted as absences (``Liveness.heard``).
+        self._pauses_seen = 0
         self.clock = clock
         self.book = JobBook()
         #: The jobs still on the cluster, by id, and every job submitted, in order (the book's).
@@ -292,13 +294,16 @@ class JobManager:
             job.cancelled = True
             self.losses.errored(job.id)
         ended_ids = {job.id for job in ended}
+        listening = self._listening(live, now)
         for worker in live.workers:
             gone = worker.job in ended_ids or (
                 worker.job in self.jobs and worker.task not in self.jobs[worker.job].alive
             )
             # silence while this client itself was away (offline, suspended) says nothing of a worker
-            silent = now - worker.last_seen > self.heartbeat_timeout and (
-                now - self.away.back_at > self.heartbeat_timeout + COMEBACK_SECONDS
+            silent = (
+                listening
+                and now - worker.last_seen > self.heartbeat_timeout
+                and now - self.away.back_at > self.heartbeat_timeout + COMEBACK_SECONDS
             )
             if gone or silent:
                 self.losses.worker_lost(worker, gone=gone, silence=now - worker.last_seen)
@@ -307,6 +312,14 @@ class JobManager:
             started = any((job.id, t) in live.tasks_seen for t in range(1, job.tasks + 1))
             if not started and not job.cancelled and pending:
                 self.losses.never_started(job.id)
+
+    def _listening(self, live: Liveness, now: float) -> bool:
+        """Whether the endpoint heard workers lately, so that their silence is theirs; a pause it
+        noticed (this process suspended while this thread was anywhere) counts as an absence."""
+        if live.heard.pauses > self._pauses_seen:
+            self._pauses_seen = live.heard.pauses
+            self.away.came_back(live.heard.last_pause)
+        return live.heard.listening(now)
 
     def _take_answer(self, states: JobStates, now: float, live: Liveness) -> tuple[list[Job], list[Job]]:
         """Take the scheduler's answer into the book: (the jobs that ended, now off the book; the

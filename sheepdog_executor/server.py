@@ -35,6 +35,7 @@ import tornado.netutil
 import tornado.web
 
 from sheepdog_executor import httpserver
+from sheepdog_executor.away import TICK_SECONDS
 from sheepdog_executor.dispatch import Dispatcher
 from sheepdog_executor.errors import ConfigurationError, RemoteCallError
 from sheepdog_executor.httpserver import HTTPServer
@@ -467,6 +468,8 @@ class Endpoint:
             self._ready.set()
             return
         self._ready.set()
+        # workers are heard in this loop: its ticks tell the job managers when it could not hear
+        tornado.ioloop.PeriodicCallback(self.dispatcher.registry.hearing.tick, TICK_SECONDS * 1000).start()
         self._loop.start()
         self._loop.close(all_fds=True)
 

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from sheepdog_executor.away import Hearing
 from sheepdog_executor.calls import ENDED
 from sheepdog_executor.clock import awake_or_asleep
 from sheepdog_executor.errors import PythonVersionMismatch
@@ -150,6 +151,8 @@ class WorkerRegistry:
         self.workers: dict[str, Worker] = {}
         #: (job, task) of every task whose worker ever said hello.
         self.tasks_seen: set[tuple[str, int]] = set()
+        #: Ticked by the endpoint's loop: whether workers could be heard at all, lately.
+        self.hearing = Hearing()
 
     def heard_from(self, worker_id: str) -> Worker | None:
         """The worker, now heard from (None: not registered, or forgotten)."""

@@ -16,7 +16,8 @@ from sheepdog_executor.callfuture import CallFuture
 from sheepdog_executor.clock import awake_or_asleep
 from sheepdog_executor.dispatch import Dispatcher
 from sheepdog_executor.errors import ConnectionFailed, WorkerLost, WorkerStartFailed
-from sheepdog_executor.jobs import CURRENT_HEARTBEATS, SECOND_LOOK_SECONDS, JobManager
+from sheepdog_executor.away import Hearing
+from sheepdog_executor.jobs import COMEBACK_SECONDS, CURRENT_HEARTBEATS, SECOND_LOOK_SECONDS, JobManager
 from sheepdog_executor.jobscript import JobOptions, WorkerLaunch
 from sheepdog_executor.scheduler.base import JobStates, Scheduler, SessionJob, TaskState
 from sheepdog_executor.scheduler.gridengine import parse_qstat_xml
@@ -388,6 +389,33 @@ def test_after_a_sleep_longer_than_the_tolerance_lost_workers_say_so() -> None:
     error = rig.futures[0].exception(timeout=10)
     assert isinstance(error, WorkerLost), error
     assert "unreachable for 698 s" in str(error) and "disconnect_tolerance (600 s)" in str(error), str(error)
+
+
+
+def test_a_pause_the_job_managers_loop_missed_judges_no_worker_on_its_silence() -> None:
+    """SIGSTOP (a laptop's sleep) can hit while the job manager's thread submits or waits under the
+    ceiling of commands, where its loop does not measure: the endpoint's loop, which hears the
+    workers, notices the pause instead. Seen: after a 120 s SIGSTOP, all 8 workers declared lost."""
+    rig = Rig(1)
+    hearing = rig.dispatcher.registry.hearing = Hearing(rig.clock)
+    rig.step()
+    rig.scheduler.run_all("101")
+    worker = rig.hello("101", 1)
+    rig.dispatcher.exchange(worker, [])
+    hearing.tick()
+    rig.clock.now += 120.0  # suspended, wherever the job manager's thread was: its loop saw nothing
+    rig.step(advance=0.0)  # its thread runs first: the endpoint's loop has not ticked since
+    assert not rig.futures[0].done()
+    hearing.tick()  # the endpoint's loop runs: a tick 120 s late
+    rig.step()
+    assert not rig.futures[0].done()  # the pause counts as an absence: the worker gets time to come back
+    assert rig.manager.away.last_absence == pytest.approx(120.0)
+    for _ in range(int((rig.manager.heartbeat_timeout + COMEBACK_SECONDS) / 10) + 2):
+        rig.clock.now += 10.0
+        hearing.tick()  # the endpoint listens, the worker stays silent
+        rig.step(advance=0.0)
+    error = rig.futures[0].exception(timeout=10)
+    assert isinstance(error, WorkerLost) and "no heartbeat for" in str(error)
 
 
 # -- one bad answer of the scheduler ends nothing ---------------------------------------------------

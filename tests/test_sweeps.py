@@ -11,6 +11,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shlex
 import signal
 import subprocess
@@ -191,6 +192,31 @@ def test_a_rerun_runs_only_the_new_calls_and_those_that_raised(local_sweep: dict
         assert [f.result(timeout=60) for f in futures[1:]] == [1, 4, 9]
         assert executor.sweep is not None and (executor.sweep.served, executor.sweep.sent) == (2, 2)
     assert _runs() == {-1: 2, 1: 1, 2: 1, 3: 1}
+
+
+
+def test_a_kept_result_costs_on_disk_what_the_readme_says(local_sweep: dict[str, Any]) -> None:
+    """README: "about 350 bytes plus 4/3 of its pickled size (2,000 small results: 0.7 MB)"."""
+    readme = " ".join((REPO / "README.rst").read_text().split())
+    said = re.search(r"about (\d+) bytes plus 4/3 of its pickled size.*?\(2,000 small results: ([\d.]+) MB\)", readme)
+    assert said, "the README's disk cost per kept result moved: update this test"
+    per_record, small_total = int(said.group(1)), float(said.group(2))
+    records = Path(local_sweep["session_root"]) / "sweeps" / local_sweep["sweep"] / store.RECORDS
+
+    def size() -> int:
+        return sum(path.stat().st_size for path in records.iterdir())
+
+    with LocalExecutor(**local_sweep) as executor:
+        assert list(executor.map(abs, range(2000))) == list(range(2000))
+    small = size()
+    assert small == pytest.approx(small_total * 1e6, rel=0.1)
+    assert small / 2000 == pytest.approx(per_record + 4 / 3 * len(pickle.dumps(1999, protocol=5)), rel=0.1)
+    sizes = range(30_000, 30_020)
+    with LocalExecutor(**local_sweep) as executor:
+        assert [len(b) for b in executor.map(bytes, sizes)] == list(sizes)
+    large = size() - small
+    expected = sum(per_record + 4 / 3 * len(pickle.dumps(bytes(n), protocol=5)) for n in sizes)
+    assert large == pytest.approx(expected, rel=0.02)
 
 
 def test_a_lost_worker_s_kept_results_are_served_not_run_again(local_sweep: dict[str, Any]) -> None:
