@@ -163,16 +163,17 @@ class Dispatcher:
     def liveness(self, needs: Resources | None = None) -> Liveness:
         """A snapshot of the workers and counts, for the job manager (which reads no table here);
         with ``needs``, of that resource set's calls and workers only (when there are others)."""
+        heard = self.registry.hearing.snapshot()  # before the workers: a pause is counted first
         with self._lock:
             if needs is None or len(self.calls.queues) == 1:
                 workers, seen = self.registry.seen()
                 pending = self.calls.waiting()
                 held = self._books.unresolved - pending
-                return Liveness(workers, seen, pending, held, self.heartbeat, self.registry.hearing.snapshot())
+                return Liveness(workers, seen, pending, held, self.heartbeat, heard)
             queue = self.calls.queue(needs)
             workers, seen = self.registry.seen(lambda worker: (worker.queue or self.queue) is queue)
             held = sum(len(self.registry.workers[w.id].items) for w in workers)
-            return Liveness(workers, seen, queue.waiting(), held, self.heartbeat, self.registry.hearing.snapshot())
+            return Liveness(workers, seen, queue.waiting(), held, self.heartbeat, heard)
 
     @property
     def _items(self) -> dict[int, WorkItem]:

@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
+from sheepdog_executor.away import Hearing
 from sheepdog_executor.callfuture import CallFuture
 from sheepdog_executor.clock import awake_or_asleep
 from sheepdog_executor.dispatch import Dispatcher
 from sheepdog_executor.errors import ConnectionFailed, WorkerLost, WorkerStartFailed
-from sheepdog_executor.away import Hearing
 from sheepdog_executor.jobs import COMEBACK_SECONDS, CURRENT_HEARTBEATS, SECOND_LOOK_SECONDS, JobManager
 from sheepdog_executor.jobscript import JobOptions, WorkerLaunch
 from sheepdog_executor.scheduler.base import JobStates, Scheduler, SessionJob, TaskState
@@ -389,7 +389,6 @@ def test_after_a_sleep_longer_than_the_tolerance_lost_workers_say_so() -> None:
     error = rig.futures[0].exception(timeout=10)
     assert isinstance(error, WorkerLost), error
     assert "unreachable for 698 s" in str(error) and "disconnect_tolerance (600 s)" in str(error), str(error)
-
 
 
 def test_a_pause_the_job_managers_loop_missed_judges_no_worker_on_its_silence() -> None:

@@ -194,11 +194,11 @@ def test_a_rerun_runs_only_the_new_calls_and_those_that_raised(local_sweep: dict
     assert _runs() == {-1: 2, 1: 1, 2: 1, 3: 1}
 
 
-
 def test_a_kept_result_costs_on_disk_what_the_readme_says(local_sweep: dict[str, Any]) -> None:
     """README: "about 350 bytes plus 4/3 of its pickled size (2,000 small results: 0.7 MB)"."""
     readme = " ".join((REPO / "README.rst").read_text().split())
-    said = re.search(r"about (\d+) bytes plus 4/3 of its pickled size.*?\(2,000 small results: ([\d.]+) MB\)", readme)
+    cost = r"about (\d+) bytes plus 4/3 of its pickled size.*?\(2,000 small results: ([\d.]+) MB\)"
+    said = re.search(cost, readme)
     assert said, "the README's disk cost per kept result moved: update this test"
     per_record, small_total = int(said.group(1)), float(said.group(2))
     records = Path(local_sweep["session_root"]) / "sweeps" / local_sweep["sweep"] / store.RECORDS
