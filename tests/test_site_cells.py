@@ -6,6 +6,7 @@ executor says what it waits for. Each cap is set for the test alone and removed 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import threading
 import time
@@ -52,15 +53,20 @@ class Watch:
         self._thread.join(timeout=30)
 
 
-def sweep(executor: ClusterExecutor, watch: Watch) -> list[str]:
+def sweep(
+    executor: ClusterExecutor, watch: Watch, while_waiting: Callable[[], None] | None = None
+) -> list[str]:
     """10 batches of one 3 s call, 0.3 s apart (each would get a job of its own without the cap);
-    returns what status() said it waited for."""
+    returns what status() said it waited for. ``while_waiting`` is called once, when it first does."""
     futures: list[Future[Any]] = []
     waited: list[str] = []
     for _ in range(BATCHES):
         futures.append(executor.submit(nap, 3.0))
         time.sleep(0.3)
         waited.append(executor.status().get("site_limits", {}).get("waiting", ""))
+        if waited[-1] and while_waiting is not None:
+            while_waiting()
+            while_waiting = None
     deadline = time.monotonic() + 180
     for future in futures:
         assert future.result(timeout=max(1.0, deadline - time.monotonic())) == 3.0
@@ -80,14 +86,19 @@ def _set_max_u_jobs(value: str, editor: Path) -> None:
     _multi_qconf("-mconf", "global", env=(f"EDITOR={editor}", f"SHEEPDOG_MAX_U_JOBS={value}"))
 
 
-@pytest.fixture
-def max_u_jobs() -> Iterator[None]:
-    """max_u_jobs 2 on the multi-host cell for this test, its value before restored after."""
+def _may_configure_the_multi_cell() -> None:
+    """The multi-host cell is up, and this process may change its configuration (root)."""
     require_up(
         MULTI, "qstat -f", lambda out: "all.q@" in out, "multi-host cell", "scripts/test-cell.sh --multi-host"
     )
     if os.geteuid() != 0:
         pytest.skip("needs root to change the multi-host cell's configuration")
+
+
+@pytest.fixture
+def max_u_jobs() -> Iterator[None]:
+    """max_u_jobs 2 on the multi-host cell for this test, its value before restored after."""
+    _may_configure_the_multi_cell()
     before = next(
         line.split()[1]
         for line in _multi_qconf("-sconf", "global").stdout.splitlines()
@@ -106,8 +117,11 @@ def max_u_jobs() -> Iterator[None]:
 
 
 @pytest.mark.multihost
-def test_grid_engine_max_u_jobs_is_never_exceeded_and_the_sweep_finishes(max_u_jobs: None) -> None:
+def test_grid_engine_max_u_jobs_is_never_exceeded_and_the_sweep_finishes(
+    max_u_jobs: None, chromium: Callable[..., str]
+) -> None:
     name = f"cap-{uuid.uuid4().hex[:6]}"
+    pages: list[str] = []
 
     def ours() -> int:
         out = ssh_to(MULTI, f"qstat -u {TEST_USER}").stdout
@@ -118,11 +132,16 @@ def test_grid_engine_max_u_jobs_is_never_exceeded_and_the_sweep_finishes(max_u_j
     try:
         executor = make()
         watch = Watch(ours)
-        waited = sweep(executor, watch)
+        url = executor.status_url or ""
+        waited = sweep(executor, watch, lambda: pages.append(chromium(url, "--dump-dom")))
         assert watch.polls >= 5 and watch.most <= CAP, watch.most
         status = executor.status()
         assert "max_u_jobs 2" in status["site_limits"]["limits"], status["site_limits"]
         assert "waiting for room: max_u_jobs 2" in waited, waited
+        # the status page says so too, in its banner
+        banner = re.search(r'<div class="banner" id="waiting"([^>]*)>([^<]*)</div>', pages[0])
+        assert banner is not None and "hidden" not in banner.group(1), pages[0][:3000]
+        assert banner.group(2) == "Calls are waiting for room: max_u_jobs 2 (site limits: max_u_jobs 2)"
         assert status["scheduler_commands"]["total"] > 0
     finally:
         next(made, None)
@@ -174,3 +193,52 @@ def test_slurm_max_submit_jobs_of_the_qos_is_never_exceeded_and_the_sweep_finish
         assert f"waiting for room: MaxSubmitPU of QOS {capped_qos} 2" in waited, waited
     finally:
         next(made, None)
+
+
+# -- Grid Engine: a queue's own h_rt, when the job asks for none ------------------------------------
+QUEUE_H_RT = 20
+
+
+def counted_nap(i: int, marks: str) -> int:
+    """A 5 s call that leaves a file per run in ``marks`` (the home directory every host shares)."""
+    import os
+    import time
+
+    time.sleep(5)
+    with open(os.path.join(marks, f"{i}.{os.getpid()}.{time.time_ns()}"), "w"):
+        pass
+    return i
+
+
+@pytest.fixture
+def short_queue() -> Iterator[None]:
+    """all.q of the multi-host cell with an h_rt of 20 s for this test, its value before restored."""
+    _may_configure_the_multi_cell()
+    queue = _multi_qconf("-sq", "all.q").stdout.splitlines()
+    before = next(line.split()[1] for line in queue if line.startswith("h_rt"))
+    _multi_qconf("-mattr", "queue", "h_rt", f"0:0:{QUEUE_H_RT}", "all.q")
+    try:
+        yield
+    finally:
+        _multi_qconf("-mattr", "queue", "h_rt", before, "all.q")
+
+
+@pytest.mark.multihost
+def test_a_queues_own_time_limit_bounds_its_tasks_and_no_call_is_killed_under_it(short_queue: None) -> None:
+    """No h_rt asked, but the queue has one (20 s): each worker knows it from the queue it landed in,
+    takes no 5 s call that would not end before it, and retires; a fresh task runs the rest. Before,
+    a worker's fourth call was killed with its task at 20 s and failed ("killed over a limit")."""
+    name = f"qrt-{uuid.uuid4().hex[:6]}"
+    marks = ssh_to(MULTI, f"mkdir -p ~/.cache/sheepdog-tests/{name} && cd $_ && pwd").stdout.strip()
+    made = executor_factory(GridEngineExecutor, MULTI, job_name=name, max_workers=2)
+    make = next(made)
+    try:
+        executor = make()
+        results = executor.map(counted_nap, range(8), [marks] * 8, timeout=240)
+        assert list(results) == list(range(8))
+        runs = sorted(int(mark.split(".")[0]) for mark in ssh_to(MULTI, f"ls {marks}").stdout.split())
+        assert runs == list(range(8)), runs  # each ran once: none killed under the queue's limit
+        assert len(executor.job_ids) >= 2  # the workers retired before 20 s: fresh tasks took the rest
+    finally:
+        next(made, None)
+        ssh_to(MULTI, f"rm -rf {marks}")

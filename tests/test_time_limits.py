@@ -4,7 +4,9 @@ ran out under runs again; memory kills and a MemoryError under the task's limit 
 
 from __future__ import annotations
 
+import os
 import pickle
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -18,7 +20,7 @@ from sheepdog_executor.remote.budget import RESERVE_SECONDS, SAFETY, Budget
 from sheepdog_executor.remote.worker import Capture, run_items
 from sheepdog_executor.resources import Resources
 from sheepdog_executor.scheduler import GridEngineOptions, GridEngineScheduler, SlurmScheduler
-from sheepdog_executor.scheduler.gridengine import parse_qacct
+from sheepdog_executor.scheduler.gridengine import parse_qacct, queue_times
 from sheepdog_executor.scheduler.gridengine import parse_time as grid_engine_time
 from sheepdog_executor.shell import LocalShell
 
@@ -135,6 +137,58 @@ def test_grid_engine_accounting_says_which_limit_killed_a_task() -> None:
     killed = {"State": "FAILED", "ExitCode": "0:9", "ReqMem": "100M"}
     assert slurm.limit_hit({**killed, "MaxRSS": "426M"}) == "memory"
     assert slurm.limit_hit({**killed, "MaxRSS": "10M"}) == ""
+
+
+QCONF_SQ = """qname                 all.q
+hostlist              @allhosts
+h_rt                  0:0:40
+qname                 long.q
+h_rt                  INFINITY
+qname                 mixed.q
+h_rt                  1:00:00,[@short=0:10:00]
+qname                 night-q
+h_rt                  600
+"""
+
+
+def test_without_h_rt_a_grid_engine_task_takes_the_time_limit_of_the_queue_it_landed_in() -> None:
+    """A site's queue may bound every task (its h_rt) when the job asks for none: the worker must
+    know it, else its last call is killed under it. The queues' limits come with the site's, by
+    name; the task picks its own from $QUEUE."""
+    assert queue_times(QCONF_SQ) == {"all.q": 40.0, "night-q": 600.0}
+    grid = GridEngineScheduler(LocalShell(), JobOptions())
+    assert "SHEEPDOG_DEADLINE" not in grid.render(LAUNCH, 1)  # not known yet: none
+    copy = grid.with_python("/opt/python3")  # made before the limits came: it learns them too
+    grid.queue_times.update(queue_times(QCONF_SQ))
+    script = copy.render(LAUNCH, 1)
+    word = script.split("SHEEPDOG_DEADLINE=", 1)[1].split("; export", 1)[0]
+    for queue, seconds in (("all.q", 40), ("night-q", 600), ("long.q", None)):
+        shown = subprocess.run(
+            ["sh", "-c", f'SHEEPDOG_DEADLINE={word}; echo "$SHEEPDOG_DEADLINE $(date +%s)"'],
+            env={"QUEUE": queue, "PATH": os.environ["PATH"]},
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.split()
+        if seconds is None:
+            assert len(shown) == 1, shown  # no deadline: the worker takes any call
+        else:
+            assert int(shown[0]) - int(shown[1]) in (seconds, seconds - 1), (queue, shown)
+    # asked: the h_rt asked for, whatever the queue
+    asked = GridEngineScheduler(LocalShell(), JobOptions(needs=Resources(time=90)))
+    asked.queue_times.update(queue_times(QCONF_SQ))
+    assert 'SHEEPDOG_DEADLINE="$(( $(date +%s) + 90 ))"' in asked.render(LAUNCH, 1)
+    # a kill at the queue's limit reads as one, with the queue's name
+    killed = parse_qacct(
+        "qname        all.q\nfailed       37  : qmaster enforced h_rt, h_cpu, or h_vmem limit\n"
+        "exit_status  137\nru_wallclock 41s\nmaxvmem      3.5MB\n"
+    )
+    assert copy.limit_hit(killed) == "time"
+    assert copy.killed_for(killed) == (
+        "Grid Engine killed its task over the time limit of queue all.q (h_rt=0:00:40: ru_wallclock "
+        "41s; qacct failed 37); a call that long needs a queue with a longer h_rt (queue=)"
+    )
 
 
 # -- on the cells --------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sheepdog_executor.errors import ConfigurationError, PollFailed, ResourceConflict, SchedulerError
-from sheepdog_executor.jobscript import WorkerLaunch, check_options, render_script
+from sheepdog_executor.jobscript import JobOptions, WorkerLaunch, check_options, render_script
 from sheepdog_executor.options import option
 from sheepdog_executor.resources import Resources, format_memory, format_time
 from sheepdog_executor.scheduler.base import JobStates, Scheduler, SessionJob, TaskState, session_of
@@ -111,6 +111,12 @@ class GridEngineScheduler(Scheduler[GridEngineOptions]):
     #: qsub: "job rejected: only 2 jobs are allowed per user (current job count: 3)"
     refusals = ("jobs are allowed per user", "max_u_jobs")
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Each queue's own ``h_rt`` in seconds, by name, once ``site_limits`` read them: what a
+        #: task that asks for no ``h_rt`` may run there (its worker's deadline, ``$QUEUE``'s).
+        self.queue_times: dict[str, float] = {}
+
     def render(self, launch: WorkerLaunch, tasks: int) -> str:
         """The script handed to ``qsub`` on stdin for an array job of ``tasks`` workers."""
         q = shlex.quote
@@ -191,6 +197,23 @@ class GridEngineScheduler(Scheduler[GridEngineOptions]):
         asked = self._resource("h_rt")
         return parse_time(asked) if asked else None
 
+    def deadline_expression(self) -> str:
+        asked = super().deadline_expression()
+        if asked or not self.queue_times:
+            return asked
+        # no h_rt asked: the h_rt of the queue the task landed in bounds it ($QUEUE names it)
+        cases = " ".join(
+            f"({shlex.quote(name)}) echo $(( $(date +%s) + {int(seconds)} ));;"
+            for name, seconds in sorted(self.queue_times.items())
+        )
+        return f'$(case "$QUEUE" in {cases} esac)'
+
+    def _like(self, options: JobOptions) -> GridEngineScheduler:
+        other = super()._like(options)
+        assert isinstance(other, GridEngineScheduler)
+        other.queue_times = self.queue_times  # one table, filled by whichever asks the site first
+        return other
+
     def memory_limit(self) -> str:
         vmem = memory_bytes(self._resource("h_vmem") or "")  # per slot, on every process's address space
         return f'"{vmem * self._slots()} vmem"' if vmem else ""
@@ -198,7 +221,7 @@ class GridEngineScheduler(Scheduler[GridEngineOptions]):
     def limit_hit(self, accounting: Mapping[str, str]) -> str:
         failed = accounting.get("failed", "").split(":")[0].strip()
         if failed == "37":  # "qmaster enforced h_rt, h_cpu, or h_vmem limit": which, its figures say
-            limit = self.time_limit()
+            limit = self.time_limit() or self.queue_times.get(accounting.get("qname", ""))
             wall = re.match(r"[\d.]+", accounting.get("ru_wallclock", ""))
             if limit and wall and float(wall.group()) >= limit - 1:  # ru_wallclock: whole seconds
                 return "time"
@@ -214,6 +237,14 @@ class GridEngineScheduler(Scheduler[GridEngineOptions]):
         hit = self.limit_hit(accounting)
         failed = accounting.get("failed", "").split(":")[0].strip()
         how = "qacct failed 37" if failed == "37" else "killed by SIGKILL"
+        if hit == "time" and not self._resource("h_rt"):
+            queue = accounting.get("qname", "?")
+            return (
+                f"Grid Engine killed its task over the time limit of queue {queue} (h_rt="
+                f"{format_time(int(self.queue_times.get(queue, 0)))}: ru_wallclock "
+                f"{accounting.get('ru_wallclock', '?')}; {how}); a call that long needs a queue "
+                "with a longer h_rt (queue=)"
+            )
         if hit == "time":
             return (
                 f"Grid Engine killed its task over its time limit (h_rt={self._resource('h_rt')}: "
@@ -280,6 +311,7 @@ class GridEngineScheduler(Scheduler[GridEngineOptions]):
         conf, sconf, queue_conf = self.run_together(
             ["qconf -sconf", "qconf -ssconf", f"qconf -sq {queues}"], 30
         )
+        self.queue_times.update(queue_times(queue_conf))
         return dataclasses.replace(parse_site_limits(conf, sconf), **queue_limits(queue_conf))
 
     def error_reason(self, job_id: str) -> str:
@@ -479,6 +511,19 @@ def queue_limits(qconf_sq: str) -> dict[str, Any]:
         if values and len(values) == len(names) and all(values):
             found[field] = int(max(v for v in values if v))
     return found
+
+
+def queue_times(qconf_sq: str) -> dict[str, float]:
+    """Each queue's ``h_rt`` in seconds, by name, from ``qconf -sq`` of one or more queues; a queue
+    without a limit (``INFINITY``) or with one per host (``1:00:00,[@short=0:10:00]``) is left out."""
+    times: dict[str, float] = {}
+    for block in re.split(r"^(?=qname\s)", qconf_sq, flags=re.M):
+        name = re.search(r"^qname\s+(\S+)", block, re.M)
+        limit = re.search(r"^h_rt\s+(\S+)", block, re.M)
+        seconds = parse_time(limit.group(1)) if limit else None
+        if name and seconds:
+            times[name.group(1)] = seconds
+    return times
 
 
 def parse_max_aj_tasks(qconf_sconf: str) -> int | None:
