@@ -203,11 +203,12 @@ def test_a_task_over_its_time_limit_is_lost_saying_so_and_not_run_again(
     make_slurm: Callable[..., SlurmExecutor],
 ) -> None:
     # Slurm counts time limits in whole minutes (time="0:15" would be one minute too) and slurmctld
-    # looks for jobs over their limit every 30 s: the kill comes 60 to 90 s after the task started
+    # looks for jobs over their limit every 30 s: the kill comes 60 to 90 s after the task started;
+    # then a second look and the accounting (seen in CI: 121 s in all, on a busy cell)
     executor = make_slurm(time="1", max_workers=1, retries=1)
     future = executor.submit(time.sleep, 300)
     started = time.monotonic()
-    error = future.exception(timeout=150)
+    error = future.exception(timeout=200)
     assert isinstance(error, WorkerLost), error
     assert error.accounting["State"] == "TIMEOUT" and error.accounting["Timelimit"] == "00:01:00"
     assert (
@@ -215,7 +216,7 @@ def test_a_task_over_its_time_limit_is_lost_saying_so_and_not_run_again(
         "ask for more time=" in str(error)
     )
     assert f"Slurm job {error.job_id}, task 1" in str(error) and "State=TIMEOUT" in str(error)
-    assert time.monotonic() - started < 100
+    assert time.monotonic() - started < 150  # long before the call's own 300 s
     # retries=1 does not run it again: it would only be killed at the same limit
     assert executor.job_ids == [error.job_id]
     wait_until(lambda: not slurm_jobs(set(executor.job_ids)), 30, "the timed-out job gone from squeue")
