@@ -22,7 +22,7 @@ from sheepdog_executor import pickling
 from sheepdog_executor.callfuture import CallFuture
 from sheepdog_executor.functions import FunctionCache
 from sheepdog_executor.handout import MAX_BYTES_PER_REPLY
-from sheepdog_executor.remote.protocol import Item, Result
+from sheepdog_executor.remote.protocol import Result, WireItem
 from sheepdog_executor.resources import Resources
 from sheepdog_executor.results import Outcome, set_exception
 from sheepdog_executor.stats import Stats
@@ -167,11 +167,18 @@ class CallQueue:
 
     # -- the workers' side ----------------------------------------------------------------------
     def take_locked(
-        self, want: int, worker: str, host: str, held: dict[int, WorkItem], failed: list[Outcome]
-    ) -> list[Item]:
-        """Up to ``want`` calls for ``worker`` (into ``held``), their arguments pickled now; a call
-        whose arguments do not pickle goes to ``failed``."""
-        batch: list[Item] = []
+        self,
+        want: int,
+        worker: str,
+        host: str,
+        held: dict[int, WorkItem],
+        failed: list[Outcome],
+        head_start: float = 0.0,
+    ) -> list[WireItem]:
+        """Up to ``want`` calls for ``worker`` (into ``held``), as sent (``protocol.Item``'s fields),
+        their arguments pickled now; a call whose arguments do not pickle goes to ``failed``.
+        ``head_start``: how late in the worker's task they start."""
+        batch: list[WireItem] = []
         taken: list[WorkItem] = []
         size = 0
         pending = self._pending
@@ -188,7 +195,7 @@ class CallQueue:
                 continue
             item.future._item = None  # type: ignore[attr-defined]  # no cycle once it left the queue
             try:
-                payload = _dumps_arguments(item)
+                payload = dumps_arguments(item)
             except Exception as exc:  # noqa: BLE001 - the call's own error, as ProcessPoolExecutor's
                 item.state = ENDED
                 self.functions.release(item.fn_key)
@@ -198,8 +205,9 @@ class CallQueue:
             item.attempt += 1
             item.worker = worker
             item.state = HELD
+            item.head_start = head_start
             held[item.id] = item
-            batch.append(Item(item.id, item.attempt, item.fn_key, payload))
+            batch.append((item.id, item.attempt, item.fn_key, payload))  # a plain tuple: it is pickled
             taken.append(item)
             size += len(payload)
         for batch_id, count in collections.Counter(item.batch for item in taken).items():
@@ -403,7 +411,7 @@ def cancel(items: Sequence[WorkItem], reason: str, stats: Stats) -> None:
 _SCALARS = (int, float, str, bytes, bool, type(None))
 
 
-def _dumps_arguments(item: WorkItem) -> bytes:
+def dumps_arguments(item: WorkItem) -> bytes:
     """Pickle a call's arguments; a call of a few scalars (most of a big map's) takes the C
     pickler directly, everything else ``pickling.dumps``."""
     args = item.args

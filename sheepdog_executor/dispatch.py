@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sheepdog_executor.away import Heard
-from sheepdog_executor.calls import NO_KWARGS, CallBook, WorkItem
+from sheepdog_executor.calls import NO_KWARGS, CallBook, WorkItem, dumps_arguments
 from sheepdog_executor.clock import awake_or_asleep
 from sheepdog_executor.errors import BrokenClusterExecutor
 from sheepdog_executor.handout import HandOut
@@ -234,7 +234,7 @@ class Dispatcher:
             worker = self.registry.heard_from(worker_id)
             if worker is None:
                 return {"stop": True}
-            replayed = worker.replay(request)
+            replayed = worker.replay(request, dumps_arguments)
             if replayed is not None:
                 return replayed
             delivered, undelivered = worker.take_results(results, self.hand_out.observe)

@@ -21,9 +21,9 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from sheepdog_executor import notebook, pickling, registry
+from sheepdog_executor import pickling, registry
 from sheepdog_executor.callfuture import CallFuture
 from sheepdog_executor.config import uses_config
 from sheepdog_executor.environment import (
@@ -51,10 +51,12 @@ from sheepdog_executor.scheduler import (
     SlurmScheduler,
 )
 from sheepdog_executor.session import _OPEN, Session, _collected
-from sheepdog_executor.sweepstore import Sweep, open_sweep
 
 log = logging.getLogger("sheepdog_executor")
 T = TypeVar("T")
+
+if TYPE_CHECKING:  # imported when a sweep is opened: most executors have none
+    from sheepdog_executor.sweepstore import Sweep
 
 #: Calls submitted within this many seconds of each other are counted as one batch.
 SUBMIT_BATCH_SECONDS = 1.0
@@ -352,10 +354,14 @@ class ClusterExecutor(Executor):
         return self._session.session_dir
 
     def __repr__(self) -> str:
+        from sheepdog_executor import notebook
+
         return notebook.text(self)
 
     def _repr_html_(self) -> str:
         """Jupyter's view: scheduler, host, workers, jobs, calls and the status page's link."""
+        from sheepdog_executor import notebook
+
         return notebook.card(self)
 
 
@@ -481,6 +487,8 @@ def _open_sweep(session: Session, name: str | None, disconnect_tolerance: float)
     previous run's workers get up to their tolerance to end the calls they run."""
     if name is None:
         return None
+    from sheepdog_executor.sweepstore import open_sweep
+
     try:
         return open_sweep(session, name, disconnect_tolerance + 60)
     except BaseException:

@@ -14,7 +14,6 @@ from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import Any, TypeVar
 
 from sheepdog_executor.calls import NO_KWARGS
-from sheepdog_executor.remote.worker import run_chunk
 
 T = TypeVar("T")
 
@@ -44,6 +43,8 @@ def map_calls(
     if chunksize == 1:
         return fn, ((args, NO_KWARGS) for args in argument_sets)
     chunks = iter(lambda: [(a, NO_KWARGS) for a in itertools.islice(argument_sets, chunksize)], [])
+    from sheepdog_executor.remote.worker import run_chunk  # the worker's module: imported when needed
+
     return functools.partial(run_chunk, fn), (((chunk,), NO_KWARGS) for chunk in chunks)
 
 

@@ -10,7 +10,7 @@ from sheepdog_executor.away import Hearing
 from sheepdog_executor.calls import ENDED
 from sheepdog_executor.clock import awake_or_asleep
 from sheepdog_executor.errors import PythonVersionMismatch
-from sheepdog_executor.remote.protocol import Item, Result
+from sheepdog_executor.remote.protocol import Result, WireItem
 
 if TYPE_CHECKING:
     from sheepdog_executor.calls import CallQueue, WorkItem
@@ -35,11 +35,13 @@ class Worker:
     calls_done: int = 0
     #: The route it reached this client by ("direct", "tunnel", ...).
     route: str = ""
-    #: The number of its latest ``/work`` request, and the calls this client answered it with: a
-    #: copy of that request (the worker did not get the answer) gets the same calls again, and a
-    #: copy of an older one (sent on a connection the worker has left) changes nothing.
+    #: The number of its latest ``/work`` request, and what this client answered it with (the
+    #: calls' ids, in order, and the functions sent): a copy of that request (the worker did not get
+    #: the answer) gets the same calls again, and a copy of an older one (sent on a connection the
+    #: worker has left) changes nothing. The calls' pickled arguments are not kept: 8 workers'
+    #: answers of 1 MB arguments would hold 100 MB; a copy pickles them again.
     request: int = 0
-    answer: dict[str, Any] | None = None
+    answered: tuple[list[int], dict[str, bytes]] | None = None
     #: The queue of its resource set: it takes calls from that one only.
     queue: CallQueue | None = None
 
@@ -52,17 +54,20 @@ class Worker:
         worker.queue = queue
         return worker
 
-    def replay(self, request: int | None) -> dict[str, Any] | None:
+    def replay(self, request: int | None, dumps: Callable[[WorkItem], bytes]) -> dict[str, Any] | None:
         """The answer for a copy of an earlier ``/work`` request (None: a new request, now this
-        worker's latest). Copies arrive late when the client was away (suspended, offline): the
-        worker sent the request again on another connection, or has moved on since."""
+        worker's latest), its calls' arguments pickled again with ``dumps``. Copies arrive late when
+        the client was away (suspended, offline): the worker sent the request again on another
+        connection, or has moved on since."""
         if request is None:
             return None
         if request < self.request:
             return {"items": []}  # nobody reads this answer: the worker left that connection
-        if request == self.request and self.answer is not None:
-            return self.answer  # the worker did not get it: the same calls again
-        self.request, self.answer = request, None
+        if request == self.request and self.answered is not None:
+            ids, functions = self.answered  # the worker did not get it: the same calls again
+            held = [self.items[i] for i in ids if i in self.items]
+            return {"items": [(i.id, i.attempt, i.fn_key, dumps(i)) for i in held], "functions": functions}
+        self.request, self.answered = request, None
         return None
 
     def take_results(
@@ -88,27 +93,24 @@ class Worker:
         held.clear()
         return delivered, undelivered
 
-    def take_from(self, queue: CallQueue, want: int, failed: list[Outcome]) -> list[Item]:
-        """Up to ``want`` calls of ``queue`` for its next reply, their arguments pickled now (one
-        that does not pickle goes to ``failed``); each notes how late in its task it starts
+    def take_from(self, queue: CallQueue, want: int, failed: list[Outcome]) -> list[WireItem]:
+        """Up to ``want`` calls of ``queue`` for its next reply, as sent, their arguments pickled now
+        (one that does not pickle goes to ``failed``); each notes how late in its task it starts
         (``WorkItem.head_start``). With the dispatcher's lock held."""
         now = awake_or_asleep()
         if self.first_asked is None:
             self.first_asked = now
-        batch = queue.take_locked(want, self.id, self.host, self.items, failed)
-        for item in batch:
-            self.items[item.id].head_start = now - self.first_asked
-        return batch
+        return queue.take_locked(want, self.id, self.host, self.items, failed, now - self.first_asked)
 
-    def reply(self, batch: list[Item], blob: Callable[[str], bytes]) -> dict[str, Any]:
+    def reply(self, batch: list[WireItem], blob: Callable[[str], bytes]) -> dict[str, Any]:
         """The answer that hands it ``batch``, with the pickles (``blob``) of the functions it
         has not been sent yet; kept for a copy of its request."""
         self.idle_since = None
-        keys = {item.fn_key for item in batch} - self.functions_sent
+        keys = {fn_key for _, _, fn_key, _ in batch} - self.functions_sent
         functions = {key: blob(key) for key in keys}
         self.functions_sent.update(functions)
-        self.answer = {"items": [item.wire() for item in batch], "functions": functions}
-        return self.answer
+        self.answered = ([item_id for item_id, _, _, _ in batch], functions)
+        return {"items": batch, "functions": functions}
 
     def idle_for(self, now: float) -> float:
         """How long it has been waiting for work (counting from now if it was busy)."""

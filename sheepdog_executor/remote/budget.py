@@ -70,6 +70,11 @@ class Budget:
         limit = int(size) if size.isdigit() and int(size) > 0 else None
         return cls(deadline, memory_limit=limit, memory_kind=kind or "rss")
 
+    @property
+    def bounded(self) -> bool:
+        """Whether the task has a time or memory limit this worker knows of (else nothing to check)."""
+        return self._ends is not None or self.memory_limit is not None
+
     def left(self) -> float | None:
         """Seconds until the task's time ends (None: not known)."""
         return None if self._ends is None else self._ends - time.monotonic()

@@ -134,9 +134,14 @@ class Item(NamedTuple):
     fn_key: str
     payload: bytes
 
-    def wire(self) -> tuple[Any, ...]:
-        """The plain tuple sent (a NamedTuple would pickle its class's name)."""
-        return tuple(self)
+    def wire(self) -> WireItem:
+        """The plain tuple sent (a NamedTuple would pickle its class's name); the hot path builds
+        it in place (``CallQueue.take_locked``) and the worker unpacks it in this order."""
+        return (self.id, self.attempt, self.fn_key, self.payload)
+
+
+#: An ``Item`` as sent: (id, attempt, fn_key, payload).
+WireItem = tuple[int, int, str, bytes]
 
 
 class Result(NamedTuple):
@@ -157,6 +162,15 @@ class Result(NamedTuple):
     def wire(self) -> tuple[Any, ...]:
         """The plain tuple sent: without ``parted`` unless it was sent in parts."""
         return tuple(self) if self.parted else self[:7]
+
+
+def new_result(fields: tuple[int, int, bool, bytes, str, float, str, int]) -> Result:
+    """``Result(*fields)`` without the Python-level ``__new__`` a NamedTuple runs: once per call on
+    both sides of the hot path."""
+    return _tuple_new(Result, fields)
+
+
+_tuple_new: Any = tuple.__new__
 
 
 class Error(NamedTuple):
@@ -192,7 +206,7 @@ def parse_result(raw: Any) -> Result | None:
     seconds = raw[5] if n > 5 and type(raw[5]) in (int, float) else 0.0
     stderr = raw[6] if n > 6 and type(raw[6]) is str else ""
     parted = raw[7] if n > 7 and type(raw[7]) is int and raw[7] > 0 else 0
-    return Result(raw[0], raw[1], raw[2], raw[3], raw[4], seconds, stderr, parted)
+    return new_result((raw[0], raw[1], raw[2], raw[3], raw[4], seconds, stderr, parted))
 
 
 def dumps(obj: Any) -> bytes:
