@@ -21,6 +21,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from sheepdog_executor import pickling, registry
@@ -52,11 +53,11 @@ from sheepdog_executor.scheduler import (
 )
 from sheepdog_executor.session import _OPEN, Session, _collected
 
-log = logging.getLogger("sheepdog_executor")
-T = TypeVar("T")
-
 if TYPE_CHECKING:  # imported when a sweep is opened: most executors have none
     from sheepdog_executor.sweepstore import Sweep
+
+log = logging.getLogger("sheepdog_executor")
+T = TypeVar("T")
 
 #: Calls submitted within this many seconds of each other are counted as one batch.
 SUBMIT_BATCH_SECONDS = 1.0
@@ -354,15 +355,11 @@ class ClusterExecutor(Executor):
         return self._session.session_dir
 
     def __repr__(self) -> str:
-        from sheepdog_executor import notebook
-
-        return notebook.text(self)
+        return _notebook().text(self)
 
     def _repr_html_(self) -> str:
         """Jupyter's view: scheduler, host, workers, jobs, calls and the status page's link."""
-        from sheepdog_executor import notebook
-
-        return notebook.card(self)
+        return _notebook().card(self)
 
 
 class GridEngineExecutor(ClusterExecutor):
@@ -480,6 +477,13 @@ def _open_session(
         environment=sync,
         escalation=Escalation.from_options(options),
     )
+
+
+def _notebook() -> ModuleType:
+    """The module that shows an executor (text, Jupyter's card): imported when first shown."""
+    from sheepdog_executor import notebook
+
+    return notebook
 
 
 def _open_sweep(session: Session, name: str | None, disconnect_tolerance: float) -> Sweep | None:
