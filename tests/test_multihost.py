@@ -466,11 +466,27 @@ class Lines:
 
 
 def _loses_nothing(run: LaptopRun) -> None:
-    assert run.report.get("ok") is True, (run.report, run.stderr.splitlines()[0], run.stderr[-3000:])
+    assert run.report.get("ok") is True, _why_not(run)
     counts = collections.Counter(run.side_effects)
     assert sorted(counts) == sorted(str(i) for i in range(LAPTOP_CALLS)), "a call never ran"
     assert max(counts.values()) == 1, [i for i, n in counts.items() if n > 1][:20]  # none ran twice
     assert not jobs_named(run.name)
+
+
+def _why_not(run: LaptopRun) -> str:
+    """A failed laptop run, the cause first (a CI log may keep only the start of a failure): the
+    error's last line, the client's warnings, then its report and the end of its log."""
+    error = run.report.get("error", "").strip().splitlines()
+    warnings = [line for line in run.stderr.splitlines() if " WARNING " in line or " ERROR " in line]
+    return "\n".join(
+        [
+            f"the map failed: {error[-1] if error else 'no error, wrong results'}",
+            "client warnings:",
+            *warnings[:30],
+            f"report: {run.report}",
+            f"log end: {run.stderr[-3000:]}",
+        ]
+    )
 
 
 @multihost
